@@ -1,0 +1,1 @@
+"""Packed n-bit weight formats and fused kernels with numpy references."""

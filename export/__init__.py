@@ -1,0 +1,1 @@
+"""Desktop side: models, checkpoints, tokenizer, pretraining, lowering to the engines."""

@@ -1,0 +1,1 @@
+"""Device-side runtime: bundles, engines, error map, growth (never imports export)."""

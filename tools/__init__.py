@@ -1,0 +1,1 @@
+"""The `moegrow` CLI, benchmarks and corpus preparation."""
