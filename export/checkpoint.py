@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .models import layers, mixtral, olmoe, qwen3_moe
+from .tokenizer import Tokenizer, TokenizerError
 
 MODELS = {"mixtral": mixtral, "olmoe": olmoe, "qwen3_moe": qwen3_moe}
 DEFAULT = Path(__file__).parent / "default_model"
@@ -91,6 +92,21 @@ def load(target: str | os.PathLike, dtype: torch.dtype = torch.float32) -> layer
                                   f"config.json implies {tuple(value.shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
     return model.eval()
+
+
+def load_tokenizer(target: str | os.PathLike, vocab_size: int | None = None) -> Tokenizer:
+    """The checkpoint's tokenizer; with `vocab_size`, checked to fit the model's embedding."""
+    path = resolve(target) / TOKENIZER
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a checkpoint needs its tokenizer)")
+    try:
+        tok = Tokenizer(path)
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise CheckpointError(f"{path}: wrong tokenizer ({tok.vocab_size} pieces for a model "
+                              f"with {vocab_size} embeddings)")
+    return tok
 
 
 def save(model: layers.CausalLM, out: str | os.PathLike, tokenizer: Path | None = None,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import sentencepiece as spm
@@ -61,8 +61,13 @@ def train(lines: list[str], out: str | os.PathLike, vocab_size: int, seed: int =
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=0.9995,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=1 << 14,
+        split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=False,
+        max_sentence_length=1 << 14,
         unk_id=UNK, bos_id=BOS, eos_id=EOS, pad_id=-1, num_threads=os.cpu_count() or 1,
         minloglevel=2)
     Path(out).write_bytes(model.getvalue())
     return Tokenizer(out)
+
+
+class TextError(ValueError):
+    """Text a model cannot take: empty, or longer than its context."""

@@ -2,19 +2,48 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
-TEXT = (
-    "The quick brown fox jumps over the lazy dog. A small model learns the words it sees.\n"
-    "Mixture-of-experts layers route each token to a few experts; the rest stay idle.\n"
-    "Grüße aus München: ¿qué tal? 東京 is far away, and emoji 🙂 still encode as bytes.\n"
-) * 3
+SUBJECTS = ["the parser", "a small model", "the keyboard", "this module", "every expert",
+            "the router", "our user", "the function", "a new domain", "the cache"]
+VERBS = ["reads", "predicts", "returns", "learns", "routes", "stores", "writes", "checks"]
+OBJECTS = ["the next word", "a list of tokens", "the error map", "plain text", "its own notes",
+           "a short answer", "the last line", "every file"]
+EXTRAS = ["Grüße aus München!", "¿Qué tal?", "東京", "emoji 🙂", "x = 42", "a\ttab"]
+
+
+def synthetic_text(entries: int, seed: int = 0) -> str:
+    """Entries of grammatical nonsense with some non-ASCII, separated by blank lines."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(entries):
+        sentences = [f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} "
+                     f"{rng.choice(OBJECTS)}." for _ in range(rng.randint(1, 4))]
+        if rng.random() < 0.2:
+            sentences.append(rng.choice(EXTRAS))
+        out.append(" ".join(sentences))
+    return "\n\n".join(out) + "\n\n"
 
 
 @pytest.fixture(scope="session")
-def text() -> str:
-    return TEXT
+def corpus_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "train.txt").write_text(synthetic_text(1500, seed=1))
+    (d / "heldout.txt").write_text(synthetic_text(200, seed=2))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(corpus_dir, tmp_path_factory):
+    """A tiny model pretrained for a few steps on the synthetic corpus."""
+    from moegrow.export import pretrain
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    pretrain.pretrain(corpus_dir, out, preset="tiny", steps=40, seed=0)
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from moegrow.export import checkpoint
 from moegrow.export.models import layers
 

@@ -11,7 +11,7 @@ F expert hidden size, C model width.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +131,8 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         _, weights, ids = self.route(x)
-        rows = []
-        for n in range(x.shape[0]):
-            row = sum(weights[n, j] * self.experts.run(int(ids[n, j]), x[n]) for j in range(self.top_k))
-            rows.append(row)
+        rows = [sum(weights[n, j] * self.experts.run(int(ids[n, j]), x[n])
+                    for j in range(self.top_k)) for n in range(x.shape[0])]
         return torch.stack(rows).reshape(shape)
 
 

@@ -1,0 +1,158 @@
+"""Device programs: `prefill`, `decode` and `score` as export-ready modules over a `CausalLM`.
+
+DOC_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+from .models import layers
+
+
+class DenseMoE(nn.Module):
+    """All E experts on every token, weighted by a [N, E] gate matrix that is zero off the top-k.
+
+    The stacked experts become two plain linears ([E*F, C] and [C, E*F]) whose weights are
+    constants of the program, which XNNPACK runs as one GEMM each.
+    """
+
+    def __init__(self, moe: layers.MoE):
+        super().__init__()
+        self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
+        e, f, c = moe.experts.gate_proj.shape
+        ex = moe.experts
+        self.gate_proj = nn.Parameter(ex.gate_proj.detach().reshape(e * f, c).clone(),
+                                      requires_grad=False)
+        self.up_proj = nn.Parameter(ex.up_proj.detach().reshape(e * f, c).clone(),
+                                    requires_grad=False)
+        down = ex.down_proj.detach().permute(1, 0, 2).reshape(c, e * f)  # [C, E*F]
+        self.down_proj = nn.Parameter(down.contiguous(), requires_grad=False)
+        self.experts, self.hidden = e, f
+
+    route = layers.MoE.route  # the eager router, softmax in fp32
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weights, ids = self.route(x)
+        gates = torch.zeros_like(logits).scatter(1, ids, weights)  # [N, E]
+        h = F.silu(F.linear(x, self.gate_proj)) * F.linear(x, self.up_proj)  # [N, E*F]
+        h = h.reshape(-1, self.experts, self.hidden) * gates[:, :, None]
+        out = F.linear(h.reshape(-1, self.experts * self.hidden), self.down_proj)
+        return out.reshape(shape), logits
+
+
+class GatherMoE(nn.Module):
+    """Only the K chosen experts per token: their stacked weights are gathered, then bmm."""
+
+    def __init__(self, moe: layers.MoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weights, ids = self.moe.route(x)
+        ex, flat = self.moe.experts, ids.reshape(-1)  # [N*K]
+        xs = x.repeat_interleave(self.moe.top_k, dim=0)[:, :, None]  # [N*K, C, 1]
+        h = F.silu(torch.bmm(ex.gate_proj[flat], xs)) * torch.bmm(ex.up_proj[flat], xs)
+        y = torch.bmm(ex.down_proj[flat], h)[:, :, 0] * weights.reshape(-1, 1)  # [N*K, C]
+        out = y.reshape(-1, self.moe.top_k, shape[-1]).sum(1)
+        return out.reshape(shape), logits
+
+
+class Cache:
+    """`layers.KVCache`'s interface over explicit tensors: updates return new tensors."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = list(k.unbind(0)), list(v.unbind(0))  # L x [B, Hkv, S, D]
+        self.length = k.shape[3]
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer] = self.k[layer].index_copy(2, input_pos, k)
+        self.v[layer] = self.v[layer].index_copy(2, input_pos, v)
+        return self.k[layer], self.v[layer]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(self.k), torch.stack(self.v)
+
+
+def with_moe(model: layers.CausalLM, moe: type[nn.Module]) -> layers.CausalLM:
+    """A copy of `model` (sharing its weights) whose MoE blocks are `moe(block.mlp)`."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    out = copy.deepcopy(model, memo=shared)
+    for block in out.model.layers:
+        block.mlp = moe(block.mlp)
+    return out.eval()
+
+
+class Prefill(nn.Module):
+    """(tokens [1, T], input_pos [T], k, v [L, 1, Hkv, S, D]) -> last logits [1, V], k, v."""
+
+    outputs = ["logits", "k_cache_out", "v_cache_out"]
+
+    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE):
+        super().__init__()
+        self.model = with_moe(model, moe)
+
+    def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
+        """Example inputs for a cache of `length` positions and their dynamic shapes (T)."""
+        t = Dim("T", min=1, max=length)
+        pos = torch.arange(2)
+        shapes = {"tokens": {1: t}, "input_pos": {0: t}, "k_cache": None, "v_cache": None}
+        return (pos[None], pos, *empty_cache(self.model, length)), shapes
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = Cache(k_cache, v_cache)
+        h, _ = self.model.hidden(tokens, input_pos, cache)
+        return self.model.lm_head(h[:, -1]), *cache.tensors()
+
+
+class Decode(Prefill):
+    """(token [1, 1], input_pos [1], k, v) -> logits [1, V], k, v; one step of generation."""
+
+    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = GatherMoE):
+        super().__init__(model, moe)
+
+    def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
+        pos = torch.zeros(1, dtype=torch.long)
+        return (pos[None], pos, *empty_cache(self.model, length)), None
+
+
+class Score(nn.Module):
+    """tokens [1, T] ([BOS] + text) -> NLL [T]: entry t is -log p(tokens[t+1] | tokens[:t+1]).
+
+    The last entry (nothing left to predict) is 0. Aligned with the predicting position, so
+    per-position taps (router choices, errors) line up with it; it also keeps every shape T,
+    since an output of size T-1 makes torch.export demand T >= 3.
+    """
+
+    outputs = ["nll"]
+
+    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE):
+        super().__init__()
+        self.model = with_moe(model, moe)
+
+    def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
+        return (torch.zeros(1, 2, dtype=torch.long),), {"tokens": {1: Dim("T", min=1, max=length)}}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, _ = self.model.hidden(tokens)
+        logits = self.model.lm_head(h[0]).float()  # [T, V]
+        t = tokens.shape[1]
+        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, tokens[0].roll(-1)[:, None])[:, 0]
+        return torch.where(torch.arange(t) < t - 1, nll, 0.0)
+
+
+def empty_cache(model: layers.CausalLM, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed k, v [L, 1, Hkv, S, D] for `prefill`/`decode`."""
+    cache = model.make_cache(1, length)
+    return cache.k.clone(), cache.v.clone()

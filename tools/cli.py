@@ -1,0 +1,185 @@
+"""`moegrow`: the desktop CLI. Each command parses options, calls one library function and
+prints (plain text, `--json`, or a plot). Errors are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from moegrow.export import checkpoint, evaluate, tokenizer
+from moegrow.export import generate as generate_lib
+from moegrow.export import pretrain as pretrain_lib
+from moegrow.tools import corpus as corpus_lib
+
+ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
+          pretrain_lib.PretrainError, corpus_lib.CorpusError)
+TARGET_HELP = "A checkpoint folder, or `default` for the embedded default model."
+
+
+def fail(message: str) -> None:
+    click.echo(f"moegrow: error: {message}", err=True)
+    sys.exit(2)
+
+
+def emit(result: dict, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(result) if as_json else text)
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, strictly decoded; empty files are refused."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise tokenizer.TextError(f"{path}: not UTF-8 text (byte {data[e.start]:#04x} at "
+                                  f"offset {e.start})") from None
+    if not text.strip():
+        raise tokenizer.TextError(f"{path}: empty text")
+    return text
+
+
+def open_target(target: str):
+    model = checkpoint.load(target)
+    return model, checkpoint.load_tokenizer(target, model.args.vocab_size)
+
+
+def progressbar(length: int, label: str):
+    return click.progressbar(length=length, label=label, file=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """moegrow: grow small Mixture-of-Experts language models on the device."""
+
+
+@cli.group()
+def corpus() -> None:
+    """Benchmark corpora from Debian packages."""
+
+
+@corpus.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder that receives one DOMAIN/{train,heldout}.txt pair per domain.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def corpus_fetch(names: tuple[str, ...], out: Path, as_json: bool) -> None:
+    """Download and extract corpora NAMES: base, fortunes, fortunes-de, fortunes-es.
+
+    Uses `apt-get download` and `dpkg -x` (no root needed once package lists exist) and
+    splits every domain 80/20 into train and held-out by a hash of each entry.
+    """
+    result = corpus_lib.fetch(list(names), out, progress=lambda m: click.echo(m, err=True))
+    lines = [f"{d}: {r['train_entries']} train / {r['heldout_entries']} held-out entries"
+             for d, r in result.items()]
+    emit(result, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.option("--corpus", "corpus_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder holding train.txt (and heldout.txt), e.g. data/corpus/base.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Checkpoint folder to write; an unfinished run there is resumed.")
+@click.option("--preset", type=click.Choice(list(pretrain_lib.PRESETS)), default="tiny",
+              show_default=True, help="tiny: ~1.4M params, minutes; small: ~9M, the default.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Optimizer steps (default: the preset's).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def pretrain(corpus_dir: Path, out: Path, preset: str, steps: int | None, seed: int,
+             as_json: bool) -> None:
+    """Train a SentencePiece tokenizer and an MoE from scratch into an HF-format folder."""
+    total = steps or pretrain_lib.PRESETS[preset]["steps"]
+    with click.progressbar(length=total, label="pretraining", file=sys.stderr,
+                           item_show_func=lambda p: p and f"loss {p.loss:.3f} "
+                           f"{p.tokens_per_s:,.0f} tok/s") as bar:
+        def progress(p: pretrain_lib.Progress) -> None:
+            bar.update(p.step - bar.pos, p)
+        result = pretrain_lib.pretrain(corpus_dir, out, preset=preset, steps=steps, seed=seed,
+                                       progress=progress)
+    emit(result, as_json, "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+@cli.command("eval")
+@click.argument("target")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
+              help="UTF-8 text file to score.")
+@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True,
+              help="Engine that runs the model (checkpoint folders run on torch).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_(target: str, text_file: Path, backend: str, as_json: bool) -> None:
+    """Perplexity and top-1/top-3 next-token accuracy of TARGET on a text.
+
+    TARGET is a checkpoint folder or `default`. Tokens are [BOS] + encode(text); every
+    token after BOS is predicted once.
+    """
+    text = read_text(text_file)
+    model, tok = open_target(target)
+    with progressbar(1, "scoring") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+        result = evaluate.evaluate(model, tok, text, progress=progress)
+    emit(result, as_json, f"ppl {result['ppl']:.3f}  nll {result['nll']:.4f}  "
+         f"tokens {result['tokens']}  top1 {result['top1']:.3f}  top3 {result['top3']:.3f}")
+
+
+@cli.command()
+@click.argument("target")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Most new tokens to generate.")
+@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True,
+              help="Engine that runs the model (checkpoint folders run on torch).")
+def generate(target: str, prompt: str, max_new: int, backend: str) -> None:
+    """Continue PROMPT greedily with TARGET (a checkpoint folder or `default`)."""
+    model, tok = open_target(target)
+    click.echo(prompt, nl=False)
+    for piece in generate_lib.generate(model, tok, prompt, max_new=max_new):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+DEMO_PREFIXES = ["The function returns", "To install the package, run", "import os\nimport",
+                 "This module provides", "The default value of the"]
+
+
+@cli.command()
+def demo() -> None:
+    """Show what moegrow does on the embedded default model, offline."""
+    model, tok = open_target("default")
+    a = model.args
+    params = sum(p.numel() for p in model.parameters())
+    click.echo(f"moegrow demo: the embedded default model ({params / 1e6:.1f}M parameters, "
+               f"{a.experts} experts per layer, top-{a.num_experts_per_tok}, "
+               f"{a.num_hidden_layers} layers)\n")
+    click.echo("Keyboard suggestions (next word, with probability of its first piece):")
+    for prefix in DEMO_PREFIXES:
+        words = generate_lib.suggest(model, tok, prefix, k=3)
+        shown = "  ".join(f"[{w!s} {p:.0%}]" for w, p in words)
+        click.echo(f"  {prefix!r:36} -> {shown}")
+    prompt = "The standard library"
+    text = "".join(generate_lib.generate(model, tok, prompt, max_new=40))
+    click.echo(f"\nNote completion (greedy):\n  {prompt}{text}")
+    click.echo("\nOn the device the same model will observe what you type, log where each "
+               "expert errs,\nand grow new experts in idle time (see docs/ for what has "
+               "landed).")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(argv, prog_name="moegrow", standalone_mode=False)
+    except click.exceptions.Abort:
+        fail("aborted")
+    except click.ClickException as e:
+        fail(e.format_message())
+    except ERRORS as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+
+
+if __name__ == "__main__":
+    main()
