@@ -119,11 +119,16 @@ def save(model: layers.CausalLM, out: str | os.PathLike, tokenizer: Path | None 
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         save_file(module.to_hf(state, args), tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER)
+        for f in tmp.iterdir():  # mkdtemp and safetensors make private files; checkpoints are not
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             os.replace(out, old)
