@@ -177,6 +177,7 @@ def pretrain(corpus: str | Path, out: str | Path, preset: str = "tiny", steps: i
         checkpoint.save(model, out / ".ckpt", tok.path)  # the tokenizer is already in `out`
         for f in ("model.safetensors", "config.json"):
             (out / ".ckpt" / f).replace(out / f)
+        shutil.rmtree(out / ".ckpt")
         torch.save({"optimizer": opt.state_dict(), "rng": rng.bit_generator.state, "step": step,
                     "torch_rng": torch.get_rng_state(), "elapsed": elapsed}, out / STATE)
 
