@@ -11,6 +11,7 @@ any T in the declared range, so nothing is padded.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def to_pte(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: P
 
 def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path | str,
             dynamic_shapes: dict[str, Any] | None = None,
-            output_names: list[str] | None = None) -> Path:
+            output_names: Sequence[str] | None = None) -> Path:
     """Export `program` with the dynamo ONNX exporter and write `path` (weights inline).
 
     Input names are the forward's argument names.
@@ -50,6 +51,6 @@ def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: 
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecations inside the exporter
         onnx_program = torch.onnx.export(
             program.eval(), example_inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
-            output_names=output_names, verbose=False)
+            output_names=list(output_names) if output_names else None, verbose=False)
     onnx_program.save(path)
     return path
