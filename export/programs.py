@@ -156,14 +156,16 @@ class Decode(Prefill):
 
 
 class Score(nn.Module):
-    """tokens [1, T] ([BOS] + text) -> NLL [T]: entry t is -log p(tokens[t+1] | tokens[:t+1]).
+    """tokens [1, T] ([BOS] + text) -> NLL [T] and rank [T] of each next token.
 
-    The last entry (nothing left to predict) is 0. Aligned with the predicting position, so
-    per-position taps (router choices, errors) line up with it; it also keeps every shape T,
-    since an output of size T-1 makes torch.export demand T >= 3.
+    Entry t is about tokens[t+1] given tokens[:t+1]: its NLL, and its rank (how many tokens
+    scored higher; 0 is a top-1 hit). The last entry (nothing left to predict) is 0. Aligned
+    with the predicting position, so per-position taps (router choices, errors) line up with
+    it; it also keeps every shape T, since an output of size T-1 makes torch.export demand
+    T >= 3.
     """
 
-    outputs = ("nll",)
+    outputs = ("nll", "rank")
 
     def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE):
         super().__init__()
@@ -172,12 +174,15 @@ class Score(nn.Module):
     def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
         return (torch.zeros(1, 2, dtype=torch.long),), {"tokens": {1: Dim("T", min=1, max=length)}}
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, _ = self.model.hidden(tokens)
         logits = self.model.lm_head(h[0]).float()  # [T, V]
         t = tokens.shape[1]
-        nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, tokens[0].roll(-1)[:, None])[:, 0]
-        return torch.where(torch.arange(t) < t - 1, nll, 0.0)
+        target = logits.gather(1, tokens[0].roll(-1)[:, None])  # [T, 1]
+        nll = torch.logsumexp(logits, dim=-1) - target[:, 0]
+        rank = (logits > target).sum(-1)
+        valid = torch.arange(t) < t - 1
+        return torch.where(valid, nll, 0.0), torch.where(valid, rank, 0)
 
 
 def empty_cache(model: layers.CausalLM, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,1 +1,8 @@
-"""Device-side runtime: bundles, engines, error map, growth (never imports export)."""
+"""Device-side runtime: bundles, engines, error map, growth (never imports export).
+
+`moegrow.runtime.open(bundle, backend="executorch"|"onnxruntime")` is the embedding API.
+"""
+
+from .session import Runtime, open  # noqa: A004  (the API's name, as in `io.open`)
+
+__all__ = ["Runtime", "open"]

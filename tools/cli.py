@@ -9,14 +9,21 @@ import sys
 from pathlib import Path
 
 import click
+from moegrow import runtime
+from moegrow.export import bundle as bundle_lib
 from moegrow.export import checkpoint, evaluate, tokenizer
 from moegrow.export import generate as generate_lib
 from moegrow.export import pretrain as pretrain_lib
+from moegrow.runtime import backends, session
+from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
 
 ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
-          pretrain_lib.PretrainError, corpus_lib.CorpusError)
-TARGET_HELP = "A checkpoint folder, or `default` for the embedded default model."
+          pretrain_lib.PretrainError, corpus_lib.CorpusError, bundle_format.BundleError,
+          backends.BackendError, session.InputError)
+BACKENDS = ["torch", *backends.ENGINES]
+BACKEND_HELP = ("Engine: torch for checkpoint folders; executorch (default) or onnxruntime "
+                "for bundles.")
 
 
 def fail(message: str) -> None:
@@ -44,6 +51,19 @@ def read_text(path: Path) -> str:
 def open_target(target: str):
     model = checkpoint.load(target)
     return model, checkpoint.load_tokenizer(target, model.args.vocab_size)
+
+
+def open_bundle(target: str, backend: str | None) -> runtime.Runtime | None:
+    """A `Runtime` when TARGET is a bundle, None for a checkpoint folder."""
+    if not (Path(target) / bundle_format.MANIFEST).is_file():
+        if backend not in (None, "torch"):
+            raise bundle_format.BundleError(f"{target}: not a bundle; backend {backend} runs "
+                                            "bundles (make one with `moegrow export`)")
+        return None
+    if backend == "torch":
+        raise backends.BackendError(f"{target}: a bundle runs on executorch or onnxruntime; "
+                                    "torch runs checkpoint folders")
+    return runtime.open(target, backend or "executorch")
 
 
 def progressbar(length: int, label: str):
@@ -106,24 +126,31 @@ def pretrain(corpus_dir: Path, out: Path, preset: str, steps: int | None, seed: 
 @click.argument("target")
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
               help="UTF-8 text file to score.")
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True,
-              help="Engine that runs the model (checkpoint folders run on torch).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help=BACKEND_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_(target: str, text_file: Path, backend: str, as_json: bool) -> None:
+def eval_(target: str, text_file: Path, backend: str | None, as_json: bool) -> None:
     """Perplexity and top-1/top-3 next-token accuracy of TARGET on a text.
 
-    TARGET is a checkpoint folder or `default`. Tokens are [BOS] + encode(text); every
-    token after BOS is predicted once.
+    TARGET is a checkpoint folder, `default`, or a bundle. Tokens are [BOS] + encode(text);
+    every token after BOS is predicted once.
     """
     text = read_text(text_file)
+    rt = open_bundle(target, backend)
+    if rt is not None:
+        result = rt.score(text)
+    else:
+        result = _eval_torch(target, text)
+    emit(result, as_json, f"ppl {result['ppl']:.3f}  nll {result['nll']:.4f}  "
+         f"tokens {result['tokens']}  top1 {result['top1']:.3f}  top3 {result['top3']:.3f}")
+
+
+def _eval_torch(target: str, text: str) -> dict:
     model, tok = open_target(target)
     with progressbar(1, "scoring") as bar:
         def progress(done: int, total: int) -> None:
             bar.length = total
             bar.update(done - bar.pos)
-        result = evaluate.evaluate(model, tok, text, progress=progress)
-    emit(result, as_json, f"ppl {result['ppl']:.3f}  nll {result['nll']:.4f}  "
-         f"tokens {result['tokens']}  top1 {result['top1']:.3f}  top3 {result['top3']:.3f}")
+        return evaluate.evaluate(model, tok, text, progress=progress)
 
 
 @cli.command()
@@ -131,15 +158,38 @@ def eval_(target: str, text_file: Path, backend: str, as_json: bool) -> None:
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new", type=click.IntRange(min=1), default=32, show_default=True,
               help="Most new tokens to generate.")
-@click.option("--backend", type=click.Choice(["torch"]), default="torch", show_default=True,
-              help="Engine that runs the model (checkpoint folders run on torch).")
-def generate(target: str, prompt: str, max_new: int, backend: str) -> None:
-    """Continue PROMPT greedily with TARGET (a checkpoint folder or `default`)."""
-    model, tok = open_target(target)
-    click.echo(prompt, nl=False)
-    for piece in generate_lib.generate(model, tok, prompt, max_new=max_new):
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help=BACKEND_HELP)
+def generate(target: str, prompt: str, max_new: int, backend: str | None) -> None:
+    """Continue PROMPT greedily with TARGET (a checkpoint folder, `default`, or a bundle)."""
+    rt = open_bundle(target, backend)
+    if rt is not None:
+        pieces = rt.generate(prompt, max_new=max_new)
+    else:
+        model, tok = open_target(target)
+        pieces = generate_lib.generate(model, tok, prompt, max_new=max_new)
+    first = next(pieces, "")  # errors (prompt too long) surface before anything is printed
+    click.echo(prompt + first, nl=False)
+    for piece in pieces:
         click.echo(piece, nl=False)
     click.echo()
+
+
+@cli.command("export")
+@click.argument("target")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="The bundle folder to create (must not exist).")
+@click.option("--bits", type=click.Choice(["32"]), default="32", show_default=True,
+              help="Weight bits (int8/int4 are not implemented yet).")
+@click.option("--engines", default="executorch,onnxruntime", show_default=True,
+              help="Comma-separated engines to lower the programs to.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_(target: str, out: Path, bits: str, engines: str, as_json: bool) -> None:
+    """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device."""
+    names = tuple(e.strip() for e in engines.split(",") if e.strip())
+    manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True))
+    files = [e for p in manifest["programs"].values() for e in p.values()]
+    emit(manifest, as_json, f"{out}: {len(files)} programs, "
+         f"{sum(f['bytes'] for f in files) / 1e6:.1f} MB")
 
 
 DEMO_PREFIXES = ["The function returns", "To install the package, run", "import os\nimport",

@@ -1,0 +1,70 @@
+"""`moegrow export`: lower a checkpoint's device programs into a bundle v1 folder.
+
+The bundle is built in a temporary sibling folder and renamed into place, so an export that
+fails leaves nothing behind. Programs: `prefill` and `decode` (static KV cache of `context`
+positions, passed in and out) and `score`, for each engine asked for.
+
+Not yet (issue 3): quantized weights, and weights as data (today every weight is a constant
+inside each program, so a new expert version needs a new export).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from moegrow.runtime import bundle as bundle_format
+from moegrow.runtime.backends import ENGINES
+
+from . import checkpoint, lower, programs
+
+PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": programs.Score}
+
+
+def export(target: str | os.PathLike, out: str | os.PathLike,
+           engines: tuple[str, ...] = ("executorch", "onnxruntime"),
+           progress: Callable[[str], None] | None = None) -> dict:
+    """Write the bundle; returns its manifest."""
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise bundle_format.BundleError(f"unknown engine(s) {', '.join(unknown) or '(none)'} "
+                                         f"(choose from {', '.join(ENGINES)})")
+    out = Path(out)
+    if out.exists():
+        raise bundle_format.BundleError(f"{out}: already exists (choose a new folder)")
+    model = checkpoint.load(target)
+    tok = checkpoint.load_tokenizer(target, model.args.vocab_size)
+    context = model.args.max_position_embeddings
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "programs").mkdir()
+        shutil.copyfile(tok.path, tmp / checkpoint.TOKENIZER)
+        table: dict[str, dict] = {}
+        for name, cls in PROGRAMS.items():
+            program = cls(model)
+            inputs, shapes = program.example(context)
+            for engine in engines:
+                if progress:
+                    progress(f"lowering {name} to {engine}")
+                path = tmp / "programs" / f"{name}.{ENGINES[engine]}"
+                if engine == "executorch":
+                    lower.to_pte(program, inputs, path, shapes)
+                else:
+                    lower.to_onnx(program, inputs, path, shapes, program.outputs)
+                table.setdefault(name, {})[engine] = bundle_format.file_entry(tmp, path)
+        manifest = {
+            "format": bundle_format.FORMAT, "format_version": bundle_format.FORMAT_VERSION,
+            "config": model.args.to_hf(), "context": context, "bits": 32,
+            "tokenizer": bundle_format.file_entry(tmp, tmp / checkpoint.TOKENIZER),
+            "programs": table}
+        (tmp / bundle_format.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

@@ -1,0 +1,85 @@
+"""Engine backends: run program NAME on numpy arrays, get numpy arrays back.
+
+`ExecuTorch` runs `.pte` files (XNNPACK delegate) through ExecuTorch's Python runtime, whose
+bindings take torch tensors as I/O (the only torch use allowed in `runtime/`);
+`OnnxRuntime` runs `.onnx` files on ONNX Runtime's CPU provider. Programs load on first use.
+The torch reference with the same `run` lives in `moegrow.export.reference`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+ENGINES = {"executorch": "pte", "onnxruntime": "onnx"}
+
+
+class BackendError(Exception):
+    """An engine that is missing, or a program file it cannot load or run."""
+
+
+class ExecuTorch:
+    def __init__(self, files: dict[str, Path], threads: int | None = None):
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ImportError as e:
+            raise BackendError(f"engine executorch is not installed ({e})") from None
+        self.torch, self.runtime, self.files, self.methods = torch, Runtime.get(), files, {}
+        if threads:
+            torch.set_num_threads(threads)
+
+    def _method(self, name: str):
+        if name not in self.methods:
+            path = self.files.get(name)
+            if path is None:
+                raise BackendError(f"the bundle has no executorch program {name!r}")
+            try:
+                self.methods[name] = self.runtime.load_program(path).load_method("forward")
+            except (RuntimeError, ValueError) as e:
+                raise BackendError(f"{path}: executorch cannot load it ({e})") from None
+        return self.methods[name]
+
+    def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        method = self._method(name)
+        outs = method.execute([self.torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+        return [o.numpy() for o in outs]
+
+
+class OnnxRuntime:
+    def __init__(self, files: dict[str, Path], threads: int | None = None):
+        try:
+            import onnxruntime
+        except ImportError as e:
+            raise BackendError(f"engine onnxruntime is not installed ({e})") from None
+        self.ort, self.files, self.sessions = onnxruntime, files, {}
+        self.options = onnxruntime.SessionOptions()
+        self.options.log_severity_level = 3
+        if threads:
+            self.options.intra_op_num_threads = threads
+
+    def _session(self, name: str):
+        if name not in self.sessions:
+            path = self.files.get(name)
+            if path is None:
+                raise BackendError(f"the bundle has no onnxruntime program {name!r}")
+            try:
+                session = self.ort.InferenceSession(str(path), self.options,
+                                                    providers=["CPUExecutionProvider"])
+            except Exception as e:  # ORT raises its own exception types, all unrelated
+                raise BackendError(f"{path}: onnxruntime cannot load it ({e})") from None
+            self.sessions[name] = (session, [i.name for i in session.get_inputs()])
+        return self.sessions[name]
+
+    def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        session, names = self._session(name)
+        return list(session.run(None, dict(zip(names, arrays, strict=True))))
+
+
+def load(engine: str, files: dict[str, Path], threads: int | None = None):
+    if engine == "executorch":
+        return ExecuTorch(files, threads)
+    if engine == "onnxruntime":
+        return OnnxRuntime(files, threads)
+    raise BackendError(f"unknown backend {engine!r} (choose from {', '.join(ENGINES)}, torch)")

@@ -1,0 +1,120 @@
+"""The embedding API: `open(bundle, backend)` -> `Runtime` with `score`, `generate`, `suggest`.
+
+Everything the model computes runs in the bundle's programs on the chosen engine; this file
+only tokenizes, moves arrays and picks tokens. The KV cache is a pair of arrays passed in
+and out of `prefill`/`decode`, so forking it (one branch per suggestion) costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from . import backends
+from . import bundle as bundle_format
+
+BOS, EOS = 1, 2
+
+
+class InputError(ValueError):
+    """Text the model cannot take: empty, or longer than the bundle's context."""
+
+
+class Runtime:
+    def __init__(self, bundle: bundle_format.Bundle, backend: str, threads: int | None = None):
+        if backend not in bundle.engines():
+            raise backends.BackendError(f"{bundle.path}: no programs for backend {backend!r} "
+                                        f"(it has: {', '.join(bundle.engines())})")
+        self.bundle, self.backend_name = bundle, backend
+        self.engine = backends.load(backend, bundle.programs(backend), threads)
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.load(str(bundle.tokenizer))
+        c = bundle.config
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        self.cache_shape = (c["num_hidden_layers"], 1, c["num_key_value_heads"],
+                            bundle.context, head_dim)
+
+    def _ids(self, text: str, room: int) -> list[int]:
+        if not text:
+            raise InputError("the text is empty")
+        ids = [BOS] + self.sp.encode(text)
+        if len(ids) + room > self.bundle.context:
+            raise InputError(f"prompt is {len(ids)} tokens; with {room} new tokens it exceeds "
+                             f"the context of {self.bundle.context}")
+        return ids
+
+    def _prefill(self, ids: list[int]):
+        k = np.zeros(self.cache_shape, np.float32)
+        tokens = np.array([ids], np.int64)
+        return self.engine.run("prefill", [tokens, np.arange(len(ids)), k, k.copy()])
+
+    def _decode(self, token: int, pos: int, k, v):
+        return self.engine.run("decode", [np.array([[token]]), np.array([pos]), k, v])
+
+    def generate(self, prompt: str, max_new: int = 32) -> Iterator[str]:
+        """The greedy continuation, piece by piece; stops at EOS."""
+        ids = self._ids(prompt, max_new)
+        logits, k, v = self._prefill(ids)
+        new: list[int] = []
+        text = ""
+        for pos in range(len(ids), len(ids) + max_new):
+            token = int(logits[0].argmax())
+            if token == EOS:
+                return
+            new.append(token)
+            decoded = self.sp.decode(new)
+            if not decoded.endswith("\ufffd"):  # hold back half a UTF-8 character
+                yield decoded[len(text):]
+                text = decoded
+            logits, k, v = self._decode(token, pos, k, v)
+
+    def suggest(self, prefix: str, k: int = 3, max_pieces: int = 6) -> list[tuple[str, float]]:
+        """Top-k completions of the word being typed, each extended greedily to a word end."""
+        ids = self._ids(prefix, max_pieces)
+        logits, kc, vc = self._prefill(ids)
+        z = logits[0].astype(np.float64)
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        probs[[BOS, EOS]] = 0
+        out = []
+        for first in np.argsort(-probs)[:k]:
+            word, kk, vv = [int(first)], kc, vc
+            for pos in range(len(ids), len(ids) + max_pieces - 1):
+                step, kk, vv = self._decode(word[-1], pos, kk, vv)
+                token = int(step[0].argmax())
+                piece = self.sp.id_to_piece(token)
+                if token in (BOS, EOS) or piece.startswith("▁") or piece == "<0x0A>":
+                    break
+                word.append(token)
+            out.append((self.sp.decode(word).strip(), float(probs[first])))
+        return out
+
+    def score(self, text: str) -> dict:
+        """{"ppl", "nll", "tokens", "top1", "top3"} exactly as `moegrow eval` defines them."""
+        if not text.strip():
+            raise InputError("the text is empty")
+        ids = np.array([BOS] + self.sp.encode(text), np.int64)
+        window = self.bundle.context
+        stride = max(1, window // 2)
+        nll, top1, top3, done, start = 0.0, 0, 0, 1, 0
+        while done < len(ids):
+            chunk = ids[start:start + window]
+            losses, ranks = self.engine.run("score", [chunk[None]])
+            first = done - start - 1
+            losses, ranks = losses[first:len(chunk) - 1], ranks[first:len(chunk) - 1]
+            nll += float(losses.astype(np.float64).sum())
+            top1 += int((ranks < 1).sum())
+            top3 += int((ranks < 3).sum())
+            done = start + len(chunk)
+            start += stride
+        n = len(ids) - 1
+        return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "tokens": n,
+                "top1": top1 / n, "top3": top3 / n}
+
+
+def open(path: str | Path, backend: str = "executorch", threads: int | None = None) -> Runtime:
+    """Load and verify a bundle, then bind it to an engine."""
+    return Runtime(bundle_format.load(path), backend, threads)

@@ -1,0 +1,141 @@
+"""Bundles: export, verification on load, and the same answers from torch, ExecuTorch and
+ONNX Runtime through the runtime's embedding API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from moegrow import runtime
+from moegrow.export import bundle, checkpoint, evaluate, generate
+from moegrow.runtime import bundle as bundle_format
+from moegrow.tools.cli import main
+
+pytestmark = pytest.mark.slow  # lowering six programs of the tiny model takes ~40 s
+ENGINES = ["executorch", "onnxruntime"]
+TEXT = "The parser reads the next word. Our user writes plain text. " * 12  # > one window
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    bundle.export(tiny_ckpt, out)
+    return out
+
+
+def snapshot(path):
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["config"]["model_type"] == "mixtral"
+    assert set(manifest["programs"]) == {"prefill", "decode", "score"}
+    for entry in [manifest["tokenizer"]] + [e for p in manifest["programs"].values()
+                                            for e in p.values()]:
+        path = tiny_bundle / entry["file"]
+        assert path.stat().st_size == entry["bytes"]
+        assert bundle_format.sha256(path) == entry["sha256"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_score_matches_torch(tiny_bundle, tiny_ckpt, engine):
+    model = checkpoint.load(tiny_ckpt)
+    want = evaluate.evaluate(model, checkpoint.load_tokenizer(tiny_ckpt), TEXT)
+    got = runtime.open(tiny_bundle, engine).score(TEXT)
+    assert got["tokens"] == want["tokens"] > 128  # scored in windows
+    assert abs(got["nll"] - want["nll"]) <= 1e-4
+    assert abs(got["top1"] - want["top1"]) <= 2 / want["tokens"]  # a near-tie may flip
+    assert abs(got["top3"] - want["top3"]) <= 2 / want["tokens"]
+
+
+def test_generation_and_suggestions_agree_across_backends(tiny_bundle, tiny_ckpt):
+    model = checkpoint.load(tiny_ckpt)
+    tok = checkpoint.load_tokenizer(tiny_ckpt)
+    want = "".join(generate.generate(model, tok, "The router", max_new=16))
+    words = [w for w, _ in generate.suggest(model, tok, "Our user writes", k=3)]
+    for engine in ENGINES:
+        rt = runtime.open(tiny_bundle, engine)
+        assert "".join(rt.generate("The router", max_new=16)) == want, engine
+        assert [w for w, _ in rt.suggest("Our user writes", k=3)] == words, engine
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_eval_and_generate_on_a_bundle(capsys, tiny_bundle, tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT)
+    results = []
+    for engine in ENGINES:
+        code, out, err = run(capsys, "eval", str(tiny_bundle), "--text", str(tmp_path / "t.txt"),
+                             "--backend", engine, "--json")
+        assert code == 0, err
+        results.append(json.loads(out))
+    assert results[0]["tokens"] == results[1]["tokens"]
+    assert abs(results[0]["nll"] - results[1]["nll"]) <= 1e-4
+    code, out, err = run(capsys, "generate", str(tiny_bundle), "--prompt", "x " * 200)
+    assert code == 2 and "exceeds the context of 128" in err and out == ""
+    code, _, err = run(capsys, "eval", str(tiny_bundle), "--text", str(tmp_path / "t.txt"),
+                       "--backend", "torch")
+    assert code == 2 and "torch runs checkpoint folders" in err
+
+
+def corrupt(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def version_2(path):
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format_version": 2}))
+
+
+@pytest.mark.parametrize("file,damage,words", [
+    ("programs/decode.pte", corrupt, "decode.pte: checksum mismatch"),
+    ("programs/score.onnx", truncate, "score.onnx: 100 bytes, the manifest says"),
+    ("programs/prefill.pte", lambda p: p.unlink(), "prefill.pte: missing from the bundle"),
+    ("manifest.json", version_2, "unknown format version 2"),
+    ("manifest.json", lambda p: p.write_text("{"), "manifest.json: unreadable"),
+    ("tokenizer.model", corrupt, "tokenizer.model: checksum mismatch"),
+])
+def test_damaged_bundles_fail_on_load_and_stay_as_they_are(capsys, tiny_bundle, tmp_path, file,
+                                                           damage, words):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    damage(copy / file)
+    before = snapshot(copy)
+    with pytest.raises(bundle_format.BundleError, match=words.split(":")[0]):
+        runtime.open(copy, "onnxruntime")
+    (tmp_path / "t.txt").write_text("hello")
+    code, out, err = run(capsys, "eval", str(copy), "--text", str(tmp_path / "t.txt"))
+    assert code == 2 and out == "" and words in err and err.count("\n") == 1
+    assert snapshot(copy) == before
+
+
+def test_export_refuses_bad_requests_and_writes_nothing(capsys, tiny_ckpt, tiny_bundle, tmp_path):
+    before = snapshot(tiny_bundle)
+    code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tiny_bundle))
+    assert code == 2 and "already exists" in err and snapshot(tiny_bundle) == before
+    code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "n"),
+                       "--engines", "tflite")
+    assert code == 2 and "unknown engine(s) tflite" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bundle_without_an_engine_says_so(tiny_ckpt, tmp_path):
+    bundle.export(tiny_ckpt, tmp_path / "onnx-only", engines=("onnxruntime",))
+    with pytest.raises(runtime.backends.BackendError, match="no programs for backend"):
+        runtime.open(tmp_path / "onnx-only", "executorch")
