@@ -27,7 +27,10 @@ class ExecuTorch:
         except ImportError as e:
             raise BackendError(f"engine executorch is not installed ({e})") from None
         self.torch, self.runtime, self.files, self.methods = torch, Runtime.get(), files, {}
-        if threads:
+        if threads:  # XNNPACK's pool for delegated ops, torch's for portable kernels
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads)
             torch.set_num_threads(threads)
 
     def _method(self, name: str):

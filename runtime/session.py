@@ -46,18 +46,20 @@ class Runtime:
                              f"the context of {self.bundle.context}")
         return ids
 
-    def _prefill(self, ids: list[int]):
+    def prefill(self, ids: list[int]) -> list[np.ndarray]:
+        """Fresh cache, then `ids` -> [last logits [1, V], k, v]."""
         k = np.zeros(self.cache_shape, np.float32)
         tokens = np.array([ids], np.int64)
         return self.engine.run("prefill", [tokens, np.arange(len(ids)), k, k.copy()])
 
-    def _decode(self, token: int, pos: int, k, v):
+    def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
+        """One token at `pos` -> [logits [1, V], k, v]."""
         return self.engine.run("decode", [np.array([[token]]), np.array([pos]), k, v])
 
     def generate(self, prompt: str, max_new: int = 32) -> Iterator[str]:
         """The greedy continuation, piece by piece; stops at EOS."""
         ids = self._ids(prompt, max_new)
-        logits, k, v = self._prefill(ids)
+        logits, k, v = self.prefill(ids)
         new: list[int] = []
         text = ""
         for pos in range(len(ids), len(ids) + max_new):
@@ -69,12 +71,12 @@ class Runtime:
             if not decoded.endswith("\ufffd"):  # hold back half a UTF-8 character
                 yield decoded[len(text):]
                 text = decoded
-            logits, k, v = self._decode(token, pos, k, v)
+            logits, k, v = self.decode(token, pos, k, v)
 
     def suggest(self, prefix: str, k: int = 3, max_pieces: int = 6) -> list[tuple[str, float]]:
         """Top-k completions of the word being typed, each extended greedily to a word end."""
         ids = self._ids(prefix, max_pieces)
-        logits, kc, vc = self._prefill(ids)
+        logits, kc, vc = self.prefill(ids)
         z = logits[0].astype(np.float64)
         probs = np.exp(z - z.max())
         probs /= probs.sum()
@@ -83,7 +85,7 @@ class Runtime:
         for first in np.argsort(-probs)[:k]:
             word, kk, vv = [int(first)], kc, vc
             for pos in range(len(ids), len(ids) + max_pieces - 1):
-                step, kk, vv = self._decode(word[-1], pos, kk, vv)
+                step, kk, vv = self.decode(word[-1], pos, kk, vv)
                 token = int(step[0].argmax())
                 piece = self.sp.id_to_piece(token)
                 if token in (BOS, EOS) or piece.startswith("▁") or piece == "<0x0A>":

@@ -139,3 +139,16 @@ def test_a_bundle_without_an_engine_says_so(tiny_ckpt, tmp_path):
     bundle.export(tiny_ckpt, tmp_path / "onnx-only", engines=("onnxruntime",))
     with pytest.raises(runtime.backends.BackendError, match="no programs for backend"):
         runtime.open(tmp_path / "onnx-only", "executorch")
+
+
+def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_path):
+    code, out, err = run(capsys, "bench", "infer", str(tiny_bundle), "--ckpt", str(tiny_ckpt),
+                         "--out", str(tmp_path / "r"), "--rounds", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert [r["backend"] for r in result["results"]] == ["torch", "executorch", "onnxruntime"]
+    assert result["results"][0]["decode_vs_torch"] == 1.0
+    assert all(r["decode_tps"] > 0 and r["suggest_p95_ms"] > 0 for r in result["results"])
+    assert (tmp_path / "r" / "report.md").read_text().startswith("# moegrow bench infer")
+    code, _, err = run(capsys, "bench", "infer", str(tiny_bundle), "--out", str(tmp_path / "x"))
+    assert code == 2 and "not the checkpoint the bundle was made from" in err

@@ -218,6 +218,31 @@ def demo() -> None:
                "landed).")
 
 
+@cli.group()
+def bench() -> None:
+    """Benchmarks: each writes a Markdown report and results.json into --out."""
+
+
+@bench.command("infer")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md and results.json.")
+@click.option("--ckpt", default="default", show_default=True,
+              help="The checkpoint the bundle was exported from (the torch eager baseline).")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int,
+                as_json: bool) -> None:
+    """Prefill/decode tokens/s of torch, ExecuTorch and ONNX Runtime on BUNDLE, interleaved
+    in one run, with the decode roofline and `suggest` latency."""
+    from moegrow.tools import bench as bench_lib
+
+    result = bench_lib.bench_infer(bundle_dir, out, ckpt=ckpt, rounds=rounds, threads=threads,
+                                   progress=lambda m: click.echo(m, err=True))
+    emit(result, as_json, (out / "report.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(argv, prog_name="moegrow", standalone_mode=False)

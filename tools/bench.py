@@ -1,0 +1,151 @@
+"""`moegrow bench infer`: prefill/decode speed of every backend on one bundle, in one run.
+
+Backends are interleaved within each round (A B C A B C ...) and medians are reported, so
+the ratios hold on a shared, noisy machine even when the absolute times do not. Everything
+runs on `threads` threads (1 by default: a phone keyboard gets one core). The decode roofline
+is active weight bytes per token divided by the measured memory read bandwidth; KV-cache
+traffic is left out of the bytes (it is small next to the weights at these lengths).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from moegrow import runtime
+from moegrow.export import checkpoint, generate
+from moegrow.runtime.backends import ENGINES
+
+PREFIX = ("The module provides functions for working with files and directories, and the "
+          "standard library documents each of them with examples that show how")
+
+
+def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of one core summing a buffer far larger than the caches (best of `repeats`)."""
+    a = np.ones(mb * (1 << 20) // 4, np.float32)
+    best = min(_time(a.sum) for _ in range(repeats))
+    return a.nbytes / best
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def active_bytes(config: dict, bits: int) -> int:
+    """Weight bytes one decode step reads: attention, router, k experts per layer, head."""
+    c, layers = config["hidden_size"], config["num_hidden_layers"]
+    d = config.get("head_dim") or c // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    f = config.get("moe_intermediate_size") or config["intermediate_size"]
+    experts = config.get("num_local_experts") or config["num_experts"]
+    per_layer = 2 * c * q + 2 * c * kv + experts * c + config["num_experts_per_tok"] * 3 * c * f
+    return (layers * per_layer + config["vocab_size"] * c) * bits // 8
+
+
+class _Torch:
+    """Eager torch with the static KV cache, behind the engines' prefill/decode calls."""
+
+    def __init__(self, target: str, context: int):
+        self.model, self.tok = checkpoint.load(target), checkpoint.load_tokenizer(target)
+        self.context = context
+
+    def prefill(self, ids: list[int]):
+        cache = self.model.make_cache(1, self.context)
+        logits = self.model(torch.tensor([ids]), torch.arange(len(ids)), cache)[0, -1:]
+        return logits, cache, None
+
+    def decode(self, token: int, pos: int, cache, _):
+        return self.model(torch.tensor([[token]]), torch.tensor([pos]), cache)[0], cache, None
+
+    def suggest(self, prefix: str):
+        return generate.suggest(self.model, self.tok, prefix)
+
+
+def _round(rt, ids: list[int], steps: int) -> tuple[float, float]:
+    """One prefill of `ids` and `steps` greedy decode steps -> (prefill s, decode s)."""
+    t0 = time.perf_counter()
+    logits, k, v = rt.prefill(ids)
+    t1 = time.perf_counter()
+    for pos in range(len(ids), len(ids) + steps):
+        logits, k, v = rt.decode(int(logits[0].argmax()), pos, k, v)
+    return t1 - t0, time.perf_counter() - t1
+
+
+@torch.no_grad()
+def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", rounds: int = 5,
+                steps: int = 32, threads: int = 1,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """Measure, write `report.md` and `results.json` into `out`, return the results."""
+    torch.set_num_threads(threads)
+    say = progress or (lambda _m: None)
+    engines = {e: runtime.open(bundle, e, threads) for e in ENGINES}
+    first = next(iter(engines.values())).bundle
+    model_config = checkpoint.load(ckpt).args.to_hf()
+    if {k: model_config.get(k) for k in first.config} != first.config:
+        raise checkpoint.CheckpointError(f"{ckpt}: not the checkpoint the bundle was made from")
+    backends = {"torch": _Torch(ckpt, first.context), **engines}
+    text = engines["executorch"].sp.encode(" ".join([PREFIX] * 4))
+    ids = [1] + text[:63]  # a 64-token prompt
+    prefix = engines["executorch"].sp.decode(text[:31])  # 32 tokens with BOS
+    times: dict[str, list[tuple[float, float]]] = {b: [] for b in backends}
+    for r in range(rounds + 1):  # round 0 warms up (program loading, allocations)
+        say(f"round {r}/{rounds}")
+        for name, rt in backends.items():
+            t = _round(rt, ids, steps)
+            if r:
+                times[name].append(t)
+    latency = {name: _suggest_ms(rt, prefix, rounds * 4) for name, rt in backends.items()}
+    bits = first.manifest.get("bits", 32)
+    per_token = active_bytes(first.config, bits)
+    bandwidth = read_bandwidth()
+    roofline = bandwidth / per_token
+    results = []
+    for name in backends:
+        prefill = len(ids) / statistics.median(t[0] for t in times[name])
+        decode = steps / statistics.median(t[1] for t in times[name])
+        results.append({"backend": name, "bits": bits, "prefill_tps": prefill,
+                        "decode_tps": decode, "gb_per_s": decode * per_token / 1e9,
+                        "roofline_fraction": decode / roofline,
+                        "suggest_p50_ms": latency[name][0], "suggest_p95_ms": latency[name][1]})
+    torch_decode = results[0]["decode_tps"]
+    for r in results:
+        r["decode_vs_torch"] = r["decode_tps"] / torch_decode
+    result = {"results": results, "llama_cpp": [], "suggest_p95_ms": latency["executorch"][1],
+              "bytes_per_token": per_token, "read_bandwidth_gb_s": bandwidth / 1e9,
+              "roofline_decode_tps": roofline, "threads": threads, "rounds": rounds,
+              "prompt_tokens": len(ids), "decode_steps": steps}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "report.md").write_text(report(result, str(bundle)))
+    return result
+
+
+def _suggest_ms(rt, prefix: str, n: int) -> tuple[float, float]:
+    """p50, p95 of `suggest` (3 words) on the prefix, in milliseconds."""
+    ms = sorted(_time(lambda: rt.suggest(prefix)) * 1e3 for _ in range(n))
+    return ms[len(ms) // 2], ms[min(len(ms) - 1, int(0.95 * len(ms)))]
+
+
+def report(r: dict, bundle: str) -> str:
+    lines = [f"# moegrow bench infer: {bundle}", "",
+             f"{r['threads']} thread(s), {r['rounds']} interleaved rounds (medians), prompt "
+             f"{r['prompt_tokens']} tokens, {r['decode_steps']} decode steps.",
+             f"Active weight bytes per token {r['bytes_per_token'] / 1e6:.2f} MB; read "
+             f"bandwidth {r['read_bandwidth_gb_s']:.1f} GB/s; decode roofline "
+             f"{r['roofline_decode_tps']:.0f} tokens/s.", "",
+             "| backend | bits | prefill tok/s | decode tok/s | decode vs torch | GB/s "
+             "| roofline | suggest p50 / p95 ms |", "|---|---|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        lines.append(f"| {x['backend']} | {x['bits']} | {x['prefill_tps']:.0f} | "
+                     f"{x['decode_tps']:.0f} | {x['decode_vs_torch']:.2f}x | "
+                     f"{x['gb_per_s']:.2f} | {x['roofline_fraction']:.1%} | "
+                     f"{x['suggest_p50_ms']:.1f} / {x['suggest_p95_ms']:.1f} |")
+    return "\n".join(lines) + "\n"
