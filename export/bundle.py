@@ -17,10 +17,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime.backends import ENGINES
+from moegrow.device_kernels import manifest
+from moegrow.device_kernels.manifest import ENGINES
 
 from . import checkpoint, lower, programs
+
+
+class BundleError(Exception):
+    """An export request that cannot be carried out (unknown engine, existing folder)."""
+
 
 PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": programs.Score}
 
@@ -31,11 +36,11 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     """Write the bundle; returns its manifest."""
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
-        raise bundle_format.BundleError(f"unknown engine(s) {', '.join(unknown) or '(none)'} "
+        raise BundleError(f"unknown engine(s) {', '.join(unknown) or '(none)'} "
                                          f"(choose from {', '.join(ENGINES)})")
     out = Path(out)
     if out.exists():
-        raise bundle_format.BundleError(f"{out}: already exists (choose a new folder)")
+        raise BundleError(f"{out}: already exists (choose a new folder)")
     model = checkpoint.load(target)
     tok = checkpoint.load_tokenizer(target, model.args.vocab_size)
     context = model.args.max_position_embeddings
@@ -56,15 +61,15 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                     lower.to_pte(program, inputs, path, shapes)
                 else:
                     lower.to_onnx(program, inputs, path, shapes, program.outputs)
-                table.setdefault(name, {})[engine] = bundle_format.file_entry(tmp, path)
-        manifest = {
-            "format": bundle_format.FORMAT, "format_version": bundle_format.FORMAT_VERSION,
+                table.setdefault(name, {})[engine] = manifest.file_entry(tmp, path)
+        written = {
+            "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
             "config": model.args.to_hf(), "context": context, "bits": 32,
-            "tokenizer": bundle_format.file_entry(tmp, tmp / checkpoint.TOKENIZER),
+            "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table}
-        (tmp / bundle_format.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / manifest.MANIFEST).write_text(json.dumps(written, indent=2) + "\n")
         tmp.chmod(0o755)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return manifest
+    return written

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from moegrow.device_kernels.manifest import ENGINES
 
-ENGINES = {"executorch": "pte", "onnxruntime": "onnx"}
+__all__ = ["ENGINES", "BackendError", "ExecuTorch", "OnnxRuntime", "load"]
 
 
 class BackendError(Exception):

@@ -7,32 +7,17 @@ foreign bundle fails here with the file named, never inside an engine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = "moegrow-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+from moegrow.device_kernels.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Bundle", "BundleError", "load", "sha256"]
 
 
 class BundleError(Exception):
     """A bundle that is missing, corrupt, foreign, or from another format version."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def file_entry(root: Path, path: Path) -> dict:
-    """What the manifest records of a file: its path in the bundle, size and checksum."""
-    return {"file": path.relative_to(root).as_posix(), "bytes": path.stat().st_size,
-            "sha256": sha256(path)}
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,24 @@ def tiny_ckpt(corpus_dir, tmp_path_factory):
     return out
 
 
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """`moegrow ARGV` in-process -> (exit code, stdout, stderr)."""
+    from moegrow.tools.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(path) -> dict:
+    """Every file below `path` with its bytes: equal snapshots mean nothing changed."""
+    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

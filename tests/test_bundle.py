@@ -7,10 +7,11 @@ import json
 import shutil
 
 import pytest
+from conftest import run_cli as run
+from conftest import snapshot
 from moegrow import runtime
 from moegrow.export import bundle, checkpoint, evaluate, generate
 from moegrow.runtime import bundle as bundle_format
-from moegrow.tools.cli import main
 
 pytestmark = pytest.mark.slow  # lowering six programs of the tiny model takes ~40 s
 ENGINES = ["executorch", "onnxruntime"]
@@ -23,9 +24,6 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory):
     bundle.export(tiny_ckpt, out)
     return out
 
-
-def snapshot(path):
-    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
@@ -60,15 +58,6 @@ def test_generation_and_suggestions_agree_across_backends(tiny_bundle, tiny_ckpt
         assert "".join(rt.generate("The router", max_new=16)) == want, engine
         assert [w for w, _ in rt.suggest("Our user writes", k=3)] == words, engine
 
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_eval_and_generate_on_a_bundle(capsys, tiny_bundle, tmp_path):

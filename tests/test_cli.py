@@ -6,21 +6,8 @@ import json
 import shutil
 
 import pytest
-from moegrow.tools.cli import main
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def snapshot(path):
-    return {p: p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+from conftest import run_cli as run
+from conftest import snapshot
 
 
 def test_eval_json(capsys, tiny_ckpt, tmp_path):

@@ -20,7 +20,7 @@ from moegrow.tools import corpus as corpus_lib
 
 ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
           pretrain_lib.PretrainError, corpus_lib.CorpusError, bundle_format.BundleError,
-          backends.BackendError, session.InputError)
+          bundle_lib.BundleError, backends.BackendError, session.InputError)
 BACKENDS = ["torch", *backends.ENGINES]
 BACKEND_HELP = ("Engine: torch for checkpoint folders; executorch (default) or onnxruntime "
                 "for bundles.")
