@@ -4,7 +4,7 @@ The bundle is built in a temporary sibling folder and renamed into place, so an 
 fails leaves nothing behind. Programs: `prefill` and `decode` (static KV cache of `context`
 positions, passed in and out) and `score`, for each engine asked for.
 
-Not yet (issue 3): quantized weights, and weights as data (today every weight is a constant
+Not yet (issue 3): weights as data (today every weight is a constant
 inside each program, so a new expert version needs a new export).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from moegrow.device_kernels import manifest
 from moegrow.device_kernels.manifest import ENGINES
 
-from . import checkpoint, lower, programs
+from . import checkpoint, programs, quantize
 
 
 class BundleError(Exception):
@@ -32,8 +32,11 @@ PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": pro
 
 def export(target: str | os.PathLike, out: str | os.PathLike,
            engines: tuple[str, ...] = ("executorch", "onnxruntime"),
-           progress: Callable[[str], None] | None = None) -> dict:
-    """Write the bundle; returns its manifest."""
+           progress: Callable[[str], None] | None = None, bits: int = 32) -> dict:
+    """Write the bundle; returns its manifest. `bits` 8 or 4 quantizes the attention and
+    expert weights (router, norms, embedding and head stay fp32)."""
+    if bits not in (32, *quantize.BITS):
+        raise BundleError(f"bits must be 32, 8 or 4, got {bits}")
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
         raise BundleError(f"unknown engine(s) {', '.join(unknown) or '(none)'} "
@@ -58,13 +61,15 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                     progress(f"lowering {name} to {engine}")
                 path = tmp / "programs" / f"{name}.{ENGINES[engine]}"
                 if engine == "executorch":
-                    lower.to_pte(program, inputs, path, shapes)
+                    quantize.to_pte(program, inputs, path, shapes, bits=bits)
                 else:
-                    lower.to_onnx(program, inputs, path, shapes, program.outputs)
+                    quantize.to_onnx(program, inputs, path, shapes, program.outputs, bits=bits)
                 table.setdefault(name, {})[engine] = manifest.file_entry(tmp, path)
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
-            "config": model.args.to_hf(), "context": context, "bits": 32,
+            "config": model.args.to_hf(), "context": context, "bits": bits,
+            # quantized programs run every expert densely (neither engine quantizes gathers)
+            "decode_moe": "gather" if bits == 32 else "dense",
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table}
         (tmp / manifest.MANIFEST).write_text(json.dumps(written, indent=2) + "\n")

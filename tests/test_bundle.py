@@ -141,3 +141,14 @@ def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_p
     assert (tmp_path / "r" / "report.md").read_text().startswith("# moegrow bench infer")
     code, _, err = run(capsys, "bench", "infer", str(tiny_bundle), "--out", str(tmp_path / "x"))
     assert code == 2 and "not the checkpoint the bundle was made from" in err
+
+
+def test_int4_bundle_stays_within_6_percent_of_fp32(tiny_bundle, tiny_ckpt, tmp_path):
+    manifest = bundle.export(tiny_ckpt, tmp_path / "q4", engines=("onnxruntime",), bits=4)
+    assert manifest["bits"] == 4 and manifest["decode_moe"] == "dense"
+    fp32 = runtime.open(tiny_bundle, "onnxruntime")
+    q4 = runtime.open(tmp_path / "q4", "onnxruntime")
+    assert q4.score(TEXT)["ppl"] <= 1.06 * fp32.score(TEXT)["ppl"]
+    size = sum(e["bytes"] for e in manifest["programs"]["decode"].values())
+    assert size < 0.6 * (tiny_bundle / "programs" / "decode.onnx").stat().st_size
+    assert "".join(q4.generate("The router", max_new=8))  # generates through the cache

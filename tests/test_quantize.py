@@ -7,6 +7,9 @@ held-out text compared with the fp32 torch program: int8 within 2%, int4 within 
 from __future__ import annotations
 
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import torch
 from moegrow.export import checkpoint, lower, programs, quantize
 from moegrow.export.tokenizer import BOS
 
-pytestmark = pytest.mark.slow  # two .pte lowerings and one ONNX export: ~30-40 s on 2 cores
+pytestmark = pytest.mark.slow  # two .pte lowerings (in parallel) and one ONNX export
 
 LENGTH = 64  # tokens per scored window
 LIMITS = {8: 0.02, 4: 0.06}  # relative perplexity increase allowed over fp32
@@ -27,7 +30,7 @@ def setup(tiny_ckpt, corpus_dir):
     ids = [BOS] + tok.encode((corpus_dir / "heldout.txt").read_text()[:3000])
     windows = [torch.tensor(ids[i:i + LENGTH])[None] for i in range(0, len(ids) - 1, LENGTH - 1)]
     windows = [w for w in windows if w.shape[1] >= 2]
-    return programs.Score(model), windows
+    return programs.Score(model), windows, model
 
 
 def _ppl(run, windows) -> float:
@@ -37,13 +40,13 @@ def _ppl(run, windows) -> float:
 
 @pytest.fixture(scope="module")
 def fp32_ppl(setup) -> float:
-    program, windows = setup
+    program, windows, _ = setup
     with torch.no_grad():
         return _ppl(lambda w: program(w)[0].numpy(), windows)
 
 
 def test_bad_bits(setup, tmp_path):
-    program, _ = setup
+    program, _, _ = setup
     for bits in (32, 16, 2, True, "4"):
         with pytest.raises(ValueError, match="bits"):
             quantize.quantize_for_pte(program, bits)
@@ -53,11 +56,11 @@ def test_bad_bits(setup, tmp_path):
 
 def test_dense_matches_program(setup):
     """The quantizers' dense form (decode's GatherMoE too) is the same math as the program."""
-    program, windows = setup
+    program, windows, model = setup
     with torch.no_grad():
         assert torch.allclose(quantize.dense(program)(windows[0])[0], program(windows[0])[0],
                               atol=1e-4)
-        decode = programs.Decode(program.model)
+        decode = programs.Decode(model)
         inputs, _ = decode.example(LENGTH)
         for a, b in zip(quantize.dense(decode)(*inputs), decode(*inputs), strict=True):
             assert torch.allclose(a, b, atol=1e-4)
@@ -66,7 +69,7 @@ def test_dense_matches_program(setup):
 def test_router_stays_fp32(setup):
     from torchao.utils import TorchAOBaseTensor
 
-    program, _ = setup
+    program, _, _ = setup
     q = quantize.quantize_for_pte(program, 4)
     linears = {n: m for n, m in q.named_modules() if isinstance(m, torch.nn.Linear)}
     assert any(n.endswith("mlp.gate") for n in linears) and "model.lm_head" in linears
@@ -77,24 +80,39 @@ def test_router_stays_fp32(setup):
         assert not isinstance(p, TorchAOBaseTensor), name
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_executorch_ppl(setup, fp32_ppl, bits, tmp_path):
+def _lower_pte(model, bits: int, path: str) -> list[str]:
+    """Quantize and lower `score` to `path` (in a worker process); -> the graph's call targets."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
-    from executorch.runtime import Runtime
 
-    program, windows = setup
-    q = quantize.quantize_for_pte(program, bits)
+    program = programs.Score(model)
     inputs, shapes = program.example(LENGTH)
+    q = quantize.quantize_for_pte(program, bits)
     edge = to_edge_transform_and_lower(lower.export(q, inputs, shapes),
                                        partitioner=[XnnpackPartitioner()])
-    # Every linear and every (de)quantize op ran into XNNPACK: none is left to portable kernels.
-    left = [str(n.target) for n in edge.exported_program().graph.nodes
-            if n.op == "call_function"]
+    Path(path).write_bytes(edge.to_executorch().buffer)
+    return [str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function"]
+
+
+@pytest.fixture(scope="module")
+def ptes(setup, tmp_path_factory) -> dict[int, tuple[str, list[str]]]:
+    """{bits: (path, call targets left outside XNNPACK)}; ~25 s a lowering, two processes."""
+    d = tmp_path_factory.mktemp("pte")
+    paths = [str(d / f"score{bits}.pte") for bits in LIMITS]
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        left = list(pool.map(_lower_pte, [setup[2]] * len(LIMITS), list(LIMITS), paths))
+    return dict(zip(LIMITS, zip(paths, left, strict=True), strict=True))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_executorch_ppl(setup, fp32_ppl, ptes, bits):
+    from executorch.runtime import Runtime
+
+    _, windows, _ = setup
+    path, left = ptes[bits]
+    # Every linear and every (de)quantize op went to XNNPACK: none is left to portable kernels.
     assert not [t for t in left if any(k in t for k in ("linear", "mm", "quant", "qparams"))]
     assert sum("executorch_call_delegate" in t for t in left) >= 1
-    path = tmp_path / "score.pte"
-    path.write_bytes(edge.to_executorch().buffer)
     method = Runtime.get().load_program(path).load_method("forward")
     ppl = _ppl(lambda w: method.execute((w,))[0].numpy(), windows)
     print(f"executorch int{bits}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} "
@@ -104,26 +122,26 @@ def test_executorch_ppl(setup, fp32_ppl, bits, tmp_path):
 
 @pytest.fixture(scope="module")
 def fp32_onnx(setup, tmp_path_factory):
-    program, _ = setup
+    program, _, _ = setup
     inputs, shapes = program.example(LENGTH)
     path = tmp_path_factory.mktemp("onnx") / "score.onnx"
     return lower.to_onnx(quantize.dense(program), inputs, path, shapes, program.outputs)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_onnxruntime_ppl(setup, fp32_ppl, fp32_onnx, bits, tmp_path):
+@pytest.mark.parametrize("bits,dynamic", [(8, False), (4, False), (8, True)])
+def test_onnxruntime_ppl(setup, fp32_ppl, fp32_onnx, bits, dynamic, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    _, windows = setup
-    path = quantize.quantize_onnx(fp32_onnx, tmp_path / "score.onnx", bits)
+    _, windows, _ = setup
+    path = quantize.quantize_onnx(fp32_onnx, tmp_path / "score.onnx", bits, dynamic_int8=dynamic)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    layers = len(setup[0].model.model.layers)
-    quant_op = "MatMulInteger" if bits == 8 else "MatMulNBits"
+    layers = setup[2].args.num_hidden_layers
+    quant_op = "MatMulInteger" if dynamic else "MatMulNBits"
     assert ops.count(quant_op) == layers * 7  # q k v o + the experts' gate, up, down
     assert path.stat().st_size < fp32_onnx.stat().st_size
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ppl = _ppl(lambda w: session.run(None, {"tokens": w.numpy()})[0], windows)
-    print(f"onnxruntime int{bits}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} "
-          f"({ppl / fp32_ppl - 1:+.2%})")
+    kind = f"int{bits}" + (" dynamic" if dynamic else "")
+    print(f"onnxruntime {kind}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} ({ppl / fp32_ppl - 1:+.2%})")
     assert ppl <= fp32_ppl * (1 + LIMITS[bits])

@@ -38,15 +38,17 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def active_bytes(config: dict, bits: int) -> int:
-    """Weight bytes one decode step reads: attention, router, k experts per layer, head."""
+def active_bytes(config: dict, bits: int, experts_read: int | None = None) -> int:
+    """Weight bytes one decode step reads: attention and `experts_read` experts per layer at
+    `bits`, router and head at fp32 (they are never quantized)."""
     c, layers = config["hidden_size"], config["num_hidden_layers"]
     d = config.get("head_dim") or c // config["num_attention_heads"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
     f = config.get("moe_intermediate_size") or config["intermediate_size"]
     experts = config.get("num_local_experts") or config["num_experts"]
-    per_layer = 2 * c * q + 2 * c * kv + experts * c + config["num_experts_per_tok"] * 3 * c * f
-    return (layers * per_layer + config["vocab_size"] * c) * bits // 8
+    read = experts_read or config["num_experts_per_tok"]
+    quantized = layers * (2 * c * q + 2 * c * kv + read * 3 * c * f)
+    return quantized * bits // 8 + (layers * experts * c + config["vocab_size"] * c) * 4
 
 
 class _Torch:
@@ -103,7 +105,9 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
                 times[name].append(t)
     latency = {name: _suggest_ms(rt, prefix, rounds * 4) for name, rt in backends.items()}
     bits = first.manifest.get("bits", 32)
-    per_token = active_bytes(first.config, bits)
+    dense = first.manifest.get("decode_moe") == "dense"
+    experts = first.config.get("num_local_experts") or first.config.get("num_experts")
+    per_token = active_bytes(first.config, bits, experts if dense else None)
     bandwidth = read_bandwidth()
     roofline = bandwidth / per_token
     results = []

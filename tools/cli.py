@@ -178,15 +178,16 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
 @click.argument("target")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="The bundle folder to create (must not exist).")
-@click.option("--bits", type=click.Choice(["32"]), default="32", show_default=True,
-              help="Weight bits (int8/int4 are not implemented yet).")
+@click.option("--bits", type=click.Choice(["32", "8", "4"]), default="32", show_default=True,
+              help="Weight bits: 32 (fp32), 8 or 4 (attention and experts; router fp32).")
 @click.option("--engines", default="executorch,onnxruntime", show_default=True,
               help="Comma-separated engines to lower the programs to.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_(target: str, out: Path, bits: str, engines: str, as_json: bool) -> None:
     """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device."""
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
-    manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True))
+    manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True),
+                                 bits=int(bits))
     files = [e for p in manifest["programs"].values() for e in p.values()]
     emit(manifest, as_json, f"{out}: {len(files)} programs, "
          f"{sum(f['bytes'] for f in files) / 1e6:.1f} MB")
