@@ -114,9 +114,11 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     for name in backends:
         prefill = len(ids) / statistics.median(t[0] for t in times[name])
         decode = steps / statistics.median(t[1] for t in times[name])
-        results.append({"backend": name, "bits": bits, "prefill_tps": prefill,
-                        "decode_tps": decode, "gb_per_s": decode * per_token / 1e9,
-                        "roofline_fraction": decode / roofline,
+        # torch eager is the fp32 checkpoint with top-k experts, whatever the bundle holds
+        b, nbytes = (32, active_bytes(first.config, 32)) if name == "torch" else (bits, per_token)
+        results.append({"backend": name, "bits": b, "prefill_tps": prefill,
+                        "decode_tps": decode, "gb_per_s": decode * nbytes / 1e9,
+                        "roofline_fraction": decode * nbytes / bandwidth,
                         "suggest_p50_ms": latency[name][0], "suggest_p95_ms": latency[name][1]})
     torch_decode = results[0]["decode_tps"]
     for r in results:
@@ -142,7 +144,7 @@ def report(r: dict, bundle: str) -> str:
     lines = [f"# moegrow bench infer: {bundle}", "",
              f"{r['threads']} thread(s), {r['rounds']} interleaved rounds (medians), prompt "
              f"{r['prompt_tokens']} tokens, {r['decode_steps']} decode steps.",
-             f"Active weight bytes per token {r['bytes_per_token'] / 1e6:.2f} MB; read "
+             f"Active weight bytes per token (bundle) {r['bytes_per_token'] / 1e6:.2f} MB; read "
              f"bandwidth {r['read_bandwidth_gb_s']:.1f} GB/s; decode roofline "
              f"{r['roofline_decode_tps']:.0f} tokens/s.", "",
              "| backend | bits | prefill tok/s | decode tok/s | decode vs torch | GB/s "
