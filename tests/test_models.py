@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
+import transformers  # noqa: E402  (the dev extra; a missing one must fail, not skip)
 from moegrow.export import checkpoint
 from moegrow.export.models import layers
-
-transformers = pytest.importorskip("transformers")  # the dev extra; CI installs it
 
 COMMON = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64)
