@@ -60,10 +60,14 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                 if progress:
                     progress(f"lowering {name} to {engine}")
                 path = tmp / "programs" / f"{name}.{ENGINES[engine]}"
-                if engine == "executorch":
-                    quantize.to_pte(program, inputs, path, shapes, bits=bits)
-                else:
-                    quantize.to_onnx(program, inputs, path, shapes, program.outputs, bits=bits)
+                try:
+                    if engine == "executorch":
+                        quantize.to_pte(program, inputs, path, shapes, bits=bits)
+                    else:
+                        quantize.to_onnx(program, inputs, path, shapes, program.outputs,
+                                         bits=bits)
+                except ValueError as e:  # a shape the quantized format cannot take
+                    raise BundleError(f"{target}: {e}") from None
                 table.setdefault(name, {})[engine] = manifest.file_entry(tmp, path)
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,

@@ -47,8 +47,9 @@ from .models import layers
 class DenseMoE(nn.Module):
     """All E experts on every token, weighted by a [N, E] gate matrix that is zero off the top-k.
 
-    The stacked experts are re-laid out (copied) as two plain linears, [E*F, C] and [C, E*F],
-    whose weights are constants of the program: one GEMM each on XNNPACK and ORT.
+    The stacked experts become three `nn.Linear`s ([E*F, C], [E*F, C], [C, E*F]) whose
+    weights are constants of the program: XNNPACK runs each as one GEMM, and quantizers that
+    swap linears (export/quantize.py) see them.
     """
 
     def __init__(self, moe: layers.MoE):
@@ -56,12 +57,13 @@ class DenseMoE(nn.Module):
         self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
         e, f, c = moe.experts.gate_proj.shape
         ex = moe.experts
-        self.gate_proj = nn.Parameter(ex.gate_proj.detach().reshape(e * f, c).clone(),
-                                      requires_grad=False)
-        self.up_proj = nn.Parameter(ex.up_proj.detach().reshape(e * f, c).clone(),
-                                    requires_grad=False)
-        down = ex.down_proj.detach().permute(1, 0, 2).reshape(c, e * f)  # [C, E*F]
-        self.down_proj = nn.Parameter(down.contiguous(), requires_grad=False)
+        stacked = {"gate_proj": ex.gate_proj.detach().reshape(e * f, c),
+                   "up_proj": ex.up_proj.detach().reshape(e * f, c),
+                   "down_proj": ex.down_proj.detach().permute(1, 0, 2).reshape(c, e * f)}
+        for name, w in stacked.items():
+            linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            linear.weight = nn.Parameter(w.contiguous().clone(), requires_grad=False)
+            setattr(self, name, linear)
         self.experts, self.hidden = e, f
 
     route = layers.MoE.route  # the eager router, softmax in fp32
@@ -71,9 +73,9 @@ class DenseMoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
         gates = torch.zeros_like(logits).scatter(1, ids, weights)  # [N, E]
-        h = F.silu(F.linear(x, self.gate_proj)) * F.linear(x, self.up_proj)  # [N, E*F]
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [N, E*F]
         h = h.reshape(-1, self.experts, self.hidden) * gates[:, :, None]
-        out = F.linear(h.reshape(-1, self.experts * self.hidden), self.down_proj)
+        out = self.down_proj(h.reshape(-1, self.experts * self.hidden))
         return out.reshape(shape), logits
 
 

@@ -39,7 +39,6 @@ import copy
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import programs
@@ -59,45 +58,16 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"quantized bits must be one of {BITS} (32 is unquantized), got {bits!r}")
 
 
-class LinearDenseMoE(nn.Module):
-    """`DenseMoE` with its three expert GEMMs as `nn.Linear` modules, so quantizers see them."""
-
-    def __init__(self, dense: programs.DenseMoE):
-        super().__init__()
-        self.gate, self.top_k, self.norm_topk = dense.gate, dense.top_k, dense.norm_topk
-        self.experts, self.hidden = dense.experts, dense.hidden
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            w = getattr(dense, name)
-            lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
-            lin.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-            setattr(self, name, lin)
-
-    route = programs.DenseMoE.route
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        logits, weights, ids = self.route(x)
-        gates = torch.zeros_like(logits).scatter(1, ids, weights)  # [N, E]
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [N, E*F]
-        h = h.reshape(-1, self.experts, self.hidden) * gates[:, :, None]
-        out = self.down_proj(h.reshape(-1, self.experts * self.hidden))
-        return out.reshape(shape), logits
-
-
 def dense(program: nn.Module) -> nn.Module:
-    """A copy of `program` whose MoE blocks are `LinearDenseMoE` (GatherMoE replaced too).
+    """A copy of `program` whose MoE blocks are all `DenseMoE` (GatherMoE replaced).
 
     Same math as the program's fp32 form up to float rounding; use it as the source of the
     fp32 ONNX that `quantize_onnx` post-processes.
     """
     out = copy.deepcopy(program)
     for block in out.model.model.layers:
-        mlp = block.mlp
-        if isinstance(mlp, programs.GatherMoE):
-            mlp = programs.DenseMoE(mlp.moe)
-        if isinstance(mlp, programs.DenseMoE):
-            block.mlp = LinearDenseMoE(mlp)
+        if isinstance(block.mlp, programs.GatherMoE):
+            block.mlp = programs.DenseMoE(block.mlp.moe)
     return out.eval()
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-import transformers  # noqa: E402  (the dev extra; a missing one must fail, not skip)
+import transformers  # the dev extra: a missing one must fail, not skip
 from moegrow.export import checkpoint
 from moegrow.export.models import layers
 
