@@ -7,6 +7,7 @@ new token predicted with at least W/2 tokens of context (the usual strided evalu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -43,5 +44,5 @@ def evaluate(model: layers.CausalLM, tok: Tokenizer, text: str,
             progress(min(done, len(ids)) - 1, len(ids) - 1)
     n = len(ids) - 1
     mean = nll / n
-    return {"ppl": float(torch.tensor(mean).exp()), "nll": mean, "tokens": n,
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": n,
             "top1": top1 / n, "top3": top3 / n}

@@ -3,6 +3,6 @@
 `moegrow.runtime.open(bundle, backend="executorch"|"onnxruntime")` is the embedding API.
 """
 
-from .session import Runtime, open  # noqa: A004  (the API's name, as in `io.open`)
+from .session import Runtime, open  # `open`, as in `io.open`
 
 __all__ = ["Runtime", "open"]

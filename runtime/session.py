@@ -28,7 +28,7 @@ class Runtime:
         if backend not in bundle.engines():
             raise backends.BackendError(f"{bundle.path}: no programs for backend {backend!r} "
                                         f"(it has: {', '.join(bundle.engines())})")
-        self.bundle, self.backend_name = bundle, backend
+        self.bundle = bundle
         self.engine = backends.load(backend, bundle.programs(backend), threads)
         self.sp = spm.SentencePieceProcessor()
         self.sp.load(str(bundle.tokenizer))

@@ -89,10 +89,11 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     say = progress or (lambda _m: None)
     engines = {e: runtime.open(bundle, e, threads) for e in ENGINES}
     first = next(iter(engines.values())).bundle
-    model_config = checkpoint.load(ckpt).args.to_hf()
+    eager = _Torch(ckpt, first.context)
+    model_config = eager.model.args.to_hf()
     if {k: model_config.get(k) for k in first.config} != first.config:
         raise checkpoint.CheckpointError(f"{ckpt}: not the checkpoint the bundle was made from")
-    backends = {"torch": _Torch(ckpt, first.context), **engines}
+    backends = {"torch": eager, **engines}
     text = engines["executorch"].sp.encode(" ".join([PREFIX] * 4))
     ids = [1] + text[:63]  # a 64-token prompt
     prefix = engines["executorch"].sp.decode(text[:31])  # 32 tokens with BOS
