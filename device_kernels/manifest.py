@@ -10,9 +10,12 @@ import hashlib
 from pathlib import Path
 
 FORMAT = "moegrow-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 ENGINES = {"executorch": "pte", "onnxruntime": "onnx"}
+# The name every .onnx program gives its external data; the runtime hands ONNX Runtime the
+# current weights/vN.onnx.data under this name.
+ONNX_DATA = "weights.onnx.data"
 
 
 def sha256(path: Path) -> str:

@@ -1,11 +1,21 @@
-"""`moegrow export`: lower a checkpoint's device programs into a bundle v1 folder.
+"""`moegrow export`: lower a checkpoint's device programs into a bundle folder.
+
+Layout (format version 2):
+
+    manifest.json            format, config, tokenizer, programs, weights, experts, budget
+    tokenizer.model
+    programs/model.pte       ExecuTorch: methods prefill, decode, score (no weights inside)
+    programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
+    weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
+    weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
+
+Weights are data: the programs name their constants, the weight files hold the bytes, and
+`manifest["experts"]["layout"]` says where each layer's expert tensors lie in each weight file
+(`device_kernels.layout`). A new expert version is a new `weights/vN.*` file with that expert's
+bytes replaced (`runtime.experts`), loaded by the same programs: nothing is traced again.
 
 The bundle is built in a temporary sibling folder and renamed into place, so an export that
-fails leaves nothing behind. Programs: `prefill` and `decode` (static KV cache of `context`
-positions, passed in and out) and `score`, for each engine asked for.
-
-Not yet (issue 3): weights as data (today every weight is a constant
-inside each program, so a new expert version needs a new export).
+fails leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,10 +27,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from moegrow.device_kernels import manifest
-from moegrow.device_kernels.manifest import ENGINES
+from moegrow.device_kernels import layout, manifest
+from moegrow.device_kernels.formats import Format
+from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
 
-from . import checkpoint, programs, quantize
+from . import checkpoint, lower, programs, quantize
+from .models import layers
 
 
 class BundleError(Exception):
@@ -30,55 +42,126 @@ class BundleError(Exception):
 PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": programs.Score}
 
 
+def expert_bytes(config: dict, bits: int) -> int:
+    """Bytes one expert takes at `bits` (int8/int4: codes plus a float16 scale per 32)."""
+    _, hidden, width = layout.dims(config)
+    if bits == 32:
+        return 3 * hidden * width * 4
+    fmt = Format(bits, quantize.GROUP_SIZE)
+    return sum(fmt.nbytes(*layout.shape(p, hidden, width)) for p in layout.PROJS)
+
+
+def locate(model: layers.CausalLM, data: Path) -> list[dict]:
+    """Find every form of every layer's stacked expert tensors in the weight file `data`."""
+    raw = data.read_bytes()
+    found = []
+    for i, block in enumerate(model.model.layers):
+        for proj in layout.PROJS:
+            stacked = getattr(block.mlp.experts, proj).detach().float().numpy()
+            hits = []
+            for form, arr in layout.forms(proj, stacked).items():
+                at = raw.find(arr.tobytes())
+                if at >= 0:
+                    if raw.find(arr.tobytes(), at + 1) >= 0:
+                        raise BundleError(f"{data.name}: layer {i} {proj} is stored twice")
+                    hits.append({"layer": i, "proj": proj, "form": form, "offset": at})
+            if not hits:
+                raise BundleError(f"{data.name}: layer {i} {proj} not found in the weight file "
+                                  "(the engine changed how it stores weights)")
+            found += hits
+    offsets = [h["offset"] for h in found]
+    if len(set(offsets)) != len(offsets):  # identical tensors are stored once by the engines
+        raise BundleError(f"{data.name}: two expert tensors share storage (identical weights)")
+    return found
+
+
+def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int) -> tuple[dict, Path]:
+    """Lower every program for `engine` -> ({program: file entry}, weight file)."""
+    methods = {}
+    for name, cls in PROGRAMS.items():
+        program = cls(model)
+        methods[name] = (program, *program.example(model.args.max_position_embeddings))
+    if engine == "executorch":
+        pte, data = tmp / "programs" / "model.pte", tmp / "weights" / "v1.ptd"
+        quantize.to_pte(methods, pte, data, bits=bits)
+        return {name: manifest.file_entry(tmp, pte) for name in methods}, data
+    paths = {}
+    for name, (program, inputs, shapes) in methods.items():
+        paths[name] = quantize.to_onnx(program, inputs, tmp / "programs" / f"{name}.onnx",
+                                       shapes, program.outputs, bits=bits)
+    data = lower.share_weights(list(paths.values()), tmp / "programs" / ONNX_DATA)
+    data = data.rename(tmp / "weights" / "v1.onnx.data")
+    return {name: manifest.file_entry(tmp, p) for name, p in paths.items()}, data
+
+
 def export(target: str | os.PathLike, out: str | os.PathLike,
            engines: tuple[str, ...] = ("executorch", "onnxruntime"),
-           progress: Callable[[str], None] | None = None, bits: int = 32) -> dict:
+           progress: Callable[[str], None] | None = None, bits: int = 32,
+           budget: int | None = None) -> dict:
     """Write the bundle; returns its manifest. `bits` 8 or 4 quantizes the attention and
-    expert weights (router, norms, embedding and head stay fp32)."""
+    expert weights (router, norms, embedding and head stay fp32). `budget`: bytes allowed for
+    expert weights (default: exactly what the experts take now)."""
     if bits not in (32, *quantize.BITS):
         raise BundleError(f"bits must be 32, 8 or 4, got {bits}")
     unknown = [e for e in engines if e not in ENGINES]
     if unknown or not engines:
         raise BundleError(f"unknown engine(s) {', '.join(unknown) or '(none)'} "
-                                         f"(choose from {', '.join(ENGINES)})")
+                          f"(choose from {', '.join(ENGINES)})")
     out = Path(out)
     if out.exists():
         raise BundleError(f"{out}: already exists (choose a new folder)")
     model = checkpoint.load(target)
+    config = model.args.to_hf()
+    experts, _, _ = layout.dims(config)
+    used = model.args.num_hidden_layers * experts * expert_bytes(config, bits)
+    if budget is not None and budget < used:
+        raise BundleError(f"budget of {budget} bytes is too small: the experts take {used}")
     tok = checkpoint.load_tokenizer(target, model.args.vocab_size)
-    context = model.args.max_position_embeddings
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "programs").mkdir()
+        (tmp / "weights").mkdir()
         shutil.copyfile(tok.path, tmp / checkpoint.TOKENIZER)
         table: dict[str, dict] = {}
-        for name, cls in PROGRAMS.items():
-            program = cls(model)
-            inputs, shapes = program.example(context)
-            for engine in engines:
-                if progress:
-                    progress(f"lowering {name} to {engine}")
-                path = tmp / "programs" / f"{name}.{ENGINES[engine]}"
-                try:
-                    if engine == "executorch":
-                        quantize.to_pte(program, inputs, path, shapes, bits=bits)
-                    else:
-                        quantize.to_onnx(program, inputs, path, shapes, program.outputs,
-                                         bits=bits)
-                except ValueError as e:  # a shape the quantized format cannot take
-                    raise BundleError(f"{target}: {e}") from None
-                table.setdefault(name, {})[engine] = manifest.file_entry(tmp, path)
+        weights, where = {}, {}
+        for engine in engines:
+            if progress:
+                progress(f"lowering prefill, decode, score to {engine}")
+            try:
+                entries, data = _lower(engine, model, tmp, bits)
+            except ValueError as e:  # a shape the quantized format cannot take
+                raise BundleError(f"{target}: {e}") from None
+            for name, entry in entries.items():
+                table.setdefault(name, {})[engine] = entry
+            weights[engine] = manifest.file_entry(tmp, data)
+            if bits == 32:  # quantized experts are not located yet: they cannot be replaced
+                where[engine] = locate(model, data)
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
-            "config": model.args.to_hf(), "context": context, "bits": bits,
+            "config": config, "context": model.args.max_position_embeddings, "bits": bits,
             # quantized programs run every expert densely (neither engine quantizes gathers)
             "decode_moe": "gather" if bits == 32 else "dense",
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
-            "programs": table}
+            "programs": table,
+            "weights": {"version": 1, "files": weights},
+            "experts": {"layout": where, "table": _table(model, bits)},
+            "budget": {"bytes": used if budget is None else budget, "experts": used}}
         (tmp / manifest.MANIFEST).write_text(json.dumps(written, indent=2) + "\n")
         tmp.chmod(0o755)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
+
+
+def _table(model: layers.CausalLM, bits: int) -> list[dict]:
+    """The expert table: one row per (layer, slot), all at version 1."""
+    rows, size = [], expert_bytes(model.args.to_hf(), bits)
+    for i, block in enumerate(model.model.layers):
+        ex = block.mlp.experts
+        for slot in range(ex.gate_proj.shape[0]):
+            weights = [getattr(ex, p)[slot].detach().float().numpy() for p in layout.PROJS]
+            rows.append({"layer": i, "slot": slot, "version": 1, "bits": bits, "bytes": size,
+                         "sha256": layout.sha256(weights) if bits == 32 else None})
+    return rows

@@ -210,14 +210,15 @@ def quantize_onnx(src: Path | str, dst: Path | str, bits: int, dynamic_int8: boo
     return dst
 
 
-def to_pte(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path | str,
-           dynamic_shapes: dict | None = None, bits: int = 32) -> Path:
-    """`lower.to_pte` with int`bits` weights (32: the program as it is)."""
+def to_pte(methods: dict, path: Path | str, data: Path | str | None = None,
+           bits: int = 32) -> Path:
+    """`lower.to_pte` with int`bits` weights in every method (32: the programs as they are)."""
     from . import lower
 
     if bits != 32:
-        program = quantize_for_pte(program, bits)
-    return lower.to_pte(program, example_inputs, path, dynamic_shapes)
+        methods = {name: (quantize_for_pte(program, bits), inputs, shapes)
+                   for name, (program, inputs, shapes) in methods.items()}
+    return lower.to_pte(methods, path, data)
 
 
 def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path | str,

@@ -1,4 +1,4 @@
-"""Bundle v1 on disk: a folder with `manifest.json`, `tokenizer.model` and the programs.
+"""A bundle on disk: `manifest.json`, `tokenizer.model`, the programs and their weight files.
 
 `load` reads the manifest, checks its format version, and verifies the size and SHA-256 of
 every file it names before anything is handed to an engine, so a truncated, corrupt or
@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from moegrow.device_kernels import layout
 from moegrow.device_kernels.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Bundle", "BundleError", "load", "sha256"]
@@ -44,6 +46,10 @@ class Bundle:
         return {name: self.path / p[engine]["file"]
                 for name, p in self.manifest["programs"].items() if engine in p}
 
+    def weights(self, engine: str) -> Path:
+        """The engine's current weight file (`weights/vN.ptd` or `weights/vN.onnx.data`)."""
+        return self.path / self.manifest["weights"]["files"][engine]["file"]
+
 
 def _verify(root: Path, entry: dict) -> None:
     path = root / entry["file"]
@@ -71,10 +77,34 @@ def load(path: str | Path) -> Bundle:
         raise BundleError(f"{file}: unknown format version {manifest.get('format_version')!r} "
                           f"(this moegrow reads {FORMAT_VERSION})")
     try:
-        entries = [manifest["tokenizer"]] + [e for p in manifest["programs"].values()
-                                             for e in p.values()]
-        for entry in entries:
+        entries = [manifest["tokenizer"], *manifest["weights"]["files"].values()]
+        entries += [e for p in manifest["programs"].values() for e in p.values()]
+        for entry in {e["file"]: e for e in entries}.values():  # one .pte serves 3 programs
             _verify(root, entry)
-    except (KeyError, TypeError, AttributeError) as e:
+        bundle = Bundle(root, manifest)
+        _verify_experts(bundle)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise BundleError(f"{file}: malformed manifest ({e!r})") from None
-    return Bundle(root, manifest)
+    return bundle
+
+
+def _verify_experts(bundle: Bundle) -> None:
+    """The budget holds, and every located expert's bytes match its row in the table."""
+    budget, experts = bundle.manifest["budget"], bundle.manifest["experts"]
+    if budget["experts"] > budget["bytes"]:
+        raise BundleError(f"{bundle.path}: experts take {budget['experts']} bytes, over the "
+                          f"budget of {budget['bytes']}")
+    dims = layout.dims(bundle.config)
+    for engine, where in experts["layout"].items():
+        buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
+        for row in experts["table"]:
+            found = {}
+            for entry in (e for e in where if e["layer"] == row["layer"]):
+                w = layout.view(buf, entry, row["slot"], dims)
+                if found.setdefault(entry["proj"], w) is not w and not np.array_equal(
+                        w, found[entry["proj"]]):  # the two forms of down_proj disagree
+                    found[entry["proj"]] = None
+            weights = [found[p] for p in layout.PROJS]
+            if any(w is None for w in weights) or layout.sha256(weights) != row["sha256"]:
+                raise BundleError(f"{bundle.weights(engine)}: expert ({row['layer']}, "
+                                  f"{row['slot']}) does not match its checksum")

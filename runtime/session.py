@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from . import backends
+from . import backends, experts
 from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
@@ -28,14 +28,27 @@ class Runtime:
         if backend not in bundle.engines():
             raise backends.BackendError(f"{bundle.path}: no programs for backend {backend!r} "
                                         f"(it has: {', '.join(bundle.engines())})")
-        self.bundle = bundle
-        self.engine = backends.load(backend, bundle.programs(backend), threads)
+        self.bundle, self.backend, self.threads = bundle, backend, threads
+        self.engine = backends.load(backend, bundle.programs(backend), bundle.weights(backend),
+                                    threads)
         self.sp = spm.SentencePieceProcessor()
         self.sp.load(str(bundle.tokenizer))
         c = bundle.config
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         self.cache_shape = (c["num_hidden_layers"], 1, c["num_key_value_heads"],
                             bundle.context, head_dim)
+
+    def expert(self, layer: int, slot: int) -> list[np.ndarray]:
+        """Expert `slot` of `layer`: fp32 [gate [F, C], up [F, C], down [C, F]]."""
+        return experts.read(self.bundle, layer, slot, self.backend)
+
+    def set_experts(self, changes: dict[tuple[int, int], list[np.ndarray]]) -> int:
+        """Commit new weights for some experts ({(layer, slot): [gate, up, down]}) as the
+        bundle's next weights version, reload the engine on it; returns the version."""
+        self.bundle = experts.commit(self.bundle, changes)
+        self.engine = backends.load(self.backend, self.bundle.programs(self.backend),
+                                    self.bundle.weights(self.backend), self.threads)
+        return self.bundle.manifest["weights"]["version"]
 
     def _ids(self, text: str, room: int) -> list[int]:
         if not text:

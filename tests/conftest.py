@@ -46,6 +46,16 @@ def tiny_ckpt(corpus_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_ckpt, tmp_path_factory):
+    """The tiny checkpoint exported for both engines, fp32 (tests that change it copy it)."""
+    from moegrow.export import bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    bundle.export(tiny_ckpt, out)
+    return out
+
+
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     """`moegrow ARGV` in-process -> (exit code, stdout, stderr)."""
     from moegrow.tools.cli import main

@@ -18,23 +18,21 @@ ENGINES = ["executorch", "onnxruntime"]
 TEXT = "The parser reads the next word. Our user writes plain text. " * 12  # > one window
 
 
-@pytest.fixture(scope="module")
-def tiny_bundle(tiny_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    bundle.export(tiny_ckpt, out)
-    return out
-
-
-
 def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["config"]["model_type"] == "mixtral"
+    assert manifest["format_version"] == 2 and manifest["config"]["model_type"] == "mixtral"
     assert set(manifest["programs"]) == {"prefill", "decode", "score"}
-    for entry in [manifest["tokenizer"]] + [e for p in manifest["programs"].values()
-                                            for e in p.values()]:
+    weights = manifest["weights"]["files"]
+    assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
+    entries = [manifest["tokenizer"], *weights.values()]
+    entries += [e for p in manifest["programs"].values() for e in p.values()]
+    for entry in entries:
         path = tiny_bundle / entry["file"]
         assert path.stat().st_size == entry["bytes"]
         assert bundle_format.sha256(path) == entry["sha256"]
+    # the weights live in the weight files, not in the programs
+    programs = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
+    assert sum(programs.values()) < 0.5 * sum(e["bytes"] for e in weights.values())
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -87,16 +85,18 @@ def truncate(path):
     path.write_bytes(path.read_bytes()[:100])
 
 
-def version_2(path):
+def version_3(path):
     manifest = json.loads(path.read_text())
-    path.write_text(json.dumps({**manifest, "format_version": 2}))
+    path.write_text(json.dumps({**manifest, "format_version": 3}))
 
 
 @pytest.mark.parametrize("file,damage,words", [
-    ("programs/decode.pte", corrupt, "decode.pte: checksum mismatch"),
+    ("programs/model.pte", corrupt, "model.pte: checksum mismatch"),
     ("programs/score.onnx", truncate, "score.onnx: 100 bytes, the manifest says"),
-    ("programs/prefill.pte", lambda p: p.unlink(), "prefill.pte: missing from the bundle"),
-    ("manifest.json", version_2, "unknown format version 2"),
+    ("programs/prefill.onnx", lambda p: p.unlink(), "prefill.onnx: missing from the bundle"),
+    ("weights/v1.ptd", corrupt, "v1.ptd: checksum mismatch"),
+    ("weights/v1.onnx.data", truncate, "v1.onnx.data: 100 bytes, the manifest says"),
+    ("manifest.json", version_3, "unknown format version 3"),
     ("manifest.json", lambda p: p.write_text("{"), "manifest.json: unreadable"),
     ("tokenizer.model", corrupt, "tokenizer.model: checksum mismatch"),
 ])
@@ -149,6 +149,6 @@ def test_int4_bundle_stays_within_6_percent_of_fp32(tiny_bundle, tiny_ckpt, tmp_
     fp32 = runtime.open(tiny_bundle, "onnxruntime")
     q4 = runtime.open(tmp_path / "q4", "onnxruntime")
     assert q4.score(TEXT)["ppl"] <= 1.06 * fp32.score(TEXT)["ppl"]
-    size = sum(e["bytes"] for e in manifest["programs"]["decode"].values())
-    assert size < 0.6 * (tiny_bundle / "programs" / "decode.onnx").stat().st_size
+    size = manifest["weights"]["files"]["onnxruntime"]["bytes"]
+    assert size < 0.6 * (tiny_bundle / "weights" / "v1.onnx.data").stat().st_size
     assert "".join(q4.generate("The router", max_new=8))  # generates through the cache

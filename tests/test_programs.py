@@ -75,7 +75,7 @@ def _lower(model: layers.CausalLM, name: str, engine: str, path: str) -> str:
     program = PROGRAMS[name](model)
     inputs, shapes = program.example(LENGTH)
     if engine == "executorch":
-        lower.to_pte(program, inputs, path, shapes)
+        lower.to_pte({"forward": (program, inputs, shapes)}, path)
     else:
         lower.to_onnx(program, inputs, path, shapes, program.outputs)
     return path

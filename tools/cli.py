@@ -14,13 +14,14 @@ from moegrow.export import bundle as bundle_lib
 from moegrow.export import checkpoint, evaluate, tokenizer
 from moegrow.export import generate as generate_lib
 from moegrow.export import pretrain as pretrain_lib
-from moegrow.runtime import backends, session
+from moegrow.runtime import backends, experts, session
 from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
 
 ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
           pretrain_lib.PretrainError, corpus_lib.CorpusError, bundle_format.BundleError,
-          bundle_lib.BundleError, backends.BackendError, session.InputError)
+          bundle_lib.BundleError, backends.BackendError, session.InputError,
+          experts.ExpertError)
 BACKENDS = ["torch", *backends.ENGINES]
 BACKEND_HELP = ("Engine: torch for checkpoint folders; executorch (default) or onnxruntime "
                 "for bundles.")
@@ -182,15 +183,24 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
               help="Weight bits: 32 (fp32), 8 or 4 (attention and experts; router fp32).")
 @click.option("--engines", default="executorch,onnxruntime", show_default=True,
               help="Comma-separated engines to lower the programs to.")
+@click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True),
+              help="Bytes (in MB, 10^6) allowed for expert weights on the device; default: "
+                   "what the experts take at export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def export_(target: str, out: Path, bits: str, engines: str, as_json: bool) -> None:
-    """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device."""
+def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | None,
+            as_json: bool) -> None:
+    """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device: the
+    programs prefill, decode and score for each engine, and the weight files they load."""
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
+    budget = None if budget_mb is None else int(budget_mb * 1e6)
     manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True),
-                                 bits=int(bits))
-    files = [e for p in manifest["programs"].values() for e in p.values()]
-    emit(manifest, as_json, f"{out}: {len(files)} programs, "
-         f"{sum(f['bytes'] for f in files) / 1e6:.1f} MB")
+                                 bits=int(bits), budget=budget)
+    files = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
+    weights = sum(e["bytes"] for e in manifest["weights"]["files"].values())
+    emit(manifest, as_json, f"{out}: {len(files)} program files "
+         f"{sum(files.values()) / 1e6:.1f} MB, weight files {weights / 1e6:.1f} MB; experts "
+         f"{manifest['budget']['experts'] / 1e6:.1f} of {manifest['budget']['bytes'] / 1e6:.1f} "
+         "MB budget")
 
 
 DEMO_PREFIXES = ["The function returns", "To install the package, run", "import os\nimport",

@@ -1,0 +1,74 @@
+"""Where an expert's weights live inside an engine's weight file, shared by export and runtime.
+
+A layer's experts are stacked tensors `gate_proj`, `up_proj` [E, F, C] and `down_proj`
+[E, C, F] (Hugging Face layout, `y = (silu(x Wg^T) * (x Wu^T)) Wd^T`). The programs hold each
+of them in one or two *forms* (fp32, row-major, as both engines store constants):
+
+    stacked   the tensor itself: expert e is the contiguous block [e]. The gather decode
+              reads it; for gate/up it is also the dense form ([E*F, C] has the same bytes).
+    dense     down_proj as one linear over all experts, [C, E*F]: expert e is the column
+              block [:, e*F:(e+1)*F].
+
+A bundle's manifest lists, per engine, `{"layer", "proj", "form", "offset"}` for every copy
+that the export located in the engine's data file; `view` turns one into a writable numpy
+view of one expert, so reading or replacing an expert is plain array indexing on the file's
+bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+PROJS = ("gate_proj", "up_proj", "down_proj")
+FORMS = ("stacked", "dense")
+
+
+def dims(config: dict) -> tuple[int, int, int]:
+    """(experts E, expert hidden F, model width C) of a Hugging Face MoE config."""
+    experts = config.get("num_local_experts") or config["num_experts"]
+    hidden = config.get("moe_intermediate_size") or config["intermediate_size"]
+    return experts, hidden, config["hidden_size"]
+
+
+def shape(proj: str, hidden: int, width: int) -> tuple[int, int]:
+    """One expert's [out, in] for `proj`."""
+    return (width, hidden) if proj == "down_proj" else (hidden, width)
+
+
+def forms(proj: str, stacked: np.ndarray) -> dict[str, np.ndarray]:
+    """The contiguous arrays whose bytes an engine may hold for a stacked [E, out, in] weight."""
+    out = {"stacked": np.ascontiguousarray(stacked, np.float32)}
+    if proj == "down_proj":
+        e, c, f = stacked.shape
+        out["dense"] = np.ascontiguousarray(stacked.transpose(1, 0, 2).reshape(c, e * f),
+                                            np.float32)
+    return out
+
+
+def nbytes(experts: int, hidden: int, width: int) -> int:
+    """Bytes of one form of one layer's stacked `proj` (every form has the same size)."""
+    return experts * hidden * width * 4
+
+
+def view(buf: np.ndarray, entry: dict, slot: int, dims_: tuple[int, int, int]) -> np.ndarray:
+    """Expert `slot`'s fp32 [out, in] weight in `buf` (the data file as uint8) for one
+    layout entry; a view, so assigning to it writes the file's bytes."""
+    experts, hidden, width = dims_
+    start = entry["offset"]
+    block = buf[start:start + nbytes(experts, hidden, width)].view(np.float32)
+    out, in_ = shape(entry["proj"], hidden, width)
+    if entry["form"] == "stacked":
+        return block.reshape(experts, out, in_)[slot]
+    if entry["form"] == "dense":
+        return block.reshape(out, experts * in_)[:, slot * in_:(slot + 1) * in_]
+    raise ValueError(f"unknown weight form {entry['form']!r}")
+
+
+def sha256(weights: list[np.ndarray]) -> str:
+    """An expert's checksum: its fp32 gate, up, down [out, in] bytes in that order."""
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(np.ascontiguousarray(w, np.float32).tobytes())
+    return h.hexdigest()

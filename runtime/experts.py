@@ -1,0 +1,137 @@
+"""Expert weights as data: read an expert from a bundle, or commit new versions of experts.
+
+Each engine's weight file holds every expert's bytes where `manifest["experts"]["layout"]`
+says (`device_kernels.layout`). `commit` writes the next version of every engine's weight file
+with the changed experts' bytes replaced, then the manifest that names it; the programs stay
+as they are. Order (DESIGN.md rule 5): new files written and fsynced under new names, then
+the manifest replaced atomically, so a crash at any point leaves the previous version loaded
+by the previous manifest. Older weight files are kept (rollback comes with the growth driver).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from moegrow.device_kernels import layout
+from moegrow.device_kernels.manifest import MANIFEST, file_entry
+
+from . import bundle as bundle_format
+
+__all__ = ["ExpertError", "commit", "read"]
+
+
+class ExpertError(ValueError):
+    """An expert that does not exist, weights that do not fit it, or a bundle whose experts
+    cannot be replaced."""
+
+
+def _layout(bundle: bundle_format.Bundle, engine: str) -> list[dict]:
+    where = bundle.manifest["experts"]["layout"].get(engine)
+    if not where:
+        raise ExpertError(f"{bundle.path}: the {engine} weight file of this int"
+                          f"{bundle.manifest['bits']} bundle has no expert layout; expert "
+                          "weights can be read and replaced in fp32 bundles only for now")
+    return where
+
+
+def _check_slot(bundle: bundle_format.Bundle, layer: int, slot: int) -> None:
+    experts, _, _ = layout.dims(bundle.config)
+    layers = bundle.config["num_hidden_layers"]
+    if not (0 <= layer < layers and 0 <= slot < experts):
+        raise ExpertError(f"no expert ({layer}, {slot}): the bundle has {layers} layers of "
+                          f"{experts} experts")
+
+
+def read(bundle: bundle_format.Bundle, layer: int, slot: int,
+         engine: str | None = None) -> list[np.ndarray]:
+    """Expert `slot` of `layer` as fp32 [gate [F, C], up [F, C], down [C, F]] copies."""
+    _check_slot(bundle, layer, slot)
+    engine = engine or bundle.engines()[0]
+    buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
+    dims = layout.dims(bundle.config)
+    out = {}
+    for entry in _layout(bundle, engine):
+        if entry["layer"] == layer and entry["proj"] not in out:
+            out[entry["proj"]] = np.array(layout.view(buf, entry, slot, dims))
+    return [out[p] for p in layout.PROJS]
+
+
+def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
+    _, hidden, width = layout.dims(bundle.config)
+    out = {}
+    for (layer, slot), weights in changes.items():
+        _check_slot(bundle, layer, slot)
+        if len(weights) != len(layout.PROJS):
+            raise ExpertError(f"expert ({layer}, {slot}): give gate, up and down weights")
+        arrays = []
+        for proj, w in zip(layout.PROJS, weights, strict=True):
+            w = np.asarray(w, np.float32)
+            want = layout.shape(proj, hidden, width)
+            if w.shape != want:
+                raise ExpertError(f"expert ({layer}, {slot}) {proj}: shape {w.shape}, the "
+                                  f"bundle needs {want}")
+            if not np.isfinite(w).all():
+                raise ExpertError(f"expert ({layer}, {slot}) {proj}: NaN or inf in the weights")
+            arrays.append(w)
+        out[layer, slot] = arrays
+    return out
+
+
+def _write(path: Path, buf: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        buf.tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def commit(bundle: bundle_format.Bundle,
+           changes: dict[tuple[int, int], list[np.ndarray]]) -> bundle_format.Bundle:
+    """Write version N+1 with the experts in `changes` ({(layer, slot): [gate, up, down]})
+    replaced in every engine's weight file; returns the reloaded bundle."""
+    for engine in bundle.engines():
+        _layout(bundle, engine)
+    changes = _checked(bundle, changes)
+    on_disk = bundle_format.load(bundle.path).manifest
+    if on_disk["weights"]["version"] != bundle.manifest["weights"]["version"]:
+        raise ExpertError(f"{bundle.path}: weights are at version "
+                          f"{on_disk['weights']['version']} since this bundle was loaded at "
+                          f"{bundle.manifest['weights']['version']}; load it again")
+    manifest = json.loads(json.dumps(bundle.manifest))
+    version = manifest["weights"]["version"] + 1
+    dims = layout.dims(bundle.config)
+    written = []
+    try:
+        for engine in bundle.engines():
+            current = bundle.weights(engine)
+            buf = np.fromfile(current, np.uint8)
+            for entry in _layout(bundle, engine):
+                for (layer, slot), weights in changes.items():
+                    if entry["layer"] == layer:
+                        new = weights[layout.PROJS.index(entry["proj"])]
+                        layout.view(buf, entry, slot, dims)[...] = new
+            path = current.with_name(f"v{version}.{current.name.split('.', 1)[1]}")
+            _write(path, buf)
+            written.append(path)
+            manifest["weights"]["files"][engine] = file_entry(bundle.path, path)
+        manifest["weights"]["version"] = version
+        for row in manifest["experts"]["table"]:
+            key = (row["layer"], row["slot"])
+            if key in changes:
+                row.update(version=version, sha256=layout.sha256(changes[key]))
+        _write(bundle.path / MANIFEST,
+               np.frombuffer((json.dumps(manifest, indent=2) + "\n").encode(), np.uint8))
+    except BaseException:
+        for path in written:  # not referenced by any manifest yet
+            path.unlink(missing_ok=True)
+        raise
+    fd = os.open(bundle.path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves
+    finally:
+        os.close(fd)
+    return bundle_format.load(bundle.path)

@@ -1,0 +1,145 @@
+"""Weights are data: an expert changed through the runtime alone gives the same programs'
+outputs as a fresh export of the changed model, on both engines, and nothing else changes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli as run
+from conftest import snapshot
+from moegrow import runtime
+from moegrow.device_kernels import layout
+from moegrow.export import bundle, checkpoint
+from moegrow.runtime import bundle as bundle_format
+from moegrow.runtime import experts
+
+pytestmark = pytest.mark.slow  # one more export of the tiny model, ~1 min on 2 cores
+ENGINES = ["executorch", "onnxruntime"]
+TEXT = "The parser reads the next word. Our user writes plain text."
+LAYER, SLOT = 1, 2
+PROJS = ("gate_proj", "up_proj", "down_proj")
+ONES = np.frombuffer(b"\x01" * 4, np.float32)[0]  # a float whose 4 bytes are all non-zero
+
+
+@pytest.fixture(scope="module")
+def changed(tiny_bundle, tiny_ckpt, tmp_path_factory):
+    """(bundle with expert (LAYER, SLOT) replaced by the runtime, fresh export of the changed
+    checkpoint, the new weights)."""
+    d = tmp_path_factory.mktemp("changed")
+    shutil.copytree(tiny_bundle, d / "b")
+    rt = runtime.open(d / "b", "executorch")
+    rng = np.random.default_rng(0)
+    new = [w + rng.normal(0, 0.05, w.shape).astype(np.float32) for w in rt.expert(LAYER, SLOT)]
+    assert rt.set_experts({(LAYER, SLOT): new}) == 2
+    model = checkpoint.load(tiny_ckpt)
+    with torch.no_grad():
+        for proj, w in zip(PROJS, new, strict=True):
+            getattr(model.model.layers[LAYER].mlp.experts, proj)[SLOT] = torch.from_numpy(w)
+    checkpoint.save(model, d / "ckpt", checkpoint.load_tokenizer(tiny_ckpt).path)
+    bundle.export(d / "ckpt", d / "fresh")
+    return d / "b", d / "fresh", new
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_changed_expert_equals_a_fresh_export(changed, tiny_bundle, engine):
+    path, fresh, new = changed
+    rt, want, old = (runtime.open(p, engine) for p in (path, fresh, tiny_bundle))
+    ids = [1, *rt.sp.encode(TEXT)]
+    tokens = np.array([ids])
+    pairs = [(rt.engine.run("score", [tokens]), want.engine.run("score", [tokens])),
+             (rt.prefill(ids), want.prefill(ids))]
+    step = int(pairs[1][0][0][0].argmax())
+    pairs.append((rt.decode(step, len(ids), *pairs[1][0][1:]),
+                  want.decode(step, len(ids), *pairs[1][1][1:])))
+    for got, exp in pairs:  # same programs, same weight bytes: bit-identical outputs
+        for a, b in zip(got, exp, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(rt.prefill(ids)[0], old.prefill(ids)[0])  # the change matters
+    assert all(np.array_equal(a, b) for a, b in zip(rt.expert(LAYER, SLOT), new, strict=True))
+
+
+def test_only_the_named_expert_changes(changed, tiny_bundle):
+    path, _, _ = changed
+    before, after = bundle_format.load(tiny_bundle), bundle_format.load(path)
+    rows = {(r["layer"], r["slot"]): r for r in after.manifest["experts"]["table"]}
+    for old in before.manifest["experts"]["table"]:
+        key = (old["layer"], old["slot"])
+        same = key != (LAYER, SLOT)
+        assert rows[key]["version"] == (1 if same else 2)
+        assert (rows[key]["sha256"] == old["sha256"]) == same
+        for engine in ENGINES:
+            a, b = experts.read(before, *key, engine), experts.read(after, *key, engine)
+            assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)) == same
+    for engine in ENGINES:  # every other byte (attention, router, head, other experts) too
+        x = np.fromfile(before.weights(engine), np.uint8)
+        y = np.fromfile(after.weights(engine), np.uint8)
+        inside = np.zeros_like(x)
+        for entry in after.manifest["experts"]["layout"][engine]:
+            if entry["layer"] == LAYER:
+                layout.view(inside, entry, SLOT, layout.dims(after.config))[...] = ONES
+        assert (x != y).any() and not ((x != y) & (inside == 0)).any()
+    assert (path / "weights" / "v1.ptd").is_file()  # the previous version is kept
+
+
+def _damaged(tiny_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    return copy
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda w: {(0, 99): w}, "no expert (0, 99)"),
+    (lambda w: {(0, 0): w[:2]}, "give gate, up and down"),
+    (lambda w: {(0, 0): [w[0].T, w[1], w[2]]}, "gate_proj: shape"),
+    (lambda w: {(0, 0): [w[0], w[1] * np.nan, w[2]]}, "up_proj: NaN or inf"),
+])
+def test_bad_expert_weights_are_refused_and_nothing_is_written(tiny_bundle, tmp_path, change,
+                                                                 words):
+    copy = _damaged(tiny_bundle, tmp_path)
+    before = snapshot(copy)
+    rt = runtime.open(copy, "onnxruntime")
+    with pytest.raises(experts.ExpertError, match=re.escape(words)):
+        rt.set_experts(change(rt.expert(0, 0)))
+    assert snapshot(copy) == before
+
+
+def test_a_stale_runtime_cannot_overwrite_a_newer_version(tiny_bundle, tmp_path):
+    copy = _damaged(tiny_bundle, tmp_path)
+    first, second = runtime.open(copy, "executorch"), runtime.open(copy, "onnxruntime")
+    w = first.expert(0, 1)
+    first.set_experts({(0, 1): [x * 0.5 for x in w]})
+    before = snapshot(copy)
+    with pytest.raises(experts.ExpertError, match="at version 2 since this bundle was loaded"):
+        second.set_experts({(0, 1): w})
+    assert snapshot(copy) == before
+
+
+def test_expert_table_and_budget(tiny_bundle, tiny_ckpt, tmp_path, capsys):
+    manifest = bundle_format.load(tiny_bundle).manifest
+    c = manifest["config"]
+    per_expert = 3 * c["hidden_size"] * c["intermediate_size"] * 4
+    rows = manifest["experts"]["table"]
+    assert len(rows) == c["num_hidden_layers"] * c["num_local_experts"]
+    assert {(r["version"], r["bits"], r["bytes"]) for r in rows} == {(1, 32, per_expert)}
+    used = per_expert * len(rows)
+    assert manifest["budget"] == {"bytes": used, "experts": used}
+    # a table that disagrees with the weight file, or experts over the budget, do not load
+    for edit, words in [(lambda m: m["experts"]["table"][3].update(sha256="0" * 64),
+                         "expert (0, 3) does not match its checksum"),
+                        (lambda m: m["budget"].update(bytes=100), "over the budget of 100")]:
+        copy = tmp_path / words.split()[0]
+        shutil.copytree(tiny_bundle, copy)
+        m = json.loads((copy / "manifest.json").read_text())
+        edit(m)
+        (copy / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(bundle_format.BundleError, match=re.escape(words)):
+            bundle_format.load(copy)
+    code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "n"),
+                       "--budget-mb", "0.01")
+    assert code == 2 and "too small: the experts take" in err
+    assert not (tmp_path / "n").exists()
