@@ -93,9 +93,26 @@ class GatherMoE(nn.Module):
         ex, flat = self.moe.experts, ids.reshape(-1)  # [N*K]
         xs = x.repeat_interleave(self.moe.top_k, dim=0)[:, :, None]  # [N*K, C, 1]
         h = F.silu(torch.bmm(ex.gate_proj[flat], xs)) * torch.bmm(ex.up_proj[flat], xs)
-        y = torch.bmm(ex.down_proj[flat], h)[:, :, 0] * weights.reshape(-1, 1)  # [N*K, C]
-        out = y.reshape(-1, self.moe.top_k, shape[-1]).sum(1)
+        y = torch.bmm(ex.down_proj[flat], h).reshape(-1, self.moe.top_k, shape[-1])  # [N, K, C]
+        out = torch.bmm(weights[:, None, :].to(y.dtype), y)  # gate-weighted sum over the K
         return out.reshape(shape), logits
+
+
+class MeanNorm(nn.Module):
+    """`layers.RMSNorm` whose mean of squares is a matmul with a constant [1/C]*C row: XNNPACK
+    delegates linears but not a mean over the last axis, so the eager norm splits every layer
+    into several delegate partitions with portable kernels between them."""
+
+    def __init__(self, norm: layers.RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+        self.register_buffer("average", torch.full((1, norm.weight.shape[0]),
+                                                   1.0 / norm.weight.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(F.linear(xf * xf, self.average) + self.eps)
+                              ).to(x.dtype)
 
 
 class Cache:
@@ -115,11 +132,16 @@ class Cache:
 
 
 def with_moe(model: layers.CausalLM, moe: type[nn.Module]) -> layers.CausalLM:
-    """A copy of `model` whose MoE blocks are `moe(block.mlp)`; other weights are shared."""
+    """A copy of `model` whose MoE blocks are `moe(block.mlp)` and norms `MeanNorm`s; the
+    weights are shared."""
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     out = copy.deepcopy(model, memo=shared)
     for block in out.model.layers:
         block.mlp = moe(block.mlp)
+    for module in list(out.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, layers.RMSNorm):
+                setattr(module, name, MeanNorm(child))
     return out.eval()
 
 

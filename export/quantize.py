@@ -140,9 +140,9 @@ def _gemm_to_matmul(model) -> None:
 
 
 def _weight_matmuls(model) -> tuple[list[str], list[str]]:
-    """MatMul nodes with a constant weight: (to quantize, to keep fp32: router, lm_head)."""
+    """MatMul nodes with a constant weight: (to quantize, to keep fp32: `KEEP_FP32`)."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}
 
     def source(name: str, depth: int = 3) -> str | None:
         if name in inits:
@@ -156,6 +156,7 @@ def _weight_matmuls(model) -> tuple[list[str], list[str]]:
     for node in model.graph.node:
         if node.op_type == "MatMul" and (src := source(node.input[1])):
             fp32 = any(src.removesuffix(".T").endswith(k) for k in KEEP_FP32)
+            fp32 |= min(inits[src].dims) == 1  # a norm's mean-of-squares row (MeanNorm)
             (keep if fp32 else quant).append(node.name)
     return quant, keep
 

@@ -68,12 +68,22 @@ def attend(q, k, v, layer: int, input_pos: torch.Tensor, cache: KVCache | None) 
     """q [B, H, T, D], k/v [B, Hkv, T, D] -> [B, T, H*D]; causal, grouped-query."""
     if cache is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    else:
-        k, v = cache.update(layer, input_pos, k, v)
-        mask = torch.arange(cache.length)[None, :] <= input_pos[:, None]  # [T, S]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    b, h, t, d = out.shape
-    return out.transpose(1, 2).reshape(b, t, h * d)
+        b, h, t, d = out.shape
+        return out.transpose(1, 2).reshape(b, t, h * d)
+    # With a cache: the exported path. The query heads sharing a kv head are folded into the
+    # time axis ([B, Hkv, G*T, D]), so k and v are never expanded to H heads (SDPA's GQA
+    # expands the whole cache, copying it per layer outside XNNPACK), and the mask is
+    # additive; matmul, softmax and add all run in XNNPACK.
+    k, v = cache.update(layer, input_pos, k, v)
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g = h // hkv
+    mask = torch.where(torch.arange(s)[None, :] <= input_pos[:, None], 0.0, float("-inf"))
+    q = q.transpose(1, 2).reshape(b, t, hkv, g * d).transpose(1, 2).reshape(b * hkv, t * g, d)
+    scores = torch.bmm(q * d ** -0.5, k.reshape(b * hkv, s, d).transpose(1, 2))  # [B*Hkv, T*G, S]
+    scores = scores + mask.repeat_interleave(g, dim=0)
+    out = torch.bmm(scores.softmax(-1), v.reshape(b * hkv, s, d))  # [B*Hkv, T*G, D]
+    return out.reshape(b, hkv, t, g * d).transpose(1, 2).reshape(b, t, h * d)
 
 
 class Experts(nn.Module):
