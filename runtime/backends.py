@@ -7,10 +7,20 @@ with their constants from `weights`, the engine's weight file (`.ptd` / ONNX ext
 handed to ONNX Runtime from memory under the name the graphs use, so any version can be
 loaded without touching the graphs).
 The torch reference with the same `run` lives in `moegrow.export.reference`.
+
+ExecuTorch's native code logs to stderr while it starts (cpuinfo probing, thread-pool
+resets) and its Python package imports torchao, which logs the optional kernels it cannot
+load: `_engine_log` keeps those lines out of the user's terminal and puts the last one in
+the error message when loading fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +33,48 @@ class BackendError(Exception):
     """An engine that is missing, or a program file it cannot load or run."""
 
 
+@contextlib.contextmanager
+def _engine_log():
+    """Send file descriptor 2 to a temporary file; yields a list that gets its text."""
+    sys.stderr.flush()
+    saved, text = os.dup(2), []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text.append(tmp.read().decode(errors="replace"))
+
+
+def _last_line(log: list[str]) -> str:
+    lines = [line for text in log for line in text.splitlines() if line.strip()]
+    return f"; engine log: {lines[-1]}" if lines else ""
+
+
 class ExecuTorch:
     def __init__(self, files: dict[str, Path], weights: Path, threads: int | None = None):
+        quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+        levels = [log.level for log in quiet]
         try:
+            for log in quiet:
+                log.setLevel(logging.ERROR)
             import torch
             from executorch.runtime import Runtime
         except ImportError as e:
             raise BackendError(f"engine executorch is not installed ({e})") from None
+        finally:
+            for log, level in zip(quiet, levels, strict=True):
+                log.setLevel(level)
         self.torch, self.runtime, self.files, self.weights = torch, Runtime.get(), files, weights
         self.methods, self.loaded = {}, {}  # name -> method, .pte -> program
         if threads:  # XNNPACK's pool for delegated ops, torch's for portable kernels
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
-            _unsafe_reset_threadpool(threads)
+            with _engine_log():
+                _unsafe_reset_threadpool(threads)
             torch.set_num_threads(threads)
 
     def _method(self, name: str):
@@ -43,13 +82,16 @@ class ExecuTorch:
             path = self.files.get(name)
             if path is None:
                 raise BackendError(f"the bundle has no executorch program {name!r}")
+            log: list[str] = []
             try:
-                if path not in self.loaded:
-                    self.loaded[path] = self.runtime.load_program(path, data_path=self.weights)
-                self.methods[name] = self.loaded[path].load_method(name)
+                with _engine_log() as log:
+                    if path not in self.loaded:
+                        self.loaded[path] = self.runtime.load_program(path,
+                                                                      data_path=self.weights)
+                    self.methods[name] = self.loaded[path].load_method(name)
             except (RuntimeError, ValueError) as e:
                 raise BackendError(f"{path}: executorch cannot load it with {self.weights.name} "
-                                   f"({e})") from None
+                                   f"({e}{_last_line(log)})") from None
         return self.methods[name]
 
     def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from conftest import run_cli as run
@@ -73,6 +75,18 @@ def test_cli_eval_and_generate_on_a_bundle(capsys, tiny_bundle, tmp_path):
     code, _, err = run(capsys, "eval", str(tiny_bundle), "--text", str(tmp_path / "t.txt"),
                        "--backend", "torch")
     assert code == 2 and "torch runs checkpoint folders" in err
+
+
+def test_engines_load_quietly(tiny_bundle, tmp_path):
+    """A fresh process: ExecuTorch's native start-up lines and torchao's import warnings stay
+    off the terminal; stdout is the JSON alone."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    for engine in ENGINES:
+        done = subprocess.run([sys.executable, "-m", "moegrow.tools.cli", "eval",
+                               str(tiny_bundle), "--text", str(tmp_path / "t.txt"), "--backend",
+                               engine, "--json"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and done.stderr == "", (engine, done.stderr)
+        assert json.loads(done.stdout)["tokens"] > 128
 
 
 def corrupt(path):

@@ -18,11 +18,29 @@ from pathlib import Path
 import numpy as np
 import torch
 from moegrow import runtime
-from moegrow.export import checkpoint, generate
+from moegrow.export import checkpoint, generate, pretrain
+from moegrow.export.models import mixtral
 from moegrow.runtime.backends import ENGINES
+
+# A ~110M-parameter member of the default model's family (realistic for phones): what
+# `moegrow bench model` writes, with random weights and the default tokenizer.
+BENCH_MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=2, num_local_experts=8,
+                   num_experts_per_tok=2, max_position_embeddings=256)
 
 PREFIX = ("The module provides functions for working with files and directories, and the "
           "standard library documents each of them with examples that show how")
+
+
+def random_model(out: str | Path, seed: int = 0) -> int:
+    """Write the `BENCH_MODEL` checkpoint with random weights to `out`; returns its size in
+    parameters."""
+    tok = checkpoint.load_tokenizer("default")
+    torch.manual_seed(seed)
+    model = mixtral.build(mixtral.ModelArgs(vocab_size=tok.vocab_size, **BENCH_MODEL))
+    pretrain.init_weights(model)
+    checkpoint.save(model, out, tok.path)
+    return sum(p.numel() for p in model.parameters())
 
 
 def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:

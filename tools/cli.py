@@ -254,6 +254,21 @@ def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int
     emit(result, as_json, (out / "report.md").read_text())
 
 
+@bench.command("model")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Checkpoint folder to write (must not exist).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def bench_model(out: Path, seed: int) -> None:
+    """Write a ~110M-parameter random-weight checkpoint of the default model's family (8
+    layers, width 512, 8 experts of 1024, top-2, default tokenizer) for speed benchmarks."""
+    from moegrow.tools import bench as bench_lib
+
+    if out.exists():
+        fail(f"{out}: already exists (choose a new folder)")
+    params = bench_lib.random_model(out, seed)
+    click.echo(f"{out}: {params / 1e6:.1f}M parameters, random weights")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(argv, prog_name="moegrow", standalone_mode=False)
