@@ -217,7 +217,11 @@ def to_pte(methods: dict, path: Path | str, data: Path | str | None = None,
     from . import lower
 
     if bits != 32:
-        methods = {name: (quantize_for_pte(program, bits), inputs, shapes)
+        from torchao.utils import unwrap_tensor_subclass
+
+        # plain int8 constants (not torchao tensor subclasses) are what `lower.to_pte` can tag
+        # for the `.ptd`; with the subclasses the quantized weights stay inside the `.pte`
+        methods = {name: (unwrap_tensor_subclass(quantize_for_pte(program, bits)), inputs, shapes)
                    for name, (program, inputs, shapes) in methods.items()}
     return lower.to_pte(methods, path, data)
 

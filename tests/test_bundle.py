@@ -153,6 +153,7 @@ def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_p
     assert result["results"][0]["decode_vs_torch"] == 1.0
     assert all(r["decode_tps"] > 0 and r["suggest_p95_ms"] > 0 for r in result["results"])
     assert (tmp_path / "r" / "report.md").read_text().startswith("# moegrow bench infer")
+    assert (tmp_path / "r" / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, err = run(capsys, "bench", "infer", str(tiny_bundle), "--out", str(tmp_path / "x"))
     assert code == 2 and "not the checkpoint the bundle was made from" in err
 

@@ -149,8 +149,35 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "report.md").write_text(report(result, str(bundle)))
+    (out / "report.md").write_text(report(result, str(bundle)) + "\n![speed](speed.png)\n")
+    plot(result, out / "speed.png", str(bundle))
     return result
+
+
+def plot(r: dict, path: Path, title: str) -> None:
+    """Prefill and decode tokens/s per backend side by side; the decode roofline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{x['backend']}\nint{x['bits']}" if x["bits"] != 32 else x["backend"]
+             for x in r["results"]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in zip(axes, ("prefill_tps", "decode_tps"), ("prefill", "decode"),
+                              strict=True):
+        values = [x[key] for x in r["results"]]
+        bars = ax.bar(names, values, color=["#999999", "#4c72b0", "#dd8452"][:len(values)])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.set_title(f"{label} tokens/s ({r['threads']} thread)")
+        ax.set_ylim(0, max(values) * 1.25)
+    axes[1].axhline(r["roofline_decode_tps"], color="k", linestyle="--", linewidth=1)
+    axes[1].text(0, r["roofline_decode_tps"], " roofline", va="bottom")
+    axes[1].set_ylim(0, max(axes[1].get_ylim()[1], r["roofline_decode_tps"] * 1.15))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _suggest_ms(rt, prefix: str, n: int) -> tuple[float, float]:
