@@ -5,6 +5,8 @@ the ratios hold on a shared, noisy machine even when the absolute times do not. 
 runs on `threads` threads (1 by default: a phone keyboard gets one core). The decode roofline
 is active weight bytes per token divided by the measured memory read bandwidth; KV-cache
 traffic is left out of the bytes (it is small next to the weights at these lengths).
+When the `bench` extra is installed, llama.cpp runs the same checkpoint as GGUF F16, Q8_0 and
+Q4_0 in the same rounds (`tools/llama.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from moegrow import runtime
 from moegrow.export import checkpoint, generate, pretrain
 from moegrow.export.models import mixtral
 from moegrow.runtime.backends import ENGINES
+from moegrow.tools import llama
 
 # A ~110M-parameter member of the default model's family (realistic for phones): what
 # `moegrow bench model` writes, with random weights and the default tokenizer.
@@ -111,7 +114,8 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     model_config = eager.model.args.to_hf()
     if {k: model_config.get(k) for k in first.config} != first.config:
         raise checkpoint.CheckpointError(f"{ckpt}: not the checkpoint the bundle was made from")
-    backends = {"torch": eager, **engines}
+    peers = llama.peers(ckpt, first.context, threads, say)
+    backends = {"torch": eager, **engines, **{f"llama.cpp {q}": p for q, p in peers.items()}}
     text = engines["executorch"].sp.encode(" ".join([PREFIX] * 4))
     ids = [1] + text[:63]  # a 64-token prompt
     prefix = engines["executorch"].sp.decode(text[:31])  # 32 tokens with BOS
@@ -122,17 +126,19 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
             t = _round(rt, ids, steps)
             if r:
                 times[name].append(t)
-    latency = {name: _suggest_ms(rt, prefix, rounds * 4) for name, rt in backends.items()}
+    ours = ["torch", *engines]
+    latency = {name: _suggest_ms(backends[name], prefix, rounds * 4) for name in ours}
     bits = first.manifest.get("bits", 32)
     dense = first.manifest.get("decode_moe") == "dense"
     experts = first.config.get("num_local_experts") or first.config.get("num_experts")
     per_token = active_bytes(first.config, bits, experts if dense else None)
     bandwidth = read_bandwidth()
     roofline = bandwidth / per_token
+    tps = {name: (len(ids) / statistics.median(t[0] for t in times[name]),
+                  steps / statistics.median(t[1] for t in times[name])) for name in backends}
     results = []
-    for name in backends:
-        prefill = len(ids) / statistics.median(t[0] for t in times[name])
-        decode = steps / statistics.median(t[1] for t in times[name])
+    for name in ours:
+        prefill, decode = tps[name]
         # torch eager is the fp32 checkpoint with top-k experts, whatever the bundle holds
         b, nbytes = (32, active_bytes(first.config, 32)) if name == "torch" else (bits, per_token)
         results.append({"backend": name, "bits": b, "prefill_tps": prefill,
@@ -142,7 +148,10 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     torch_decode = results[0]["decode_tps"]
     for r in results:
         r["decode_vs_torch"] = r["decode_tps"] / torch_decode
-    result = {"results": results, "llama_cpp": [], "suggest_p95_ms": latency["executorch"][1],
+    peer_rows = llama.compare({q: tps[f"llama.cpp {q}"] for q in peers},
+                              {r["backend"]: r["decode_tps"] for r in results}, bits)
+    result = {"results": results, "llama_cpp": peer_rows,
+              "suggest_p95_ms": latency["executorch"][1],
               "bytes_per_token": per_token, "read_bandwidth_gb_s": bandwidth / 1e9,
               "roofline_decode_tps": roofline, "threads": threads, "rounds": rounds,
               "prompt_tokens": len(ids), "decode_steps": steps}
@@ -200,4 +209,16 @@ def report(r: dict, bundle: str) -> str:
                      f"{x['decode_tps']:.0f} | {x['decode_vs_torch']:.2f}x | "
                      f"{x['gb_per_s']:.2f} | {x['roofline_fraction']:.1%} | "
                      f"{x['suggest_p50_ms']:.1f} / {x['suggest_p95_ms']:.1f} |")
+    lines.append("")
+    if not r["llama_cpp"]:
+        return "\n".join([*lines, llama.NOT_INSTALLED]) + "\n"
+    lines += ["llama.cpp on the same checkpoint (GGUF), same threads and rounds; the ratios "
+              "compare our decode tok/s with the quant that matches the bundle's bits.", "",
+              "| llama.cpp | prefill tok/s | decode tok/s | ExecuTorch / llama.cpp "
+              "| ONNX Runtime / llama.cpp |", "|---|---|---|---|---|"]
+    for x in r["llama_cpp"]:
+        ratios = [f"{x[k]:.2f}x" if x[k] is not None else "-"
+                  for k in ("ours_over_llama", "onnxruntime_over_llama")]
+        lines.append(f"| {x['quant']} | {x['prefill_tps']:.0f} | {x['decode_tps']:.0f} | "
+                     f"{ratios[0]} | {ratios[1]} |")
     return "\n".join(lines) + "\n"

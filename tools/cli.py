@@ -17,11 +17,12 @@ from moegrow.export import pretrain as pretrain_lib
 from moegrow.runtime import backends, experts, session
 from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
+from moegrow.tools import llama as llama_lib
 
 ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
           pretrain_lib.PretrainError, corpus_lib.CorpusError, bundle_format.BundleError,
           bundle_lib.BundleError, backends.BackendError, session.InputError,
-          experts.ExpertError)
+          experts.ExpertError, llama_lib.GGUFError)
 BACKENDS = ["torch", *backends.ENGINES]
 BACKEND_HELP = ("Engine: torch for checkpoint folders; executorch (default) or onnxruntime "
                 "for bundles.")
@@ -246,7 +247,8 @@ def bench() -> None:
 def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int,
                 as_json: bool) -> None:
     """Prefill/decode tokens/s of torch, ExecuTorch and ONNX Runtime on BUNDLE, interleaved
-    in one run, with the decode roofline and `suggest` latency."""
+    in one run, with the decode roofline and `suggest` latency. With the `bench` extra,
+    llama.cpp runs the checkpoint as GGUF F16, Q8_0 and Q4_0 in the same rounds."""
     from moegrow.tools import bench as bench_lib
 
     result = bench_lib.bench_infer(bundle_dir, out, ckpt=ckpt, rounds=rounds, threads=threads,
