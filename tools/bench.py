@@ -61,7 +61,8 @@ def _time(fn: Callable[[], object]) -> float:
 
 def active_bytes(config: dict, bits: int, experts_read: int | None = None) -> int:
     """Weight bytes one decode step reads: attention and `experts_read` experts per layer at
-    `bits`, router and head at fp32 (they are never quantized)."""
+    `bits`, the head at fp32 (int8 in quantized bundles), the router at fp32 (scales are
+    left out)."""
     c, layers = config["hidden_size"], config["num_hidden_layers"]
     d = config.get("head_dim") or c // config["num_attention_heads"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
@@ -69,7 +70,8 @@ def active_bytes(config: dict, bits: int, experts_read: int | None = None) -> in
     experts = config.get("num_local_experts") or config["num_experts"]
     read = experts_read or config["num_experts_per_tok"]
     quantized = layers * (2 * c * q + 2 * c * kv + read * 3 * c * f)
-    return quantized * bits // 8 + (layers * experts * c + config["vocab_size"] * c) * 4
+    head = config["vocab_size"] * c * (4 if bits == 32 else 1)
+    return quantized * bits // 8 + head + layers * experts * c * 4
 
 
 class _Torch:
