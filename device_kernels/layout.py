@@ -22,7 +22,6 @@ import hashlib
 import numpy as np
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
-FORMS = ("stacked", "dense")
 
 
 def dims(config: dict) -> tuple[int, int, int]:

@@ -99,8 +99,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
            progress: Callable[[str], None] | None = None, bits: int = 32,
            budget: int | None = None) -> dict:
     """Write the bundle; returns its manifest. `bits` 8 or 4 quantizes the attention and
-    expert weights (router, norms, embedding and head stay fp32). `budget`: bytes allowed for
-    expert weights (default: exactly what the experts take now)."""
+    expert weights, and the head to int8 (router, norms and embedding stay fp32). `budget`:
+    bytes allowed for expert weights (default: exactly what the experts take now)."""
     if bits not in (32, *quantize.BITS):
         raise BundleError(f"bits must be 32, 8 or 4, got {bits}")
     unknown = [e for e in engines if e not in ENGINES]

@@ -1,4 +1,4 @@
-"""Lowering: device programs (torch modules from `programs.py`) to a `.pte` or `.onnx` files.
+"""Lowering: device programs (torch modules from `programs.py`) to `.pte` and `.onnx` files.
 
 Both start from the same `torch.export` graph of the same module, so the engines run the same
 math. `to_pte` delegates what XNNPACK supports (linears, matmuls, elementwise) and leaves the

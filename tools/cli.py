@@ -181,7 +181,8 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="The bundle folder to create (must not exist).")
 @click.option("--bits", type=click.Choice(["32", "8", "4"]), default="32", show_default=True,
-              help="Weight bits: 32 (fp32), 8 or 4 (attention and experts; router fp32).")
+              help="Weight bits: 32 (fp32), 8 or 4 (attention and experts; head int8; router "
+                   "fp32).")
 @click.option("--engines", default="executorch,onnxruntime", show_default=True,
               help="Comma-separated engines to lower the programs to.")
 @click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True),
