@@ -2,7 +2,8 @@
 
 `ExecuTorch` runs `.pte` methods (XNNPACK delegate) through ExecuTorch's Python runtime, whose
 bindings take torch tensors as I/O (the only torch use allowed in `runtime/`);
-`OnnxRuntime` runs `.onnx` files on ONNX Runtime's CPU provider. Programs load on first use,
+`OnnxRuntime` runs `.onnx` files on ONNX Runtime's CPU provider (CUDA first when the installed
+onnxruntime has it; not yet checked on a GPU). Programs load on first use,
 with their constants from `weights`, the engine's weight file (`.ptd` / ONNX external data,
 handed to ONNX Runtime from memory under the name the graphs use, so any version can be
 loaded without touching the graphs).
@@ -108,6 +109,9 @@ class OnnxRuntime:
             raise BackendError(f"engine onnxruntime is not installed ({e})") from None
         self.ort, self.files, self.weights, self.sessions = onnxruntime, files, weights, {}
         self.threads = threads
+        # the CUDA EP when this onnxruntime build has one (onnxruntime-gpu), else the CPU EP
+        cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        self.providers = ["CUDAExecutionProvider"] * cuda + ["CPUExecutionProvider"]
 
     def _session(self, name: str):
         if name not in self.sessions:
@@ -124,7 +128,7 @@ class OnnxRuntime:
                 options.add_external_initializers_from_files_in_memory([ONNX_DATA], [data],
                                                                        [data.size])
                 session = self.ort.InferenceSession(str(path), options,
-                                                    providers=["CPUExecutionProvider"])
+                                                    providers=self.providers)
                 del data
             except Exception as e:  # ORT raises its own exception types, all unrelated
                 raise BackendError(f"{path}: onnxruntime cannot load it ({e})") from None
