@@ -83,8 +83,9 @@ class DenseMoE(nn.Module):
         logits, weights, ids = self.route(x)
         gates = torch.zeros_like(logits).scatter(1, ids, weights)  # [N, E]
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [N, E*F]
-        h = h.reshape(-1, self.experts, self.hidden) * gates[:, :, None]
-        out = self.down_proj(h.reshape(-1, self.experts * self.hidden))
+        h = h.reshape(-1, self.experts, self.hidden)
+        self.last = (ids, weights, h)  # for `Observe`'s error taps; dead code elsewhere
+        out = self.down_proj((h * gates[:, :, None]).reshape(-1, self.experts * self.hidden))
         return out.reshape(shape), logits
 
 
@@ -122,6 +123,13 @@ class MeanNorm(nn.Module):
         xf = x.float()
         return self.weight * (xf * torch.rsqrt(F.linear(xf * xf, self.average) + self.eps)
                               ).to(x.dtype)
+
+    def vjp(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The error `e` at the norm's output brought back to its input x (J^T e):
+        r w e - r^3 x mean(w e x), with r = rsqrt(mean(x^2) + eps)."""
+        r = torch.rsqrt(F.linear(x * x, self.average) + self.eps)
+        we = self.weight * e
+        return r * we - r * r * r * x * F.linear(we * x, self.average)
 
 
 class Cache:
@@ -209,13 +217,58 @@ class Score(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h, _ = self.model.hidden(tokens)
-        logits = self.model.lm_head(h[0]).float()  # [T, V]
-        t = tokens.shape[1]
-        target = logits.gather(1, tokens[0].roll(-1)[:, None])  # [T, 1]
-        nll = torch.logsumexp(logits, dim=-1) - target[:, 0]
-        rank = (logits > target).sum(-1)
-        valid = torch.arange(t) < t - 1
-        return torch.where(valid, nll, 0.0), torch.where(valid, rank, 0)
+        return losses(self.model.lm_head(h[0]).float(), tokens)[:2]
+
+
+def losses(logits: torch.Tensor, tokens: torch.Tensor):
+    """logits [T, V] of tokens [1, T] -> nll [T], rank [T] (0 past the end), valid [T]."""
+    t = tokens.shape[1]
+    target = logits.gather(1, tokens[0].roll(-1)[:, None])  # [T, 1]
+    nll = torch.logsumexp(logits, dim=-1) - target[:, 0]
+    rank = (logits > target).sum(-1)
+    valid = torch.arange(t) < t - 1
+    return torch.where(valid, nll, 0.0), torch.where(valid, rank, 0), valid
+
+
+class Observe(Score):
+    """`Score` plus the error taps of every MoE layer, in the same forward pass.
+
+    tokens [1, T] -> nll [T], rank [T], and per layer and position the k chosen experts:
+    ids, gates [L, T, K], update [L, T, K] = g_k |e| |h_k| (the size of the local update PC
+    would make for that expert) and energy [L, T, K] = |g_k e|^2 (PC.md). e is the next-token
+    error W_head^T (softmax(z) - onehot(y)) brought back through the final norm, i.e.
+    d nll / d x at the last residual stream, taken as the error arriving at every MoE
+    layer's output through the residual path; h_k is expert k's hidden activation
+    silu(x Wg) * (x Wu). The softmax error is exact over the whole vocabulary. The last
+    position (nothing to predict) has zero error.
+    """
+
+    outputs = ("nll", "rank", "ids", "gates", "update", "energy")
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        pos = torch.arange(tokens.shape[1])
+        cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
+        x = m.model.embed_tokens(tokens)
+        for block in m.model.layers:
+            x, _ = block(x, cos, sin, pos, None)
+        x = x[0].float()  # [T, C], the last residual stream
+        logits = m.lm_head(m.model.norm(x)).float()
+        nll, rank, valid = losses(logits, tokens)
+        onehot = F.one_hot(tokens[0].roll(-1), logits.shape[1]).to(logits.dtype)
+        e = (logits.softmax(-1) - onehot) @ m.lm_head.weight.float()  # at the norm's output
+        e = m.model.norm.vjp(x, e) * valid[:, None]
+        size = torch.sqrt(F.linear(e * e, m.model.norm.average) * e.shape[1])  # |e| [T, 1]
+        ids, gates, update = [], [], []
+        for block in m.model.layers:
+            chosen, g, h = block.mlp.last
+            hsize = torch.sqrt((h * h).sum(-1)).gather(1, chosen)  # |h_k| [T, K]
+            ids.append(chosen)
+            gates.append(g)
+            update.append(g * size * hsize)
+        gates_ = torch.stack(gates)
+        return (nll, rank, torch.stack(ids), gates_, torch.stack(update),
+                (gates_ * size[None]) ** 2)
 
 
 def empty_cache(model: layers.CausalLM, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,101 @@
+"""Error taps (`programs.Observe`): the error is d nll / d (last residual stream), the update
+and energy follow PC.md's formulas for the chosen experts, and both engines agree with torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from moegrow.export import lower, pretrain, programs
+from moegrow.export.models import mixtral
+
+ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = mixtral.build(ARGS)
+    pretrain.init_weights(m, std=0.2)
+    return m.eval()
+
+
+def _tokens(t: int = 19) -> torch.Tensor:
+    return torch.randint(0, ARGS.vocab_size, (1, t), generator=torch.Generator().manual_seed(3))
+
+
+def _reference(model, tokens):
+    """Eager model with autograd: |d nll_t / d x_t| at the last residual stream, and every MoE
+    input (to recompute the chosen experts' hidden activations)."""
+    inputs = []
+    hooks = [b.mlp.register_forward_hook(lambda _m, args, _o: inputs.append(args[0][0]))
+             for b in model.model.layers]
+    pos = torch.arange(tokens.shape[1])
+    cos, sin = mixtral.layers.rope(pos, ARGS.dim_head, ARGS.rope_theta)
+    x = model.model.embed_tokens(tokens)
+    for block in model.model.layers:
+        x, _ = block(x, cos, sin, pos, None)
+    x = x.detach().requires_grad_()
+    logits = model.lm_head(model.model.norm(x))[0]
+    nll = F.cross_entropy(logits[:-1], tokens[0, 1:], reduction="sum")
+    (grad,) = torch.autograd.grad(nll, x)
+    for h in hooks:
+        h.remove()
+    return grad[0].norm(dim=-1), [i.detach() for i in inputs]
+
+
+def test_taps_follow_the_definitions(model):
+    tokens = _tokens()
+    with torch.no_grad():
+        nll, rank, ids, gates, update, energy = programs.Observe(model)(tokens)
+        want_nll, want_rank = programs.Score(model)(tokens)
+    assert torch.allclose(nll, want_nll, atol=1e-5) and torch.equal(rank, want_rank)
+    size, moe_inputs = _reference(model, tokens)
+    assert size[-1] == 0 and (size[:-1] > 0).all()
+    t, k = tokens.shape[1], ARGS.num_experts_per_tok
+    assert ids.shape == gates.shape == update.shape == energy.shape == (2, t, k)
+    for layer, block in enumerate(model.model.layers):
+        x = moe_inputs[layer]
+        with torch.no_grad():
+            _, w, chosen = block.mlp.route(x)
+        assert torch.equal(ids[layer], chosen) and torch.allclose(gates[layer], w)
+        ex = block.mlp.experts
+        for i in range(t):
+            for j in range(k):
+                e_id = int(chosen[i, j])
+                h = F.silu(x[i] @ ex.gate_proj[e_id].T) * (x[i] @ ex.up_proj[e_id].T)
+                want = w[i, j] * size[i] * h.norm()
+                assert torch.isclose(update[layer, i, j], want, rtol=1e-4, atol=1e-6)
+                assert torch.isclose(energy[layer, i, j], (w[i, j] * size[i]) ** 2,
+                                     rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
+def test_taps_match_torch_on_both_engines(model, engine, tmp_path):
+    program = programs.Observe(model)
+    inputs, shapes = program.example(ARGS.max_position_embeddings)
+    tokens = _tokens(23)
+    with torch.no_grad():
+        want = [o.numpy() for o in program(tokens)]
+    if engine == "executorch":
+        from executorch.runtime import Runtime
+
+        lower.to_pte({"observe": (program, inputs, shapes)}, tmp_path / "o.pte")
+        method = Runtime.get().load_program(tmp_path / "o.pte").load_method("observe")
+        got = [o.numpy() for o in method.execute([tokens])]
+    else:
+        import onnxruntime as ort
+
+        lower.to_onnx(program, inputs, tmp_path / "o.onnx", shapes, program.outputs)
+        session = ort.InferenceSession(str(tmp_path / "o.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        got = session.run(None, {"tokens": tokens.numpy()})
+    for name, a, b in zip(program.outputs, got, want, strict=True):
+        if name in ("rank", "ids"):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
