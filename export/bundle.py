@@ -4,7 +4,7 @@ Layout (format version 2):
 
     manifest.json            format, config, tokenizer, programs, weights, experts, budget
     tokenizer.model
-    programs/model.pte       ExecuTorch: methods prefill, decode, score (no weights inside)
+    programs/model.pte       ExecuTorch: methods prefill, decode, score, observe (no weights)
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
     weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
     weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
@@ -39,7 +39,8 @@ class BundleError(Exception):
     """An export request that cannot be carried out (unknown engine, existing folder)."""
 
 
-PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": programs.Score}
+PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": programs.Score,
+            "observe": programs.Observe}
 
 
 def expert_bytes(config: dict, bits: int) -> int:
@@ -127,7 +128,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
         weights, where = {}, {}
         for engine in engines:
             if progress:
-                progress(f"lowering prefill, decode, score to {engine}")
+                progress(f"lowering {', '.join(PROGRAMS)} to {engine}")
             try:
                 entries, data = _lower(engine, model, tmp, bits)
             except ValueError as e:  # a shape the quantized format cannot take

@@ -8,11 +8,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 from conftest import run_cli as run
 from conftest import snapshot
 from moegrow import runtime
-from moegrow.export import bundle, checkpoint, evaluate, generate
+from moegrow.export import bundle, checkpoint, evaluate, generate, programs
 from moegrow.runtime import bundle as bundle_format
 
 pytestmark = pytest.mark.slow  # lowering six programs of the tiny model takes ~40 s
@@ -23,7 +25,7 @@ TEXT = "The parser reads the next word. Our user writes plain text. " * 12  # > 
 def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["config"]["model_type"] == "mixtral"
-    assert set(manifest["programs"]) == {"prefill", "decode", "score"}
+    assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe"}
     weights = manifest["weights"]["files"]
     assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
     entries = [manifest["tokenizer"], *weights.values()]
@@ -46,6 +48,20 @@ def test_score_matches_torch(tiny_bundle, tiny_ckpt, engine):
     assert abs(got["nll"] - want["nll"]) <= 1e-4
     assert abs(got["top1"] - want["top1"]) <= 2 / want["tokens"]  # a near-tie may flip
     assert abs(got["top3"] - want["top3"]) <= 2 / want["tokens"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_observe_taps_match_torch(tiny_bundle, tiny_ckpt, engine):
+    rt = runtime.open(tiny_bundle, engine)
+    tokens = np.array([[1, *rt.sp.encode(TEXT)][:100]])
+    with torch.no_grad():
+        want = programs.Observe(checkpoint.load(tiny_ckpt))(torch.from_numpy(tokens))
+    got = rt.engine.run("observe", [tokens])
+    for name, a, b in zip(programs.Observe.outputs, got, want, strict=True):
+        if name in ("rank", "ids"):  # a near-tie may flip one
+            assert (a != b.numpy()).mean() <= 0.01, name
+        else:
+            np.testing.assert_allclose(a, b.numpy(), atol=2e-4, rtol=1e-3, err_msg=name)
 
 
 def test_generation_and_suggestions_agree_across_backends(tiny_bundle, tiny_ckpt):
