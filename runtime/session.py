@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from . import backends, experts
+from . import backends, errormap, experts
 from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
+OBSERVE = ("nll", "rank", "ids", "gates", "update", "energy")  # the observe program's outputs
 
 
 class InputError(ValueError):
@@ -112,22 +113,49 @@ class Runtime:
         if not text.strip():
             raise InputError("the text is empty")
         ids = np.array([BOS] + self.sp.encode(text), np.int64)
-        window = self.bundle.context
-        stride = max(1, window // 2)
-        nll, top1, top3, done, start = 0.0, 0, 0, 1, 0
-        while done < len(ids):
-            chunk = ids[start:start + window]
-            losses, ranks = self.engine.run("score", [chunk[None]])
-            first = done - start - 1
-            losses, ranks = losses[first:len(chunk) - 1], ranks[first:len(chunk) - 1]
+        nll, top1, top3 = 0.0, 0, 0
+        for chunk, new in self._windows(ids):
+            losses, ranks = (a[new] for a in self.engine.run("score", [chunk[None]]))
             nll += float(losses.astype(np.float64).sum())
             top1 += int((ranks < 1).sum())
             top3 += int((ranks < 3).sum())
-            done = start + len(chunk)
-            start += stride
         n = len(ids) - 1
         return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "tokens": n,
                 "top1": top1 / n, "top3": top3 / n}
+
+    def _windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
+        """Windows of the context's length, half-overlapping, and in each the slice of the
+        positions predicted there for the first time: every token after the first is
+        predicted once, with up to half a window of context."""
+        window = self.bundle.context
+        stride = max(1, window // 2)
+        done, start = 1, 0
+        while done < len(ids):
+            chunk = ids[start:start + window]
+            yield chunk, slice(done - start - 1, len(chunk) - 1)
+            done = start + len(chunk)
+            start += stride
+
+    def observe(self, text: str, domain: str | None = None) -> dict:
+        """Score `text` with the error taps and add them to the bundle's error map (and its
+        tokens to the replay buffer) under `domain`; returns what was added."""
+        if not text.strip():
+            raise InputError("the text is empty")
+        domain = domain or "default"
+        ids = np.array([BOS] + self.sp.encode(text), np.int64)
+        experts = self.bundle.manifest["experts"]["table"]
+        n_experts = 1 + max(row["slot"] for row in experts)
+        folded, nll = 0, 0.0
+        for chunk, new in self._windows(ids):
+            out = dict(zip(OBSERVE, self.engine.run("observe", [chunk[None]]), strict=True))
+            nll += float(out["nll"][new].astype(np.float64).sum())
+            folded = folded + errormap.fold(out["ids"][:, new], out["update"][:, new],
+                                            n_experts)
+        window = self.bundle.context
+        replay = [ids[i:i + window] for i in range(0, len(ids), window)]
+        errormap.Store(self.bundle.path).add(domain, folded, len(ids) - 1, nll, replay)
+        return {"domain": domain, "tokens": len(ids) - 1, "nll": nll / (len(ids) - 1),
+                "ppl": float(np.exp(nll / (len(ids) - 1)))}
 
 
 def open(path: str | Path, backend: str = "executorch", threads: int | None = None) -> Runtime:

@@ -4,17 +4,21 @@ prints (plain text, `--json`, or a plot). Errors are one line on stderr and exit
 
 from __future__ import annotations
 
+import codecs
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import numpy as np
 from moegrow import runtime
+from moegrow.device_kernels import layout
 from moegrow.export import bundle as bundle_lib
 from moegrow.export import checkpoint, evaluate, tokenizer
 from moegrow.export import generate as generate_lib
 from moegrow.export import pretrain as pretrain_lib
-from moegrow.runtime import backends, experts, session
+from moegrow.runtime import backends, errormap, experts, session
 from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
 from moegrow.tools import llama as llama_lib
@@ -22,7 +26,7 @@ from moegrow.tools import llama as llama_lib
 ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
           pretrain_lib.PretrainError, corpus_lib.CorpusError, bundle_format.BundleError,
           bundle_lib.BundleError, backends.BackendError, session.InputError,
-          experts.ExpertError, llama_lib.GGUFError)
+          experts.ExpertError, llama_lib.GGUFError, errormap.StateError)
 BACKENDS = ["torch", *backends.ENGINES]
 BACKEND_HELP = ("Engine: torch for checkpoint folders; executorch (default) or onnxruntime "
                 "for bundles.")
@@ -48,6 +52,40 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise tokenizer.TextError(f"{path}: empty text")
     return text
+
+
+def text_chunks(path: Path, size: int = 1 << 20) -> Iterator[str]:
+    """A UTF-8 file in pieces of about `size` bytes cut at line ends. A first pass checks that
+    all of it decodes and is not blank, so bad input is refused before anything is observed;
+    memory stays bounded by `size` (and the longest line)."""
+    decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
+    with path.open("rb") as f:
+        while block := f.read(size):
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise tokenizer.TextError(f"{path}: not UTF-8 text (byte {block[e.start]:#04x} "
+                                          f"at offset {offset + e.start})") from None
+            blank, offset = blank and not text.strip(), offset + len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise tokenizer.TextError(f"{path}: not UTF-8 text (truncated at the end)") from None
+    if blank:
+        raise tokenizer.TextError(f"{path}: empty text")
+
+    def pieces() -> Iterator[str]:
+        with path.open(encoding="utf-8", newline="") as f:
+            lines, n = [], 0
+            for line in f:
+                lines.append(line)
+                n += len(line)
+                if n >= size:
+                    yield "".join(lines)
+                    lines, n = [], 0
+            if lines:
+                yield "".join(lines)
+    return pieces()
 
 
 def open_target(target: str):
@@ -203,6 +241,68 @@ def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | 
          f"{sum(files.values()) / 1e6:.1f} MB, weight files {weights / 1e6:.1f} MB; experts "
          f"{manifest['budget']['experts'] / 1e6:.1f} of {manifest['budget']['bytes'] / 1e6:.1f} "
          "MB budget")
+
+
+@cli.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
+              help="UTF-8 text the user wrote (read in pieces of about 1 MB).")
+@click.option("--domain", default="default", show_default=True,
+              help="Tag of the text's domain in the error map.")
+@click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="executorch",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def observe(bundle_dir: str, text_file: Path, domain: str, backend: str, as_json: bool) -> None:
+    """Score real text with the error taps and add them to BUNDLE's error map (state/ in the
+    bundle) and its tokens to the bounded replay buffer."""
+    pieces = text_chunks(text_file)
+    rt = runtime.open(bundle_dir, backend)
+    tokens, nll = 0, 0.0
+    with progressbar(text_file.stat().st_size, "observing") as bar:
+        for piece in pieces:
+            if piece.strip():
+                r = rt.observe(piece, domain)
+                tokens, nll = tokens + r["tokens"], nll + r["nll"] * r["tokens"]
+            bar.update(len(piece.encode()))
+    result = {"domain": domain, "tokens": tokens, "nll": nll / tokens,
+              "ppl": float(np.exp(nll / tokens))}
+    emit(result, as_json, f"{domain}: observed {tokens} tokens, ppl {result['ppl']:.3f}")
+
+
+@cli.command("errormap")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--domain", default=None, help="Only this domain (default: all, pooled).")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path),
+              help="Write a PNG heat map (layers x experts, one panel per domain).")
+@click.option("--json", "as_json", is_flag=True, help="Print the map as JSON.")
+def errormap_(bundle_dir: str, domain: str | None, plot_file: Path | None,
+              as_json: bool) -> None:
+    """The error map of BUNDLE: per layer and expert, how often it was chosen and the mean,
+    spread and moving average of the PC update size g|e||h| on observed text."""
+    b = bundle_format.load(bundle_dir)
+    store = errormap.Store(b.path)
+    layers, experts_n = b.config["num_hidden_layers"], layout.dims(b.config)[0]
+    result = errormap.summary(store.read(domain), layers, experts_n)
+    if plot_file is not None:
+        names = [domain] if domain is not None else sorted(result["domains"])
+        if not names or not result["domains"]:
+            raise errormap.StateError(f"{bundle_dir}: nothing observed yet; nothing to plot")
+        maps = {d: errormap.summary(store.read(d), layers, experts_n) for d in names}
+        errormap.plot(maps, plot_file, f"moegrow error map: {bundle_dir}")
+    lines = [f"{d}: {v['tokens']} tokens, ppl {np.exp(v['nll']):.2f}"
+             for d, v in result["domains"].items()] or ["nothing observed yet"]
+    lines += [f"layer {x['layer']}: " + " ".join(f"{e['mean']:.3f}" for e in x["experts"])
+              for x in result["layers"]]
+    emit(result, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+def forget(bundle_dir: str) -> None:
+    """Clear BUNDLE's error map and replay buffer (the observed text it keeps)."""
+    b = bundle_format.load(bundle_dir)
+    errormap.Store(b.path).forget()
+    click.echo(f"{bundle_dir}: error map and replay buffer cleared")
 
 
 DEMO_PREFIXES = ["The function returns", "To install the package, run", "import os\nimport",

@@ -1,0 +1,210 @@
+"""The error map: `observe`'s taps folded into per-(layer, expert, domain) statistics.
+
+Stored in SQLite under the bundle's `state/` (created on first use, user-only permissions;
+WAL mode, busy timeout). For every (layer, expert, domain): count, sum and sum of squares of
+the per-token PC update size g |e| |h| (`programs.Observe`), an exponential moving average
+of its per-call mean, and when it was last seen. Counts are added inside the database
+(`count = count + ?`), so two processes observing the same bundle lose nothing. A bounded
+replay buffer keeps the most recent observed token sequences (FIFO, capacity in tokens) for
+growth to learn from; `forget` clears it and the map. Memory and disk stay bounded: the map
+has L x E rows per domain, the buffer at most `capacity` tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+DB = "errormap.db"
+EMA = 0.1  # weight of the newest call's mean in the moving average
+REPLAY_TOKENS = 65536  # replay buffer capacity
+BUSY_MS = 10000
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS stats (
+    layer INTEGER, expert INTEGER, domain TEXT, count INTEGER, sum REAL, sumsq REAL,
+    ema REAL, last_seen REAL, PRIMARY KEY (layer, expert, domain));
+CREATE TABLE IF NOT EXISTS domains (
+    domain TEXT PRIMARY KEY, tokens INTEGER, nll_sum REAL, last_seen REAL);
+CREATE TABLE IF NOT EXISTS replay (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, domain TEXT, tokens BLOB, length INTEGER);
+"""
+
+
+class StateError(Exception):
+    """The bundle's state database is locked, corrupt or unwritable."""
+
+
+def fold(ids: np.ndarray, update: np.ndarray, experts: int) -> np.ndarray:
+    """Taps ids, update [L, N, K] -> [L, E, 3]: count, sum, sum of squares per expert."""
+    layers = ids.shape[0]
+    out = np.zeros((layers, experts, 3))
+    for layer in range(layers):
+        e, v = ids[layer].reshape(-1), update[layer].reshape(-1).astype(np.float64)
+        np.add.at(out[layer, :, 0], e, 1)
+        np.add.at(out[layer, :, 1], e, v)
+        np.add.at(out[layer, :, 2], e, v * v)
+    return out
+
+
+class Store:
+    """The state database of one bundle."""
+
+    def __init__(self, bundle_dir: Path):
+        self.dir = Path(bundle_dir) / "state"
+        self.path = self.dir / DB
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.dir.mkdir(mode=0o700, exist_ok=True)
+            fresh = not self.path.exists()
+            old = os.umask(0o077)
+            try:
+                db = sqlite3.connect(self.path, timeout=BUSY_MS / 1000, isolation_level=None)
+            finally:
+                os.umask(old)
+            db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.executescript(SCHEMA)
+            if fresh:
+                self.path.chmod(0o600)
+            return db
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+        except OSError as e:
+            raise StateError(f"{self.dir}: cannot use the state folder ({e.strerror})") from None
+
+    def _error(self, e: sqlite3.Error) -> StateError:
+        if "locked" in str(e) or "busy" in str(e):
+            return StateError(f"{self.path}: locked by another process for over "
+                              f"{BUSY_MS // 1000} s; try again")
+        corrupt = ("file is not a database", "malformed", "disk image")
+        if any(words in str(e) for words in corrupt) and self.path.exists():
+            aside = self.path.with_name(f"{DB}.corrupt-{int(time.time())}")
+            self.path.rename(aside)
+            for suffix in ("-wal", "-shm"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            return StateError(f"{self.path}: not a usable database ({e}); kept aside as "
+                              f"{aside.name}, the next observe starts a new error map")
+        return StateError(f"{self.path}: {e}")
+
+    def add(self, domain: str, folded: np.ndarray, tokens: int, nll_sum: float,
+            replay: list[np.ndarray], capacity: int = REPLAY_TOKENS) -> None:
+        """Add one call's folded taps, token count and replay sequences in one transaction."""
+        now = time.time()
+        rows = []
+        for layer, expert in zip(*np.nonzero(folded[:, :, 0]), strict=True):
+            count, total, squares = folded[layer, expert]
+            rows.append((int(layer), int(expert), domain, int(count), float(total),
+                         float(squares), float(total / count), now))
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(
+                "INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (layer, expert, domain) DO UPDATE SET "
+                "count = count + excluded.count, sum = sum + excluded.sum, "
+                f"sumsq = sumsq + excluded.sumsq, ema = ema + {EMA} * (excluded.ema - ema), "
+                "last_seen = excluded.last_seen", rows)
+            db.execute("INSERT INTO domains VALUES (?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE "
+                       "SET tokens = tokens + excluded.tokens, "
+                       "nll_sum = nll_sum + excluded.nll_sum, last_seen = excluded.last_seen",
+                       (domain, tokens, nll_sum, now))
+            db.executemany("INSERT INTO replay (domain, tokens, length) VALUES (?, ?, ?)",
+                           [(domain, s.astype(np.int32).tobytes(), len(s)) for s in replay])
+            db.execute("DELETE FROM replay WHERE id IN (SELECT id FROM (SELECT id, SUM(length) "
+                       "OVER (ORDER BY id DESC) AS newer FROM replay) WHERE newer > ?)",
+                       (capacity,))
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise self._error(e) from None
+        finally:
+            db.close()
+
+    def read(self, domain: str | None = None) -> dict:
+        """{"domains": {tag: {"tokens", "nll"}}, "stats": [(layer, expert, domain, count,
+        sum, sumsq, ema, last_seen)], "replay_tokens": n}; empty when nothing was observed."""
+        if not self.path.exists():
+            return {"domains": {}, "stats": [], "replay_tokens": 0}
+        db = self._connect()
+        try:
+            where, args = ("WHERE domain = ?", (domain,)) if domain is not None else ("", ())
+            stats = db.execute(f"SELECT * FROM stats {where} ORDER BY layer, expert, domain",
+                               args).fetchall()
+            domains = {d: {"tokens": n, "nll": s / max(n, 1)} for d, n, s, _ in
+                       db.execute(f"SELECT * FROM domains {where}", args)}
+            replay = db.execute("SELECT COALESCE(SUM(length), 0) FROM replay").fetchone()[0]
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        finally:
+            db.close()
+        return {"domains": domains, "stats": stats, "replay_tokens": int(replay)}
+
+    def forget(self) -> None:
+        """Clear the error map and the replay buffer."""
+        if not self.path.exists():
+            return
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for table in ("stats", "domains", "replay"):
+                db.execute(f"DELETE FROM {table}")
+            db.execute("COMMIT")
+            db.execute("VACUUM")
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        finally:
+            db.close()
+
+
+def summary(state: dict, layers: int, experts: int) -> dict:
+    """The map as JSON: {"layers": [{"layer", "experts": [{"id", "count", "mean", "std",
+    "ema", "last_seen"}]}], "domains": {tag: {"tokens", "nll"}}, "replay_tokens"}; with
+    several domains in `state`, each expert's figures pool them (ema: count-weighted)."""
+    acc = np.zeros((layers, experts, 4))  # count, sum, sumsq, count * ema
+    seen = np.zeros((layers, experts))
+    for layer, expert, _domain, count, total, squares, ema, last in state["stats"]:
+        acc[layer, expert] += (count, total, squares, count * ema)
+        seen[layer, expert] = max(seen[layer, expert], last)
+    out = []
+    for layer in range(layers):
+        rows = []
+        for e in range(experts):
+            count, total, squares, ema = acc[layer, e]
+            mean = total / count if count else 0.0
+            var = max(squares / count - mean * mean, 0.0) if count else 0.0
+            rows.append({"id": e, "count": int(count), "mean": mean, "std": float(np.sqrt(var)),
+                         "ema": ema / count if count else 0.0,
+                         "last_seen": float(seen[layer, e]) or None})
+        out.append({"layer": layer, "experts": rows})
+    return {"layers": out, "domains": state["domains"], "replay_tokens": state["replay_tokens"]}
+
+
+def plot(maps: dict[str, dict], path: Path, title: str) -> None:
+    """Heat maps of the mean update size, layers x experts, one panel per domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(maps)
+    grids = {d: np.array([[x["mean"] for x in layer["experts"]] for layer in maps[d]["layers"]])
+             for d in names}
+    top = max([g.max() for g in grids.values()] + [1e-12])
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3), squeeze=False)
+    for ax, d in zip(axes[0], names, strict=True):
+        image = ax.imshow(grids[d], cmap="magma", vmin=0, vmax=top, aspect="auto")
+        ax.set_title(f"{d} ({maps[d]['domains'].get(d, {}).get('tokens', 0)} tokens)",
+                     fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="mean g|e||h|")
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
