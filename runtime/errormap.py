@@ -187,24 +187,39 @@ def summary(state: dict, layers: int, experts: int) -> dict:
 
 
 def plot(maps: dict[str, dict], path: Path, title: str) -> None:
-    """Heat maps of the mean update size, layers x experts, one panel per domain."""
+    """Heat maps of the mean update size, layers x experts, one panel per domain (three to a
+    row), one colour scale for all; grey where an expert was never chosen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = sorted(maps)
-    grids = {d: np.array([[x["mean"] for x in layer["experts"]] for layer in maps[d]["layers"]])
-             for d in names}
-    top = max([g.max() for g in grids.values()] + [1e-12])
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1, 3), squeeze=False)
-    for ax, d in zip(axes[0], names, strict=True):
-        image = ax.imshow(grids[d], cmap="magma", vmin=0, vmax=top, aspect="auto")
-        ax.set_title(f"{d} ({maps[d]['domains'].get(d, {}).get('tokens', 0)} tokens)",
-                     fontsize=9)
-        ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
-    fig.colorbar(image, ax=axes[0].tolist(), label="mean g|e||h|")
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100)
+    grids = {d: np.array([[x["mean"] if x["count"] else np.nan for x in layer["experts"]]
+                          for layer in maps[d]["layers"]]) for d in names}
+    top = max([np.nanmax(g, initial=0) for g in grids.values()] + [1e-12])
+    cmap = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    layers, experts = grids[names[0]].shape
+    fig, axes = plt.subplots(rows, cols, squeeze=False, constrained_layout=True,
+                             figsize=(2.2 + 0.45 * experts * cols, 0.9 + 0.55 * layers * rows))
+    for i, ax in enumerate(axes.flat):
+        if i >= len(names):
+            ax.axis("off")
+            continue
+        d = names[i]
+        image = ax.imshow(grids[d], cmap=cmap, vmin=0, vmax=top)
+        tokens = maps[d]["domains"].get(d, {}).get("tokens", 0)
+        ax.set_title(f"{d}\n{tokens} tokens", fontsize=9)
+        ax.set_xticks(range(experts))
+        ax.set_yticks(range(layers))
+        ax.tick_params(labelsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("layer")
+        if i // cols == rows - 1:
+            ax.set_xlabel("expert")
+    fig.colorbar(image, ax=axes, label="mean g|e||h|", shrink=0.8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
