@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
+from moegrow.device_kernels import layout
 
 from . import backends, errormap, experts
 from . import bundle as bundle_format
@@ -143,14 +144,12 @@ class Runtime:
             raise InputError("the text is empty")
         domain = domain or "default"
         ids = np.array([BOS] + self.sp.encode(text), np.int64)
-        experts = self.bundle.manifest["experts"]["table"]
-        n_experts = 1 + max(row["slot"] for row in experts)
-        folded, nll = 0, 0.0
+        experts = layout.dims(self.bundle.config)[0]
+        folded, nll = np.zeros((self.bundle.config["num_hidden_layers"], experts, 3)), 0.0
         for chunk, new in self._windows(ids):
             out = dict(zip(OBSERVE, self.engine.run("observe", [chunk[None]]), strict=True))
             nll += float(out["nll"][new].astype(np.float64).sum())
-            folded = folded + errormap.fold(out["ids"][:, new], out["update"][:, new],
-                                            n_experts)
+            folded += errormap.fold(out["ids"][:, new], out["update"][:, new], experts)
         window = self.bundle.context
         replay = [ids[i:i + window] for i in range(0, len(ids), window)]
         errormap.Store(self.bundle.path).add(domain, folded, len(ids) - 1, nll, replay)
