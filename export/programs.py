@@ -255,14 +255,16 @@ class Observe(Score):
         x = x[0].float()  # [T, C], the last residual stream
         logits = m.lm_head(m.model.norm(x)).float()
         nll, rank, valid = losses(logits, tokens)
-        onehot = F.one_hot(tokens[0].roll(-1), logits.shape[1]).to(logits.dtype)
-        e = (logits.softmax(-1) - onehot) @ m.lm_head.weight.float()  # at the norm's output
+        head = m.lm_head.weight.float()
+        # W^T (softmax - onehot): the one-hot part is the target's row (no [T, V] one-hot)
+        e = logits.softmax(-1) @ head - head[tokens[0].roll(-1)]  # at the norm's output
         e = m.model.norm.vjp(x, e) * valid[:, None]
         size = torch.sqrt(F.linear(e * e, m.model.norm.average) * e.shape[1])  # |e| [T, 1]
         ids, gates, update = [], [], []
         for block in m.model.layers:
             chosen, g, h = block.mlp.last
-            hsize = torch.sqrt((h * h).sum(-1)).gather(1, chosen)  # |h_k| [T, K]
+            ones = torch.ones(1, h.shape[-1])  # sum over F as a matmul (XNNPACK has no sum)
+            hsize = torch.sqrt(F.linear(h * h, ones)[..., 0]).gather(1, chosen)  # |h_k| [T, K]
             ids.append(chosen)
             gates.append(g)
             update.append(g * size * hsize)

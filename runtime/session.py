@@ -115,7 +115,7 @@ class Runtime:
             raise InputError("the text is empty")
         ids = np.array([BOS] + self.sp.encode(text), np.int64)
         nll, top1, top3 = 0.0, 0, 0
-        for chunk, new in self._windows(ids):
+        for chunk, new in self.windows(ids):
             losses, ranks = (a[new] for a in self.engine.run("score", [chunk[None]]))
             nll += float(losses.astype(np.float64).sum())
             top1 += int((ranks < 1).sum())
@@ -124,7 +124,7 @@ class Runtime:
         return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "tokens": n,
                 "top1": top1 / n, "top3": top3 / n}
 
-    def _windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
+    def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         """Windows of the context's length, half-overlapping, and in each the slice of the
         positions predicted there for the first time: every token after the first is
         predicted once, with up to half a window of context."""
@@ -146,7 +146,7 @@ class Runtime:
         ids = np.array([BOS] + self.sp.encode(text), np.int64)
         experts = layout.dims(self.bundle.config)[0]
         folded, nll = np.zeros((self.bundle.config["num_hidden_layers"], experts, 3)), 0.0
-        for chunk, new in self._windows(ids):
+        for chunk, new in self.windows(ids):
             out = dict(zip(OBSERVE, self.engine.run("observe", [chunk[None]]), strict=True))
             nll += float(out["nll"][new].astype(np.float64).sum())
             folded += errormap.fold(out["ids"][:, new], out["update"][:, new], experts)

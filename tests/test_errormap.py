@@ -63,6 +63,17 @@ def test_observe_folds_the_taps_into_the_map(bundle_copy):
     assert stat.S_IMODE((st / errormap.DB).stat().st_mode) == 0o600
 
 
+def test_bench_overhead_reports_both_engines(capsys, tiny_bundle, tmp_path):
+    (tmp_path / "t.txt").write_text(TEXT * 4)
+    code, out, err = run(capsys, "bench", "overhead", str(tiny_bundle), "--text",
+                         str(tmp_path / "t.txt"), "--out", str(tmp_path / "r"), "--rounds", "1",
+                         "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == {"executorch", "onnxruntime"} and all(r > 0 for r in result.values())
+    assert "observe / score" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_replay_buffer_is_bounded(tmp_path):
     store = errormap.Store(tmp_path)
     folded = np.zeros((2, 4, 3))

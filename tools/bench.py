@@ -165,6 +165,40 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     return result
 
 
+def bench_overhead(bundle: str | Path, out: str | Path, text: str, rounds: int = 7,
+                   threads: int = 1, progress: Callable[[str], None] | None = None) -> dict:
+    """Scoring with error taps (`observe`) against without (`score`), same windows, both
+    engines, interleaved; writes report.md and results.json; returns {engine: ratio, ...}."""
+    say = progress or (lambda _m: None)
+    engines = {e: runtime.open(bundle, e, threads) for e in ENGINES}
+    rt = next(iter(engines.values()))
+    ids = np.array([1, *rt.sp.encode(text)], np.int64)
+    windows = [chunk[None] for chunk, _ in rt.windows(ids)]
+    times = {(e, p): [] for e in engines for p in ("score", "observe")}
+    for r in range(rounds + 1):  # round 0 warms up
+        say(f"round {r}/{rounds}")
+        for (e, p), ts in times.items():
+            t = _time(lambda e=e, p=p: [engines[e].engine.run(p, [w]) for w in windows])
+            if r:
+                ts.append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {e: med[e, "observe"] / med[e, "score"] for e in engines}
+    detail = {"seconds": {f"{e}/{p}": t for (e, p), t in med.items()},
+              "tokens": len(ids) - 1, "windows": len(windows), "rounds": rounds,
+              "threads": threads}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({**result, **detail}, indent=2) + "\n")
+    lines = [f"# moegrow bench overhead: {bundle}", "",
+             f"{len(ids) - 1} tokens in {len(windows)} windows, {threads} thread(s), medians of "
+             f"{rounds} interleaved rounds. Goal: observe / score <= 1.05.", "",
+             "| engine | score s | observe s | observe / score |", "|---|---|---|---|"]
+    lines += [f"| {e} | {med[e, 'score']:.3f} | {med[e, 'observe']:.3f} | {result[e]:.3f}x |"
+              for e in engines]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
 def plot(r: dict, path: Path, title: str) -> None:
     """Prefill and decode tokens/s per backend side by side; the decode roofline dashed."""
     import matplotlib

@@ -357,6 +357,27 @@ def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int
     emit(result, as_json, (out / "report.md").read_text())
 
 
+@bench.command("overhead")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
+              help="UTF-8 text to score (held-out text of any domain).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md and results.json.")
+@click.option("--rounds", type=click.IntRange(min=1), default=7, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print {engine: ratio} as JSON.")
+def bench_overhead(bundle_dir: str, text_file: Path, out: Path, rounds: int, threads: int,
+                   as_json: bool) -> None:
+    """Cost of the error taps: `observe` against `score` on the same text, both engines,
+    interleaved in one run."""
+    from moegrow.tools import bench as bench_lib
+
+    text = read_text(text_file)
+    result = bench_lib.bench_overhead(bundle_dir, out, text, rounds=rounds, threads=threads,
+                                      progress=lambda m: click.echo(m, err=True))
+    emit(result, as_json, (out / "report.md").read_text())
+
+
 @bench.command("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Checkpoint folder to write (must not exist).")
