@@ -65,6 +65,16 @@ def view(buf: np.ndarray, entry: dict, slot: int, dims_: tuple[int, int, int]) -
     raise ValueError(f"unknown weight form {entry['form']!r}")
 
 
+def views(buf: np.ndarray, entries: list[dict], layer: int, slot: int,
+          dims_: tuple[int, int, int]) -> dict[str, list[np.ndarray]]:
+    """Every copy of expert (layer, slot) in `buf`: {proj: [view per form]}."""
+    out: dict[str, list[np.ndarray]] = {p: [] for p in PROJS}
+    for entry in entries:
+        if entry["layer"] == layer:
+            out[entry["proj"]].append(view(buf, entry, slot, dims_))
+    return out
+
+
 def sha256(weights: list[np.ndarray]) -> str:
     """An expert's checksum: its fp32 gate, up, down [out, in] bytes in that order."""
     h = hashlib.sha256()

@@ -146,7 +146,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},
-            "experts": {"layout": where, "table": _table(model, bits)},
+            "experts": {"layout": where, "table": _table(model, expert_bytes(config, bits), bits)},
             "budget": {"bytes": used if budget is None else budget, "experts": used}}
         (tmp / manifest.MANIFEST).write_text(json.dumps(written, indent=2) + "\n")
         tmp.chmod(0o755)
@@ -156,9 +156,9 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     return written
 
 
-def _table(model: layers.CausalLM, bits: int) -> list[dict]:
-    """The expert table: one row per (layer, slot), all at version 1."""
-    rows, size = [], expert_bytes(model.args.to_hf(), bits)
+def _table(model: layers.CausalLM, size: int, bits: int) -> list[dict]:
+    """The expert table: one row per (layer, slot) of `size` bytes, all at version 1."""
+    rows = []
     for i, block in enumerate(model.model.layers):
         ex = block.mlp.experts
         for slot in range(ex.gate_proj.shape[0]):

@@ -98,13 +98,9 @@ def _verify_experts(bundle: Bundle) -> None:
     for engine, where in experts["layout"].items():
         buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
         for row in experts["table"]:
-            found = {}
-            for entry in (e for e in where if e["layer"] == row["layer"]):
-                w = layout.view(buf, entry, row["slot"], dims)
-                if found.setdefault(entry["proj"], w) is not w and not np.array_equal(
-                        w, found[entry["proj"]]):  # the two forms of down_proj disagree
-                    found[entry["proj"]] = None
-            weights = [found[p] for p in layout.PROJS]
-            if any(w is None for w in weights) or layout.sha256(weights) != row["sha256"]:
+            copies = layout.views(buf, where, row["layer"], row["slot"], dims)
+            agree = all(copies[p] and all(np.array_equal(w, copies[p][0]) for w in copies[p])
+                        for p in layout.PROJS)  # both forms of down_proj hold the same
+            if not agree or layout.sha256([copies[p][0] for p in layout.PROJS]) != row["sha256"]:
                 raise BundleError(f"{bundle.weights(engine)}: expert ({row['layer']}, "
                                   f"{row['slot']}) does not match its checksum")

@@ -51,12 +51,8 @@ def read(bundle: bundle_format.Bundle, layer: int, slot: int,
     _check_slot(bundle, layer, slot)
     engine = engine or bundle.engines()[0]
     buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
-    dims = layout.dims(bundle.config)
-    out = {}
-    for entry in _layout(bundle, engine):
-        if entry["layer"] == layer and entry["proj"] not in out:
-            out[entry["proj"]] = np.array(layout.view(buf, entry, slot, dims))
-    return [out[p] for p in layout.PROJS]
+    copies = layout.views(buf, _layout(bundle, engine), layer, slot, layout.dims(bundle.config))
+    return [np.array(copies[p][0]) for p in layout.PROJS]
 
 
 def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
@@ -99,10 +95,13 @@ def commit(bundle: bundle_format.Bundle,
     for engine in bundle.engines():
         _layout(bundle, engine)
     changes = _checked(bundle, changes)
-    on_disk = bundle_format.load(bundle.path).manifest
-    if on_disk["weights"]["version"] != bundle.manifest["weights"]["version"]:
+    try:  # the version only: the returned bundle is verified in full below
+        on_disk = json.loads((bundle.path / MANIFEST).read_text())["weights"]["version"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExpertError(f"{bundle.path / MANIFEST}: unreadable ({e})") from None
+    if on_disk != bundle.manifest["weights"]["version"]:
         raise ExpertError(f"{bundle.path}: weights are at version "
-                          f"{on_disk['weights']['version']} since this bundle was loaded at "
+                          f"{on_disk} since this bundle was loaded at "
                           f"{bundle.manifest['weights']['version']}; load it again")
     manifest = json.loads(json.dumps(bundle.manifest))
     version = manifest["weights"]["version"] + 1
@@ -112,11 +111,11 @@ def commit(bundle: bundle_format.Bundle,
         for engine in bundle.engines():
             current = bundle.weights(engine)
             buf = np.fromfile(current, np.uint8)
-            for entry in _layout(bundle, engine):
-                for (layer, slot), weights in changes.items():
-                    if entry["layer"] == layer:
-                        new = weights[layout.PROJS.index(entry["proj"])]
-                        layout.view(buf, entry, slot, dims)[...] = new
+            for (layer, slot), weights in changes.items():
+                copies = layout.views(buf, _layout(bundle, engine), layer, slot, dims)
+                for proj, new in zip(layout.PROJS, weights, strict=True):
+                    for w in copies[proj]:
+                        w[...] = new
             path = current.with_name(f"v{version}.{current.name.split('.', 1)[1]}")
             _write(path, buf)
             written.append(path)
