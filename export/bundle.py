@@ -2,7 +2,8 @@
 
 Layout (format version 2):
 
-    manifest.json            format, config, tokenizer, programs, weights, experts, budget
+    manifest.json            format, config, tokenizer, programs, weights, experts, budget,
+                             calibration (the error map's baseline, `calibrate.py`)
     tokenizer.model
     programs/model.pte       ExecuTorch: methods prefill, decode, score, observe (no weights)
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
@@ -30,8 +31,9 @@ from pathlib import Path
 from moegrow.device_kernels import layout, manifest
 from moegrow.device_kernels.formats import Format
 from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
+from moegrow.runtime.session import BOS
 
-from . import checkpoint, lower, programs, quantize
+from . import calibrate, checkpoint, lower, programs, quantize
 from .models import layers
 
 
@@ -41,6 +43,9 @@ class BundleError(Exception):
 
 PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": programs.Score,
             "observe": programs.Observe}
+
+
+CALIBRATION = "calibration.txt"  # a checkpoint's own held-out base text, if it has one
 
 
 def expert_bytes(config: dict, bits: int) -> int:
@@ -98,10 +103,12 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int) -> tuple[d
 def export(target: str | os.PathLike, out: str | os.PathLike,
            engines: tuple[str, ...] = ("executorch", "onnxruntime"),
            progress: Callable[[str], None] | None = None, bits: int = 32,
-           budget: int | None = None) -> dict:
+           budget: int | None = None, calibration: str | None = None) -> dict:
     """Write the bundle; returns its manifest. `bits` 8 or 4 quantizes the attention and
     expert weights, and the head to int8 (router, norms and embedding stay fp32). `budget`:
-    bytes allowed for expert weights (default: exactly what the experts take now)."""
+    bytes allowed for expert weights (default: exactly what the experts take now).
+    `calibration`: held-out base text for the error map's baseline (default: the
+    checkpoint's own `calibration.txt` if it has one; without any, no verdicts)."""
     if bits not in (32, *quantize.BITS):
         raise BundleError(f"bits must be 32, 8 or 4, got {bits}")
     unknown = [e for e in engines if e not in ENGINES]
@@ -118,6 +125,16 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     if budget is not None and budget < used:
         raise BundleError(f"budget of {budget} bytes is too small: the experts take {used}")
     tok = checkpoint.load_tokenizer(target, model.args.vocab_size)
+    own = checkpoint.resolve(target) / CALIBRATION
+    if calibration is None and own.is_file():
+        calibration = own.read_text(encoding="utf-8")
+    baseline = None
+    if calibration is not None:
+        try:
+            baseline = calibrate.baseline(model, [BOS] + tok.encode(calibration), calibration,
+                                          progress)
+        except calibrate.CalibrationError as e:
+            raise BundleError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -147,7 +164,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             "programs": table,
             "weights": {"version": 1, "files": weights},
             "experts": {"layout": where, "table": _table(model, expert_bytes(config, bits), bits)},
-            "budget": {"bytes": used if budget is None else budget, "experts": used}}
+            "budget": {"bytes": used if budget is None else budget, "experts": used},
+            "calibration": baseline}
         (tmp / manifest.MANIFEST).write_text(json.dumps(written, indent=2) + "\n")
         tmp.chmod(0o755)
         os.replace(tmp, out)

@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS stats (
     layer INTEGER, expert INTEGER, domain TEXT, count INTEGER, sum REAL, sumsq REAL,
     ema REAL, last_seen REAL, PRIMARY KEY (layer, expert, domain));
 CREATE TABLE IF NOT EXISTS domains (
-    domain TEXT PRIMARY KEY, tokens INTEGER, nll_sum REAL, last_seen REAL);
+    domain TEXT PRIMARY KEY, tokens INTEGER, nll_sum REAL, last_seen REAL, nll_sq REAL);
 CREATE TABLE IF NOT EXISTS replay (
     id INTEGER PRIMARY KEY AUTOINCREMENT, domain TEXT, tokens BLOB, length INTEGER);
 """
@@ -92,9 +92,10 @@ class Store:
                               f"{aside.name}, the next observe starts a new error map")
         return StateError(f"{self.path}: {e}")
 
-    def add(self, domain: str, folded: np.ndarray, tokens: int, nll_sum: float,
+    def add(self, domain: str, folded: np.ndarray, tokens: int, nll_sum: float, nll_sq: float,
             replay: list[np.ndarray], capacity: int = REPLAY_TOKENS) -> None:
-        """Add one call's folded taps, token count and replay sequences in one transaction."""
+        """Add one call's folded taps, its token count, the sum and sum of squares of its
+        tokens' NLL, and its replay sequences, in one transaction."""
         now = time.time()
         rows = []
         for layer, expert in zip(*np.nonzero(folded[:, :, 0]), strict=True):
@@ -110,10 +111,10 @@ class Store:
                 "count = count + excluded.count, sum = sum + excluded.sum, "
                 f"sumsq = sumsq + excluded.sumsq, ema = ema + {EMA} * (excluded.ema - ema), "
                 "last_seen = excluded.last_seen", rows)
-            db.execute("INSERT INTO domains VALUES (?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE "
-                       "SET tokens = tokens + excluded.tokens, "
-                       "nll_sum = nll_sum + excluded.nll_sum, last_seen = excluded.last_seen",
-                       (domain, tokens, nll_sum, now))
+            db.execute("INSERT INTO domains VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain) DO "
+                       "UPDATE SET tokens = tokens + excluded.tokens, "
+                       "nll_sum = nll_sum + excluded.nll_sum, last_seen = excluded.last_seen, "
+                       "nll_sq = nll_sq + excluded.nll_sq", (domain, tokens, nll_sum, now, nll_sq))
             db.executemany("INSERT INTO replay (domain, tokens, length) VALUES (?, ?, ?)",
                            [(domain, s.astype(np.int32).tobytes(), len(s)) for s in replay])
             db.execute("DELETE FROM replay WHERE id IN (SELECT id FROM (SELECT id, SUM(length) "
@@ -128,8 +129,9 @@ class Store:
             db.close()
 
     def read(self, domain: str | None = None) -> dict:
-        """{"domains": {tag: {"tokens", "nll"}}, "stats": [(layer, expert, domain, count,
-        sum, sumsq, ema, last_seen)], "replay_tokens": n}; empty when nothing was observed."""
+        """{"domains": {tag: {"tokens", "nll", "nll_sd"}}, "stats": [(layer, expert, domain,
+        count, sum, sumsq, ema, last_seen)], "replay_tokens": n}; empty when nothing was
+        observed. nll is the mean per-token NLL, nll_sd its standard deviation over tokens."""
         if not self.path.exists():
             return {"domains": {}, "stats": [], "replay_tokens": 0}
         db = self._connect()
@@ -137,13 +139,16 @@ class Store:
             where, args = ("WHERE domain = ?", (domain,)) if domain is not None else ("", ())
             stats = db.execute(f"SELECT * FROM stats {where} ORDER BY layer, expert, domain",
                                args).fetchall()
-            domains = {d: {"tokens": n, "nll": s / max(n, 1)} for d, n, s, _ in
-                       db.execute(f"SELECT * FROM domains {where}", args)}
+            rows = db.execute(f"SELECT domain, tokens, nll_sum, nll_sq FROM domains {where}",
+                              args).fetchall()
             replay = db.execute("SELECT COALESCE(SUM(length), 0) FROM replay").fetchone()[0]
         except sqlite3.Error as e:
             raise self._error(e) from None
         finally:
             db.close()
+        domains = {d: {"tokens": n, "nll": s / max(n, 1),
+                       "nll_sd": float(np.sqrt(max(q / max(n, 1) - (s / max(n, 1)) ** 2, 0)))}
+                   for d, n, s, q in rows}
         return {"domains": domains, "stats": stats, "replay_tokens": int(replay)}
 
     def forget(self) -> None:

@@ -21,6 +21,19 @@ BOS, EOS = 1, 2
 OBSERVE = ("nll", "rank", "ids", "gates", "update", "energy")  # the observe program's outputs
 
 
+def windows(ids: np.ndarray, window: int) -> Iterator[tuple[np.ndarray, slice]]:
+    """Windows of `window` tokens, half-overlapping, and in each the slice of the positions
+    predicted there for the first time: every token after the first is predicted once, with
+    up to half a window of context."""
+    stride = max(1, window // 2)
+    done, start = 1, 0
+    while done < len(ids):
+        chunk = ids[start:start + window]
+        yield chunk, slice(done - start - 1, len(chunk) - 1)
+        done = start + len(chunk)
+        start += stride
+
+
 class InputError(ValueError):
     """Text the model cannot take: empty, or longer than the bundle's context."""
 
@@ -125,17 +138,7 @@ class Runtime:
                 "top1": top1 / n, "top3": top3 / n}
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
-        """Windows of the context's length, half-overlapping, and in each the slice of the
-        positions predicted there for the first time: every token after the first is
-        predicted once, with up to half a window of context."""
-        window = self.bundle.context
-        stride = max(1, window // 2)
-        done, start = 1, 0
-        while done < len(ids):
-            chunk = ids[start:start + window]
-            yield chunk, slice(done - start - 1, len(chunk) - 1)
-            done = start + len(chunk)
-            start += stride
+        return windows(ids, self.bundle.context)
 
     def observe(self, text: str, domain: str | None = None) -> dict:
         """Score `text` with the error taps and add them to the bundle's error map (and its
@@ -145,14 +148,17 @@ class Runtime:
         domain = domain or "default"
         ids = np.array([BOS] + self.sp.encode(text), np.int64)
         experts = layout.dims(self.bundle.config)[0]
-        folded, nll = np.zeros((self.bundle.config["num_hidden_layers"], experts, 3)), 0.0
+        folded = np.zeros((self.bundle.config["num_hidden_layers"], experts, 3))
+        nll = nll_sq = 0.0
         for chunk, new in self.windows(ids):
             out = dict(zip(OBSERVE, self.engine.run("observe", [chunk[None]]), strict=True))
-            nll += float(out["nll"][new].astype(np.float64).sum())
+            losses = out["nll"][new].astype(np.float64)
+            nll += float(losses.sum())
+            nll_sq += float((losses * losses).sum())
             folded += errormap.fold(out["ids"][:, new], out["update"][:, new], experts)
         window = self.bundle.context
         replay = [ids[i:i + window] for i in range(0, len(ids), window)]
-        errormap.Store(self.bundle.path).add(domain, folded, len(ids) - 1, nll, replay)
+        errormap.Store(self.bundle.path).add(domain, folded, len(ids) - 1, nll, nll_sq, replay)
         return {"domain": domain, "tokens": len(ids) - 1, "nll": nll / (len(ids) - 1),
                 "ppl": float(np.exp(nll / (len(ids) - 1)))}
 

@@ -79,7 +79,7 @@ def test_replay_buffer_is_bounded(tmp_path):
     folded = np.zeros((2, 4, 3))
     for i in range(20):
         seqs = [np.arange(i, i + 100)] * 3
-        store.add("d", folded, 300, 1.0, seqs, capacity=1000)
+        store.add("d", folded, 300, 1.0, 4.0, seqs, capacity=1000)
         assert store.read()["replay_tokens"] <= 1000
     assert store.read()["replay_tokens"] == 1000  # the newest 10 sequences of 100
     assert store.read()["domains"]["d"]["tokens"] == 6000

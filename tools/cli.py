@@ -18,7 +18,7 @@ from moegrow.export import bundle as bundle_lib
 from moegrow.export import checkpoint, evaluate, tokenizer
 from moegrow.export import generate as generate_lib
 from moegrow.export import pretrain as pretrain_lib
-from moegrow.runtime import backends, errormap, experts, session
+from moegrow.runtime import backends, errormap, experts, session, verdicts
 from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
 from moegrow.tools import llama as llama_lib
@@ -226,15 +226,21 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
 @click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True),
               help="Bytes (in MB, 10^6) allowed for expert weights on the device; default: "
                    "what the experts take at export.")
+@click.option("--calibration", "calibration_file", type=click.Path(path_type=Path),
+              help="Held-out base text (UTF-8, >= 2,048 tokens) to measure the error map's "
+                   "baseline on; default: the checkpoint's calibration.txt (the default "
+                   "model has one). Without any, `errormap` gives no verdicts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | None,
-            as_json: bool) -> None:
+            calibration_file: Path | None, as_json: bool) -> None:
     """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device: the
-    programs prefill, decode and score for each engine, and the weight files they load."""
+    programs prefill, decode, score and observe for each engine, the weight files they load,
+    and the error map's baseline."""
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
     budget = None if budget_mb is None else int(budget_mb * 1e6)
+    calibration = None if calibration_file is None else read_text(calibration_file)
     manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True),
-                                 bits=int(bits), budget=budget)
+                                 bits=int(bits), budget=budget, calibration=calibration)
     files = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
     weights = sum(e["bytes"] for e in manifest["weights"]["files"].values())
     emit(manifest, as_json, f"{out}: {len(files)} program files "
@@ -278,11 +284,17 @@ def observe(bundle_dir: str, text_file: Path, domain: str, backend: str, as_json
 def errormap_(bundle_dir: str, domain: str | None, plot_file: Path | None,
               as_json: bool) -> None:
     """The error map of BUNDLE: per layer and expert, how often it was chosen and the mean,
-    spread and moving average of the PC update size g|e||h| on observed text."""
+    spread and moving average of the PC update size g|e||h| on observed text; and per
+    domain a verdict against the bundle's baseline: nothing, deepen (naming experts) or
+    spawn (naming layers)."""
     b = bundle_format.load(bundle_dir)
     store = errormap.Store(b.path)
     layers, experts_n = b.config["num_hidden_layers"], layout.dims(b.config)[0]
-    result = errormap.summary(store.read(domain), layers, experts_n)
+    state = store.read(domain)
+    result = errormap.summary(state, layers, experts_n)
+    calibration = b.manifest.get("calibration")
+    k = b.config["num_experts_per_tok"]
+    result["verdicts"] = verdicts.judge(state, calibration, k) if calibration else {}
     if plot_file is not None:
         names = [domain] if domain is not None else sorted(result["domains"])
         if not names or not result["domains"]:
@@ -291,6 +303,13 @@ def errormap_(bundle_dir: str, domain: str | None, plot_file: Path | None,
         errormap.plot(maps, plot_file, f"moegrow error map: {bundle_dir}")
     lines = [f"{d}: {v['tokens']} tokens, ppl {np.exp(v['nll']):.2f}"
              for d, v in result["domains"].items()] or ["nothing observed yet"]
+    for d, v in result["verdicts"].items():
+        named = ([f"{layer}/{e}" for layer, e in v["experts"]] if v["verdict"] == "deepen" else
+                 [f"layer {x}" for x, y in v["layers"].items() if y["named"]])
+        lines.append(f"{d}: {v['verdict']} (novelty {v['novelty']:.2f} +- "
+                     f"{v['novelty_se']:.2f}){': ' + ', '.join(named) if named else ''}")
+    if calibration is None:
+        lines.append("no verdicts: the bundle has no baseline (export it with --calibration)")
     lines += [f"layer {x['layer']}: " + " ".join(f"{e['mean']:.3f}" for e in x["experts"])
               for x in result["layers"]]
     emit(result, as_json, "\n".join(lines))

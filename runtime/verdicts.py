@@ -1,0 +1,89 @@
+"""Verdicts on the error map: for each observed domain, `nothing`, `deepen` or `spawn`.
+
+The yardstick is the bundle's own baseline (`manifest["calibration"]`, computed at export
+from held-out base text, `export/calibrate.py`), two anchors for every statistic:
+  base      the model's errors on its own domain;
+  shuffled  the same tokens shuffled: its errors where the context carries nothing usable
+            (same vocabulary, no structure).
+A domain's novelty is where its mean NLL lies between them: 0 at the base level, 1 at the
+no-usable-context level. Per layer likewise, from the mean PC update size per token. Every
+decision is taken on the low end of a two-standard-error interval, so that a little text
+cannot trigger growth:
+  nothing  novelty within the base text's own spread (3 standard deviations of the base NLL
+           over 1,024-token chunks, in novelty units);
+  spawn    novelty >= 0.5: closer to the no-usable-context level than to the base. Names the
+           layers whose update novelty is >= 0.5 too (else the highest one);
+  deepen   in between. Names, in each layer whose update novelty is beyond the base spread,
+           the experts that carry at least half of the layer's excess update mass (the sum
+           of their updates on the domain minus what their own base mean would give), at
+           most k of them (the router's top-k).
+No constant is fitted to a corpus: 0.5 is the midpoint of the anchors, 3 and 2 the usual
+widths for "beyond noise" and for an interval; the anchors come from each bundle.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SPAWN = 0.5  # novelty: the midpoint between the base and no-usable-context anchors
+NOISE_SD = 3.0  # the base's own spread: this many chunk standard deviations
+INTERVAL = 2.0  # decisions use novelty - INTERVAL x its standard error
+
+
+def judge(state: dict, calibration: dict, k: int) -> dict:
+    """{domain: {"verdict", "novelty", "novelty_se", "noise", "layers": {l: {"novelty",
+    "se", "named"}}, "experts": [[layer, expert], ...]}} for every domain in `state`
+    (`errormap.Store.read`), against the bundle's `calibration`."""
+    base = calibration["layers"]
+    layers, experts = len(base), len(base[0]["experts"])
+    span = calibration["nll_shuffled"] - calibration["nll"]
+    if span <= 0:  # a model that makes no use of context: nothing to measure novelty by
+        return {}
+    base_mean = np.array([[e["mean"] for e in layer["experts"]] for layer in base])
+    stats = {}
+    for layer, expert, domain, count, total, squares, *_ in state["stats"]:
+        stats.setdefault(domain, np.zeros((layers, experts, 3)))[layer, expert] = (
+            count, total, squares)
+    out = {}
+    for domain, d in state["domains"].items():
+        n = max(d["tokens"], 1)
+        s = stats.get(domain, np.zeros((layers, experts, 3)))
+        nu = (d["nll"] - calibration["nll"]) / span
+        se = d["nll_sd"] / np.sqrt(n) / span
+        noise = NOISE_SD * calibration["nll_chunk_sd"] / span
+        per_layer = {}
+        for layer, b in enumerate(base):
+            lspan = max(b["update_shuffled"] - b["update"], 1e-12)
+            count, total, squares = s[layer].T
+            var = np.where(count > 0, squares - total**2 / np.maximum(count, 1), 0.0).sum()
+            per_layer[layer] = {"novelty": float((total.sum() / n - b["update"]) / lspan),
+                                "se": float(np.sqrt(max(var, 0.0)) / n / lspan),
+                                "noise": NOISE_SD * b["update_chunk_sd"] / lspan,
+                                "named": False}
+        low = {layer: v["novelty"] - INTERVAL * v["se"] for layer, v in per_layer.items()}
+        named: list[int] = []
+        chosen: list[list[int]] = []
+        if nu - INTERVAL * se <= noise:
+            verdict = "nothing"
+        elif nu - INTERVAL * se >= SPAWN:
+            verdict = "spawn"
+            named = [layer for layer in low if low[layer] >= SPAWN] or [max(low, key=low.get)]
+        else:
+            verdict = "deepen"
+            named = ([layer for layer in low if low[layer] > per_layer[layer]["noise"]]
+                     or [max(low, key=low.get)])
+            for layer in named:
+                count, total, _ = s[layer].T
+                excess = np.maximum(total - count * base_mean[layer], 0.0)
+                order = np.argsort(-excess, kind="stable")
+                share = np.cumsum(excess[order]) / max(excess.sum(), 1e-12)
+                take = min(int(np.searchsorted(share, 0.5)) + 1, k)
+                chosen += [[layer, int(e)] for e in order[:take] if excess[e] > 0]
+        for layer in named:
+            per_layer[layer]["named"] = True
+        out[domain] = {"verdict": verdict, "novelty": float(nu), "novelty_se": float(se),
+                       "noise": float(noise), "tokens": d["tokens"],
+                       "layers": {str(layer): {key: v[key] for key in ("novelty", "se", "named")}
+                                  for layer, v in per_layer.items()},
+                       "experts": chosen}
+    return out
