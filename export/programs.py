@@ -245,6 +245,11 @@ class Observe(Score):
 
     outputs = ("nll", "rank", "ids", "gates", "update", "energy")
 
+    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE,
+                 top: int | None = None):
+        super().__init__(model, moe)
+        self.top = top  # softmax error over the target plus the `top` likeliest tokens only
+
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
         pos = torch.arange(tokens.shape[1])
@@ -257,7 +262,13 @@ class Observe(Score):
         nll, rank, valid = losses(logits, tokens)
         head = m.lm_head.weight.float()
         # W^T (softmax - onehot): the one-hot part is the target's row (no [T, V] one-hot)
-        e = logits.softmax(-1) @ head - head[tokens[0].roll(-1)]  # at the norm's output
+        p = logits.softmax(-1)
+        if self.top:  # sum_{j in top} p_j W_j: misses (1 - their mass) x max_j |W_j| at most
+            mass, idx = p.topk(self.top, dim=-1)
+            e = torch.bmm(mass[:, None, :], F.embedding(idx, head))[:, 0]
+        else:
+            e = p @ head
+        e = e - head[tokens[0].roll(-1)]  # at the norm's output
         e = m.model.norm.vjp(x, e) * valid[:, None]
         size = torch.sqrt(F.linear(e * e, m.model.norm.average) * e.shape[1])  # |e| [T, 1]
         ids, gates, update = [], [], []

@@ -191,13 +191,16 @@ def summary(state: dict, layers: int, experts: int) -> dict:
     return {"layers": out, "domains": state["domains"], "replay_tokens": state["replay_tokens"]}
 
 
-def plot(maps: dict[str, dict], path: Path, title: str) -> None:
+def plot(maps: dict[str, dict], path: Path, title: str, verdicts: dict | None = None) -> None:
     """Heat maps of the mean update size, layers x experts, one panel per domain (three to a
-    row), one colour scale for all; grey where an expert was never chosen."""
+    row), one colour scale for all; grey where an expert was never chosen. With `verdicts`
+    (`verdicts.judge`), each panel's title says its verdict and a frame marks what it names:
+    the experts to deepen, or the layers to spawn in."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     names = sorted(maps)
     grids = {d: np.array([[x["mean"] if x["count"] else np.nan for x in layer["experts"]]
@@ -216,7 +219,15 @@ def plot(maps: dict[str, dict], path: Path, title: str) -> None:
         d = names[i]
         image = ax.imshow(grids[d], cmap=cmap, vmin=0, vmax=top)
         tokens = maps[d]["domains"].get(d, {}).get("tokens", 0)
-        ax.set_title(f"{d}\n{tokens} tokens", fontsize=9)
+        v = (verdicts or {}).get(d)
+        ax.set_title(f"{d}: {v['verdict']}" if v else d, fontsize=9)
+        ax.set_title(f"{tokens} tokens", fontsize=7, loc="right", y=-0.32)
+        frames = [] if v is None else [(e, layer, 1) for layer, e in v["experts"]] + [
+            (0, int(layer), experts) for layer, x in v["layers"].items()
+            if x["named"] and v["verdict"] == "spawn"]
+        for x, y, width in frames:
+            ax.add_patch(Rectangle((x - 0.44, y - 0.44), width - 0.12, 0.88, fill=False,
+                                   lw=1.6, edgecolor="deepskyblue"))
         ax.set_xticks(range(experts))
         ax.set_yticks(range(layers))
         ax.tick_params(labelsize=7)

@@ -300,7 +300,7 @@ def errormap_(bundle_dir: str, domain: str | None, plot_file: Path | None,
         if not names or not result["domains"]:
             raise errormap.StateError(f"{bundle_dir}: nothing observed yet; nothing to plot")
         maps = {d: errormap.summary(store.read(d), layers, experts_n) for d in names}
-        errormap.plot(maps, plot_file, f"moegrow error map: {bundle_dir}")
+        errormap.plot(maps, plot_file, f"moegrow error map: {bundle_dir}", result["verdicts"])
     lines = [f"{d}: {v['tokens']} tokens, ppl {np.exp(v['nll']):.2f}"
              for d, v in result["domains"].items()] or ["nothing observed yet"]
     for d, v in result["verdicts"].items():
