@@ -131,6 +131,33 @@ def test_bad_text_is_refused_before_anything_is_written(capsys, bundle_copy, tmp
     assert snapshot(bundle_copy) == before and not (bundle_copy / "state").exists()
 
 
+def test_a_huge_file_is_streamed_in_bounded_pieces(tmp_path):
+    """A 24 MB file goes to `observe` in pieces of ~2^20 characters cut at line ends, all of it, in order,
+    while the reader holds little more than one piece at a time."""
+    import hashlib
+    import tracemalloc
+
+    from moegrow.tools.cli import text_chunks
+
+    line = "Grüße: the parser reads the next word, and our user writes plain text.\n"
+    path = tmp_path / "huge.txt"
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(24 * 2**20 // len(line.encode())):
+            f.write(line)
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    got, sizes = hashlib.sha256(), []
+    tracemalloc.start()
+    for piece in text_chunks(path):
+        got.update(piece.encode())
+        sizes.append(len(piece))
+        assert piece.endswith("\n")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got.hexdigest() == want and len(sizes) >= 23
+    assert max(sizes) <= 2**20 + len(line)  # characters: a piece is cut after ~2^20 of them
+    assert peak < 8 * 2**20  # a few pieces' worth, not the 24 MB file
+
+
 def test_a_corrupt_database_is_kept_aside_with_a_clear_error(capsys, bundle_copy, tmp_path):
     (bundle_copy / "state").mkdir(mode=0o700)
     (bundle_copy / "state" / errormap.DB).write_bytes(b"this is not sqlite" * 100)

@@ -73,10 +73,44 @@ def test_taps_follow_the_definitions(model):
                                      rtol=1e-4, atol=1e-7)
 
 
+def test_top_m_softmax_error_stays_within_its_bound(model):
+    """Restricted to the m likeliest tokens, e misses sum_{j not in top} p_j W_j, so each
+    update moves by at most g |h| |J| (1 - P_m) max_j |W_j| (J: the final norm's Jacobian,
+    P_m: the top-m probability mass); with m = V it is exact."""
+    tokens = _tokens()
+    x = model.model.embed_tokens(tokens)
+    pos = torch.arange(tokens.shape[1])
+    cos, sin = mixtral.layers.rope(pos, ARGS.dim_head, ARGS.rope_theta)
+    with torch.no_grad():
+        for block in model.model.layers:
+            x, _ = block(x, cos, sin, pos, None)
+        p = model.lm_head(model.model.norm(x))[0].softmax(-1)
+        exact = programs.Observe(model)(tokens)[4]
+    size, _ = _reference(model, tokens)
+    jac = torch.stack([torch.linalg.matrix_norm(torch.autograd.functional.jacobian(
+        model.model.norm, x[0, t].detach()), ord=2) for t in range(tokens.shape[1])])
+    w_max = model.lm_head.weight.norm(dim=1).max()
+    errors = []
+    for m in (1, 4, 16):
+        with torch.no_grad():
+            approx = programs.Observe(model, top=m)(tokens)[4]
+        missing = 1 - p.topk(m, dim=-1).values.sum(-1)  # [T]
+        h_g = exact / size.clamp_min(1e-12)[None, :, None]  # g |h| per (layer, t, k)
+        bound = h_g * (jac * missing * w_max)[None, :, None]
+        diff = (approx - exact).abs()
+        assert (diff[:, :-1] <= bound[:, :-1] + 1e-5).all(), m
+        errors.append(float((diff[:, :-1] / exact[:, :-1]).mean()))
+    assert errors[0] > errors[2] > 0  # the bound is not vacuous: a real, shrinking error
+    with torch.no_grad():
+        full = programs.Observe(model, top=ARGS.vocab_size)(tokens)[4]
+    assert torch.allclose(full, exact, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
-def test_taps_match_torch_on_both_engines(model, engine, tmp_path):
-    program = programs.Observe(model)
+@pytest.mark.parametrize("top", [None, 8])
+def test_taps_match_torch_on_both_engines(model, engine, top, tmp_path):
+    program = programs.Observe(model, top=top)
     inputs, shapes = program.example(ARGS.max_position_embeddings)
     tokens = _tokens(23)
     with torch.no_grad():
