@@ -5,7 +5,8 @@ Layout (format version 2):
     manifest.json            format, config, tokenizer, programs, weights, experts, budget,
                              calibration (the error map's baseline, `calibrate.py`)
     tokenizer.model
-    programs/model.pte       ExecuTorch: methods prefill, decode, score, observe (no weights)
+    programs/model.pte       ExecuTorch: methods prefill, decode, score, observe, and in fp32
+                             bundles deepen0..deepen{L-1} (`pc.py`); no weights
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
     weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
     weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
@@ -33,7 +34,7 @@ from moegrow.device_kernels.formats import Format
 from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
 from moegrow.runtime.session import BOS
 
-from . import calibrate, checkpoint, lower, programs, quantize
+from . import calibrate, checkpoint, lower, pc, programs, quantize
 from .models import layers
 
 
@@ -87,6 +88,10 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int) -> tuple[d
     for name, cls in PROGRAMS.items():
         program = cls(model)
         methods[name] = (program, *program.example(model.args.max_position_embeddings))
+    if bits == 32:  # deepening updates fp32 experts (quantized ones are not located yet)
+        for layer in range(model.args.num_hidden_layers):
+            program = pc.Deepen(model, layer, model.args.max_position_embeddings)
+            methods[f"deepen{layer}"] = (program, *program.example())
     if engine == "executorch":
         pte, data = tmp / "programs" / "model.pte", tmp / "weights" / "v1.ptd"
         quantize.to_pte(methods, pte, data, bits=bits)
@@ -145,7 +150,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
         weights, where = {}, {}
         for engine in engines:
             if progress:
-                progress(f"lowering {', '.join(PROGRAMS)} to {engine}")
+                progress(f"lowering {', '.join(PROGRAMS)}{', deepen' * (bits == 32)} to {engine}")
             try:
                 entries, data = _lower(engine, model, tmp, bits)
             except ValueError as e:  # a shape the quantized format cannot take

@@ -19,6 +19,7 @@ from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
 OBSERVE = ("nll", "rank", "ids", "gates", "update", "energy")  # the observe program's outputs
+DEEPEN = ("dwg", "dwu", "dwd", "count", "nll", "energy")  # a deepen program's outputs
 
 
 def windows(ids: np.ndarray, window: int) -> Iterator[tuple[np.ndarray, slice]]:
@@ -136,6 +137,20 @@ class Runtime:
         n = len(ids) - 1
         return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "tokens": n,
                 "top1": top1 / n, "top3": top3 / n}
+
+    def deepen(self, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The default PC schedule's local updates for `layer`'s experts on one window of
+        token ids ([BOS] + text, 2 to context tokens), from the bundle's `deepen{layer}`
+        program (fp32 bundles): {"dwg", "dwu" [E, F, C], "dwd" [E, C, F] (d nll / dW: step
+        against them), "count" [E], "nll" [W], "energy" [E]} (export/pc.py)."""
+        window = self.bundle.context
+        if not 2 <= len(ids) <= window:
+            raise InputError(f"a deepening window takes 2 to {window} tokens, got {len(ids)}")
+        tokens = np.zeros((1, window), np.int64)
+        tokens[0, :len(ids)] = ids
+        valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
+        out = self.engine.run(f"deepen{layer}", [tokens, valid])
+        return dict(zip(DEEPEN, out, strict=True))
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)

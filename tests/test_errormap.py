@@ -132,8 +132,8 @@ def test_bad_text_is_refused_before_anything_is_written(capsys, bundle_copy, tmp
 
 
 def test_a_huge_file_is_streamed_in_bounded_pieces(tmp_path):
-    """A 24 MB file goes to `observe` in pieces of ~2^20 characters cut at line ends, all of it, in order,
-    while the reader holds little more than one piece at a time."""
+    """A 24 MB file goes to `observe` in pieces of ~2^20 characters cut at line ends, all
+    of it, in order, while the reader holds little more than one piece at a time."""
     import hashlib
     import tracemalloc
 

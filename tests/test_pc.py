@@ -1,0 +1,140 @@
+"""Deepening programs (`export/pc.py`): the default schedule's updates are the NLL gradient
+restricted to one layer's experts with the routers fixed, in torch and on both engines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from moegrow.export import lower, pc, pretrain, programs
+from moegrow.export.models import mixtral
+
+ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+W = 24  # window of the programs under test
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = mixtral.build(ARGS)
+    pretrain.init_weights(m, std=0.2)
+    return m.eval()
+
+
+def _tokens(t: int = W, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, ARGS.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _autograd(model, layer: int, tokens, valid):
+    """Autograd through the eager program with fixed routers: d nll / d (gate, up, down) of
+    `layer`'s experts as [E, F, C], [E, F, C], [E, C, F], and eps at the layer's output."""
+    loss = pc.Loss(model, layer)
+    mlp = loss.model.model.layers[layer].mlp
+    weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    for w in weights:
+        w.requires_grad_(True)
+    probe = torch.zeros(tokens.shape[1], ARGS.hidden_size, requires_grad=True)
+    total, (_, gates) = loss(tokens, valid, probe)
+    dg, du, dd, eps = torch.autograd.grad(total, [*weights, probe])
+    e, f, c = ARGS.num_local_experts, ARGS.intermediate_size, ARGS.hidden_size
+    return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
+            eps, gates.detach())
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_default_schedule_is_the_gradient_of_the_layers_experts(model, layer):
+    tokens, valid = _tokens(), torch.ones(W)
+    valid[-1] = 0  # the last position has nothing to predict
+    program = pc.Deepen(model, layer, W)
+    with torch.no_grad():
+        dwg, dwu, dwd, count, nll, energy = program(tokens, valid)
+    want = _autograd(model, layer, tokens, valid)
+    for got, ref in zip((dwg, dwu, dwd), want[:3], strict=True):
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    eps, gates = want[3], want[4] * valid[:, None]
+    torch.testing.assert_close(energy, (gates**2).T @ (eps**2).sum(-1), rtol=1e-4, atol=1e-6)
+    assert count.tolist() == (gates > 0).sum(0).float().tolist()
+    assert count.sum() == ARGS.num_experts_per_tok * (W - 1)
+    # experts chosen by no valid token get no update
+    for e in range(ARGS.num_local_experts):
+        if count[e] == 0:
+            assert dwg[e].abs().max() == dwu[e].abs().max() == dwd[e].abs().max() == 0
+
+
+def test_a_short_window_padded_at_the_end_gives_the_same_updates(model):
+    n = 15
+    short = _tokens(n, seed=4)
+    tokens = torch.cat([short, torch.zeros(1, W - n, dtype=torch.long)], dim=1)
+    valid = (torch.arange(W) < n - 1).float()
+    program = pc.Deepen(model, 1, W)
+    with torch.no_grad():
+        got = program(tokens, valid)
+    want = _autograd(model, 1, short, torch.ones(n).index_fill(0, torch.tensor([n - 1]), 0))
+    for a, b in zip(got[:3], want[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[4][:n], _autograd_nll(model, short), rtol=1e-5, atol=1e-5)
+
+
+def _autograd_nll(model, tokens):
+    """The plain `score` program's NLL: the sweep's forward is the model's forward."""
+    with torch.no_grad():
+        return programs.Score(model)(tokens)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
+def test_deepen_runs_on_both_engines_like_torch(model, engine, tmp_path):
+    program = pc.Deepen(model, 1, W)
+    tokens, valid = _tokens(seed=7), torch.ones(W)
+    valid[-1] = 0
+    with torch.no_grad():
+        want = [o.numpy() for o in program(tokens, valid)]
+    if engine == "executorch":
+        from executorch.runtime import Runtime
+
+        lower.to_pte({"deepen": (program, (tokens, valid), None)}, tmp_path / "d.pte")
+        method = Runtime.get().load_program(tmp_path / "d.pte").load_method("deepen")
+        got = [o.numpy() for o in method.execute([tokens, valid])]
+    else:
+        import onnxruntime as ort
+
+        lower.to_onnx(program, (tokens, valid), tmp_path / "d.onnx", None, program.outputs)
+        session = ort.InferenceSession(str(tmp_path / "d.onnx"),
+                                       providers=["CPUExecutionProvider"])
+        got = session.run(None, {"tokens": tokens.numpy(), "valid": valid.numpy()})
+    for name, a, b in zip(program.outputs, got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["executorch", "onnxruntime"])
+def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend):
+    from moegrow import runtime
+    from moegrow.export import checkpoint
+    from moegrow.runtime import session
+
+    model = checkpoint.load(tiny_ckpt).eval()
+    rt = runtime.open(tiny_bundle, backend)
+    ids = np.array([1, *rt.sp.encode("The parser reads the next word. Our user writes.")])
+    got = rt.deepen(1, ids)
+    n = len(ids)
+    tokens = torch.from_numpy(ids)[None]
+    valid = torch.ones(n).index_fill(0, torch.tensor([n - 1]), 0)
+    loss = pc.Loss(model, 1)
+    mlp = loss.model.model.layers[1].mlp
+    weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    for w in weights:
+        w.requires_grad_(True)
+    dg, _, dd = torch.autograd.grad(loss(tokens, valid, torch.zeros(n, model.args.hidden_size))[0],
+                                    weights)
+    e, f, c = mlp.experts, mlp.hidden, model.args.hidden_size
+    np.testing.assert_allclose(got["dwg"], dg.reshape(e, f, c).numpy(), rtol=1e-4,
+                               atol=1e-4 * float(dg.abs().max()))
+    np.testing.assert_allclose(got["dwd"], dd.reshape(c, e, f).permute(1, 0, 2).numpy(),
+                               rtol=1e-4, atol=1e-4 * float(dd.abs().max()))
+    assert got["count"].sum() == model.args.num_experts_per_tok * (n - 1)
+    with pytest.raises(session.InputError):
+        rt.deepen(1, ids[:1])
