@@ -84,7 +84,10 @@ def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: 
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecations inside the exporter
         onnx_program = torch.onnx.export(
             program.eval(), example_inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
-            output_names=list(output_names) if output_names else None, verbose=False)
+            output_names=list(output_names) if output_names else None, verbose=False,
+            # a program that transposes its weights (the deepening sweeps) must keep the
+            # transposes as ops: folded, they become copies a weights commit would not update
+            optimize=getattr(program, "fold_weights", True))
     onnx_program.save(path)
     return path
 

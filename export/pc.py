@@ -77,6 +77,7 @@ class Deepen(nn.Module):
     """The fixed-prediction exact sweep for `layer`'s experts on windows of `length` tokens."""
 
     outputs = OUTPUTS
+    fold_weights = False  # ONNX: keep the weights' transposes as ops (lower.to_onnx)
 
     def __init__(self, model: layers.CausalLM, layer: int, length: int):
         super().__init__()

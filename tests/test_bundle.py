@@ -25,7 +25,9 @@ TEXT = "The parser reads the next word. Our user writes plain text. " * 12  # > 
 def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["config"]["model_type"] == "mixtral"
-    assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe"}
+    layers = manifest["config"]["num_hidden_layers"]
+    assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe",
+                                         *(f"deepen{i}" for i in range(layers))}
     weights = manifest["weights"]["files"]
     assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
     entries = [manifest["tokenizer"], *weights.values()]

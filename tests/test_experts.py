@@ -56,6 +56,9 @@ def test_changed_expert_equals_a_fresh_export(changed, tiny_bundle, engine):
     step = int(pairs[1][0][0][0].argmax())
     pairs.append((rt.decode(step, len(ids), *pairs[1][0][1:]),
                   want.decode(step, len(ids), *pairs[1][1][1:])))
+    for layer in (0, LAYER):  # the sweep from layer 0 runs back through the changed expert
+        pairs.append((list(rt.deepen(layer, np.array(ids)).values()),
+                      list(want.deepen(layer, np.array(ids)).values())))
     for got, exp in pairs:  # same programs, same weight bytes: bit-identical outputs
         for a, b in zip(got, exp, strict=True):
             np.testing.assert_array_equal(a, b)
