@@ -6,7 +6,8 @@ Layout (format version 2):
                              calibration (the error map's baseline, `calibrate.py`)
     tokenizer.model
     programs/model.pte       ExecuTorch: methods prefill, decode, score, observe, and in fp32
-                             bundles deepen0..deepen{L-1} (`pc.py`); no weights
+                             bundles deepen0..deepen{L-1} (and strict0.. with --strict-steps:
+                             `pc.py`); no weights
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
     weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
     weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
@@ -46,6 +47,7 @@ PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": pro
             "observe": programs.Observe}
 
 
+STRICT_ETA = 0.1  # strict PC's relaxation rate (PC.md: eta <= 0.3; 0.3 overshoots here)
 CALIBRATION = "calibration.txt"  # a checkpoint's own held-out base text, if it has one
 
 
@@ -82,7 +84,8 @@ def locate(model: layers.CausalLM, data: Path) -> list[dict]:
     return found
 
 
-def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int) -> tuple[dict, Path]:
+def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int,
+           strict_steps: int = 0) -> tuple[dict, Path]:
     """Lower every program for `engine` -> ({program: file entry}, weight file)."""
     methods = {}
     for name, cls in PROGRAMS.items():
@@ -92,6 +95,10 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int) -> tuple[d
         for layer in range(model.args.num_hidden_layers):
             program = pc.Deepen(model, layer, model.args.max_position_embeddings)
             methods[f"deepen{layer}"] = (program, *program.example())
+            if strict_steps:
+                program = pc.Strict(model, layer, model.args.max_position_embeddings,
+                                    strict_steps, STRICT_ETA)
+                methods[f"strict{layer}"] = (program, *program.example())
     if engine == "executorch":
         pte, data = tmp / "programs" / "model.pte", tmp / "weights" / "v1.ptd"
         quantize.to_pte(methods, pte, data, bits=bits)
@@ -108,12 +115,18 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int) -> tuple[d
 def export(target: str | os.PathLike, out: str | os.PathLike,
            engines: tuple[str, ...] = ("executorch", "onnxruntime"),
            progress: Callable[[str], None] | None = None, bits: int = 32,
-           budget: int | None = None, calibration: str | None = None) -> dict:
+           budget: int | None = None, calibration: str | None = None,
+           strict_steps: int = 0) -> dict:
     """Write the bundle; returns its manifest. `bits` 8 or 4 quantizes the attention and
     expert weights, and the head to int8 (router, norms and embedding stay fp32). `budget`:
     bytes allowed for expert weights (default: exactly what the experts take now).
     `calibration`: held-out base text for the error map's baseline (default: the
-    checkpoint's own `calibration.txt` if it has one; without any, no verdicts)."""
+    checkpoint's own `calibration.txt` if it has one; without any, no verdicts).
+    `strict_steps` > 0 adds strict-PC deepening programs `strict{l}` with that many
+    relaxation steps (fp32 only; their size and export time grow with the steps)."""
+    if strict_steps < 0 or (strict_steps and bits != 32):
+        raise BundleError(f"strict PC steps must be >= 0, and only fp32 bundles deepen "
+                          f"(got {strict_steps} steps at {bits} bits)")
     if bits not in (32, *quantize.BITS):
         raise BundleError(f"bits must be 32, 8 or 4, got {bits}")
     unknown = [e for e in engines if e not in ENGINES]
@@ -152,7 +165,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             if progress:
                 progress(f"lowering {', '.join(PROGRAMS)}{', deepen' * (bits == 32)} to {engine}")
             try:
-                entries, data = _lower(engine, model, tmp, bits)
+                entries, data = _lower(engine, model, tmp, bits, strict_steps)
             except ValueError as e:  # a shape the quantized format cannot take
                 raise BundleError(f"{target}: {e}") from None
             for name, entry in entries.items():
@@ -170,7 +183,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             "weights": {"version": 1, "files": weights},
             "experts": {"layout": where, "table": _table(model, expert_bytes(config, bits), bits)},
             "budget": {"bytes": used if budget is None else budget, "experts": used},
-            "calibration": baseline}
+            "calibration": baseline,
+            "deepening": {"strict_steps": strict_steps, "strict_eta": STRICT_ETA}}
         (tmp / manifest.MANIFEST).write_text(json.dumps(written, indent=2) + "\n")
         tmp.chmod(0o755)
         os.replace(tmp, out)

@@ -41,11 +41,14 @@ class FixedRouteMoE(programs.DenseMoE):
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
         gates = torch.zeros_like(logits).scatter(1, ids, weights).detach()  # [N, E]
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         self.last = gates
-        out = self.down_proj((h.reshape(-1, self.experts, self.hidden) * gates[:, :, None])
-                             .reshape(-1, self.experts * self.hidden))
-        return out.reshape(shape), logits
+        return self.combine(x, gates).reshape(shape), logits
+
+    def combine(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x [N, C] (normed) and fixed gates [N, E] -> the experts' weighted sum [N, C]."""
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj((h.reshape(-1, self.experts, self.hidden) * gates[:, :, None])
+                              .reshape(-1, self.experts * self.hidden))
 
 
 class Loss(nn.Module):
@@ -73,6 +76,22 @@ class Loss(nn.Module):
         return nll.sum(), (nll, gates)
 
 
+def _trace(fn, module: nn.Module, example: tuple[torch.Tensor, ...]):
+    """`fn(params, buffers, *example)` traced by make_fx into plain aten ops (no autograd
+    left), with the one fully overwritten `empty_permuted` buffer made `zeros` for
+    ExecuTorch."""
+    from torch._decomp import core_aten_decompositions
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    graph = make_fx(fn, decomposition_table=core_aten_decompositions())(
+        [p.detach() for p in module.parameters()], list(module.buffers()), *example)
+    for node in graph.graph.nodes:
+        if node.target == torch.ops.aten.empty_permuted.default:
+            node.target, node.args = torch.ops.aten.zeros.default, (node.args[0],)
+    graph.recompile()
+    return graph
+
+
 class Deepen(nn.Module):
     """The fixed-prediction exact sweep for `layer`'s experts on windows of `length` tokens."""
 
@@ -81,9 +100,6 @@ class Deepen(nn.Module):
 
     def __init__(self, model: layers.CausalLM, layer: int, length: int):
         super().__init__()
-        from torch._decomp import core_aten_decompositions
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         self.loss = Loss(model, layer)
         self.length = length
         mlp = self.loss.model.model.layers[layer].mlp
@@ -105,14 +121,7 @@ class Deepen(nn.Module):
                 {n: state[n] for n in targets}, torch.zeros(tokens.shape[1], width))
             return d[targets[0]], d[targets[1]], d[targets[2]], eps, nll, gates
 
-        example = self.example()[0]
-        graph = make_fx(sweep, decomposition_table=core_aten_decompositions())(
-            [p.detach() for p in self.loss.parameters()], list(self.loss.buffers()), *example)
-        for node in graph.graph.nodes:  # a fully overwritten buffer; ExecuTorch wants zeros
-            if node.target == torch.ops.aten.empty_permuted.default:
-                node.target, node.args = torch.ops.aten.zeros.default, (node.args[0],)
-        graph.recompile()
-        self.sweep = graph
+        self.sweep = _trace(sweep, self.loss, self.example()[0])
 
     def example(self) -> tuple[tuple[torch.Tensor, torch.Tensor], None]:
         return (torch.zeros(1, self.length, dtype=torch.long), torch.ones(self.length)), None
@@ -126,3 +135,112 @@ class Deepen(nn.Module):
         count = (live > 0).float().sum(0)
         return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
                 count, nll, energy)
+
+
+class Energy(nn.Module):
+    """PC's free energy over the value nodes above `layer` (PC.md, "Value nodes and energy").
+
+    Nodes: z_{layer+1}, then u_i and z_{i+1} for every block i above, each [1, W, C]; the
+    residual stream below is clamped (`base` = u_layer). Gates stay at their feed-forward
+    values. `forward(tokens, valid)` is the feed-forward pass -> (nodes, gates, base, nll);
+    `forward(tokens, valid, nodes, gates, base)` -> F = sum over valid positions of
+    1/2 |v - mu(parent)|^2 over the nodes plus the NLL of the head on the top node."""
+
+    def __init__(self, model: layers.CausalLM, layer: int):
+        super().__init__()
+        self.model = programs.with_moe(model, FixedRouteMoE)
+        self.layer = layer
+
+    def _attention(self, block, x, rope):
+        cache = programs.Cache(*programs.empty_cache(self.model, x.shape[1]))
+        return block.self_attn(block.input_layernorm(x), *rope, cache)
+
+    @staticmethod
+    def _moe(block, u, gates):
+        return block.mlp.combine(block.post_attention_layernorm(u)[0], gates)[None]
+
+    def forward(self, tokens, valid, nodes=None, gates=None, base=None):
+        m, w = self.model, tokens.shape[1]
+        pos = torch.arange(w)
+        rope = (*layers.rope(pos, m.args.dim_head, m.args.rope_theta), pos)
+        blocks = m.model.layers
+        if nodes is None:
+            x, nodes, gates = m.model.embed_tokens(tokens), [], []
+            for i, block in enumerate(blocks):
+                u = x + self._attention(block, x, rope)
+                x = u + block.mlp(block.post_attention_layernorm(u))[0]
+                gates.append(block.mlp.last)
+                base = u if i == self.layer else base
+                nodes += ([u] if i > self.layer else []) + ([x] if i >= self.layer else [])
+            nll = programs.losses(m.lm_head(m.model.norm(x))[0].float(), tokens)[0] * valid
+            return nodes, gates, base, nll
+        eps = nodes[0] - base - self._moe(blocks[self.layer], base, gates[self.layer])
+        sq = [eps]
+        for j, i in enumerate(range(self.layer + 1, len(blocks))):
+            prev, u, z = nodes[2 * j], nodes[2 * j + 1], nodes[2 * j + 2]
+            sq.append(u - prev - self._attention(blocks[i], prev, rope))
+            sq.append(z - u - self._moe(blocks[i], u, gates[i]))
+        energy = sum(0.5 * (e[0] * e[0]).sum(-1) for e in sq)
+        nll = programs.losses(m.lm_head(m.model.norm(nodes[-1]))[0].float(), tokens)[0]
+        return ((energy + nll) * valid).sum()
+
+
+class Strict(Deepen):
+    """Strict PC (prospective configuration; PC.md "Schedules"): from the feed-forward
+    values, `steps` relaxation steps v <- v - eta dF/dv over the nodes above `layer`,
+    predictions recomputed each step; halts (keeping the last accepted values) as soon as F
+    rises. The local updates are then dF/dW for the layer's experts at the relaxed values.
+    Outputs as `Deepen`'s, with `nll` the feed-forward NLL and two more: free_energy
+    [steps + 1] (F after each accepted step) and steps_used [1]."""
+
+    outputs = (*OUTPUTS, "free_energy", "steps_used")
+
+    def __init__(self, model: layers.CausalLM, layer: int, length: int, steps: int,
+                 eta: float = 0.1):
+        nn.Module.__init__(self)
+        self.loss = Energy(model, layer)
+        self.length = length
+        mlp = self.loss.model.model.layers[layer].mlp
+        self.experts, self.hidden = mlp.experts, mlp.hidden
+        prefix = f"model.model.layers.{layer}.mlp."
+        targets = [f"{prefix}{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+        names = [n for n, _ in self.loss.named_parameters()]
+        buffers = [n for n, _ in self.loss.named_buffers()]
+
+        def relax(params, bufs, tokens, valid):
+            state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))
+
+            def free(nodes, target=None):
+                return torch.func.functional_call(self.loss, state | (target or {}),
+                                                  (tokens, valid, nodes, gates, base))
+
+            nodes, gates, base, nll = torch.func.functional_call(self.loss, state,
+                                                                 (tokens, valid))
+            last, f_last, alive, used, trace = nodes, torch.tensor(float("inf")), 1.0, 0.0, []
+            for step in range(steps + 1):
+                grad, f = torch.func.grad_and_value(free)(nodes)
+                ok = alive * (f <= f_last).float()  # F did not rise: keep this step
+                nodes = [torch.where(ok > 0, n, old) for n, old in zip(nodes, last,
+                                                                        strict=True)]
+                f_last = torch.where(ok > 0, f, f_last)
+                used, alive, last = used + ok * (step > 0), ok, nodes
+                trace.append(f_last)
+                if step < steps:
+                    nodes = [n - eta * ok * g for n, g in zip(nodes, grad, strict=True)]
+            d = torch.func.grad(lambda t: free(last, t))({n: state[n] for n in targets})
+            mlp_ = self.loss.model.model.layers[layer]
+            eps = last[0] - base - Energy._moe(mlp_, base, gates[layer])
+            return (d[targets[0]], d[targets[1]], d[targets[2]], eps[0], nll, gates[layer],
+                    torch.stack(trace), used * torch.ones(1))
+
+        self.sweep = _trace(relax, self.loss, self.example()[0])
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *out, free, used = self.sweep(list(self.loss.parameters()), list(self.loss.buffers()),
+                                      tokens, valid)
+        dg, du, dd, eps, nll, gates = out
+        e, f, c = self.experts, self.hidden, dg.shape[1]
+        live = gates * valid[:, None]
+        energy = F.linear((live * live).T, (eps * eps).sum(-1)[None])[:, 0]
+        return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
+                (live > 0).float().sum(0), nll, energy, free, used)

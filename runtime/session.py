@@ -138,19 +138,21 @@ class Runtime:
         return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "tokens": n,
                 "top1": top1 / n, "top3": top3 / n}
 
-    def deepen(self, layer: int, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def deepen(self, layer: int, ids: np.ndarray, strict: bool = False) -> dict[str, np.ndarray]:
         """The default PC schedule's local updates for `layer`'s experts on one window of
         token ids ([BOS] + text, 2 to context tokens), from the bundle's `deepen{layer}`
         program (fp32 bundles): {"dwg", "dwu" [E, F, C], "dwd" [E, C, F] (d nll / dW: step
-        against them), "count" [E], "nll" [W], "energy" [E]} (export/pc.py)."""
+        against them), "count" [E], "nll" [W], "energy" [E]} (export/pc.py). `strict`: the
+        strict PC schedule (`strict{layer}`, bundles exported with --strict-steps), which
+        adds "free_energy" [steps + 1] and "steps_used" [1]."""
         window = self.bundle.context
         if not 2 <= len(ids) <= window:
             raise InputError(f"a deepening window takes 2 to {window} tokens, got {len(ids)}")
         tokens = np.zeros((1, window), np.int64)
         tokens[0, :len(ids)] = ids
         valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
-        out = self.engine.run(f"deepen{layer}", [tokens, valid])
-        return dict(zip(DEEPEN, out, strict=True))
+        out = self.engine.run(f"{'strict' if strict else 'deepen'}{layer}", [tokens, valid])
+        return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)

@@ -49,11 +49,13 @@ def tiny_ckpt(corpus_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_ckpt, corpus_dir, tmp_path_factory):
     """The tiny checkpoint exported for both engines, fp32, with the error map's baseline
-    measured on the held-out synthetic text (tests that change it copy it)."""
+    measured on the held-out synthetic text and 2-step strict PC programs (tests that
+    change it copy it)."""
     from moegrow.export import bundle
 
     out = tmp_path_factory.mktemp("bundle") / "b"
-    bundle.export(tiny_ckpt, out, calibration=(corpus_dir / "heldout.txt").read_text())
+    bundle.export(tiny_ckpt, out, calibration=(corpus_dir / "heldout.txt").read_text(),
+                  strict_steps=2)
     return out
 
 

@@ -27,7 +27,9 @@ def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     assert manifest["format_version"] == 2 and manifest["config"]["model_type"] == "mixtral"
     layers = manifest["config"]["num_hidden_layers"]
     assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe",
-                                         *(f"deepen{i}" for i in range(layers))}
+                                         *(f"deepen{i}" for i in range(layers)),
+                                         *(f"strict{i}" for i in range(layers))}
+    assert manifest["deepening"] == {"strict_steps": 2, "strict_eta": 0.1}
     weights = manifest["weights"]["files"]
     assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
     entries = [manifest["tokenizer"], *weights.values()]
@@ -36,9 +38,19 @@ def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
         path = tiny_bundle / entry["file"]
         assert path.stat().st_size == entry["bytes"]
         assert bundle_format.sha256(path) == entry["sha256"]
-    # the weights live in the weight files, not in the programs
-    programs = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
-    assert sum(programs.values()) < 0.5 * sum(e["bytes"] for e in weights.values())
+    # the weights live in the weight files, not in the programs: no initializer of 1 kB or
+    # more inside an .onnx graph, and the .pte much smaller than its weight file
+    import onnx
+
+    for name, entry in manifest["programs"].items():
+        if "onnxruntime" in entry:
+            graph = onnx.load(str(tiny_bundle / entry["onnxruntime"]["file"]),
+                              load_external_data=False).graph
+            inline = [t.name for t in graph.initializer
+                      if t.data_location != onnx.TensorProto.EXTERNAL and t.ByteSize() >= 1100]
+            assert not inline, (name, inline)
+    pte = manifest["programs"]["score"]["executorch"]["bytes"]
+    assert pte < 0.5 * weights["executorch"]["bytes"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

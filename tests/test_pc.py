@@ -84,10 +84,36 @@ def _autograd_nll(model, tokens):
         return programs.Score(model)(tokens)[0]
 
 
+def _cosine(a, b) -> float:
+    a, b = torch.cat([x.flatten() for x in a]), torch.cat([x.flatten() for x in b])
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_strict_pc_relaxes_towards_the_gradient_and_halts_when_f_rises(model):
+    tokens, valid = _tokens(), torch.ones(W)
+    valid[-1] = 0
+    with torch.no_grad():
+        exact = pc.Deepen(model, 1, W)(tokens, valid)
+        small = pc.Strict(model, 1, W, steps=8, eta=0.1)(tokens, valid)
+        big = pc.Strict(model, 1, W, steps=12, eta=0.3)(tokens, valid)
+    for out in (small, big):
+        free = out[6]
+        assert (free[1:] <= free[:-1]).all()  # F never rises over accepted steps
+        assert out[3].tolist() == exact[3].tolist() and torch.equal(out[4], exact[4])
+    assert small[7].item() == 8 and _cosine(small[:3], exact[:3]) > 0.9  # PC.md: 0.90-0.99
+    used = int(big[7].item())
+    assert 0 < used < 12  # eta = 0.3 overshoots on this model: F rose, the sweep halted
+    with torch.no_grad():
+        again = pc.Strict(model, 1, W, steps=used, eta=0.3)(tokens, valid)
+    for a, b in zip(big[:3], again[:3], strict=True):  # halting kept the last good values
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
-def test_deepen_runs_on_both_engines_like_torch(model, engine, tmp_path):
-    program = pc.Deepen(model, 1, W)
+@pytest.mark.parametrize("strict", [False, True])
+def test_deepen_runs_on_both_engines_like_torch(model, engine, strict, tmp_path):
+    program = pc.Strict(model, 1, W, steps=3) if strict else pc.Deepen(model, 1, W)
     tokens, valid = _tokens(seed=7), torch.ones(W)
     valid[-1] = 0
     with torch.no_grad():
@@ -105,8 +131,9 @@ def test_deepen_runs_on_both_engines_like_torch(model, engine, tmp_path):
         session = ort.InferenceSession(str(tmp_path / "d.onnx"),
                                        providers=["CPUExecutionProvider"])
         got = session.run(None, {"tokens": tokens.numpy(), "valid": valid.numpy()})
+    scale = 1e-3 if strict else 1e-4  # three relaxation steps accumulate more rounding
     for name, a, b in zip(program.outputs, got, want, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=name)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=scale * np.abs(b).max(), err_msg=name)
 
 
 @pytest.mark.slow
@@ -138,3 +165,13 @@ def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend)
     assert got["count"].sum() == model.args.num_experts_per_tok * (n - 1)
     with pytest.raises(session.InputError):
         rt.deepen(1, ids[:1])
+    strict = rt.deepen(1, ids, strict=True)  # the fixture's bundle has 2-step strict programs
+    window = rt.bundle.context
+    padded = torch.zeros(1, window, dtype=torch.long)
+    padded[0, :n] = tokens[0]
+    with torch.no_grad():
+        want = pc.Strict(model, 1, window, steps=2, eta=0.1)(
+            padded, (torch.arange(window) < n - 1).float())
+    for name, a, b in zip(pc.Strict.outputs, strict.values(), want, strict=True):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-3 * float(b.abs().max()),
+                                   err_msg=name)

@@ -230,9 +230,12 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
               help="Held-out base text (UTF-8, >= 2,048 tokens) to measure the error map's "
                    "baseline on; default: the checkpoint's calibration.txt (the default "
                    "model has one). Without any, `errormap` gives no verdicts.")
+@click.option("--strict-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also lower strict predictive-coding deepening programs with this many "
+                   "relaxation steps (fp32 only; export time grows with the steps).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | None,
-            calibration_file: Path | None, as_json: bool) -> None:
+            calibration_file: Path | None, strict_steps: int, as_json: bool) -> None:
     """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device: the
     programs prefill, decode, score and observe for each engine, the weight files they load,
     and the error map's baseline."""
@@ -240,7 +243,8 @@ def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | 
     budget = None if budget_mb is None else int(budget_mb * 1e6)
     calibration = None if calibration_file is None else read_text(calibration_file)
     manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True),
-                                 bits=int(bits), budget=budget, calibration=calibration)
+                                 bits=int(bits), budget=budget, calibration=calibration,
+                                 strict_steps=strict_steps)
     files = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
     weights = sum(e["bytes"] for e in manifest["weights"]["files"].values())
     emit(manifest, as_json, f"{out}: {len(files)} program files "
