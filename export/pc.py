@@ -100,14 +100,7 @@ class Deepen(nn.Module):
 
     def __init__(self, model: layers.CausalLM, layer: int, length: int):
         super().__init__()
-        self.loss = Loss(model, layer)
-        self.length = length
-        mlp = self.loss.model.model.layers[layer].mlp
-        self.experts, self.hidden = mlp.experts, mlp.hidden
-        prefix = f"model.model.layers.{layer}.mlp."
-        targets = [f"{prefix}{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-        names = [n for n, _ in self.loss.named_parameters()]
-        buffers = [n for n, _ in self.loss.named_buffers()]
+        targets, names, buffers = self._setup(Loss(model, layer), layer, length)
         width = model.args.hidden_size
 
         def sweep(params, bufs, tokens, valid):
@@ -123,18 +116,28 @@ class Deepen(nn.Module):
 
         self.sweep = _trace(sweep, self.loss, self.example()[0])
 
+    def _setup(self, loss: nn.Module, layer: int, length: int):
+        """Hold `loss` (whose parameters the traced sweep reads) -> the names of the layer's
+        expert weights, of every parameter and of every buffer."""
+        self.loss, self.length = loss, length
+        mlp = loss.model.model.layers[layer].mlp
+        self.experts, self.hidden = mlp.experts, mlp.hidden
+        prefix = f"model.model.layers.{layer}.mlp."
+        return ([f"{prefix}{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")],
+                [n for n, _ in loss.named_parameters()], [n for n, _ in loss.named_buffers()])
+
     def example(self) -> tuple[tuple[torch.Tensor, torch.Tensor], None]:
         return (torch.zeros(1, self.length, dtype=torch.long), torch.ones(self.length)), None
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dg, du, dd, eps, nll, gates = self.sweep(list(self.loss.parameters()),
-                                                 list(self.loss.buffers()), tokens, valid)
+        dg, du, dd, eps, nll, gates, *extra = self.sweep(
+            list(self.loss.parameters()), list(self.loss.buffers()), tokens, valid)
         e, f, c = self.experts, self.hidden, dg.shape[1]
         live = gates * valid[:, None]  # [W, E]
         energy = F.linear((live * live).T, (eps * eps).sum(-1)[None])[:, 0]
         count = (live > 0).float().sum(0)
         return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
-                count, nll, energy)
+                count, nll, energy, *extra)
 
 
 class Energy(nn.Module):
@@ -198,14 +201,7 @@ class Strict(Deepen):
     def __init__(self, model: layers.CausalLM, layer: int, length: int, steps: int,
                  eta: float = 0.1):
         nn.Module.__init__(self)
-        self.loss = Energy(model, layer)
-        self.length = length
-        mlp = self.loss.model.model.layers[layer].mlp
-        self.experts, self.hidden = mlp.experts, mlp.hidden
-        prefix = f"model.model.layers.{layer}.mlp."
-        targets = [f"{prefix}{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
-        names = [n for n, _ in self.loss.named_parameters()]
-        buffers = [n for n, _ in self.loss.named_buffers()]
+        targets, names, buffers = self._setup(Energy(model, layer), layer, length)
 
         def relax(params, bufs, tokens, valid):
             state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))
@@ -234,13 +230,3 @@ class Strict(Deepen):
                     torch.stack(trace), used * torch.ones(1))
 
         self.sweep = _trace(relax, self.loss, self.example()[0])
-
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        *out, free, used = self.sweep(list(self.loss.parameters()), list(self.loss.buffers()),
-                                      tokens, valid)
-        dg, du, dd, eps, nll, gates = out
-        e, f, c = self.experts, self.hidden, dg.shape[1]
-        live = gates * valid[:, None]
-        energy = F.linear((live * live).T, (eps * eps).sum(-1)[None])[:, 0]
-        return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
-                (live > 0).float().sum(0), nll, energy, free, used)
