@@ -70,6 +70,8 @@ class Store:
             db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
             db.execute("PRAGMA journal_mode = WAL")
             db.executescript(SCHEMA)
+            if "nll_sq" not in [r[1] for r in db.execute("PRAGMA table_info(domains)")]:
+                db.execute("ALTER TABLE domains ADD COLUMN nll_sq REAL DEFAULT 0")  # older maps
             if fresh:
                 self.path.chmod(0o600)
             return db

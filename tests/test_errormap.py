@@ -131,6 +131,19 @@ def test_bad_text_is_refused_before_anything_is_written(capsys, bundle_copy, tmp
     assert snapshot(bundle_copy) == before and not (bundle_copy / "state").exists()
 
 
+def test_a_map_from_before_nll_spreads_were_kept_is_upgraded(tmp_path):
+    (tmp_path / "state").mkdir()
+    db = sqlite3.connect(tmp_path / "state" / errormap.DB)
+    db.executescript("CREATE TABLE domains (domain TEXT PRIMARY KEY, tokens INTEGER, "
+                     "nll_sum REAL, last_seen REAL); INSERT INTO domains VALUES ('a', 10, 20, 0);")
+    db.commit()
+    db.close()
+    store = errormap.Store(tmp_path)
+    store.add("b", np.zeros((2, 4, 3)), 5, 10.0, 25.0, [])
+    assert store.read()["domains"] == {"a": {"tokens": 10, "nll": 2.0, "nll_sd": 0.0},
+                                       "b": {"tokens": 5, "nll": 2.0, "nll_sd": 1.0}}
+
+
 def test_a_huge_file_is_streamed_in_bounded_pieces(tmp_path):
     """A 24 MB file goes to `observe` in pieces of ~2^20 characters cut at line ends, all
     of it, in order, while the reader holds little more than one piece at a time."""
