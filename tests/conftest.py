@@ -28,6 +28,17 @@ def synthetic_text(entries: int, seed: int = 0) -> str:
     return "\n\n".join(out) + "\n\n"
 
 
+def random_moe(args):
+    """A Mixtral-layout model of `args` with seeded random weights (std 0.2), in eval mode."""
+    from moegrow.export import pretrain
+    from moegrow.export.models import mixtral
+
+    torch.manual_seed(0)
+    m = mixtral.build(args)
+    pretrain.init_weights(m, std=0.2)
+    return m.eval()
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from moegrow.export import lower, pc, pretrain, programs
+from conftest import random_moe
+from moegrow.export import lower, pc, programs
 from moegrow.export.models import mixtral
 
 ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
@@ -17,10 +18,7 @@ W = 24  # window of the programs under test
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = mixtral.build(ARGS)
-    pretrain.init_weights(m, std=0.2)
-    return m.eval()
+    return random_moe(ARGS)
 
 
 def _tokens(t: int = W, seed: int = 1) -> torch.Tensor:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from moegrow.export import lower, pretrain, programs
+from conftest import random_moe
+from moegrow.export import lower, programs
 from moegrow.export.models import mixtral
 
 ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
@@ -17,10 +18,7 @@ ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = mixtral.build(ARGS)
-    pretrain.init_weights(m, std=0.2)
-    return m.eval()
+    return random_moe(ARGS)
 
 
 def _tokens(t: int = 19) -> torch.Tensor:

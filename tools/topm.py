@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 from moegrow.export import checkpoint, lower, programs
 from moegrow.runtime import backends
 from moegrow.runtime.session import BOS, windows
+from moegrow.tools import bench
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,10 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     times: dict = {k: [] for k in runs}
     for r in range(args.rounds + 1):  # round 0 warms up
         for k, f in runs.items():
-            t = time.perf_counter()
-            f()
+            t = bench._time(f)
             if r:
-                times[k].append(time.perf_counter() - t)
+                times[k].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
     for engine in ("executorch", "onnxruntime"):
         print(engine, " ".join(f"{n}={med[engine, n] / med[engine, 'score']:.3f}x"
