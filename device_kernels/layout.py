@@ -25,8 +25,10 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 def dims(config: dict) -> tuple[int, int, int]:
-    """(experts E, expert hidden F, model width C) of a Hugging Face MoE config."""
-    experts = config.get("num_local_experts") or config["num_experts"]
+    """(expert slots, expert hidden F, model width C) of a Hugging Face MoE config; the slots
+    are its E experts plus the `spare_experts` a bundle's config adds (spawn headroom)."""
+    experts = (config.get("num_local_experts") or config["num_experts"]) + \
+        config.get("spare_experts", 0)
     hidden = config.get("moe_intermediate_size") or config["intermediate_size"]
     return experts, hidden, config["hidden_size"]
 
@@ -73,6 +75,14 @@ def views(buf: np.ndarray, entries: list[dict], layer: int, slot: int,
         if entry["layer"] == layer:
             out[entry["proj"]].append(view(buf, entry, slot, dims_))
     return out
+
+
+def router(buf: np.ndarray, entry: dict, dims_: tuple[int, int, int]) -> np.ndarray:
+    """A layer's router weight [slots, C] in `buf` for one `{"layer", "offset"}` entry (one
+    row per slot); a view, so assigning to a row writes the file's bytes."""
+    experts, _, width = dims_
+    start = entry["offset"]
+    return buf[start:start + experts * width * 4].view(np.float32).reshape(experts, width)
 
 
 def sha256(weights: list[np.ndarray]) -> str:

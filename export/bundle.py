@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from moegrow.device_kernels import layout, manifest
 from moegrow.device_kernels.formats import Format
 from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
@@ -49,6 +50,8 @@ PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": pro
 
 STRICT_ETA = 0.1  # strict PC's relaxation rate (PC.md: eta <= 0.3; 0.3 overshoots here)
 CALIBRATION = "calibration.txt"  # a checkpoint's own held-out base text, if it has one
+GUARD = "calibration.ids"  # the calibration text's token ids (int32), growth's guard text
+SPARE = 2  # spare expert slots per layer of an fp32 bundle: room for one domain's top-2
 
 
 def expert_bytes(config: dict, bits: int) -> int:
@@ -60,10 +63,11 @@ def expert_bytes(config: dict, bits: int) -> int:
     return sum(fmt.nbytes(*layout.shape(p, hidden, width)) for p in layout.PROJS)
 
 
-def locate(model: layers.CausalLM, data: Path) -> list[dict]:
-    """Find every form of every layer's stacked expert tensors in the weight file `data`."""
+def locate(model: layers.CausalLM, data: Path) -> tuple[list[dict], list[dict]]:
+    """Find every form of every layer's stacked expert tensors, and every layer's router
+    weight, in the weight file `data` -> (expert entries, router entries)."""
     raw = data.read_bytes()
-    found = []
+    found, routers = [], []
     for i, block in enumerate(model.model.layers):
         for proj in layout.PROJS:
             stacked = getattr(block.mlp.experts, proj).detach().float().numpy()
@@ -78,10 +82,16 @@ def locate(model: layers.CausalLM, data: Path) -> list[dict]:
                 raise BundleError(f"{data.name}: layer {i} {proj} not found in the weight file "
                                   "(the engine changed how it stores weights)")
             found += hits
-    offsets = [h["offset"] for h in found]
+        router = block.mlp.gate.weight.detach().float().numpy().tobytes()
+        at = raw.find(router)
+        if at < 0 or raw.find(router, at + 1) >= 0:
+            raise BundleError(f"{data.name}: layer {i}'s router weight is "
+                              f"{'missing from' if at < 0 else 'stored twice in'} the weight file")
+        routers.append({"layer": i, "offset": at})
+    offsets = [h["offset"] for h in found + routers]
     if len(set(offsets)) != len(offsets):  # identical tensors are stored once by the engines
         raise BundleError(f"{data.name}: two expert tensors share storage (identical weights)")
-    return found
+    return found, routers
 
 
 def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int,
@@ -116,14 +126,20 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
            engines: tuple[str, ...] = ("executorch", "onnxruntime"),
            progress: Callable[[str], None] | None = None, bits: int = 32,
            budget: int | None = None, calibration: str | None = None,
-           strict_steps: int = 0) -> dict:
+           strict_steps: int = 0, spare: int | None = None) -> dict:
     """Write the bundle; returns its manifest. `bits` 8 or 4 quantizes the attention and
     expert weights, and the head to int8 (router, norms and embedding stay fp32). `budget`:
     bytes allowed for expert weights (default: exactly what the experts take now).
     `calibration`: held-out base text for the error map's baseline (default: the
     checkpoint's own `calibration.txt` if it has one; without any, no verdicts).
     `strict_steps` > 0 adds strict-PC deepening programs `strict{l}` with that many
-    relaxation steps (fp32 only; their size and export time grow with the steps)."""
+    relaxation steps (fp32 only; their size and export time grow with the steps).
+    `spare`: empty expert slots per layer for spawning (default SPARE at 32 bits, 0 for
+    quantized bundles, whose experts cannot be replaced yet); counted in the budget."""
+    spare = (SPARE if bits == 32 else 0) if spare is None else spare
+    if spare < 0 or (spare and bits != 32):
+        raise BundleError(f"spare expert slots must be >= 0, and only fp32 bundles can spawn "
+                          f"into them (got {spare} at {bits} bits)")
     if strict_steps < 0 or (strict_steps and bits != 32):
         raise BundleError(f"strict PC steps must be >= 0, and only fp32 bundles deepen "
                           f"(got {strict_steps} steps at {bits} bits)")
@@ -137,7 +153,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     if out.exists():
         raise BundleError(f"{out}: already exists (choose a new folder)")
     model = checkpoint.load(target)
-    config = model.args.to_hf()
+    config = model.args.to_hf() | {"spare_experts": spare}
     experts, _, _ = layout.dims(config)
     used = model.args.num_hidden_layers * experts * expert_bytes(config, bits)
     if budget is not None and budget < used:
@@ -153,14 +169,22 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                                           progress)
         except calibrate.CalibrationError as e:
             raise BundleError(str(e)) from None
+        for layer in baseline["layers"]:  # spare slots: never chosen by the base
+            layer["experts"] += [{"count": 0, "mean": 0.0}] * spare
+    live = experts - spare
+    model = programs.with_spare(model, spare)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "programs").mkdir()
         (tmp / "weights").mkdir()
         shutil.copyfile(tok.path, tmp / checkpoint.TOKENIZER)
+        if baseline is not None:  # growth's guard scores the base on these tokens
+            guard = tmp / GUARD
+            np.array([BOS] + tok.encode(calibration), np.int32).tofile(guard)
+            baseline["guard"] = manifest.file_entry(tmp, guard)
         table: dict[str, dict] = {}
-        weights, where = {}, {}
+        weights, where, routers = {}, {}, {}
         for engine in engines:
             if progress:
                 progress(f"lowering {', '.join(PROGRAMS)}{', deepen' * (bits == 32)} to {engine}")
@@ -172,7 +196,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                 table.setdefault(name, {})[engine] = entry
             weights[engine] = manifest.file_entry(tmp, data)
             if bits == 32:  # quantized experts are not located yet: they cannot be replaced
-                where[engine] = locate(model, data)
+                where[engine], routers[engine] = locate(model, data)
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
             "config": config, "context": model.args.max_position_embeddings, "bits": bits,
@@ -181,7 +205,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},
-            "experts": {"layout": where, "table": _table(model, expert_bytes(config, bits), bits)},
+            "experts": {"layout": where, "routers": routers,
+                        "table": _table(model, expert_bytes(config, bits), bits, live)},
             "budget": {"bytes": used if budget is None else budget, "experts": used},
             "calibration": baseline,
             "deepening": {"strict_steps": strict_steps, "strict_eta": STRICT_ETA}}
@@ -193,13 +218,15 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     return written
 
 
-def _table(model: layers.CausalLM, size: int, bits: int) -> list[dict]:
-    """The expert table: one row per (layer, slot) of `size` bytes, all at version 1."""
+def _table(model: layers.CausalLM, size: int, bits: int, live: int) -> list[dict]:
+    """The expert table: one row per (layer, slot) of `size` bytes, all at version 1; slots
+    from `live` on are spare (`runtime.growth` spawns into them)."""
     rows = []
     for i, block in enumerate(model.model.layers):
         ex = block.mlp.experts
         for slot in range(ex.gate_proj.shape[0]):
             weights = [getattr(ex, p)[slot].detach().float().numpy() for p in layout.PROJS]
             rows.append({"layer": i, "slot": slot, "version": 1, "bits": bits, "bytes": size,
-                         "sha256": layout.sha256(weights) if bits == 32 else None})
+                         "sha256": layout.sha256(weights) if bits == 32 else None,
+                         "kind": "base" if slot < live else "spare"})
     return rows

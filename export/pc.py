@@ -30,7 +30,7 @@ from torch import nn
 from . import programs
 from .models import layers
 
-OUTPUTS = ("dwg", "dwu", "dwd", "count", "nll", "energy")
+OUTPUTS = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")
 
 
 class FixedRouteMoE(programs.DenseMoE):
@@ -41,7 +41,7 @@ class FixedRouteMoE(programs.DenseMoE):
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
         gates = torch.zeros_like(logits).scatter(1, ids, weights).detach()  # [N, E]
-        self.last = gates
+        self.last, self.input = gates, x
         return self.combine(x, gates).reshape(shape), logits
 
     def combine(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -51,17 +51,28 @@ class FixedRouteMoE(programs.DenseMoE):
                               .reshape(-1, self.experts * self.hidden))
 
 
+def _gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`programs.gate` through the explicit attention path (as every pass here)."""
+    pos = torch.arange(tokens.shape[1])
+    cache = programs.Cache(*programs.empty_cache(model, tokens.shape[1]))
+    return programs.gate(model, tokens, slots, pos, cache).detach()
+
+
 class Loss(nn.Module):
-    """(tokens [1, W], valid [W], probe [W, C]) -> (summed NLL, (nll [W], gates [W, E])); the
-    probe is added to the layer's output, so d loss / d probe is the error arriving there."""
+    """(tokens [1, W], valid [W], probe [W, C], slots) -> (summed NLL, (nll [W], gates
+    [W, E], novelty [W], the layer's router input [W, C])); the probe is added to the layer's
+    output, so d loss / d probe is the error arriving there. The gates are set as in every
+    program: from the context's novelty under the base path."""
 
     def __init__(self, model: layers.CausalLM, layer: int):
         super().__init__()
         self.model = programs.with_moe(model, FixedRouteMoE)
         self.layer = layer
 
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, probe: torch.Tensor):
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, probe: torch.Tensor,
+                slots: torch.Tensor):
         m = self.model
+        nov = _gate(m, tokens, slots)
         pos = torch.arange(tokens.shape[1])
         cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
         cache = programs.Cache(*programs.empty_cache(m, tokens.shape[1]))
@@ -71,9 +82,9 @@ class Loss(nn.Module):
             x, _ = block(x, cos, sin, pos, cache)
             if i == self.layer:
                 x = x + probe
-                gates = block.mlp.last
+                gates, router_in = block.mlp.last, block.mlp.input
         nll = programs.losses(m.lm_head(m.model.norm(x))[0].float(), tokens)[0] * valid
-        return nll.sum(), (nll, gates)
+        return nll.sum(), (nll, gates, nov, router_in)
 
 
 def _trace(fn, module: nn.Module, example: tuple[torch.Tensor, ...]):
@@ -103,16 +114,17 @@ class Deepen(nn.Module):
         targets, names, buffers = self._setup(Loss(model, layer), layer, length)
         width = model.args.hidden_size
 
-        def sweep(params, bufs, tokens, valid):
+        def sweep(params, bufs, tokens, valid, slots):
             state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))
 
             def loss(target, probe):
                 return torch.func.functional_call(self.loss, state | target,
-                                                  (tokens, valid, probe))
+                                                  (tokens, valid, probe, slots))
 
-            (d, eps), (nll, gates) = torch.func.grad(loss, argnums=(0, 1), has_aux=True)(
+            (d, eps), (nll, gates, nov, x) = torch.func.grad(loss, argnums=(0, 1),
+                                                             has_aux=True)(
                 {n: state[n] for n in targets}, torch.zeros(tokens.shape[1], width))
-            return d[targets[0]], d[targets[1]], d[targets[2]], eps, nll, gates
+            return d[targets[0]], d[targets[1]], d[targets[2]], eps, nll, gates, nov, x
 
         self.sweep = _trace(sweep, self.loss, self.example()[0])
 
@@ -126,18 +138,21 @@ class Deepen(nn.Module):
         return ([f"{prefix}{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")],
                 [n for n, _ in loss.named_parameters()], [n for n, _ in loss.named_buffers()])
 
-    def example(self) -> tuple[tuple[torch.Tensor, torch.Tensor], None]:
-        return (torch.zeros(1, self.length, dtype=torch.long), torch.ones(self.length)), None
+    def example(self) -> tuple[tuple[torch.Tensor, ...], None]:
+        return (torch.zeros(1, self.length, dtype=torch.long), torch.ones(self.length),
+                programs.slot_state(self.loss.model)), None
 
-    def forward(self, tokens: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dg, du, dd, eps, nll, gates, *extra = self.sweep(
-            list(self.loss.parameters()), list(self.loss.buffers()), tokens, valid)
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
+                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        slots = programs.slot_state(self.loss.model) if slots is None else slots
+        dg, du, dd, eps, nll, gates, nov, x, *extra = self.sweep(
+            list(self.loss.parameters()), list(self.loss.buffers()), tokens, valid, slots)
         e, f, c = self.experts, self.hidden, dg.shape[1]
         live = gates * valid[:, None]  # [W, E]
         energy = F.linear((live * live).T, (eps * eps).sum(-1)[None])[:, 0]
         count = (live > 0).float().sum(0)
         return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
-                count, nll, energy, *extra)
+                count, nll, energy, nov, x, *extra)
 
 
 class Energy(nn.Module):
@@ -162,21 +177,23 @@ class Energy(nn.Module):
     def _moe(block, u, gates):
         return block.mlp.combine(block.post_attention_layernorm(u)[0], gates)[None]
 
-    def forward(self, tokens, valid, nodes=None, gates=None, base=None):
+    def forward(self, tokens, valid, slots, nodes=None, gates=None, base=None):
         m, w = self.model, tokens.shape[1]
         pos = torch.arange(w)
         rope = (*layers.rope(pos, m.args.dim_head, m.args.rope_theta), pos)
         blocks = m.model.layers
         if nodes is None:
+            nov = _gate(m, tokens, slots)
             x, nodes, gates = m.model.embed_tokens(tokens), [], []
             for i, block in enumerate(blocks):
                 u = x + self._attention(block, x, rope)
                 x = u + block.mlp(block.post_attention_layernorm(u))[0]
                 gates.append(block.mlp.last)
-                base = u if i == self.layer else base
+                if i == self.layer:
+                    base, router_in = u, block.mlp.input
                 nodes += ([u] if i > self.layer else []) + ([x] if i >= self.layer else [])
             nll = programs.losses(m.lm_head(m.model.norm(x))[0].float(), tokens)[0] * valid
-            return nodes, gates, base, nll
+            return nodes, gates, base, nll, nov, router_in
         eps = nodes[0] - base - self._moe(blocks[self.layer], base, gates[self.layer])
         sq = [eps]
         for j, i in enumerate(range(self.layer + 1, len(blocks))):
@@ -203,15 +220,15 @@ class Strict(Deepen):
         nn.Module.__init__(self)
         targets, names, buffers = self._setup(Energy(model, layer), layer, length)
 
-        def relax(params, bufs, tokens, valid):
+        def relax(params, bufs, tokens, valid, slots):
             state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))
 
             def free(nodes, target=None):
                 return torch.func.functional_call(self.loss, state | (target or {}),
-                                                  (tokens, valid, nodes, gates, base))
+                                                  (tokens, valid, slots, nodes, gates, base))
 
-            nodes, gates, base, nll = torch.func.functional_call(self.loss, state,
-                                                                 (tokens, valid))
+            nodes, gates, base, nll, nov, x = torch.func.functional_call(
+                self.loss, state, (tokens, valid, slots))
             last, f_last, alive, used, trace = nodes, torch.tensor(float("inf")), 1.0, 0.0, []
             for step in range(steps + 1):
                 grad, f = torch.func.grad_and_value(free)(nodes)
@@ -227,6 +244,6 @@ class Strict(Deepen):
             mlp_ = self.loss.model.model.layers[layer]
             eps = last[0] - base - Energy._moe(mlp_, base, gates[layer])
             return (d[targets[0]], d[targets[1]], d[targets[2]], eps[0], nll, gates[layer],
-                    torch.stack(trace), used * torch.ones(1))
+                    nov, x, torch.stack(trace), used * torch.ones(1))
 
         self.sweep = _trace(relax, self.loss, self.example()[0])

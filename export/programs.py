@@ -53,6 +53,86 @@ from torch.export import Dim
 from .models import layers
 
 
+GATE_MIN = 8  # targets a context needs before its novelty can open a spawned expert
+MASKED = 1e4  # subtracted from the router logit of a slot that is closed at a position
+
+
+def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
+    """A copy of `model` with `spare` empty expert slots per layer after its E experts: zero
+    weights and zero router rows, closed to routing until spawned (`slot_state`)."""
+    out = copy.deepcopy(model)
+    for block in out.model.layers:
+        mlp, ex = block.mlp, block.mlp.experts
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(ex, name).detach()
+            setattr(ex, name, nn.Parameter(torch.cat([w, w.new_zeros(spare, *w.shape[1:])])))
+        gate = nn.Linear(mlp.gate.in_features, mlp.gate.out_features + spare, bias=False)
+        gate.weight = nn.Parameter(torch.cat([mlp.gate.weight.detach(),
+                                              mlp.gate.weight.new_zeros(spare, gate.in_features)]))
+        mlp.gate = gate
+    out.spare = spare
+    return out.eval()
+
+
+def slot_state(model: layers.CausalLM) -> torch.Tensor:
+    """Every program's `slots` input [L, 3, E + S] as exported: per layer and slot a router
+    bias, a novelty coefficient a and a threshold t; a slot is open at a position whose
+    context novelty n has a * n >= t. Live experts (0, 0, 0) are always open, spare slots
+    (0, 0, 1) never; a spawned expert is (bias, 1, threshold)."""
+    slots = model.model.layers[0].mlp.gate.out_features
+    spare = getattr(model, "spare", 0)
+    state = torch.zeros(model.args.num_hidden_layers, 3, slots)
+    state[:, 2, slots - spare:] = 1.0
+    return state
+
+
+def set_gates(model: layers.CausalLM, slots: torch.Tensor, novelty: torch.Tensor) -> None:
+    """Open or close every slot of every layer for each position ([N] novelty, or [1] for
+    all) before a forward pass (read by `route`)."""
+    for i, block in enumerate(model.model.layers):
+        bias, coef, threshold = slots[i].unbind(0)
+        block.mlp.slot_bias = bias
+        block.mlp.slot_open = (novelty[:, None] * coef[None] >= threshold[None]).float()
+
+
+def route(moe: nn.Module, x: torch.Tensor):
+    """`layers.MoE.route` over the slots open at each position (`set_gates`); softmax in fp32."""
+    logits = moe.gate(x) + moe.slot_bias + (moe.slot_open - 1.0) * MASKED
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, moe.top_k, dim=-1)
+    if moe.norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return logits, weights.to(x.dtype), ids
+
+
+def novelty(nll: torch.Tensor) -> torch.Tensor:
+    """nll [T] under the base path -> each position's context novelty: the mean NLL of the
+    tokens it has seen (targets of the earlier positions), 0 before GATE_MIN of them."""
+    t = torch.arange(nll.shape[0])
+    seen = (torch.cumsum(nll, 0) - nll) / t.clamp(min=1)
+    return torch.where(t >= GATE_MIN, seen, 0.0)
+
+
+def base_nll(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
+             input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """NLL [T] of `tokens` under the frozen base path (every spawned expert closed)."""
+    set_gates(model, slots, torch.zeros(tokens.shape[1]))
+    h, _ = model.hidden(tokens, input_pos, cache)
+    return losses(model.lm_head(h[0]).float(), tokens)[0]
+
+
+def gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
+         input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    """Set the gates for `tokens` from their novelty under the base path (a first pass),
+    or, in a model without spare slots, open every expert; returns the novelty [T]."""
+    if not getattr(model, "spare", 0):
+        nov = torch.zeros(tokens.shape[1])
+    else:
+        nov = novelty(base_nll(model, tokens, slots, input_pos, cache))
+    set_gates(model, slots, nov)
+    return nov
+
+
 class DenseMoE(nn.Module):
     """All E experts on every token, weighted by a [N, E] gate matrix that is zero off the top-k.
 
@@ -75,7 +155,8 @@ class DenseMoE(nn.Module):
             setattr(self, name, linear)
         self.experts, self.hidden = e, f
 
-    route = layers.MoE.route  # the eager router, softmax in fp32
+    def route(self, x: torch.Tensor):
+        return route(self, x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -95,11 +176,12 @@ class GatherMoE(nn.Module):
     def __init__(self, moe: layers.MoE):
         super().__init__()
         self.moe = moe
+        self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        logits, weights, ids = self.moe.route(x)
+        logits, weights, ids = route(self, x)
         ex, flat = self.moe.experts, ids.reshape(-1)  # [N*K]
         xs = x.repeat_interleave(self.moe.top_k, dim=0)[:, :, None]  # [N*K, C, 1]
         h = F.silu(torch.bmm(ex.gate_proj[flat], xs)) * torch.bmm(ex.up_proj[flat], xs)
@@ -163,9 +245,11 @@ def with_moe(model: layers.CausalLM, moe: type[nn.Module]) -> layers.CausalLM:
 
 
 class Prefill(nn.Module):
-    """(tokens [1, T], input_pos [T], k, v [L, 1, Hkv, S, D]) -> last logits [1, V], k, v."""
+    """(tokens [1, T], input_pos [T], k, v [L, 1, Hkv, S, D], slots [L, 3, E + S]) -> last
+    logits [1, V], k, v, and the context's novelty at the last position [1] (what `decode`
+    takes: the gates stay as the typed context set them while the model continues it)."""
 
-    outputs = ("logits", "k_cache_out", "v_cache_out")
+    outputs = ("logits", "k_cache_out", "v_cache_out", "novelty")
 
     def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE):
         super().__init__()
@@ -175,29 +259,45 @@ class Prefill(nn.Module):
         """Example inputs for a cache of `length` positions and their dynamic shapes (T)."""
         t = Dim("T", min=1, max=length)
         pos = torch.arange(2)
-        shapes = {"tokens": {1: t}, "input_pos": {0: t}, "k_cache": None, "v_cache": None}
-        return (pos[None], pos, *empty_cache(self.model, length)), shapes
+        shapes = {"tokens": {1: t}, "input_pos": {0: t}, "k_cache": None, "v_cache": None,
+                  "slots": None}
+        return (pos[None], pos, *empty_cache(self.model, length), slot_state(self.model)), shapes
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                v_cache: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        slots = slot_state(self.model) if slots is None else slots
+        nov = gate(self.model, tokens, slots, input_pos, Cache(k_cache, v_cache))
         cache = Cache(k_cache, v_cache)
         h, _ = self.model.hidden(tokens, input_pos, cache)
-        return self.model.lm_head(h[:, -1]), *cache.tensors()
+        return self.model.lm_head(h[:, -1]), *cache.tensors(), nov[-1:]
 
 
 class Decode(Prefill):
-    """(token [1, 1], input_pos [1], k, v) -> logits [1, V], k, v; one step of generation."""
+    """(token [1, 1], input_pos [1], k, v, slots, novelty [1]) -> logits [1, V], k, v; one
+    step of generation, with the gates of the prefill's novelty."""
+
+    outputs = ("logits", "k_cache_out", "v_cache_out")
 
     def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = GatherMoE):
         super().__init__(model, moe)
 
     def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
         pos = torch.zeros(1, dtype=torch.long)
-        return (pos[None], pos, *empty_cache(self.model, length)), None
+        return (pos[None], pos, *empty_cache(self.model, length), slot_state(self.model),
+                torch.zeros(1)), None
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slots: torch.Tensor | None = None,
+                novelty: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        slots = slot_state(self.model) if slots is None else slots
+        set_gates(self.model, slots, torch.zeros(1) if novelty is None else novelty)
+        cache = Cache(k_cache, v_cache)
+        h, _ = self.model.hidden(tokens, input_pos, cache)
+        return self.model.lm_head(h[:, -1]), *cache.tensors()
 
 
 class Score(nn.Module):
-    """tokens [1, T] ([BOS] + text) -> NLL [T] and rank [T] of each next token.
+    """(tokens [1, T] ([BOS] + text), slots) -> NLL [T] and rank [T] of each next token.
 
     Entry t is about tokens[t+1] given tokens[:t+1]: its NLL, and its rank (how many tokens
     scored higher; 0 is a top-1 hit). The last entry (nothing left to predict) is 0. Aligned
@@ -213,9 +313,12 @@ class Score(nn.Module):
         self.model = with_moe(model, moe)
 
     def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
-        return (torch.zeros(1, 2, dtype=torch.long),), {"tokens": {1: Dim("T", min=1, max=length)}}
+        return ((torch.zeros(1, 2, dtype=torch.long), slot_state(self.model)),
+                {"tokens": {1: Dim("T", min=1, max=length)}, "slots": None})
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor,
+                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        gate(self.model, tokens, slot_state(self.model) if slots is None else slots)
         h, _ = self.model.hidden(tokens)
         return losses(self.model.lm_head(h[0]).float(), tokens)[:2]
 
@@ -250,8 +353,10 @@ class Observe(Score):
         super().__init__(model, moe)
         self.top = top  # softmax error over the target plus the `top` likeliest tokens only
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, tokens: torch.Tensor,
+                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         m = self.model
+        gate(m, tokens, slot_state(m) if slots is None else slots)
         pos = torch.arange(tokens.shape[1])
         cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
         x = m.model.embed_tokens(tokens)

@@ -78,6 +78,7 @@ def load(path: str | Path) -> Bundle:
                           f"(this moegrow reads {FORMAT_VERSION})")
     try:
         entries = [manifest["tokenizer"], *manifest["weights"]["files"].values()]
+        entries += [c["guard"] for c in [manifest.get("calibration") or {}] if "guard" in c]
         entries += [e for p in manifest["programs"].values() for e in p.values()]
         for entry in {e["file"]: e for e in entries}.values():  # one .pte serves 3 programs
             _verify(root, entry)

@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS domains (
     domain TEXT PRIMARY KEY, tokens INTEGER, nll_sum REAL, last_seen REAL, nll_sq REAL);
 CREATE TABLE IF NOT EXISTS replay (
     id INTEGER PRIMARY KEY AUTOINCREMENT, domain TEXT, tokens BLOB, length INTEGER);
+CREATE TABLE IF NOT EXISTS versions (
+    version INTEGER PRIMARY KEY, created REAL, manifest TEXT, report TEXT);
 """
 
 
@@ -152,6 +154,24 @@ class Store:
                        "nll_sd": float(np.sqrt(max(q / max(n, 1) - (s / max(n, 1)) ** 2, 0)))}
                    for d, n, s, q in rows}
         return {"domains": domains, "stats": stats, "replay_tokens": int(replay)}
+
+    def replay(self, domain: str) -> list[np.ndarray]:
+        """The replay buffer's token sequences of `domain`, oldest first."""
+        if not self.path.exists():
+            return []
+        db = self._connect()
+        try:
+            rows = db.execute("SELECT tokens FROM replay WHERE domain = ? ORDER BY id",
+                              (domain,)).fetchall()
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+        finally:
+            db.close()
+        return [np.frombuffer(r[0], np.int32).astype(np.int64) for r in rows]
+
+    def connect(self) -> sqlite3.Connection:
+        """A connection to the state database (the version log shares it)."""
+        return self._connect()
 
     def forget(self) -> None:
         """Clear the error map and the replay buffer."""

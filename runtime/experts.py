@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,14 @@ def read(bundle: bundle_format.Bundle, layer: int, slot: int,
     return [np.array(copies[p][0]) for p in layout.PROJS]
 
 
+def router(bundle: bundle_format.Bundle, layer: int, engine: str | None = None) -> np.ndarray:
+    """`layer`'s router weight [slots, C] (a copy): one row per expert slot."""
+    engine = engine or bundle.engines()[0]
+    entry = next(e for e in bundle.manifest["experts"]["routers"][engine] if e["layer"] == layer)
+    buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
+    return np.array(layout.router(buf, entry, layout.dims(bundle.config)))
+
+
 def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
     _, hidden, width = layout.dims(bundle.config)
     out = {}
@@ -89,12 +98,24 @@ def _write(path: Path, buf: np.ndarray) -> None:
 
 
 def commit(bundle: bundle_format.Bundle,
-           changes: dict[tuple[int, int], list[np.ndarray]]) -> bundle_format.Bundle:
-    """Write version N+1 with the experts in `changes` ({(layer, slot): [gate, up, down]})
-    replaced in every engine's weight file; returns the reloaded bundle."""
+           changes: dict[tuple[int, int], list[np.ndarray]],
+           routers: dict[tuple[int, int], np.ndarray] | None = None,
+           rows: dict[tuple[int, int], dict] | None = None, version: int | None = None,
+           record: Callable[[dict], None] | None = None) -> bundle_format.Bundle:
+    """Write a new version (`version`, default N+1) with the experts in `changes`
+    ({(layer, slot): [gate, up, down]}) and the router rows in `routers` ({(layer, slot):
+    [C]}) replaced in every engine's weight file, and the expert table's rows updated with
+    `rows` ({(layer, slot): fields}); returns the reloaded bundle. `record(manifest)` runs
+    once the new files are on disk and before the manifest names them (the version log's
+    transaction); if it raises, nothing is committed."""
     for engine in bundle.engines():
         _layout(bundle, engine)
-    changes = _checked(bundle, changes)
+    changes, routers, rows = _checked(bundle, changes), routers or {}, rows or {}
+    _, _, width = layout.dims(bundle.config)
+    for (layer, slot), row in routers.items():
+        _check_slot(bundle, layer, slot)
+        if np.shape(row) != (width,) or not np.isfinite(row).all():
+            raise ExpertError(f"router row ({layer}, {slot}): needs {width} finite values")
     try:  # the version only: the returned bundle is verified in full below
         on_disk = json.loads((bundle.path / MANIFEST).read_text())["weights"]["version"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -104,7 +125,7 @@ def commit(bundle: bundle_format.Bundle,
                           f"{on_disk} since this bundle was loaded at "
                           f"{bundle.manifest['weights']['version']}; load it again")
     manifest = json.loads(json.dumps(bundle.manifest))
-    version = manifest["weights"]["version"] + 1
+    version = version or manifest["weights"]["version"] + 1
     dims = layout.dims(bundle.config)
     written = []
     try:
@@ -116,6 +137,10 @@ def commit(bundle: bundle_format.Bundle,
                 for proj, new in zip(layout.PROJS, weights, strict=True):
                     for w in copies[proj]:
                         w[...] = new
+            for (layer, slot), row in routers.items():
+                entry = next(e for e in bundle.manifest["experts"]["routers"][engine]
+                             if e["layer"] == layer)
+                layout.router(buf, entry, dims)[slot] = row
             path = current.with_name(f"v{version}.{current.name.split('.', 1)[1]}")
             _write(path, buf)
             written.append(path)
@@ -125,6 +150,9 @@ def commit(bundle: bundle_format.Bundle,
             key = (row["layer"], row["slot"])
             if key in changes:
                 row.update(version=version, sha256=layout.sha256(changes[key]))
+            row.update(rows.get(key, {}))
+        if record:
+            record(manifest)
         _write(bundle.path / MANIFEST,
                np.frombuffer((json.dumps(manifest, indent=2) + "\n").encode(), np.uint8))
     except BaseException:

@@ -19,7 +19,7 @@ from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
 OBSERVE = ("nll", "rank", "ids", "gates", "update", "energy")  # the observe program's outputs
-DEEPEN = ("dwg", "dwu", "dwd", "count", "nll", "energy")  # a deepen program's outputs
+DEEPEN = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")  # a deepen program's
 
 
 def windows(ids: np.ndarray, window: int) -> Iterator[tuple[np.ndarray, slice]]:
@@ -53,6 +53,12 @@ class Runtime:
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         self.cache_shape = (c["num_hidden_layers"], 1, c["num_key_value_heads"],
                             bundle.context, head_dim)
+        self.slots = slot_state(bundle)
+
+    def _reload(self, bundle: bundle_format.Bundle) -> None:
+        self.bundle, self.slots = bundle, slot_state(bundle)
+        self.engine = backends.load(self.backend, bundle.programs(self.backend),
+                                    bundle.weights(self.backend), self.threads)
 
     def expert(self, layer: int, slot: int) -> list[np.ndarray]:
         """Expert `slot` of `layer`: fp32 [gate [F, C], up [F, C], down [C, F]]."""
@@ -61,9 +67,7 @@ class Runtime:
     def set_experts(self, changes: dict[tuple[int, int], list[np.ndarray]]) -> int:
         """Commit new weights for some experts ({(layer, slot): [gate, up, down]}) as the
         bundle's next weights version, reload the engine on it; returns the version."""
-        self.bundle = experts.commit(self.bundle, changes)
-        self.engine = backends.load(self.backend, self.bundle.programs(self.backend),
-                                    self.bundle.weights(self.backend), self.threads)
+        self._reload(experts.commit(self.bundle, changes))
         return self.bundle.manifest["weights"]["version"]
 
     def _ids(self, text: str, room: int) -> list[int]:
@@ -76,19 +80,27 @@ class Runtime:
         return ids
 
     def prefill(self, ids: list[int]) -> list[np.ndarray]:
-        """Fresh cache, then `ids` -> [last logits [1, V], k, v]."""
+        """Fresh cache, then `ids` -> [last logits [1, V], k, v, novelty [1]] (the context's
+        novelty: `decode` keeps the gates it sets)."""
         k = np.zeros(self.cache_shape, np.float32)
         tokens = np.array([ids], np.int64)
-        return self.engine.run("prefill", [tokens, np.arange(len(ids)), k, k.copy()])
+        return self.engine.run("prefill", [tokens, np.arange(len(ids)), k, k.copy(), self.slots])
 
-    def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
+    def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray,
+               novelty: np.ndarray) -> list[np.ndarray]:
         """One token at `pos` -> [logits [1, V], k, v]."""
-        return self.engine.run("decode", [np.array([[token]]), np.array([pos]), k, v])
+        return self.engine.run("decode", [np.array([[token]]), np.array([pos]), k, v,
+                                          self.slots, novelty])
+
+    def run(self, program: str, tokens: np.ndarray, *more: np.ndarray) -> list[np.ndarray]:
+        """`score`, `observe`, `deepen{l}`, `strict{l}` on tokens [1, T] (and a deepen
+        program's `valid`), with the bundle's slot state."""
+        return self.engine.run(program, [tokens, *more, self.slots])
 
     def generate(self, prompt: str, max_new: int = 32) -> Iterator[str]:
         """The greedy continuation, piece by piece; stops at EOS."""
         ids = self._ids(prompt, max_new)
-        logits, k, v = self.prefill(ids)
+        logits, k, v, novelty = self.prefill(ids)
         new: list[int] = []
         text = ""
         for pos in range(len(ids), len(ids) + max_new):
@@ -100,12 +112,12 @@ class Runtime:
             if not decoded.endswith("\ufffd"):  # hold back half a UTF-8 character
                 yield decoded[len(text):]
                 text = decoded
-            logits, k, v = self.decode(token, pos, k, v)
+            logits, k, v = self.decode(token, pos, k, v, novelty)
 
     def suggest(self, prefix: str, k: int = 3, max_pieces: int = 6) -> list[tuple[str, float]]:
         """Top-k completions of the word being typed, each extended greedily to a word end."""
         ids = self._ids(prefix, max_pieces)
-        logits, kc, vc = self.prefill(ids)
+        logits, kc, vc, novelty = self.prefill(ids)
         z = logits[0].astype(np.float64)
         probs = np.exp(z - z.max())
         probs /= probs.sum()
@@ -114,7 +126,7 @@ class Runtime:
         for first in np.argsort(-probs)[:k]:
             word, kk, vv = [int(first)], kc, vc
             for pos in range(len(ids), len(ids) + max_pieces - 1):
-                step, kk, vv = self.decode(word[-1], pos, kk, vv)
+                step, kk, vv = self.decode(word[-1], pos, kk, vv, novelty)
                 token = int(step[0].argmax())
                 piece = self.sp.id_to_piece(token)
                 if token in (BOS, EOS) or piece.startswith("▁") or piece == "<0x0A>":
@@ -130,7 +142,7 @@ class Runtime:
         ids = np.array([BOS] + self.sp.encode(text), np.int64)
         nll, top1, top3 = 0.0, 0, 0
         for chunk, new in self.windows(ids):
-            losses, ranks = (a[new] for a in self.engine.run("score", [chunk[None]]))
+            losses, ranks = (a[new] for a in self.run("score", chunk[None]))
             nll += float(losses.astype(np.float64).sum())
             top1 += int((ranks < 1).sum())
             top3 += int((ranks < 3).sum())
@@ -151,8 +163,17 @@ class Runtime:
         tokens = np.zeros((1, window), np.int64)
         tokens[0, :len(ids)] = ids
         valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
-        out = self.engine.run(f"{'strict' if strict else 'deepen'}{layer}", [tokens, valid])
+        out = self.run(f"{'strict' if strict else 'deepen'}{layer}", tokens, valid)
         return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
+
+    def idle(self, seconds: float, domain: str | None = None, progress=None,
+             **limits) -> dict:
+        """One growth slice of at most `seconds` for `domain` (default: the observed domain
+        the error map most wants grown); `limits`: fields of `growth.Limits`; `progress`
+        gets a line per stage. Returns what it did (`growth.idle`)."""
+        from . import growth
+
+        return growth.idle(self, seconds, domain, growth.Limits(**limits), progress)
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)
@@ -168,7 +189,7 @@ class Runtime:
         folded = np.zeros((self.bundle.config["num_hidden_layers"], experts, 3))
         nll = nll_sq = 0.0
         for chunk, new in self.windows(ids):
-            out = dict(zip(OBSERVE, self.engine.run("observe", [chunk[None]]), strict=True))
+            out = dict(zip(OBSERVE, self.run("observe", chunk[None]), strict=True))
             losses = out["nll"][new].astype(np.float64)
             nll += float(losses.sum())
             nll_sq += float((losses * losses).sum())
@@ -178,6 +199,22 @@ class Runtime:
         errormap.Store(self.bundle.path).add(domain, folded, len(ids) - 1, nll, nll_sq, replay)
         return {"domain": domain, "tokens": len(ids) - 1, "nll": nll / (len(ids) - 1),
                 "ppl": float(np.exp(nll / (len(ids) - 1)))}
+
+
+def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:
+    """The programs' `slots` input [L, 3, slots] from the manifest's expert table
+    (`export.programs.slot_state`): per slot a router bias, a novelty coefficient and a
+    threshold; base experts (0, 0, 0) always open, spare slots (0, 0, 1) never, spawned
+    ones (bias, 1, threshold)."""
+    experts_, _, _ = layout.dims(bundle.config)
+    state = np.zeros((bundle.config["num_hidden_layers"], 3, experts_), np.float32)
+    for row in bundle.manifest["experts"]["table"]:
+        kind = row.get("kind", "base")
+        if kind == "spare":
+            state[row["layer"], 2, row["slot"]] = 1.0
+        elif kind == "spawned":
+            state[row["layer"], :, row["slot"]] = (row["bias"], 1.0, row["threshold"])
+    return state
 
 
 def open(path: str | Path, backend: str = "executorch", threads: int | None = None) -> Runtime:

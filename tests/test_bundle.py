@@ -70,7 +70,7 @@ def test_observe_taps_match_torch(tiny_bundle, tiny_ckpt, engine):
     tokens = np.array([[1, *rt.sp.encode(TEXT)][:100]])
     with torch.no_grad():
         want = programs.Observe(checkpoint.load(tiny_ckpt))(torch.from_numpy(tokens))
-    got = rt.engine.run("observe", [tokens])
+    got = rt.run("observe", tokens)
     for name, a, b in zip(programs.Observe.outputs, got, want, strict=True):
         if name in ("rank", "ids"):  # a near-tie may flip one
             assert (a != b.numpy()).mean() <= 0.01, name

@@ -35,7 +35,7 @@ def test_observe_folds_the_taps_into_the_map(bundle_copy):
     rt = runtime.open(bundle_copy, "onnxruntime")
     ids = np.array([[1, *rt.sp.encode(TEXT)]])
     assert ids.shape[1] <= rt.bundle.context  # one window: the taps below are all of them
-    out = dict(zip(runtime.session.OBSERVE, rt.engine.run("observe", [ids]), strict=True))
+    out = dict(zip(runtime.session.OBSERVE, rt.run("observe", ids), strict=True))
     r = rt.observe(TEXT, "docs")
     assert r["tokens"] == ids.shape[1] - 1 and abs(r["nll"] - out["nll"].mean() *
                                                       ids.shape[1] / (ids.shape[1] - 1)) < 1e-4

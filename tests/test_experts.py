@@ -51,7 +51,7 @@ def test_changed_expert_equals_a_fresh_export(changed, tiny_bundle, engine):
     rt, want, old = (runtime.open(p, engine) for p in (path, fresh, tiny_bundle))
     ids = [1, *rt.sp.encode(TEXT)]
     tokens = np.array([ids])
-    pairs = [(rt.engine.run("score", [tokens]), want.engine.run("score", [tokens])),
+    pairs = [(rt.run("score", tokens), want.run("score", tokens)),
              (rt.prefill(ids), want.prefill(ids))]
     step = int(pairs[1][0][0][0].argmax())
     pairs.append((rt.decode(step, len(ids), *pairs[1][0][1:]),

@@ -82,7 +82,7 @@ def test_llama_cpp_runs_our_checkpoint_like_torch(tiny_ckpt):
     logits, _, _ = peer.prefill(ids)
     for pos in range(n, n + 8):  # greedy, on llama.cpp's own KV cache
         ids.append(int(logits[0].argmax()))
-        logits, _, _ = peer.decode(ids[-1], pos, None, None)
+        logits, _, _ = peer.decode(ids[-1], pos, None, None, None)
     full = model(torch.tensor([ids]), torch.arange(len(ids)))[0].numpy()  # T V, no cache
     assert full[n - 1:-1].argmax(-1).tolist() == ids[n:]  # torch picks the same tokens
     assert np.abs(logits[0] - full[-1]).max() < 0.02 * np.abs(full[-1]).max()

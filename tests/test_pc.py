@@ -47,7 +47,7 @@ def test_default_schedule_is_the_gradient_of_the_layers_experts(model, layer):
     valid[-1] = 0  # the last position has nothing to predict
     program = pc.Deepen(model, layer, W)
     with torch.no_grad():
-        dwg, dwu, dwd, count, nll, energy = program(tokens, valid)
+        dwg, dwu, dwd, count, nll, energy, *_ = program(tokens, valid)
     want = _autograd(model, layer, tokens, valid)
     for got, ref in zip((dwg, dwu, dwd), want[:3], strict=True):
         assert ref.abs().max() > 0
@@ -114,21 +114,23 @@ def test_deepen_runs_on_both_engines_like_torch(model, engine, strict, tmp_path)
     program = pc.Strict(model, 1, W, steps=3) if strict else pc.Deepen(model, 1, W)
     tokens, valid = _tokens(seed=7), torch.ones(W)
     valid[-1] = 0
+    inputs = (tokens, valid, programs.slot_state(program.loss.model))
     with torch.no_grad():
-        want = [o.numpy() for o in program(tokens, valid)]
+        want = [o.numpy() for o in program(*inputs)]
     if engine == "executorch":
         from executorch.runtime import Runtime
 
-        lower.to_pte({"deepen": (program, (tokens, valid), None)}, tmp_path / "d.pte")
+        lower.to_pte({"deepen": (program, inputs, None)}, tmp_path / "d.pte")
         method = Runtime.get().load_program(tmp_path / "d.pte").load_method("deepen")
-        got = [o.numpy() for o in method.execute([tokens, valid])]
+        got = [o.numpy() for o in method.execute(list(inputs))]
     else:
         import onnxruntime as ort
 
-        lower.to_onnx(program, (tokens, valid), tmp_path / "d.onnx", None, program.outputs)
+        lower.to_onnx(program, inputs, tmp_path / "d.onnx", None, program.outputs)
         session = ort.InferenceSession(str(tmp_path / "d.onnx"),
                                        providers=["CPUExecutionProvider"])
-        got = session.run(None, {"tokens": tokens.numpy(), "valid": valid.numpy()})
+        got = session.run(None, dict(zip(("tokens", "valid", "slots"),
+                                         (i.numpy() for i in inputs), strict=True)))
     scale = 1e-3 if strict else 1e-4  # three relaxation steps accumulate more rounding
     for name, a, b in zip(program.outputs, got, want, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=scale * np.abs(b).max(), err_msg=name)
@@ -141,8 +143,9 @@ def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend)
     from moegrow.export import checkpoint
     from moegrow.runtime import session
 
-    model = checkpoint.load(tiny_ckpt).eval()
     rt = runtime.open(tiny_bundle, backend)
+    model = programs.with_spare(checkpoint.load(tiny_ckpt).eval(), rt.bundle.config["spare_experts"])
+    slots = programs.slot_state(model)
     ids = np.array([1, *rt.sp.encode("The parser reads the next word. Our user writes.")])
     got = rt.deepen(1, ids)
     n = len(ids)
@@ -153,8 +156,8 @@ def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend)
     weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
     for w in weights:
         w.requires_grad_(True)
-    dg, _, dd = torch.autograd.grad(loss(tokens, valid, torch.zeros(n, model.args.hidden_size))[0],
-                                    weights)
+    dg, _, dd = torch.autograd.grad(
+        loss(tokens, valid, torch.zeros(n, model.args.hidden_size), slots)[0], weights)
     e, f, c = mlp.experts, mlp.hidden, model.args.hidden_size
     np.testing.assert_allclose(got["dwg"], dg.reshape(e, f, c).numpy(), rtol=1e-4,
                                atol=1e-4 * float(dg.abs().max()))
@@ -169,7 +172,7 @@ def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend)
     padded[0, :n] = tokens[0]
     with torch.no_grad():
         want = pc.Strict(model, 1, window, steps=2, eta=0.1)(
-            padded, (torch.arange(window) < n - 1).float())
+            padded, (torch.arange(window) < n - 1).float(), slots)
     for name, a, b in zip(pc.Strict.outputs, strict.values(), want, strict=True):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                    err_msg=name)

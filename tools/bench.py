@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from moegrow import runtime
+from moegrow.device_kernels import layout
 from moegrow.export import checkpoint, generate, pretrain
 from moegrow.export.models import mixtral
 from moegrow.runtime.backends import ENGINES
@@ -67,7 +68,7 @@ def active_bytes(config: dict, bits: int, experts_read: int | None = None) -> in
     d = config.get("head_dim") or c // config["num_attention_heads"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
     f = config.get("moe_intermediate_size") or config["intermediate_size"]
-    experts = config.get("num_local_experts") or config["num_experts"]
+    experts = layout.dims(config)[0]  # the router has a row per slot, spare ones too
     read = experts_read or config["num_experts_per_tok"]
     quantized = layers * (2 * c * q + 2 * c * kv + read * 3 * c * f)
     head = config["vocab_size"] * c * (4 if bits == 32 else 1)
@@ -84,9 +85,9 @@ class _Torch:
     def prefill(self, ids: list[int]):
         cache = self.model.make_cache(1, self.context)
         logits = self.model(torch.tensor([ids]), torch.arange(len(ids)), cache)[0, -1:]
-        return logits, cache, None
+        return logits, cache, None, None
 
-    def decode(self, token: int, pos: int, cache, _):
+    def decode(self, token: int, pos: int, cache, _v, _novelty):
         return self.model(torch.tensor([[token]]), torch.tensor([pos]), cache)[0], cache, None
 
     def suggest(self, prefix: str):
@@ -96,10 +97,10 @@ class _Torch:
 def _round(rt, ids: list[int], steps: int) -> tuple[float, float]:
     """One prefill of `ids` and `steps` greedy decode steps -> (prefill s, decode s)."""
     t0 = time.perf_counter()
-    logits, k, v = rt.prefill(ids)
+    logits, k, v, novelty = rt.prefill(ids)
     t1 = time.perf_counter()
     for pos in range(len(ids), len(ids) + steps):
-        logits, k, v = rt.decode(int(logits[0].argmax()), pos, k, v)
+        logits, k, v = rt.decode(int(logits[0].argmax()), pos, k, v, novelty)
     return t1 - t0, time.perf_counter() - t1
 
 
@@ -132,7 +133,7 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     latency = {name: _suggest_ms(backends[name], prefix, rounds * 4) for name in ours}
     bits = first.manifest.get("bits", 32)
     dense = first.manifest.get("decode_moe") == "dense"
-    experts = first.config.get("num_local_experts") or first.config.get("num_experts")
+    experts = layout.dims(first.config)[0]  # dense decode runs every slot, spare ones too
     per_token = active_bytes(first.config, bits, experts if dense else None)
     bandwidth = read_bandwidth()
     roofline = bandwidth / per_token
@@ -178,7 +179,7 @@ def bench_overhead(bundle: str | Path, out: str | Path, text: str, rounds: int =
     for r in range(rounds + 1):  # round 0 warms up
         say(f"round {r}/{rounds}")
         for (e, p), ts in times.items():
-            t = _time(lambda e=e, p=p: [engines[e].engine.run(p, [w]) for w in windows])
+            t = _time(lambda e=e, p=p: [engines[e].run(p, w) for w in windows])
             if r:
                 ts.append(t)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -18,7 +18,7 @@ from moegrow.export import bundle as bundle_lib
 from moegrow.export import checkpoint, evaluate, tokenizer
 from moegrow.export import generate as generate_lib
 from moegrow.export import pretrain as pretrain_lib
-from moegrow.runtime import backends, errormap, experts, session, verdicts
+from moegrow.runtime import backends, errormap, experts, growth, session, verdicts, versions
 from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
 from moegrow.tools import llama as llama_lib
@@ -26,7 +26,8 @@ from moegrow.tools import llama as llama_lib
 ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
           pretrain_lib.PretrainError, corpus_lib.CorpusError, bundle_format.BundleError,
           bundle_lib.BundleError, backends.BackendError, session.InputError,
-          experts.ExpertError, llama_lib.GGUFError, errormap.StateError)
+          experts.ExpertError, llama_lib.GGUFError, errormap.StateError, growth.GrowthError,
+          versions.VersionError)
 BACKENDS = ["torch", *backends.ENGINES]
 BACKEND_HELP = ("Engine: torch for checkpoint folders; executorch (default) or onnxruntime "
                 "for bundles.")
@@ -233,9 +234,14 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
 @click.option("--strict-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also lower strict predictive-coding deepening programs with this many "
                    "relaxation steps (fp32 only; export time grows with the steps).")
+@click.option("--spare", type=click.IntRange(min=0),
+              help="Empty expert slots per layer that growth can spawn into (counted in the "
+                   "budget; prefill and score run them densely); default 2 at 32 bits, 0 "
+                   "when quantized.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | None,
-            calibration_file: Path | None, strict_steps: int, as_json: bool) -> None:
+            calibration_file: Path | None, strict_steps: int, spare: int | None,
+            as_json: bool) -> None:
     """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device: the
     programs prefill, decode, score and observe for each engine, the weight files they load,
     and the error map's baseline."""
@@ -244,7 +250,7 @@ def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | 
     calibration = None if calibration_file is None else read_text(calibration_file)
     manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True),
                                  bits=int(bits), budget=budget, calibration=calibration,
-                                 strict_steps=strict_steps)
+                                 strict_steps=strict_steps, spare=spare)
     files = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
     weights = sum(e["bytes"] for e in manifest["weights"]["files"].values())
     emit(manifest, as_json, f"{out}: {len(files)} program files "
@@ -326,6 +332,72 @@ def forget(bundle_dir: str) -> None:
     b = bundle_format.load(bundle_dir)
     errormap.Store(b.path).forget()
     click.echo(f"{bundle_dir}: error map and replay buffer cleared")
+
+
+@cli.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=600,
+              show_default=True, help="Time limit of the slice.")
+@click.option("--domain", default=None,
+              help="Grow for this observed domain (default: the one the error map most "
+                   "wants grown).")
+@click.option("--tokens", type=click.IntRange(min=1), default=growth.Limits.tokens,
+              show_default=True, help="Replay tokens of the domain to learn from.")
+@click.option("--steps", type=click.IntRange(min=1), default=growth.Limits.steps,
+              show_default=True, help="At most this many PC update steps.")
+@click.option("--strict", is_flag=True, help="The strict PC schedule (bundles exported with "
+              "--strict-steps).")
+@click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
+              show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
+def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps: int,
+         strict: bool, backend: str, as_json: bool) -> None:
+    """One idle slice of growth on BUNDLE: from the error map's verdict, deepen idle experts
+    in place or clone the named ones into spare slots, run bounded PC steps on the domain's
+    replay text, and commit a new weights version only if the guard passes (held-out domain
+    text improves, base text does not worsen by more than 0.5%)."""
+    rt = runtime.open(bundle_dir, backend)
+    r = rt.idle(seconds, domain, tokens=tokens, steps=steps, strict=strict)
+    what = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
+                     + (f"->e{s['slot']}" if s["how"] == "spawn" else "") for s in r["plan"])
+    guard = r["guard"] or {}
+    text = (f"{r['domain']}: {r['verdict'] or 'nothing'}; {what or 'no change planned'}; "
+            f"{r['steps']} steps on {r['tokens']} tokens"
+            + (f"; domain ppl -{guard['domain_gain']:.2%}, base ppl "
+               f"{guard['base_rise']:+.2%}" if guard else "")
+            + (f"; committed version {r['version']}" if r["committed"] else
+               f"; not committed: {r['reason']}"))
+    emit(r, as_json, text)
+
+
+@cli.command("versions")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--json", "as_json", is_flag=True, help="Print the log as JSON.")
+def versions_(bundle_dir: str, as_json: bool) -> None:
+    """BUNDLE's weights versions, oldest first; * marks the current one."""
+    log = versions.log(bundle_format.load(bundle_dir))
+    lines = [f"{'*' if v['current'] else ' '} v{v['version']}  "
+             f"{_describe(v['report'])}{'' if v['files_present'] else '  (files missing)'}"
+             for v in log]
+    emit({"versions": log}, as_json, "\n".join(lines))
+
+
+def _describe(report: dict) -> str:
+    if report.get("what") == "export":
+        return "export"
+    plan = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}" for s in report.get("plan", []))
+    return f"{report.get('domain')}: {plan}"
+
+
+@cli.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--to", "to", type=int, default=None,
+              help="The version to make current (default: the one before the current).")
+def rollback(bundle_dir: str, to: int | None) -> None:
+    """Make an earlier weights version of BUNDLE current again (its files are verified
+    first; later versions stay in the log and can be rolled forward to with --to)."""
+    b = versions.rollback(bundle_format.load(bundle_dir), to)
+    click.echo(f"{bundle_dir}: version {b.manifest['weights']['version']} is current")
 
 
 DEMO_PREFIXES = ["The function returns", "To install the package, run", "import os\nimport",
@@ -414,6 +486,47 @@ def bench_model(out: Path, seed: int) -> None:
         fail(f"{out}: already exists (choose a new folder)")
     params = bench_lib.random_model(out, seed)
     click.echo(f"{out}: {params / 1e6:.1f}M parameters, random weights")
+
+
+@bench.command("adapt")
+@click.option("--base", required=True, help="Checkpoint folder to adapt, or `default`.")
+@click.option("--train", "train_file", required=True, type=click.Path(path_type=Path),
+              help="UTF-8 text of the user's domain to adapt on (its first --tokens tokens).")
+@click.option("--heldout", required=True, type=click.Path(path_type=Path),
+              help="Held-out text of the same domain (the gain).")
+@click.option("--old", required=True, type=click.Path(path_type=Path),
+              help="Held-out text of the base corpus (forgetting).")
+@click.option("--other", type=click.Path(path_type=Path),
+              help="Held-out text of another domain (forgetting there too).")
+@click.option("--methods", default="pc,pc-strict,pc-inplace,locus-bp,lora,full",
+              show_default=True, help="Comma-separated methods to compare.")
+@click.option("--tokens", type=click.IntRange(min=2), required=True,
+              help="Training tokens: the first N of [BOS] + the training text.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md, results.json and the plots.")
+@click.option("--passes", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--locus", help="locus-bp's experts as LAYER:E,E;LAYER:E (default: per layer "
+              "the 2 experts the router picks most on the training tokens).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_adapt(base: str, train_file: Path, heldout: Path, old: Path, other: Path | None,
+                methods: str, tokens: int, out: Path, passes: int, locus: str | None,
+                seed: int, threads: int, as_json: bool) -> None:
+    """Adapt BASE to a domain with each method (predictive coding, backprop on the PC locus,
+    LoRA, full fine-tuning) on the same tokens, each in its own process: held-out gain,
+    forgetting on base and another domain, wall time vs LoRA, peak RSS, learning bytes,
+    FLOPs."""
+    from moegrow.tools import adapt as adapt_lib
+
+    try:
+        result = adapt_lib.bench_adapt(
+            base, train_file, heldout, old, out, methods.split(","), tokens, other=other,
+            passes=passes, locus=locus, seed=seed, threads=threads,
+            progress=lambda m: click.echo(m, err=True))
+    except adapt_lib.AdaptError as e:
+        fail(str(e))
+    emit(result, as_json, (out / "report.md").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

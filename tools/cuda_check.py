@@ -38,10 +38,10 @@ def _inputs(rt: session.Runtime, text: str) -> dict[str, list[np.ndarray]]:
     ids = np.array([session.BOS] + rt.sp.encode(text), np.int64)[:rt.bundle.context]
     half = len(ids) // 2
     k = np.zeros(rt.cache_shape, np.float32)
-    _, kc, vc = rt.prefill(list(ids[:half]))  # a filled cache for decode, from the CPU run
-    return {"prefill": [ids[None, :half], np.arange(half), k, k.copy()],
-            "decode": [ids[None, half:half + 1], np.array([half]), kc, vc],
-            "score": [ids[None]], "observe": [ids[None]]}
+    _, kc, vc, nov = rt.prefill(list(ids[:half]))  # a filled cache for decode (CPU run)
+    return {"prefill": [ids[None, :half], np.arange(half), k, k.copy(), rt.slots],
+            "decode": [ids[None, half:half + 1], np.array([half]), kc, vc, rt.slots, nov],
+            "score": [ids[None], rt.slots], "observe": [ids[None], rt.slots]}
 
 
 def _compare(ref: list[np.ndarray], out: list[np.ndarray]) -> dict:
@@ -60,12 +60,12 @@ def _speed(rt: session.Runtime, inputs: dict, steps: int = 64) -> dict:
     for _ in range(5):
         rt.engine.run("score", inputs["score"])
     score_tps = 5 * inputs["score"][0].shape[1] / (time.perf_counter() - t)
-    logits, k, v = rt.engine.run("prefill", inputs["prefill"])
+    logits, k, v, nov = rt.engine.run("prefill", inputs["prefill"])
     pos = inputs["prefill"][0].shape[1]
     t = time.perf_counter()
     for i in range(steps):
         token = int(logits[0].argmax())
-        logits, k, v = rt.decode(token, pos + i, k, v)
+        logits, k, v = rt.decode(token, pos + i, k, v, nov)
     return {"decode_tps": steps / (time.perf_counter() - t), "score_tps": score_tps}
 
 

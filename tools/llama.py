@@ -135,9 +135,9 @@ class Peer:
     def prefill(self, ids: list[int]):
         self.llm.reset()
         self.llm.eval(ids)
-        return self._last(), None, None
+        return self._last(), None, None, None
 
-    def decode(self, token: int, pos: int, _k, _v):
+    def decode(self, token: int, pos: int, _k, _v, _novelty):
         assert pos == self.llm.n_tokens, "llama.cpp decodes right after the last token"
         self.llm.eval([token])
         return self._last(), None, None

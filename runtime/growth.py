@@ -1,0 +1,378 @@
+"""Growth: one bounded idle slice that deepens or spawns experts for an observed domain.
+
+`idle(rt, seconds)` (also `Runtime.idle`):
+  1. domain and plan, from the error map's verdicts (`verdicts.judge`): `deepen` names experts,
+     `spawn` names layers (the parent there is the expert with the lowest mean update on the
+     domain). A named expert that the base calibration never chose (idle) deepens in place;
+     any other is cloned into a free spare slot of its layer (its parent is never changed).
+  2. a working copy of the engine's weight file in `state/`, sized once; clones get their
+     parent's weights and router row there, a router bias `BIAS` (the clone wins the tie with
+     its parent) and a novelty threshold halfway between the base's and the domain's NLL: the
+     clone is reachable only where the context's running NLL under the frozen base path is at
+     least that (`export/programs.py`, inside every program).
+  3. the new router rows are trained (hinge, margin `MARGIN`) so that the domain's open
+     positions route to the clone and replayed base positions do not;
+  4. PC deepening: the bundle's `deepen{l}` (or `strict{l}`) programs on batches of domain
+     replay windows; Adam on the changed experts only; the engine reloads the working copy
+     after each step. A non-finite update or energy beyond `EXPLODE` x the first step's is
+     discarded and ends the slice.
+  5. guard: on held-out domain replay (every `HOLDOUT`-th sequence, never trained on) the NLL
+     must fall, and on the base guard text (the second half of the bundle's calibration
+     tokens) the perplexity must not rise by more than `GUARD_BASE`; else nothing is kept.
+  6. commit: a new weights version with the changed experts, router rows and expert-table
+     rows (`experts.commit`, logged by `versions.record`), and the runtime reloads it.
+Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
+`steps` steps and `seconds`; memory: the working copy plus Adam state for the changed
+experts, allocated once per slice.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from moegrow.device_kernels import layout
+
+from . import backends, errormap, experts, verdicts, versions
+
+BIAS = 0.01  # a clone's router bias over its parent's row at spawn
+MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
+HOLDOUT = 5  # every HOLDOUT-th replay sequence of the domain is held out for the guard
+GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
+EXPLODE = 10.0  # energy above this many times the first step's: the update is discarded
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+class GrowthError(ValueError):
+    """A bundle that cannot grow (quantized, no deepening programs, no calibration)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    experts: int | None = None  # per layer; default the router's top-k
+    tokens: int = 16384  # training tokens of domain replay per slice
+    passes: int = 1
+    steps: int = 64
+    seconds: float = 600.0
+    batch: int = 4  # windows per step
+    lr: float = 1e-3
+    router_steps: int = 100
+    router_lr: float = 0.1
+    strict: bool = False  # the strict PC schedule (bundles exported with --strict-steps)
+    place: str = "auto"  # "auto": idle experts in place, others cloned; "inplace": all in place
+
+
+def _windows(seqs: list[np.ndarray], context: int) -> list[np.ndarray]:
+    return [s[i:i + context] for s in seqs for i in range(0, max(len(s) - 1, 1), context)
+            if len(s[i:i + context]) >= 2]
+
+
+def plan(rt, verdict: dict, domain: str, state: dict, limits: Limits) -> list[dict]:
+    """[{"layer", "parent", "slot", "how": "inplace" | "spawn"}] for one domain's verdict;
+    raises GrowthError when a clone has no free slot."""
+    cal = rt.bundle.manifest["calibration"]["layers"]
+    k = limits.experts or rt.bundle.config["num_experts_per_tok"]
+    named = [tuple(p) for p in verdict["experts"]]
+    if verdict["verdict"] == "spawn":
+        means: dict[tuple[int, int], float] = {}
+        for layer, expert, d, count, total, *_ in state["stats"]:
+            if d == domain and count:
+                means[layer, expert] = total / count
+        for layer, x in verdict["layers"].items():
+            if x["named"]:
+                mine = {e: m for (lay, e), m in means.items() if lay == int(layer)}
+                if mine:
+                    named.append((int(layer), min(mine, key=mine.get)))
+    free = {}
+    for row in rt.bundle.manifest["experts"]["table"]:
+        if row.get("kind") == "spare":
+            free.setdefault(row["layer"], []).append(row["slot"])
+    out, per_layer = [], {}
+    for layer, parent in named:
+        if per_layer.get(layer, 0) >= k:
+            continue
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+        idle = cal[layer]["experts"][parent]["count"] == 0
+        if idle or limits.place == "inplace":
+            out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
+        elif free.get(layer):
+            out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
+                        "how": "spawn"})
+        else:
+            spare = rt.bundle.config.get("spare_experts", 0)
+            raise GrowthError(f"no free expert slot in layer {layer} to clone expert {parent} "
+                              f"into (the bundle has {spare} spare slots per layer, none left); "
+                              "nothing was changed")
+    return out
+
+
+class Work:
+    """The working copy of the engine's weight file and the slot state, with an engine on it."""
+
+    def __init__(self, rt):
+        self.rt = rt
+        self.path = errormap.Store(rt.bundle.path).dir / f"work.{rt.backend}"
+        shutil.copyfile(rt.bundle.weights(rt.backend), self.path)
+        self.buf = np.memmap(self.path, np.uint8, mode="r+")
+        self.slots = rt.slots.copy()
+        self.dims = layout.dims(rt.bundle.config)
+        self.where = rt.bundle.manifest["experts"]["layout"][rt.backend]
+        self.routers = rt.bundle.manifest["experts"]["routers"][rt.backend]
+        self.reload()
+
+    def expert(self, layer: int, slot: int) -> list[np.ndarray]:
+        copies = layout.views(self.buf, self.where, layer, slot, self.dims)
+        return [np.array(copies[p][0]) for p in layout.PROJS]
+
+    def set_expert(self, layer: int, slot: int, weights: list[np.ndarray]) -> None:
+        copies = layout.views(self.buf, self.where, layer, slot, self.dims)
+        for p, w in zip(layout.PROJS, weights, strict=True):
+            for view in copies[p]:
+                view[...] = w
+
+    def router(self, layer: int) -> np.ndarray:
+        entry = next(e for e in self.routers if e["layer"] == layer)
+        return layout.router(self.buf, entry, self.dims)  # a view: rows can be assigned
+
+    def reload(self) -> None:
+        self.buf.flush()
+        self.engine = backends.load(self.rt.backend, self.rt.bundle.programs(self.rt.backend),
+                                    self.path, self.rt.threads)
+
+    def run(self, program: str, tokens: np.ndarray, *more: np.ndarray) -> list[np.ndarray]:
+        return self.engine.run(program, [tokens, *more, self.slots])
+
+    def deepen(self, layer: int, ids: np.ndarray, strict: bool) -> dict[str, np.ndarray]:
+        window = self.rt.bundle.context
+        tokens = np.zeros((1, window), np.int64)
+        tokens[0, :len(ids)] = ids
+        valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
+        names = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")
+        out = self.run(f"{'strict' if strict else 'deepen'}{layer}", tokens, valid)
+        return dict(zip(names + ("free_energy", "steps_used") * strict, out, strict=True))
+
+    def observe(self, windows: list[np.ndarray], changed: set) -> dict:
+        """NLL of the windows' tokens (every token after each window's first) and the share
+        of them that reach a changed expert in each layer."""
+        nll, n, reach = 0.0, 0, np.zeros(self.slots.shape[0])
+        for w in windows:
+            out = self.run("observe", w[None])
+            nll += float(out[0][:len(w) - 1].astype(np.float64).sum())
+            n += len(w) - 1
+            ids = out[2][:, :len(w) - 1]  # [L, T, K]
+            for layer in range(ids.shape[0]):
+                mine = [s for lay, s in changed if lay == layer]
+                reach[layer] += np.isin(ids[layer], mine).any(-1).sum()
+        return {"nll": nll / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist()}
+
+
+def _train_routers(work: Work, steps: list[dict], domain: list[np.ndarray],
+                   base: list[np.ndarray], limits: Limits, k: int) -> dict:
+    """Hinge updates of the clones' router rows and biases: domain positions where the clone
+    is open should rank it within the top-k by MARGIN, base positions below it by MARGIN."""
+    out = {}
+    for layer in sorted({s["layer"] for s in steps if s["how"] == "spawn"}):
+        clones = [s["slot"] for s in steps if s["how"] == "spawn" and s["layer"] == layer]
+        sets = []
+        for windows, sign in ((domain, 1.0), (base, -1.0)):
+            for w in windows:
+                d = work.deepen(layer, w, False)
+                n = len(w) - 1
+                sets.append((d["x"][:n].astype(np.float64), d["novelty"][:n], sign))
+        rows = work.router(layer)
+        for clone in clones:
+            w_row, bias = rows[clone].astype(np.float64), float(work.slots[layer, 0, clone])
+            for _ in range(limits.router_steps):
+                gw, gb, total, bad = np.zeros_like(w_row), 0.0, 0, 0
+                for x, nov, sign in sets:
+                    state = work.slots[layer]
+                    open_ = nov[:, None] * state[1] >= state[2]
+                    logits = x @ rows.T.astype(np.float64) + state[0]
+                    logits[:, clone] = x @ w_row + bias
+                    logits = np.where(open_, logits, -np.inf)
+                    others = np.delete(logits, clone, axis=1)
+                    kth = -np.sort(-others, axis=1)[:, k - 1]
+                    mine = open_[:, clone]
+                    viol = mine & (sign * (logits[:, clone] - kth) < MARGIN)
+                    gw -= sign * x[viol].sum(0)
+                    gb -= sign * viol.sum()
+                    total += int(mine.sum())
+                    bad += int(viol.sum())
+                if not bad:
+                    break
+                w_row -= limits.router_lr * gw / max(total, 1)
+                bias -= limits.router_lr * gb / max(total, 1)
+            rows[clone] = w_row.astype(np.float32)
+            work.slots[layer, 0, clone] = bias
+            out[f"{layer}/{clone}"] = {"open_positions": total, "violations": bad}
+    work.reload()
+    return out
+
+
+def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(),
+         progress=None) -> dict[str, Any]:
+    """One growth slice of at most `seconds` (see the module docstring); returns what it
+    did: {"domain", "verdict", "plan", "tokens", "steps", "energy", "guard", "committed",
+    "version", "reason", "bytes", "seconds"}."""
+    start = time.monotonic()
+    deadline = start + min(seconds, limits.seconds)
+    say = progress or (lambda _m: None)
+    b = rt.bundle
+    if "deepen0" not in b.programs(rt.backend) or not b.manifest["experts"]["layout"]:
+        raise GrowthError(f"{b.path}: a {b.manifest['bits']}-bit bundle has no deepening "
+                          "programs; export it at 32 bits to grow")
+    if not b.manifest.get("calibration") or "guard" not in b.manifest["calibration"]:
+        raise GrowthError(f"{b.path}: no calibration baseline (export with --calibration) "
+                          "and so no verdicts and no guard text")
+    if limits.strict and "strict0" not in b.programs(rt.backend):
+        raise GrowthError(f"{b.path}: no strict PC programs (export with --strict-steps N)")
+    report: dict[str, Any] = {"domain": domain, "verdict": None, "plan": [], "tokens": 0,
+                              "steps": 0, "energy": [], "guard": None, "committed": False,
+                              "version": b.manifest["weights"]["version"], "reason": None}
+    store = errormap.Store(b.path)
+    state = store.read()
+    k = b.config["num_experts_per_tok"]
+    judged = verdicts.judge(state, b.manifest["calibration"], limits.experts or k)
+    growing = {d: v for d, v in judged.items() if v["verdict"] != "nothing"}
+    if domain is None and growing:
+        domain = max(growing, key=lambda d: state["domains"][d]["tokens"])
+    report["domain"] = domain
+    if domain is None or domain not in growing:
+        report["reason"] = ("nothing to grow: no observed domain needs it" if domain is None
+                            else f"domain {domain!r}: verdict "
+                                 f"{judged.get(domain, {}).get('verdict', 'not observed')}")
+        return report
+    report["verdict"] = growing[domain]["verdict"]
+    steps = plan(rt, growing[domain], domain, state, limits)
+    report["plan"] = steps
+    seqs = store.replay(domain)
+    held = _windows(seqs[HOLDOUT - 1::HOLDOUT], b.context)
+    train = _windows([s for i, s in enumerate(seqs) if i % HOLDOUT != HOLDOUT - 1], b.context)
+    if not steps or not held or not train:
+        report["reason"] = "not enough replay text of the domain (observe more of it)"
+        return report
+    cut = np.cumsum([len(w) - 1 for w in train])
+    train = train[:max(1, int(np.searchsorted(cut, limits.tokens)) + 1)]
+    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
+    ids = ids.astype(np.int64)
+    half = len(ids) // 2
+    base_router, base_guard = _windows([ids[:half]], b.context), _windows([ids[half:]],
+                                                                         b.context)
+    changed = {(s["layer"], s["slot"]) for s in steps}
+    say(f"{domain}: {report['verdict']}; " + ", ".join(
+        f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps))
+    work = Work(rt)
+    try:
+        before = {"domain": work.observe(held, changed), "base": work.observe(base_guard,
+                                                                               changed)}
+        report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,
+                                 report, say, domain, state)
+        if report["reason"] is None:
+            after = {"domain": work.observe(held, changed), "base": work.observe(base_guard,
+                                                                                  changed)}
+            rise = float(np.exp(after["base"]["nll"] - before["base"]["nll"]) - 1)
+            gain = float(1 - np.exp(after["domain"]["nll"] - before["domain"]["nll"]))
+            ok = gain > 0 and rise <= GUARD_BASE
+            report["guard"] = {"before": before, "after": after, "domain_gain": gain,
+                               "base_rise": rise, "bound": GUARD_BASE, "passed": ok}
+            if not ok:
+                report["reason"] = (f"guard: domain perplexity gain {gain:.2%}, base rise "
+                                    f"{rise:.2%} (bound {GUARD_BASE:.1%}); nothing committed")
+            else:
+                _commit(rt, work, steps, domain, report)
+    finally:
+        del work.buf, work.engine
+        work.path.unlink(missing_ok=True)
+    report["seconds"] = time.monotonic() - start
+    return report
+
+
+def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.ndarray],
+          limits: Limits, k: int, deadline: float, report: dict, say, domain: str,
+          state: dict) -> str | None:
+    """Spawn, train the router rows, then PC steps; returns why it stopped early, or None."""
+    cal = work.rt.bundle.manifest["calibration"]
+    threshold = 0.5 * (cal["nll"] + state["domains"][domain]["nll"])
+    for s in steps:
+        if s["how"] == "spawn":
+            work.set_expert(s["layer"], s["slot"], work.expert(s["layer"], s["parent"]))
+            work.router(s["layer"])[s["slot"]] = work.router(s["layer"])[s["parent"]]
+            work.slots[s["layer"], :, s["slot"]] = (BIAS, 1.0, threshold)
+    work.reload()
+    if any(s["how"] == "spawn" for s in steps):
+        say("training the new router rows")
+        report["router"] = _train_routers(work, steps, train[:8], base[:8], limits, k)
+    params = {(s["layer"], s["slot"]): work.expert(s["layer"], s["slot"]) for s in steps}
+    moments = {key: [(np.zeros_like(w), np.zeros_like(w)) for w in ws]
+               for key, ws in params.items()}
+    report["bytes"] = int(work.path.stat().st_size + 3 * sum(
+        w.nbytes for ws in params.values() for w in ws))
+    layers = sorted({s["layer"] for s in steps})
+    order = [w for _ in range(limits.passes) for w in train]
+    total = min(limits.steps, -(-len(order) // limits.batch))
+    first, used = None, []
+    for step in range(total):
+        if time.monotonic() > deadline:
+            return None if step else "the time limit ended the slice before a step"
+        batch = order[step * limits.batch:(step + 1) * limits.batch]
+        grads = {key: [np.zeros_like(w) for w in ws] for key, ws in params.items()}
+        energy = 0.0
+        for layer in layers:
+            for w in batch:
+                d = work.deepen(layer, w, limits.strict)
+                for (lay, slot), g in grads.items():
+                    if lay == layer:
+                        for acc, name in zip(g, ("dwg", "dwu", "dwd"), strict=True):
+                            acc += d[name][slot]
+                energy += float(sum(d["energy"][s] for lay, s in params if lay == layer))
+                if limits.strict:
+                    used.append(int(d["steps_used"][0]))
+        tokens = sum(len(w) - 1 for w in batch)
+        report["tokens"] += tokens
+        if not (np.isfinite(energy) and all(np.isfinite(g).all() for gs in grads.values()
+                                            for g in gs)):
+            return f"step {step + 1}: NaN or inf in the update; discarded, nothing committed"
+        first = energy if first is None else first
+        if energy > EXPLODE * max(first, 1e-12):
+            return (f"step {step + 1}: energy {energy:.3g} exploded (first step {first:.3g}); "
+                    "discarded, nothing committed")
+        report["energy"].append(energy / max(tokens, 1))
+        t = step + 1
+        for key, ws in params.items():
+            for w, g, (m, v) in zip(ws, grads[key], moments[key], strict=True):
+                g = g / max(tokens, 1)
+                m *= BETAS[0]
+                m += (1 - BETAS[0]) * g
+                v *= BETAS[1]
+                v += (1 - BETAS[1]) * g * g
+                w -= limits.lr * (m / (1 - BETAS[0] ** t)) / (np.sqrt(v / (1 - BETAS[1] ** t))
+                                                              + EPS)
+            work.set_expert(*key, ws)
+        work.reload()
+        report["steps"] = t
+        say(f"step {t}/{total}: energy/token {report['energy'][-1]:.4g}")
+    if used:
+        report["strict_steps_used"] = np.bincount(used).tolist()
+    return None
+
+
+def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> None:
+    b = rt.bundle
+    changes = {(s["layer"], s["slot"]): work.expert(s["layer"], s["slot"]) for s in steps}
+    routers, rows = {}, {}
+    for s in steps:
+        if s["how"] == "spawn":
+            key = (s["layer"], s["slot"])
+            routers[key] = np.array(work.router(s["layer"])[s["slot"]])
+            bias, _, threshold = work.slots[s["layer"], :, s["slot"]]
+            rows[key] = {"kind": "spawned", "parent": s["parent"], "domain": domain,
+                         "bias": float(bias), "threshold": float(threshold)}
+    summary = {k: v for k, v in report.items() if k != "guard"}
+    summary["guard"] = {k: report["guard"][k] for k in ("domain_gain", "base_rise", "passed")}
+    new = experts.commit(b, changes, routers, rows, version=versions.next_version(b),
+                         record=versions.record(b, summary))
+    rt._reload(new)
+    report["committed"], report["version"] = True, new.manifest["weights"]["version"]
