@@ -52,7 +52,6 @@ from torch.export import Dim
 
 from .models import layers
 
-
 GATE_MIN = 8  # targets a context needs before its novelty can open a spawned expert
 MASKED = 1e4  # subtracted from the router logit of a slot that is closed at a position
 
@@ -97,7 +96,9 @@ def set_gates(model: layers.CausalLM, slots: torch.Tensor, novelty: torch.Tensor
 
 def route(moe: nn.Module, x: torch.Tensor):
     """`layers.MoE.route` over the slots open at each position (`set_gates`); softmax in fp32."""
-    logits = moe.gate(x) + moe.slot_bias + (moe.slot_open - 1.0) * MASKED
+    logits = moe.gate(x)
+    if hasattr(moe, "slot_open"):  # set_gates was called (every program does)
+        logits = logits + moe.slot_bias + (moe.slot_open - 1.0) * MASKED
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, moe.top_k, dim=-1)
     if moe.norm_topk:
@@ -264,7 +265,8 @@ class Prefill(nn.Module):
         return (pos[None], pos, *empty_cache(self.model, length), slot_state(self.model)), shapes
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                v_cache: torch.Tensor,
+                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         slots = slot_state(self.model) if slots is None else slots
         nov = gate(self.model, tokens, slots, input_pos, Cache(k_cache, v_cache))
         cache = Cache(k_cache, v_cache)

@@ -350,6 +350,8 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
                 v += (1 - BETAS[1]) * g * g
                 w -= limits.lr * (m / (1 - BETAS[0] ** t)) / (np.sqrt(v / (1 - BETAS[1] ** t))
                                                               + EPS)
+            if not all(np.isfinite(w).all() for w in ws):
+                return f"step {t}: NaN or inf in the new weights; discarded, nothing committed"
             work.set_expert(*key, ws)
         work.reload()
         report["steps"] = t
@@ -370,9 +372,11 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
             bias, _, threshold = work.slots[s["layer"], :, s["slot"]]
             rows[key] = {"kind": "spawned", "parent": s["parent"], "domain": domain,
                          "bias": float(bias), "threshold": float(threshold)}
-    summary = {k: v for k, v in report.items() if k != "guard"}
-    summary["guard"] = {k: report["guard"][k] for k in ("domain_gain", "base_rise", "passed")}
-    new = experts.commit(b, changes, routers, rows, version=versions.next_version(b),
+    version = versions.next_version(b)
+    summary = {k: v for k, v in report.items() if k not in ("guard", "energy")}
+    summary |= {"committed": True, "version": version, "energy": report["energy"][-1:],
+                "guard": {k: report["guard"][k] for k in ("domain_gain", "base_rise")}}
+    new = experts.commit(b, changes, routers, rows, version=version,
                          record=versions.record(b, summary))
     rt._reload(new)
     report["committed"], report["version"] = True, new.manifest["weights"]["version"]

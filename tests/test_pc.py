@@ -144,7 +144,8 @@ def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend)
     from moegrow.runtime import session
 
     rt = runtime.open(tiny_bundle, backend)
-    model = programs.with_spare(checkpoint.load(tiny_ckpt).eval(), rt.bundle.config["spare_experts"])
+    spare = rt.bundle.config["spare_experts"]
+    model = programs.with_spare(checkpoint.load(tiny_ckpt).eval(), spare)
     slots = programs.slot_state(model)
     ids = np.array([1, *rt.sp.encode("The parser reads the next word. Our user writes.")])
     got = rt.deepen(1, ids)

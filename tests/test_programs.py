@@ -126,7 +126,7 @@ def test_prefill_logits_match_eager_for_several_lengths(model, engines, engine):
     for t in (1, 5, 23):  # one export, any T up to the cache length
         tokens = _tokens(t, seed=t)
         k, v = programs.empty_cache(model, LENGTH)
-        logits, k_out, v_out = run(tokens, torch.arange(t), k, v)
+        logits, k_out, v_out, _ = run(tokens, torch.arange(t), k, v, programs.slot_state(model))
         assert logits.shape == (1, ARGS.vocab_size)
         assert (logits[0] - _eager(model, tokens)[-1]).abs().max() <= TOL
         assert k_out.shape == k.shape and v_out.shape == v.shape
@@ -138,10 +138,12 @@ def test_prefill_then_decode_equals_full_forward(model, engines, engine):
     tokens, t0 = _tokens(20), 8
     want = _eager(model, tokens)
     k, v = programs.empty_cache(model, LENGTH)
-    logits, k, v = engines[engine]["prefill"](tokens[:, :t0], torch.arange(t0), k, v)
+    slots = programs.slot_state(model)
+    logits, k, v, nov = engines[engine]["prefill"](tokens[:, :t0], torch.arange(t0), k, v, slots)
     worst = (logits[0] - want[t0 - 1]).abs().max()
     for i in range(t0, tokens.shape[1]):
-        logits, k, v = engines[engine]["decode"](tokens[:, i:i + 1], torch.tensor([i]), k, v)
+        logits, k, v = engines[engine]["decode"](tokens[:, i:i + 1], torch.tensor([i]), k, v,
+                                                 slots, nov)
         worst = max(worst, (logits[0] - want[i]).abs().max())
     assert worst <= TOL
 
@@ -150,7 +152,7 @@ def test_prefill_then_decode_equals_full_forward(model, engines, engine):
 def test_score_is_next_token_nll(model, engines, engine):
     for t in (1, 2, 30):
         tokens = _tokens(t, seed=t)
-        nll = engines[engine]["score"](tokens)[0]
+        nll = engines[engine]["score"](tokens, programs.slot_state(model))[0]
         assert nll.shape == (t,)
         assert nll[-1] == 0  # nothing left to predict
         if t > 1:
@@ -173,11 +175,13 @@ def _greedy(model: layers.CausalLM, run: dict[str, Run], prompt: torch.Tensor,
             n: int) -> list[int]:
     k, v = programs.empty_cache(model, LENGTH)
     t = prompt.shape[1]
-    logits, k, v = run["prefill"](prompt, torch.arange(t), k, v)
+    slots = programs.slot_state(model)
+    logits, k, v, nov = run["prefill"](prompt, torch.arange(t), k, v, slots)
     out: list[int] = []
     for i in range(n):
         out.append(int(logits[0].argmax()))
-        logits, k, v = run["decode"](torch.tensor([[out[-1]]]), torch.tensor([t + i]), k, v)
+        logits, k, v = run["decode"](torch.tensor([[out[-1]]]), torch.tensor([t + i]), k, v,
+                                     slots, nov)
     return out
 
 

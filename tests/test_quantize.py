@@ -114,7 +114,8 @@ def test_executorch_ppl(setup, fp32_ppl, ptes, bits):
     assert not [t for t in left if any(k in t for k in ("linear", "mm", "quant", "qparams"))]
     assert sum("executorch_call_delegate" in t for t in left) >= 1
     method = Runtime.get().load_program(path).load_method("forward")
-    ppl = _ppl(lambda w: method.execute((w,))[0].numpy(), windows)
+    slots = programs.slot_state(setup[2])
+    ppl = _ppl(lambda w: method.execute((w, slots))[0].numpy(), windows)
     print(f"executorch int{bits}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} "
           f"({ppl / fp32_ppl - 1:+.2%})")
     assert ppl <= fp32_ppl * (1 + LIMITS[bits])
@@ -141,7 +142,8 @@ def test_onnxruntime_ppl(setup, fp32_ppl, fp32_onnx, bits, dynamic, tmp_path):
     assert ops.count(quant_op) == layers * 7 + 1  # q k v o, the experts' gate up down, head
     assert path.stat().st_size < fp32_onnx.stat().st_size
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    ppl = _ppl(lambda w: session.run(None, {"tokens": w.numpy()})[0], windows)
+    slots = programs.slot_state(setup[2]).numpy()
+    ppl = _ppl(lambda w: session.run(None, {"tokens": w.numpy(), "slots": slots})[0], windows)
     kind = f"int{bits}" + (" dynamic" if dynamic else "")
     print(f"onnxruntime {kind}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} ({ppl / fp32_ppl - 1:+.2%})")
     assert ppl <= fp32_ppl * (1 + LIMITS[bits])

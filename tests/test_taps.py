@@ -118,14 +118,14 @@ def test_taps_match_torch_on_both_engines(model, engine, top, tmp_path):
 
         lower.to_pte({"observe": (program, inputs, shapes)}, tmp_path / "o.pte")
         method = Runtime.get().load_program(tmp_path / "o.pte").load_method("observe")
-        got = [o.numpy() for o in method.execute([tokens])]
+        got = [o.numpy() for o in method.execute([tokens, inputs[1]])]
     else:
         import onnxruntime as ort
 
         lower.to_onnx(program, inputs, tmp_path / "o.onnx", shapes, program.outputs)
         session = ort.InferenceSession(str(tmp_path / "o.onnx"),
                                        providers=["CPUExecutionProvider"])
-        got = session.run(None, {"tokens": tokens.numpy()})
+        got = session.run(None, {"tokens": tokens.numpy(), "slots": inputs[1].numpy()})
     for name, a, b in zip(program.outputs, got, want, strict=True):
         if name in ("rank", "ids"):
             np.testing.assert_array_equal(a, b, err_msg=name)

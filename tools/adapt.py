@@ -296,11 +296,22 @@ def run_torch(method: str, base: str, train_ids: np.ndarray, passes: int, workdi
     return train(model, method, train_ids, passes, locus, eval_ids(workdir), progress)
 
 
-def run_pc(method: str, base: str, train_ids: np.ndarray, passes: int, workdir: Path,
+def run_pc(method: str, job: dict, train_ids: np.ndarray, workdir: Path,
            progress: Progress) -> dict:
-    """pc, pc-strict, pc-inplace on the device runtime (the child contract above)."""
-    raise NotImplementedError(f"{method}: the predictive-coding methods are not wired into "
-                              "the benchmark yet")
+    """pc, pc-strict, pc-inplace on the device runtime (`tools/adapt_pc.py`)."""
+    from moegrow.tools import adapt_pc
+
+    args = checkpoint.load(job["base"]).args
+    counts = np.ones((args.num_hidden_layers, args.experts)) / args.experts * \
+        args.num_experts_per_tok  # shares for the estimate: a balanced router
+
+    def flops(layer: int, experts: list[int]) -> float:
+        return flops_per_token(args, "full", None) / 3 + flops_per_token(
+            args, "locus-bp", {layer: experts}, counts)
+
+    bundle = Path(job["bundle"]) if job.get("bundle") else None
+    return adapt_pc.run(method, bundle, train_ids, job["passes"], workdir, eval_ids(workdir),
+                        job["threads"], flops, progress)
 
 
 def child(workdir: Path) -> int:
@@ -316,7 +327,7 @@ def child(workdir: Path) -> int:
     train_ids = np.load(workdir / "train.npy")
     try:
         if method in PC_METHODS:
-            result = run_pc(method, job["base"], train_ids, job["passes"], workdir, say)
+            result = run_pc(method, job, train_ids, workdir, say)
         else:
             locus = job["locus"] and {int(x): ids for x, ids in job["locus"].items()}
             result = run_torch(method, job["base"], train_ids, job["passes"], workdir, say,
@@ -358,7 +369,7 @@ def read(path: Path) -> str:
 def bench_adapt(base: str, train: Path, heldout: Path, old: Path, out: Path,
                 methods: list[str], tokens: int, other: Path | None = None, passes: int = 2,
                 locus: str | None = None, seed: int = 0, threads: int = 1,
-                progress: Progress | None = None) -> dict:
+                progress: Progress | None = None, bundle: Path | None = None) -> dict:
     """Run every method on the first `tokens` tokens of `train`, each in its own process;
     write results.json, report.md, curve.png and forgetting.png into `out`."""
     say = progress or (lambda m: None)
@@ -387,10 +398,14 @@ def bench_adapt(base: str, train: Path, heldout: Path, old: Path, out: Path,
             for k, ids in evals.items():
                 np.save(workdir / f"{k}.npy", ids)
             job = {"method": m, "base": str(base), "passes": passes, "seed": seed,
-                   "threads": threads, "locus": spot}
+                   "threads": threads, "locus": spot, "bundle": bundle and str(bundle)}
             (workdir / "job.json").write_text(json.dumps(job))
             say(f"{m}: adapting on {tokens} tokens x {passes} passes")
             results[m] = spawn(workdir, say)
+            if m == "pc" and spot is None and results[m].get("plan"):  # locus-bp: same experts
+                spot = {}
+                for s in results[m]["plan"]:
+                    spot.setdefault(s["layer"], []).append(s["parent"])
     lora = results.get("lora", {}).get("wall_s")
     argv = [f"--{k}={v}" for k, v in {"base": base, "train": train, **files, "methods":
             ",".join(methods), "tokens": tokens, "passes": passes, "seed": seed,
@@ -398,7 +413,8 @@ def bench_adapt(base: str, train: Path, heldout: Path, old: Path, out: Path,
     result = {"methods": {m: derive(r, lora) for m, r in results.items()}, "tokens": tokens,
               "passes": passes, "base": str(base), "context": a.max_position_embeddings,
               "eval_tokens": {k: len(v) - 1 for k, v in evals.items()}, "seed": seed,
-              "threads": threads, "locus": locus,
+              "threads": threads, "locus": locus, "locus_used": spot,
+              "bundle": bundle and str(bundle),
               "command": shlex.join(["moegrow", "bench", "adapt", *argv])}
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "report.md").write_text(report(result))

@@ -505,14 +505,18 @@ def bench_model(out: Path, seed: int) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for report.md, results.json and the plots.")
 @click.option("--passes", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--locus", help="locus-bp's experts as LAYER:E,E;LAYER:E (default: per layer "
-              "the 2 experts the router picks most on the training tokens).")
+@click.option("--locus", help="locus-bp's experts as LAYER:E,E;LAYER:E (default: the parents "
+              "pc chose when pc ran first, else per layer the 2 experts the router picks most "
+              "on the training tokens).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+              help="The pc methods' bundle: BASE exported at 32 bits (with --strict-steps "
+                   "for pc-strict); each method grows its own copy.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench_adapt(base: str, train_file: Path, heldout: Path, old: Path, other: Path | None,
                 methods: str, tokens: int, out: Path, passes: int, locus: str | None,
-                seed: int, threads: int, as_json: bool) -> None:
+                seed: int, threads: int, bundle_dir: Path | None, as_json: bool) -> None:
     """Adapt BASE to a domain with each method (predictive coding, backprop on the PC locus,
     LoRA, full fine-tuning) on the same tokens, each in its own process: held-out gain,
     forgetting on base and another domain, wall time vs LoRA, peak RSS, learning bytes,
@@ -522,7 +526,7 @@ def bench_adapt(base: str, train_file: Path, heldout: Path, old: Path, other: Pa
     try:
         result = adapt_lib.bench_adapt(
             base, train_file, heldout, old, out, methods.split(","), tokens, other=other,
-            passes=passes, locus=locus, seed=seed, threads=threads,
+            passes=passes, locus=locus, seed=seed, threads=threads, bundle=bundle_dir,
             progress=lambda m: click.echo(m, err=True))
     except adapt_lib.AdaptError as e:
         fail(str(e))

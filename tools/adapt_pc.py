@@ -1,0 +1,74 @@
+"""The predictive-coding methods of `moegrow bench adapt`, on the device runtime.
+
+pc          one growth slice (`runtime/growth.py`): the error map's verdict picks the
+            layers and parents; idle experts deepen in place, used ones are cloned into spare
+            slots behind the novelty gate; default PC schedule (one exact sweep); guard; commit.
+pc-strict   the same with the strict PC schedule (the bundle's `strict{l}` programs).
+pc-inplace  the named experts deepened in place, no clones and no gate (what routing
+            locality alone gives).
+The runtime first observes the training tokens (the error map and replay buffer a user's
+typing would have built; not counted in wall_s, reported as observe_s), then one slice runs
+over them for `passes` passes on ONNX Runtime. The slice holds every HOLDOUT-th replay
+sequence out for its guard, so it learns from ~80% of the tokens the torch methods see.
+The curve has the start and the end only (a slice commits once).
+FLOPs: per trained token and per layer in the plan, one deepen program: a base-path forward
+(the gate), and locus-bp's forward-and-backward for that layer's experts.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from moegrow import runtime
+from moegrow.runtime import growth
+
+MODES = {"pc": {}, "pc-strict": {"strict": True}, "pc-inplace": {"place": "inplace"}}
+
+
+def perplexity(rt, ids: np.ndarray) -> float:
+    """Per-token perplexity of ids[1:] through the bundle's score program."""
+    nll, n = 0.0, 0
+    for chunk, new in rt.windows(ids):
+        nll += float(rt.run("score", chunk[None])[0][new].astype(np.float64).sum())
+        n += new.stop - new.start
+    return math.exp(nll / n)
+
+
+def run(method: str, bundle: Path, train_ids: np.ndarray, passes: int, workdir: Path,
+        evals: dict, threads: int, flops_per_token, progress) -> dict:
+    """The child contract of `tools/adapt.py` for one PC method."""
+    if bundle is None:
+        raise growth.GrowthError(f"{method} runs on a bundle: give --bundle (an fp32 bundle of "
+                                 "--base; pc-strict needs one exported with --strict-steps)")
+    path = workdir / "bundle"
+    shutil.copytree(bundle, path, ignore=shutil.ignore_patterns("state"))
+    rt = runtime.open(path, "onnxruntime", threads)
+    before = {k: perplexity(rt, ids) if ids is not None else None for k, ids in evals.items()}
+    t = time.perf_counter()
+    window = rt.bundle.context
+    for i in range(0, len(train_ids) - 1, window):
+        rt.observe(rt.sp.decode(train_ids[i + (i == 0):i + window].tolist()), "user")
+    observe_s = time.perf_counter() - t
+    progress(f"observed {len(train_ids)} tokens in {observe_s:.1f} s")
+    t = time.perf_counter()
+    r = rt.idle(1e9, "user", progress=progress, tokens=len(train_ids), passes=passes,
+                steps=10**6, **MODES[method])
+    wall = time.perf_counter() - t
+    after = {k: perplexity(rt, ids) if ids is not None else None for k, ids in evals.items()}
+    layers = {}
+    for s in r["plan"]:
+        layers.setdefault(s["layer"], []).append(s["parent"])
+    per_token = sum(flops_per_token(layer, ids) for layer, ids in layers.items())
+    return {"ppl": {k: [before[k], after[k]] if before[k] else None for k in evals},
+            "curve": [[0, before["heldout"]], [r["tokens"], after["heldout"]]],
+            "wall_s": wall, "observe_s": observe_s, "accounted_bytes": r.get("bytes"),
+            "flops": per_token * r["tokens"], "plan": r["plan"], "committed": r["committed"],
+            "reason": r["reason"], "guard": r["guard"] and {
+                k: r["guard"][k] for k in ("domain_gain", "base_rise", "passed")},
+            "reach": r["guard"] and {k: r["guard"]["after"][k]["reach"]
+                                     for k in ("domain", "base")},
+            "steps": r["steps"], "strict_steps_used": r.get("strict_steps_used")}
