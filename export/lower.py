@@ -35,7 +35,9 @@ ALIGN = 64  # byte alignment of each tensor in the ONNX data file
 def export(program: nn.Module, example_inputs: tuple[torch.Tensor, ...],
            dynamic_shapes: dict[str, Any] | None = None) -> torch.export.ExportedProgram:
     """The `torch.export` graph both lowerings start from (eval mode, no autograd)."""
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the MoE blocks keep per-call tensors (the gates, the taps) as attributes on purpose
+        warnings.filterwarnings("ignore", message="The tensor attributes")
         return torch.export.export(program.eval(), example_inputs, dynamic_shapes=dynamic_shapes)
 
 

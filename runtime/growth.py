@@ -71,8 +71,9 @@ def _windows(seqs: list[np.ndarray], context: int) -> list[np.ndarray]:
 
 
 def plan(rt, verdict: dict, domain: str, state: dict, limits: Limits) -> list[dict]:
-    """[{"layer", "parent", "slot", "how": "inplace" | "spawn"}] for one domain's verdict;
-    raises GrowthError when a clone has no free slot."""
+    """[{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}] for one domain's
+    verdict ("clone": the domain's existing clone of that parent, deepened further); raises
+    GrowthError when a new clone has no free slot."""
     cal = rt.bundle.manifest["calibration"]["layers"]
     k = limits.experts or rt.bundle.config["num_experts_per_tok"]
     named = [tuple(p) for p in verdict["experts"]]
@@ -86,17 +87,24 @@ def plan(rt, verdict: dict, domain: str, state: dict, limits: Limits) -> list[di
                 mine = {e: m for (lay, e), m in means.items() if lay == int(layer)}
                 if mine:
                     named.append((int(layer), min(mine, key=mine.get)))
-    free = {}
+    if limits.place not in ("auto", "inplace"):
+        raise GrowthError(f"place must be 'auto' or 'inplace', got {limits.place!r}")
+    free, clones = {}, {}
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
             free.setdefault(row["layer"], []).append(row["slot"])
+        elif row.get("kind") == "spawned" and row["domain"] == domain:
+            clones[row["layer"], row["parent"]] = row["slot"]
     out, per_layer = [], {}
     for layer, parent in named:
         if per_layer.get(layer, 0) >= k:
             continue
         per_layer[layer] = per_layer.get(layer, 0) + 1
         idle = cal[layer]["experts"][parent]["count"] == 0
-        if idle or limits.place == "inplace":
+        if (layer, parent) in clones:  # a later slice deepens the domain's clone further
+            out.append({"layer": layer, "parent": parent, "slot": clones[layer, parent],
+                        "how": "clone"})
+        elif idle or limits.place == "inplace":
             out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
         elif free.get(layer):
             out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
@@ -215,8 +223,11 @@ def _train_routers(work: Work, steps: list[dict], domain: list[np.ndarray],
 def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(),
          progress=None) -> dict[str, Any]:
     """One growth slice of at most `seconds` (see the module docstring); returns what it
-    did: {"domain", "verdict", "plan", "tokens", "steps", "energy", "guard", "committed",
-    "version", "reason", "bytes", "seconds"}."""
+    did: {"domain", "verdict", "plan", "tokens", "steps", "energy" and "update_norm" (per
+    step and token: the changed experts' energy, the norm of their update), "router",
+    "guard" (before/after NLL and reach on held-out domain and base text), "committed",
+    "version", "reason" (why nothing was committed), "bytes" (learning state: the changed
+    experts, gradients, Adam moments), "work_file_bytes" (the working copy), "seconds"}."""
     start = time.monotonic()
     deadline = start + min(seconds, limits.seconds)
     say = progress or (lambda _m: None)
@@ -230,7 +241,8 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
     if limits.strict and "strict0" not in b.programs(rt.backend):
         raise GrowthError(f"{b.path}: no strict PC programs (export with --strict-steps N)")
     report: dict[str, Any] = {"domain": domain, "verdict": None, "plan": [], "tokens": 0,
-                              "steps": 0, "energy": [], "guard": None, "committed": False,
+                              "steps": 0, "energy": [], "update_norm": [], "guard": None,
+                              "committed": False,
                               "version": b.manifest["weights"]["version"], "reason": None}
     store = errormap.Store(b.path)
     state = store.read()
@@ -308,8 +320,9 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     params = {(s["layer"], s["slot"]): work.expert(s["layer"], s["slot"]) for s in steps}
     moments = {key: [(np.zeros_like(w), np.zeros_like(w)) for w in ws]
                for key, ws in params.items()}
-    report["bytes"] = int(work.path.stat().st_size + 3 * sum(
-        w.nbytes for ws in params.values() for w in ws))
+    # learning state: the changed experts, their gradients and Adam's two moments
+    report["bytes"] = 4 * sum(w.nbytes for ws in params.values() for w in ws)
+    report["work_file_bytes"] = work.path.stat().st_size
     layers = sorted({s["layer"] for s in steps})
     order = [w for _ in range(limits.passes) for w in train]
     total = min(limits.steps, -(-len(order) // limits.batch))
@@ -340,6 +353,8 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
             return (f"step {step + 1}: energy {energy:.3g} exploded (first step {first:.3g}); "
                     "discarded, nothing committed")
         report["energy"].append(energy / max(tokens, 1))
+        report["update_norm"].append(float(np.sqrt(sum(
+            float((g * g).sum()) for gs in grads.values() for g in gs))) / max(tokens, 1))
         t = step + 1
         for key, ws in params.items():
             for w, g, (m, v) in zip(ws, grads[key], moments[key], strict=True):
@@ -373,7 +388,7 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
             rows[key] = {"kind": "spawned", "parent": s["parent"], "domain": domain,
                          "bias": float(bias), "threshold": float(threshold)}
     version = versions.next_version(b)
-    summary = {k: v for k, v in report.items() if k not in ("guard", "energy")}
+    summary = {k: v for k, v in report.items() if k not in ("guard", "energy", "update_norm")}
     summary |= {"committed": True, "version": version, "energy": report["energy"][-1:],
                 "guard": {k: report["guard"][k] for k in ("domain_gain", "base_rise")}}
     new = experts.commit(b, changes, routers, rows, version=version,

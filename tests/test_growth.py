@@ -118,6 +118,20 @@ def test_a_non_finite_update_is_discarded(grown, tmp_path):
     assert not (path / "state" / "work.onnxruntime").exists()
 
 
+def test_a_second_slice_deepens_the_same_clone(grown, tmp_path):
+    _, after, first = grown
+    path = tmp_path / "b"
+    shutil.copytree(after, path)
+    r = runtime.open(path, "onnxruntime").idle(600, tokens=4096, steps=4)
+    assert [(s["layer"], s["slot"]) for s in r["plan"]] == [
+        (s["layer"], s["slot"]) for s in first["plan"]]
+    assert all(s["how"] == "clone" for s in r["plan"])
+    def spare(b):
+        return sum(x["kind"] == "spare" for x in bundle_format.load(b).manifest["experts"]["table"])
+
+    assert spare(path) == spare(after)  # no new slot taken
+
+
 def test_no_free_slot_is_a_clear_answer(grown):
     _, after, r = grown
     rt = runtime.open(after, "onnxruntime")

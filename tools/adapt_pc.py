@@ -66,6 +66,7 @@ def run(method: str, bundle: Path, train_ids: np.ndarray, passes: int, workdir: 
     return {"ppl": {k: [before[k], after[k]] if before[k] else None for k in evals},
             "curve": [[0, before["heldout"]], [r["tokens"], after["heldout"]]],
             "wall_s": wall, "observe_s": observe_s, "accounted_bytes": r.get("bytes"),
+            "work_file_bytes": r.get("work_file_bytes"),
             "flops": per_token * r["tokens"], "plan": r["plan"], "committed": r["committed"],
             "reason": r["reason"], "guard": r["guard"] and {
                 k: r["guard"][k] for k in ("domain_gain", "base_rise", "passed")},

@@ -348,7 +348,8 @@ def forget(bundle_dir: str) -> None:
 @click.option("--strict", is_flag=True, help="The strict PC schedule (bundles exported with "
               "--strict-steps).")
 @click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
-              show_default=True)
+              show_default=True, help="The engine that runs the PC programs (ONNX Runtime's "
+              "sweeps are 2-4x faster than ExecuTorch's here); the commit serves both.")
 @click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
 def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps: int,
          strict: bool, backend: str, as_json: bool) -> None:
@@ -426,114 +427,10 @@ def demo() -> None:
                "landed).")
 
 
-@cli.group()
-def bench() -> None:
-    """Benchmarks: each writes a Markdown report and results.json into --out."""
-
-
-@bench.command("infer")
-@click.argument("bundle_dir", metavar="BUNDLE")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder for report.md and results.json.")
-@click.option("--ckpt", default="default", show_default=True,
-              help="The checkpoint the bundle was exported from (the torch eager baseline).")
-@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int,
-                as_json: bool) -> None:
-    """Prefill/decode tokens/s of torch, ExecuTorch and ONNX Runtime on BUNDLE, interleaved
-    in one run, with the decode roofline and `suggest` latency. With the `bench` extra,
-    llama.cpp runs the checkpoint as GGUF F16, Q8_0 and Q4_0 in the same rounds."""
-    from moegrow.tools import bench as bench_lib
-
-    result = bench_lib.bench_infer(bundle_dir, out, ckpt=ckpt, rounds=rounds, threads=threads,
-                                   progress=lambda m: click.echo(m, err=True))
-    emit(result, as_json, (out / "report.md").read_text())
-
-
-@bench.command("overhead")
-@click.argument("bundle_dir", metavar="BUNDLE")
-@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
-              help="UTF-8 text to score (held-out text of any domain).")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder for report.md and results.json.")
-@click.option("--rounds", type=click.IntRange(min=1), default=7, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print {engine: ratio} as JSON.")
-def bench_overhead(bundle_dir: str, text_file: Path, out: Path, rounds: int, threads: int,
-                   as_json: bool) -> None:
-    """Cost of the error taps: `observe` against `score` on the same text, both engines,
-    interleaved in one run."""
-    from moegrow.tools import bench as bench_lib
-
-    text = read_text(text_file)
-    result = bench_lib.bench_overhead(bundle_dir, out, text, rounds=rounds, threads=threads,
-                                      progress=lambda m: click.echo(m, err=True))
-    emit(result, as_json, (out / "report.md").read_text())
-
-
-@bench.command("model")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Checkpoint folder to write (must not exist).")
-@click.option("--seed", type=int, default=0, show_default=True)
-def bench_model(out: Path, seed: int) -> None:
-    """Write a ~110M-parameter random-weight checkpoint of the default model's family (8
-    layers, width 512, 8 experts of 1024, top-2, default tokenizer) for speed benchmarks."""
-    from moegrow.tools import bench as bench_lib
-
-    if out.exists():
-        fail(f"{out}: already exists (choose a new folder)")
-    params = bench_lib.random_model(out, seed)
-    click.echo(f"{out}: {params / 1e6:.1f}M parameters, random weights")
-
-
-@bench.command("adapt")
-@click.option("--base", required=True, help="Checkpoint folder to adapt, or `default`.")
-@click.option("--train", "train_file", required=True, type=click.Path(path_type=Path),
-              help="UTF-8 text of the user's domain to adapt on (its first --tokens tokens).")
-@click.option("--heldout", required=True, type=click.Path(path_type=Path),
-              help="Held-out text of the same domain (the gain).")
-@click.option("--old", required=True, type=click.Path(path_type=Path),
-              help="Held-out text of the base corpus (forgetting).")
-@click.option("--other", type=click.Path(path_type=Path),
-              help="Held-out text of another domain (forgetting there too).")
-@click.option("--methods", default="pc,pc-strict,pc-inplace,locus-bp,lora,full",
-              show_default=True, help="Comma-separated methods to compare.")
-@click.option("--tokens", type=click.IntRange(min=2), required=True,
-              help="Training tokens: the first N of [BOS] + the training text.")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder for report.md, results.json and the plots.")
-@click.option("--passes", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--locus", help="locus-bp's experts as LAYER:E,E;LAYER:E (default: the parents "
-              "pc chose when pc ran first, else per layer the 2 experts the router picks most "
-              "on the training tokens).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
-              help="The pc methods' bundle: BASE exported at 32 bits (with --strict-steps "
-                   "for pc-strict); each method grows its own copy.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_adapt(base: str, train_file: Path, heldout: Path, old: Path, other: Path | None,
-                methods: str, tokens: int, out: Path, passes: int, locus: str | None,
-                seed: int, threads: int, bundle_dir: Path | None, as_json: bool) -> None:
-    """Adapt BASE to a domain with each method (predictive coding, backprop on the PC locus,
-    LoRA, full fine-tuning) on the same tokens, each in its own process: held-out gain,
-    forgetting on base and another domain, wall time vs LoRA, peak RSS, learning bytes,
-    FLOPs."""
-    from moegrow.tools import adapt as adapt_lib
-
-    try:
-        result = adapt_lib.bench_adapt(
-            base, train_file, heldout, old, out, methods.split(","), tokens, other=other,
-            passes=passes, locus=locus, seed=seed, threads=threads, bundle=bundle_dir,
-            progress=lambda m: click.echo(m, err=True))
-    except adapt_lib.AdaptError as e:
-        fail(str(e))
-    emit(result, as_json, (out / "report.md").read_text())
-
-
 def main(argv: list[str] | None = None) -> None:
+    from moegrow.tools.bench_cli import bench
+
+    cli.add_command(bench)
     try:
         cli.main(argv, prog_name="moegrow", standalone_mode=False)
     except click.exceptions.Abort:
