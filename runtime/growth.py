@@ -42,6 +42,7 @@ BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
 HOLDOUT = 5  # every HOLDOUT-th replay sequence of the domain is held out for the guard
 GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
+BASE_OPEN = 0.01  # at most this share of base replay positions may open a clone's gate
 EXPLODE = 10.0  # energy above this many times the first step's: the update is discarded
 BETAS, EPS = (0.9, 0.999), 1e-8
 
@@ -59,7 +60,7 @@ class Limits:
     seconds: float = 600.0
     batch: int = 4  # windows per step
     lr: float = 1e-3
-    router_steps: int = 100
+    router_steps: int = 0  # hinge steps on the clones' router rows (off: it forgot more)
     router_lr: float = 0.1
     strict: bool = False  # the strict PC schedule (bundles exported with --strict-steps)
     place: str = "auto"  # "auto": idle experts in place, others cloned; "inplace": all in place
@@ -177,37 +178,36 @@ class Work:
         return {"nll": nll / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist()}
 
 
-def _train_routers(work: Work, steps: list[dict], domain: list[np.ndarray],
-                   base: list[np.ndarray], limits: Limits, k: int) -> dict:
-    """Hinge updates of the clones' router rows and biases: domain positions where the clone
-    is open should rank it within the top-k by MARGIN, base positions below it by MARGIN."""
+def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits: Limits,
+                   k: int) -> dict:
+    """Hinge updates of the clones' router rows and biases on replayed base text: where a
+    base position opens the gate and the clone ranks within MARGIN of the k-th other slot,
+    its logit is pushed down (the domain keeps reaching the clone wherever it reached the
+    parent: the clone wins that tie by BIAS)."""
     out = {}
     for layer in sorted({s["layer"] for s in steps if s["how"] == "spawn"}):
         clones = [s["slot"] for s in steps if s["how"] == "spawn" and s["layer"] == layer]
         sets = []
-        for windows, sign in ((domain, 1.0), (base, -1.0)):
-            for w in windows:
-                d = work.deepen(layer, w, False)
-                n = len(w) - 1
-                sets.append((d["x"][:n].astype(np.float64), d["novelty"][:n], sign))
+        for w in base:
+            d = work.deepen(layer, w, False)
+            sets.append((d["x"][:len(w) - 1].astype(np.float64), d["novelty"][:len(w) - 1]))
         rows = work.router(layer)
         for clone in clones:
             w_row, bias = rows[clone].astype(np.float64), float(work.slots[layer, 0, clone])
+            total = bad = 0
             for _ in range(limits.router_steps):
                 gw, gb, total, bad = np.zeros_like(w_row), 0.0, 0, 0
-                for x, nov, sign in sets:
+                for x, nov in sets:
                     state = work.slots[layer]
                     open_ = nov[:, None] * state[1] >= state[2]
                     logits = x @ rows.T.astype(np.float64) + state[0]
                     logits[:, clone] = x @ w_row + bias
                     logits = np.where(open_, logits, -np.inf)
-                    others = np.delete(logits, clone, axis=1)
-                    kth = -np.sort(-others, axis=1)[:, k - 1]
-                    mine = open_[:, clone]
-                    viol = mine & (sign * (logits[:, clone] - kth) < MARGIN)
-                    gw -= sign * x[viol].sum(0)
-                    gb -= sign * viol.sum()
-                    total += int(mine.sum())
+                    kth = -np.sort(-np.delete(logits, clone, axis=1), axis=1)[:, k - 1]
+                    viol = open_[:, clone] & (logits[:, clone] > kth - MARGIN)
+                    gw += x[viol].sum(0)
+                    gb += viol.sum()
+                    total += int(open_[:, clone].sum())
                     bad += int(viol.sum())
                 if not bad:
                     break
@@ -215,9 +215,19 @@ def _train_routers(work: Work, steps: list[dict], domain: list[np.ndarray],
                 bias -= limits.router_lr * gb / max(total, 1)
             rows[clone] = w_row.astype(np.float32)
             work.slots[layer, 0, clone] = bias
-            out[f"{layer}/{clone}"] = {"open_positions": total, "violations": bad}
+            out[f"{layer}/{clone}"] = {"base_open": total, "base_reaching": bad}
     work.reload()
     return out
+
+
+def _threshold(work: Work, base: list[np.ndarray], domain_nll: float) -> float:
+    """The clones' novelty threshold: halfway between the base's NLL and the domain's, and
+    at least the base replay's 99th percentile of context novelty (so at most ~1% of base
+    positions open the gate)."""
+    last = work.rt.bundle.config["num_hidden_layers"] - 1  # the shortest sweep
+    nov = np.concatenate([work.deepen(last, w, False)["novelty"][:len(w) - 1] for w in base])
+    mid = 0.5 * (work.rt.bundle.manifest["calibration"]["nll"] + domain_nll)
+    return float(max(mid, np.quantile(nov, 1 - BASE_OPEN)))
 
 
 def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(),
@@ -306,17 +316,19 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
           limits: Limits, k: int, deadline: float, report: dict, say, domain: str,
           state: dict) -> str | None:
     """Spawn, train the router rows, then PC steps; returns why it stopped early, or None."""
-    cal = work.rt.bundle.manifest["calibration"]
-    threshold = 0.5 * (cal["nll"] + state["domains"][domain]["nll"])
+    threshold = None
     for s in steps:
         if s["how"] == "spawn":
+            if threshold is None:
+                threshold = _threshold(work, base, state["domains"][domain]["nll"])
+                report["threshold"] = threshold
             work.set_expert(s["layer"], s["slot"], work.expert(s["layer"], s["parent"]))
             work.router(s["layer"])[s["slot"]] = work.router(s["layer"])[s["parent"]]
             work.slots[s["layer"], :, s["slot"]] = (BIAS, 1.0, threshold)
     work.reload()
-    if any(s["how"] == "spawn" for s in steps):
+    if any(s["how"] == "spawn" for s in steps) and limits.router_steps:
         say("training the new router rows")
-        report["router"] = _train_routers(work, steps, train[:8], base[:8], limits, k)
+        report["router"] = _train_routers(work, steps, base[:8], limits, k)
     params = {(s["layer"], s["slot"]): work.expert(s["layer"], s["slot"]) for s in steps}
     moments = {key: [(np.zeros_like(w), np.zeros_like(w)) for w in ws]
                for key, ws in params.items()}
