@@ -7,11 +7,14 @@
      any other is cloned into a free spare slot of its layer (its parent is never changed).
   2. a working copy of the engine's weight file in `state/`, sized once; clones get their
      parent's weights and router row there, a router bias `BIAS` (the clone wins the tie with
-     its parent) and a novelty threshold halfway between the base's and the domain's NLL: the
-     clone is reachable only where the context's running NLL under the frozen base path is at
-     least that (`export/programs.py`, inside every program).
-  3. the new router rows are trained (hinge, margin `MARGIN`) so that the domain's open
-     positions route to the clone and replayed base positions do not;
+     its parent, so the domain reaches it wherever it reached the parent) and a novelty
+     threshold: halfway between the base's and the domain's NLL, and at least the base
+     replay's 99th percentile of context novelty (`BASE_OPEN`). The clone is reachable only
+     where the context's running NLL under the frozen base path is at least that
+     (`export/programs.py`, inside every program).
+  3. optionally (`Limits.router_steps`, off by default: it forgot more, docs/growth.md) hinge
+     updates of the new router rows that push them below the k-th logit on replayed base
+     positions that open the gate;
   4. PC deepening: the bundle's `deepen{l}` (or `strict{l}`) programs on batches of domain
      replay windows; Adam on the changed experts only; the engine reloads the working copy
      after each step. A non-finite update or energy beyond `EXPLODE` x the first step's is

@@ -460,6 +460,16 @@ def report(r: dict) -> str:
                      f"{x['flops'] / 1e9:.1f} |")
     lines += [f"\nlocus-bp locus {{layer: experts}}: {x['locus']}"
               for m, x in r["methods"].items() if "locus" in x]
+    for m, x in r["methods"].items():  # the PC methods: what the slice did
+        if "plan" in x:
+            g = x["guard"] or {}
+            lines.append(f"\n{m}: " + ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
+                                                for s in x["plan"])
+                         + f"; {x['steps']} steps; guard: domain replay "
+                         f"{g.get('domain_gain', 0):+.1%} gain, base {g.get('base_rise', 0):+.2%}; "
+                         + ("committed" if x["committed"] else f"NOT committed ({x['reason']})")
+                         + (f"; base tokens reaching a changed expert {max(x['reach']['base']):.2%}"
+                            if x.get("reach") else ""))
     lines += ["", "![held-out perplexity](curve.png) ![forgetting vs gain](forgetting.png)"]
     return "\n".join(lines) + "\n"
 
