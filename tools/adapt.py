@@ -305,8 +305,9 @@ def run_pc(method: str, job: dict, train_ids: np.ndarray, workdir: Path,
     counts = np.ones((args.num_hidden_layers, args.experts)) / args.experts * \
         args.num_experts_per_tok  # shares for the estimate: a balanced router
 
-    def flops(layer: int, experts: list[int]) -> float:
-        return flops_per_token(args, "full", None) / 3 + flops_per_token(
+    def flops(layer: int, experts: list[int], sweeps: int) -> float:
+        """The gate's base-path forward, then `sweeps` forward-and-backward passes."""
+        return flops_per_token(args, "full", None) / 3 + sweeps * flops_per_token(
             args, "locus-bp", {layer: experts}, counts)
 
     bundle = Path(job["bundle"]) if job.get("bundle") else None

@@ -12,7 +12,8 @@ over them for `passes` passes on ONNX Runtime. The slice holds every HOLDOUT-th 
 sequence out for its guard, so it learns from ~80% of the tokens the torch methods see.
 The curve has the start and the end only (a slice commits once).
 FLOPs: per trained token and per layer in the plan, one deepen program: a base-path forward
-(the gate), and locus-bp's forward-and-backward for that layer's experts.
+(the gate), and locus-bp's forward-and-backward for that layer's experts (pc-strict: steps + 2
+of them, since the unrolled program computes every step).
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def run(method: str, bundle: Path, train_ids: np.ndarray, passes: int, workdir: 
     layers = {}
     for s in r["plan"]:
         layers.setdefault(s["layer"], []).append(s["parent"])
-    per_token = sum(flops_per_token(layer, ids) for layer, ids in layers.items())
+    # a strict program computes every unrolled step (halting is a mask): steps + 1
+    # evaluations of F and its gradient over the span, then dF/dW
+    sweeps = rt.bundle.manifest["deepening"]["strict_steps"] + 2 if method == "pc-strict" else 1
+    per_token = sum(flops_per_token(layer, ids, sweeps) for layer, ids in layers.items())
     return {"ppl": {k: [before[k], after[k]] if before[k] else None for k in evals},
             "curve": [[0, before["heldout"]], [r["tokens"], after["heldout"]]],
             "wall_s": wall, "observe_s": observe_s, "accounted_bytes": r.get("bytes"),
