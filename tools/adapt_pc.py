@@ -76,4 +76,5 @@ def run(method: str, bundle: Path, train_ids: np.ndarray, passes: int, workdir: 
                 k: r["guard"][k] for k in ("domain_gain", "base_rise", "passed")},
             "reach": r["guard"] and {k: r["guard"]["after"][k]["reach"]
                                      for k in ("domain", "base")},
-            "steps": r["steps"], "strict_steps_used": r.get("strict_steps_used")}
+            "steps": r["steps"], "strict_steps_used": r.get("strict_steps_used"),
+            "threshold": r.get("threshold")}
