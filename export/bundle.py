@@ -12,6 +12,10 @@ Layout (format version 2):
     weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
     weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
 
+fp32 bundles have `spare` empty expert slots per layer (default 2; the manifest's config
+says `spare_experts`, the expert table marks them `"kind": "spare"`), counted in the budget,
+and `calibration.ids`, the calibration text's tokens (growth's guard text).
+
 Weights are data: the programs name their constants, the weight files hold the bytes, and
 `manifest["experts"]["layout"]` says where each layer's expert tensors lie in each weight file
 (`device_kernels.layout`). A new expert version is a new `weights/vN.*` file with that expert's

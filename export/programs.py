@@ -5,6 +5,12 @@ formulation (the eager `MoE.forward` sizes its expert groups from the data), tak
 plain tensors, and has no data-dependent shapes. `lower.to_pte` / `lower.to_onnx` turn the same
 module into both engines' programs; called directly it is the torch reference.
 
+Expert slots: every program takes `slots` [L, 3, E + S], the state of each expert slot
+(`slot_state`): spare slots (`with_spare`) stay closed until growth spawns a clone into one,
+and a clone opens only where the context's novelty, the running NLL of the tokens seen so
+far under the base path, reaches its threshold (`gate`: a base pass, then the gated pass;
+`prefill` returns the novelty that `decode` keeps). docs/growth.md.
+
 KV cache: explicit inputs and outputs `k_cache, v_cache [L, 1, Hkv, S, D]` on both engines.
 ONNX has no mutable state, one signature keeps the backends interchangeable, and the runtime
 can keep, fork or drop a cache. The price is a cache copy per call (0.5 MB for the small model
