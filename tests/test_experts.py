@@ -127,7 +127,9 @@ def test_expert_table_and_budget(tiny_bundle, tiny_ckpt, tmp_path, capsys):
     c = manifest["config"]
     per_expert = 3 * c["hidden_size"] * c["intermediate_size"] * 4
     rows = manifest["experts"]["table"]
-    assert len(rows) == c["num_hidden_layers"] * c["num_local_experts"]
+    slots = c["num_local_experts"] + c["spare_experts"]  # spare slots for spawning
+    assert c["spare_experts"] == 2 and len(rows) == c["num_hidden_layers"] * slots
+    assert [r["kind"] for r in rows[:slots]] == ["base"] * c["num_local_experts"] + ["spare"] * 2
     assert {(r["version"], r["bits"], r["bytes"]) for r in rows} == {(1, 32, per_expert)}
     used = per_expert * len(rows)
     assert manifest["budget"] == {"bytes": used, "experts": used}

@@ -50,16 +50,21 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     assert all(s["how"] == "spawn" for s in r["plan"])
     assert r["steps"] == 8 and r["tokens"] > 0 and np.isfinite(r["energy"]).all()
     g = r["guard"]
-    assert g["domain_gain"] > 0.05 and g["base_rise"] <= growth.GUARD_BASE
+    assert g["domain_gain"] > 0.02 and g["base_rise"] <= growth.GUARD_BASE
     assert g["after"]["domain"]["nll"] < g["before"]["domain"]["nll"]
-    assert max(g["after"]["domain"]["reach"]) > 0.5  # domain tokens reach the clone
+    assert max(g["after"]["domain"]["reach"]) > 0.05  # domain tokens reach the clone
     assert max(g["after"]["base"]["reach"]) < 0.01  # base tokens (almost) never do
+    assert r["threshold"] > rt_nll(before)  # the gate opens above the base's own NLL
     table = {(x["layer"], x["slot"]): x for x in bundle_format.load(after).manifest["experts"]
              ["table"]}
     for s in r["plan"]:
         row = table[s["layer"], s["slot"]]
         assert row["kind"] == "spawned" and row["parent"] == s["parent"] and row["domain"] == "de"
         assert row["threshold"] > 0 and row["version"] == 2
+
+
+def rt_nll(path) -> float:
+    return bundle_format.load(path).manifest["calibration"]["nll"]
 
 
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
@@ -140,7 +145,7 @@ def test_no_free_slot_is_a_clear_answer(grown):
     layer, parent = r["plan"][0]["layer"], r["plan"][0]["parent"]
     verdict = {"verdict": "deepen", "experts": [[layer, parent]], "layers": {}}
     with pytest.raises(growth.GrowthError, match="no free expert slot"):
-        growth.plan(rt, verdict, "de", {"stats": []}, growth.Limits())
+        growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits())  # no clone for fr
 
 
 def test_idle_with_nothing_to_grow_and_bad_bundles(tiny_bundle, capsys, tmp_path):
