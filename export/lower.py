@@ -84,6 +84,7 @@ def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: 
     path = Path(path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecations inside the exporter
+        warnings.filterwarnings("ignore", message="The tensor attributes")  # as in `export`
         onnx_program = torch.onnx.export(
             program.eval(), example_inputs, dynamo=True, dynamic_shapes=dynamic_shapes,
             output_names=list(output_names) if output_names else None, verbose=False,

@@ -97,7 +97,7 @@ def plan(rt, verdict: dict, domain: str, state: dict, limits: Limits) -> list[di
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
             free.setdefault(row["layer"], []).append(row["slot"])
-        elif row.get("kind") == "spawned" and row["domain"] == domain:
+        elif row.get("kind") == "spawned" and row.get("domain") == domain:
             clones[row["layer"], row["parent"]] = row["slot"]
     out, per_layer = [], {}
     for layer, parent in named:
