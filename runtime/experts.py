@@ -5,7 +5,8 @@ says (`device_kernels.layout`). `commit` writes the next version of every engine
 with the changed experts' bytes replaced, then the manifest that names it; the programs stay
 as they are. Order (DESIGN.md rule 5): new files written and fsynced under new names, then
 the manifest replaced atomically, so a crash at any point leaves the previous version loaded
-by the previous manifest. Older weight files are kept (rollback comes with the growth driver).
+by the previous manifest. Older weight files are kept (`versions.py` logs every version and
+rolls back). Router rows and expert-table fields (spawned slots) commit the same way.
 """
 
 from __future__ import annotations
