@@ -76,9 +76,18 @@ def load(path: str | Path) -> Bundle:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{file}: unknown format version {manifest.get('format_version')!r} "
                           f"(this moegrow reads {FORMAT_VERSION})")
+    return verify(root, manifest)
+
+
+def verify(root: Path, manifest: dict) -> Bundle:
+    """The bundle at `root` as `manifest` describes it, once every file it names has its
+    size and checksum and every located expert its bytes (a manifest being loaded, or an
+    older version's before a rollback makes it current)."""
+    file = root / MANIFEST
     try:
         entries = [manifest["tokenizer"], *manifest["weights"]["files"].values()]
-        entries += [c["guard"] for c in [manifest.get("calibration") or {}] if "guard" in c]
+        guard = (manifest.get("calibration") or {}).get("guard")  # growth's base text
+        entries += [guard] if guard else []
         entries += [e for p in manifest["programs"].values() for e in p.values()]
         for entry in {e["file"]: e for e in entries}.values():  # one .pte serves 3 programs
             _verify(root, entry)

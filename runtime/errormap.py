@@ -12,9 +12,11 @@ has L x E rows per domain, the buffer at most `capacity` tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +108,7 @@ class Store:
             count, total, squares = folded[layer, expert]
             rows.append((int(layer), int(expert), domain, int(count), float(total),
                          float(squares), float(total / count), now))
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self.connection(write=True) as db:
             db.executemany(
                 "INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (layer, expert, domain) DO UPDATE SET "
@@ -124,13 +124,6 @@ class Store:
             db.execute("DELETE FROM replay WHERE id IN (SELECT id FROM (SELECT id, SUM(length) "
                        "OVER (ORDER BY id DESC) AS newer FROM replay) WHERE newer > ?)",
                        (capacity,))
-            db.execute("COMMIT")
-        except sqlite3.Error as e:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise self._error(e) from None
-        finally:
-            db.close()
 
     def read(self, domain: str | None = None) -> dict:
         """{"domains": {tag: {"tokens", "nll", "nll_sd"}}, "stats": [(layer, expert, domain,
@@ -138,18 +131,13 @@ class Store:
         observed. nll is the mean per-token NLL, nll_sd its standard deviation over tokens."""
         if not self.path.exists():
             return {"domains": {}, "stats": [], "replay_tokens": 0}
-        db = self._connect()
-        try:
+        with self.connection() as db:
             where, args = ("WHERE domain = ?", (domain,)) if domain is not None else ("", ())
             stats = db.execute(f"SELECT * FROM stats {where} ORDER BY layer, expert, domain",
                                args).fetchall()
             rows = db.execute(f"SELECT domain, tokens, nll_sum, nll_sq FROM domains {where}",
                               args).fetchall()
             replay = db.execute("SELECT COALESCE(SUM(length), 0) FROM replay").fetchone()[0]
-        except sqlite3.Error as e:
-            raise self._error(e) from None
-        finally:
-            db.close()
         domains = {d: {"tokens": n, "nll": s / max(n, 1),
                        "nll_sd": float(np.sqrt(max(q / max(n, 1) - (s / max(n, 1)) ** 2, 0)))}
                    for d, n, s, q in rows}
@@ -159,35 +147,41 @@ class Store:
         """The replay buffer's token sequences of `domain`, oldest first."""
         if not self.path.exists():
             return []
-        db = self._connect()
-        try:
+        with self.connection() as db:
             rows = db.execute("SELECT tokens FROM replay WHERE domain = ? ORDER BY id",
                               (domain,)).fetchall()
-        except sqlite3.Error as e:
-            raise self._error(e) from None
-        finally:
-            db.close()
         return [np.frombuffer(r[0], np.int32).astype(np.int64) for r in rows]
 
-    def connect(self) -> sqlite3.Connection:
-        """A connection to the state database (the version log shares it)."""
-        return self._connect()
+    @contextlib.contextmanager
+    def connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """A connection to the state database (the version log shares it), closed after the
+        block; with `write`, the block is one IMMEDIATE transaction, rolled back if it
+        raises. SQLite errors come out as StateError."""
+        db = self._connect()
+        try:
+            if write:
+                db.execute("BEGIN IMMEDIATE")
+            yield db
+            if write:
+                db.execute("COMMIT")
+        except BaseException as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise self._error(e) from None
+            raise
+        finally:
+            db.close()
 
     def forget(self) -> None:
         """Clear the error map and the replay buffer."""
         if not self.path.exists():
             return
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self.connection(write=True) as db:
             for table in ("stats", "domains", "replay"):
                 db.execute(f"DELETE FROM {table}")
-            db.execute("COMMIT")
+        with self.connection() as db:
             db.execute("VACUUM")
-        except sqlite3.Error as e:
-            raise self._error(e) from None
-        finally:
-            db.close()
 
 
 def summary(state: dict, layers: int, experts: int) -> dict:

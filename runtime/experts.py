@@ -57,12 +57,17 @@ def read(bundle: bundle_format.Bundle, layer: int, slot: int,
     return [np.array(copies[p][0]) for p in layout.PROJS]
 
 
+def router_entry(manifest: dict, engine: str, layer: int) -> dict:
+    """Where `layer`'s router weight lies in the engine's weight file."""
+    return next(e for e in manifest["experts"]["routers"][engine] if e["layer"] == layer)
+
+
 def router(bundle: bundle_format.Bundle, layer: int, engine: str | None = None) -> np.ndarray:
     """`layer`'s router weight [slots, C] (a copy): one row per expert slot."""
     engine = engine or bundle.engines()[0]
-    entry = next(e for e in bundle.manifest["experts"]["routers"][engine] if e["layer"] == layer)
     buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
-    return np.array(layout.router(buf, entry, layout.dims(bundle.config)))
+    return np.array(layout.router(buf, router_entry(bundle.manifest, engine, layer),
+                                  layout.dims(bundle.config)))
 
 
 def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
@@ -86,7 +91,8 @@ def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
     return out
 
 
-def _write(path: Path, buf: np.ndarray) -> None:
+def write_atomic(path: Path, buf: np.ndarray) -> None:
+    """`buf`'s bytes as `path`: written to a temporary name, fsynced, renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -139,11 +145,9 @@ def commit(bundle: bundle_format.Bundle,
                     for w in copies[proj]:
                         w[...] = new
             for (layer, slot), row in routers.items():
-                entry = next(e for e in bundle.manifest["experts"]["routers"][engine]
-                             if e["layer"] == layer)
-                layout.router(buf, entry, dims)[slot] = row
+                layout.router(buf, router_entry(bundle.manifest, engine, layer), dims)[slot] = row
             path = current.with_name(f"v{version}.{current.name.split('.', 1)[1]}")
-            _write(path, buf)
+            write_atomic(path, buf)
             written.append(path)
             manifest["weights"]["files"][engine] = file_entry(bundle.path, path)
         manifest["weights"]["version"] = version
@@ -154,8 +158,8 @@ def commit(bundle: bundle_format.Bundle,
             row.update(rows.get(key, {}))
         if record:
             record(manifest)
-        _write(bundle.path / MANIFEST,
-               np.frombuffer((json.dumps(manifest, indent=2) + "\n").encode(), np.uint8))
+        write_atomic(bundle.path / MANIFEST,
+                     np.frombuffer((json.dumps(manifest, indent=2) + "\n").encode(), np.uint8))
     except BaseException:
         for path in written:  # not referenced by any manifest yet
             path.unlink(missing_ok=True)

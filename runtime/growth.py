@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from moegrow.device_kernels import layout
 
-from . import backends, errormap, experts, verdicts, versions
+from . import backends, errormap, experts, session, verdicts, versions
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
@@ -132,7 +132,6 @@ class Work:
         self.slots = rt.slots.copy()
         self.dims = layout.dims(rt.bundle.config)
         self.where = rt.bundle.manifest["experts"]["layout"][rt.backend]
-        self.routers = rt.bundle.manifest["experts"]["routers"][rt.backend]
         self.reload()
 
     def expert(self, layer: int, slot: int) -> list[np.ndarray]:
@@ -146,7 +145,7 @@ class Work:
                 view[...] = w
 
     def router(self, layer: int) -> np.ndarray:
-        entry = next(e for e in self.routers if e["layer"] == layer)
+        entry = experts.router_entry(self.rt.bundle.manifest, self.rt.backend, layer)
         return layout.router(self.buf, entry, self.dims)  # a view: rows can be assigned
 
     def reload(self) -> None:
@@ -158,13 +157,7 @@ class Work:
         return self.engine.run(program, [tokens, *more, self.slots])
 
     def deepen(self, layer: int, ids: np.ndarray, strict: bool) -> dict[str, np.ndarray]:
-        window = self.rt.bundle.context
-        tokens = np.zeros((1, window), np.int64)
-        tokens[0, :len(ids)] = ids
-        valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
-        names = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")
-        out = self.run(f"{'strict' if strict else 'deepen'}{layer}", tokens, valid)
-        return dict(zip(names + ("free_energy", "steps_used") * strict, out, strict=True))
+        return session.deepen(self.run, layer, ids, self.rt.bundle.context, strict)
 
     def observe(self, windows: list[np.ndarray], changed: set) -> dict:
         """NLL of the windows' tokens (every token after each window's first) and the share
@@ -408,5 +401,5 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
                 "guard": {k: report["guard"][k] for k in ("domain_gain", "base_rise")}}
     new = experts.commit(b, changes, routers, rows, version=version,
                          record=versions.record(b, summary))
-    rt._reload(new)
+    rt.reload(new)
     report["committed"], report["version"] = True, new.manifest["weights"]["version"]

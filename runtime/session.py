@@ -55,7 +55,8 @@ class Runtime:
                             bundle.context, head_dim)
         self.slots = slot_state(bundle)
 
-    def _reload(self, bundle: bundle_format.Bundle) -> None:
+    def reload(self, bundle: bundle_format.Bundle) -> None:
+        """Serve `bundle` (a new version of this one) from now on."""
         self.bundle, self.slots = bundle, slot_state(bundle)
         self.engine = backends.load(self.backend, bundle.programs(self.backend),
                                     bundle.weights(self.backend), self.threads)
@@ -67,7 +68,7 @@ class Runtime:
     def set_experts(self, changes: dict[tuple[int, int], list[np.ndarray]]) -> int:
         """Commit new weights for some experts ({(layer, slot): [gate, up, down]}) as the
         bundle's next weights version, reload the engine on it; returns the version."""
-        self._reload(experts.commit(self.bundle, changes))
+        self.reload(experts.commit(self.bundle, changes))
         return self.bundle.manifest["weights"]["version"]
 
     def _ids(self, text: str, room: int) -> list[int]:
@@ -160,11 +161,7 @@ class Runtime:
         window = self.bundle.context
         if not 2 <= len(ids) <= window:
             raise InputError(f"a deepening window takes 2 to {window} tokens, got {len(ids)}")
-        tokens = np.zeros((1, window), np.int64)
-        tokens[0, :len(ids)] = ids
-        valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
-        out = self.run(f"{'strict' if strict else 'deepen'}{layer}", tokens, valid)
-        return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
+        return deepen(self.run, layer, ids, window, strict)
 
     def idle(self, seconds: float, domain: str | None = None, progress=None,
              **limits) -> dict:
@@ -199,6 +196,17 @@ class Runtime:
         errormap.Store(self.bundle.path).add(domain, folded, len(ids) - 1, nll, nll_sq, replay)
         return {"domain": domain, "tokens": len(ids) - 1, "nll": nll / (len(ids) - 1),
                 "ppl": float(np.exp(nll / (len(ids) - 1)))}
+
+
+def deepen(run, layer: int, ids: np.ndarray, window: int,
+           strict: bool = False) -> dict[str, np.ndarray]:
+    """`deepen{layer}` (or `strict{layer}`) on `ids` padded to the `window`, through
+    `run(program, tokens, valid)` (a runtime's, or growth's working copy's)."""
+    tokens = np.zeros((1, window), np.int64)
+    tokens[0, :len(ids)] = ids
+    valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
+    out = run(f"{'strict' if strict else 'deepen'}{layer}", tokens, valid)
+    return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
 
 
 def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:

@@ -129,6 +129,7 @@ def test_a_failing_method_is_reported_not_raised(tmp_path):
     ({"--locus": "0:9"}, "0:9 is not an expert"),
     ({"--locus": "zero"}, "expected LAYER:E,E"),
     ({"--base": "nowhere"}, "not a checkpoint folder"),
+    ({"--methods": "pc,lora"}, "pc run on a bundle: give --bundle"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tiny_ckpt, texts, tmp_path, change, words):
     (tmp_path / "empty.txt").write_text(" \n")

@@ -8,7 +8,7 @@ holds job.json ({"method", "base", "passes", "seed", "threads", "locus"}), train
 eval ids heldout.npy, old.npy (other.npy with --other; `eval_ids` reads them); the child
 writes result.json, and its stderr lines reach the parent's `progress`.
 
-Child contract: `run_torch` and `run_pc(method, base, train_ids, passes, workdir, progress)`
+Child contract: `run_torch` and `adapt_pc.run` (the PC methods, `tools/adapt_pc.py`)
 return {"ppl": {"heldout": [before, after], "old": [b, a], "other": [b, a] or None},
 "curve": [[tokens_seen, heldout_ppl], ...] (start, CURVE_POINTS inside, end), "wall_s"
 (adaptation alone: no evaluation, no locus choice), "accounted_bytes" (held for learning),
@@ -296,25 +296,6 @@ def run_torch(method: str, base: str, train_ids: np.ndarray, passes: int, workdi
     return train(model, method, train_ids, passes, locus, eval_ids(workdir), progress)
 
 
-def run_pc(method: str, job: dict, train_ids: np.ndarray, workdir: Path,
-           progress: Progress) -> dict:
-    """pc, pc-strict, pc-inplace on the device runtime (`tools/adapt_pc.py`)."""
-    from moegrow.tools import adapt_pc
-
-    args = checkpoint.load(job["base"]).args
-    counts = np.ones((args.num_hidden_layers, args.experts)) / args.experts * \
-        args.num_experts_per_tok  # shares for the estimate: a balanced router
-
-    def flops(layer: int, experts: list[int], sweeps: int) -> float:
-        """The gate's base-path forward, then `sweeps` forward-and-backward passes."""
-        return flops_per_token(args, "full", None) / 3 + sweeps * flops_per_token(
-            args, "locus-bp", {layer: experts}, counts)
-
-    bundle = Path(job["bundle"]) if job.get("bundle") else None
-    return adapt_pc.run(method, bundle, train_ids, job["passes"], workdir, eval_ids(workdir),
-                        job["threads"], flops, progress)
-
-
 def child(workdir: Path) -> int:
     """One method in this process: job.json in, result.json out (see the module docstring)."""
     job = json.loads((workdir / "job.json").read_text())
@@ -328,7 +309,9 @@ def child(workdir: Path) -> int:
     train_ids = np.load(workdir / "train.npy")
     try:
         if method in PC_METHODS:
-            result = run_pc(method, job, train_ids, workdir, say)
+            from moegrow.tools import adapt_pc
+
+            result = adapt_pc.run(method, job, train_ids, workdir, say)
         else:
             locus = job["locus"] and {int(x): ids for x, ids in job["locus"].items()}
             result = run_torch(method, job["base"], train_ids, job["passes"], workdir, say,
@@ -377,6 +360,11 @@ def bench_adapt(base: str, train: Path, heldout: Path, old: Path, out: Path,
     methods = check_methods(methods)
     if tokens < 2 or passes < 1:
         raise AdaptError(f"need --tokens >= 2 and --passes >= 1 (got {tokens}, {passes})")
+    pc = [m for m in methods if m in PC_METHODS]
+    if pc and (bundle is None or not (Path(bundle) / "manifest.json").is_file()):
+        raise AdaptError(f"{', '.join(pc)} run on a bundle: give --bundle, an fp32 export of "
+                         "--base (with --strict-steps for pc-strict)"
+                         + (f"; {bundle} is not one" if bundle is not None else ""))
     files = {"heldout": heldout, "old": old, "other": other}
     texts = {k: read(p) for k, p in {"train": train, **files}.items() if p is not None}
     model = checkpoint.load(base)  # a bad checkpoint fails here, before any child starts

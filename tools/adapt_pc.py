@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from moegrow import runtime
-from moegrow.runtime import growth
+from moegrow.export import checkpoint
+from moegrow.tools import adapt
 
 MODES = {"pc": {}, "pc-strict": {"strict": True}, "pc-inplace": {"place": "inplace"}}
 
@@ -39,15 +40,21 @@ def perplexity(rt, ids: np.ndarray) -> float:
     return math.exp(nll / n)
 
 
-def run(method: str, bundle: Path, train_ids: np.ndarray, passes: int, workdir: Path,
-        evals: dict, threads: int, flops_per_token, progress) -> dict:
+def flops_per_token(args, layer: int, experts: list[int], sweeps: int) -> float:
+    """One deepen program per trained token: the gate's base-path forward, then `sweeps`
+    forward-and-backward passes for the layer's experts (shares: a balanced router)."""
+    shares = np.full((args.num_hidden_layers, args.experts),
+                     args.num_experts_per_tok / args.experts)
+    return adapt.flops_per_token(args, "full", None) / 3 + sweeps * adapt.flops_per_token(
+        args, "locus-bp", {layer: experts}, shares)
+
+
+def run(method: str, job: dict, train_ids: np.ndarray, workdir: Path, progress) -> dict:
     """The child contract of `tools/adapt.py` for one PC method."""
-    if bundle is None:
-        raise growth.GrowthError(f"{method} runs on a bundle: give --bundle (an fp32 bundle of "
-                                 "--base; pc-strict needs one exported with --strict-steps)")
+    bundle, passes, evals = job["bundle"], job["passes"], adapt.eval_ids(workdir)
     path = workdir / "bundle"
     shutil.copytree(bundle, path, ignore=shutil.ignore_patterns("state"))
-    rt = runtime.open(path, "onnxruntime", threads)
+    rt = runtime.open(path, "onnxruntime", job["threads"])
     before = {k: perplexity(rt, ids) if ids is not None else None for k, ids in evals.items()}
     t = time.perf_counter()
     window = rt.bundle.context
@@ -66,7 +73,8 @@ def run(method: str, bundle: Path, train_ids: np.ndarray, passes: int, workdir: 
     # a strict program computes every unrolled step (halting is a mask): steps + 1
     # evaluations of F and its gradient over the span, then dF/dW
     sweeps = rt.bundle.manifest["deepening"]["strict_steps"] + 2 if method == "pc-strict" else 1
-    per_token = sum(flops_per_token(layer, ids, sweeps) for layer, ids in layers.items())
+    args = checkpoint.load(job["base"]).args
+    per_token = sum(flops_per_token(args, layer, ids, sweeps) for layer, ids in layers.items())
     return {"ppl": {k: [before[k], after[k]] if before[k] else None for k in evals},
             "curve": [[0, before["heldout"]], [r["tokens"], after["heldout"]]],
             "wall_s": wall, "observe_s": observe_s, "accounted_bytes": r.get("bytes"),
