@@ -98,21 +98,22 @@ def locate(model: layers.CausalLM, data: Path) -> tuple[list[dict], list[dict]]:
     return found, routers
 
 
-def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int,
+def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bool,
            strict_steps: int = 0) -> tuple[dict, Path]:
     """Lower every program for `engine` -> ({program: file entry}, weight file)."""
     methods = {}
     for name, cls in PROGRAMS.items():
         program = cls(model)
         methods[name] = (program, *program.example(model.args.max_position_embeddings))
-    if bits == 32:  # deepening updates fp32 experts (quantized ones are not located yet)
-        for layer in range(model.args.num_hidden_layers):
-            program = pc.Deepen(model, layer, model.args.max_position_embeddings)
-            methods[f"deepen{layer}"] = (program, *program.example())
-            if strict_steps:
-                program = pc.Strict(model, layer, model.args.max_position_embeddings,
-                                    strict_steps, STRICT_ETA)
-                methods[f"strict{layer}"] = (program, *program.example())
+    # the sweeps of a quantized bundle run on the values its quantized programs serve
+    swept = model if bits == 32 or not deepen else quantize.dequantized(model, bits)
+    for layer in range(model.args.num_hidden_layers if deepen else 0):
+        program = pc.Deepen(swept, layer, model.args.max_position_embeddings)
+        methods[f"deepen{layer}"] = (program, *program.example())
+        if strict_steps:
+            program = pc.Strict(swept, layer, model.args.max_position_embeddings,
+                                strict_steps, STRICT_ETA)
+            methods[f"strict{layer}"] = (program, *program.example())
     if engine == "executorch":
         pte, data = tmp / "programs" / "model.pte", tmp / "weights" / "v1.ptd"
         quantize.to_pte(methods, pte, data, bits=bits)
@@ -130,23 +131,28 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
            engines: tuple[str, ...] = ("executorch", "onnxruntime"),
            progress: Callable[[str], None] | None = None, bits: int = 32,
            budget: int | None = None, calibration: str | None = None,
-           strict_steps: int = 0, spare: int | None = None) -> dict:
+           strict_steps: int = 0, spare: int | None = None,
+           deepen: bool | None = None) -> dict:
     """Write the bundle; returns its manifest. `bits` 8 or 4 quantizes the attention and
     expert weights, and the head to int8 (router, norms and embedding stay fp32). `budget`:
     bytes allowed for expert weights (default: exactly what the experts take now).
     `calibration`: held-out base text for the error map's baseline (default: the
     checkpoint's own `calibration.txt` if it has one; without any, no verdicts).
-    `strict_steps` > 0 adds strict-PC deepening programs `strict{l}` with that many
-    relaxation steps (fp32 only; their size and export time grow with the steps).
+    `deepen`: lower the deepening programs `deepen{l}` (default: at 32 bits only). A
+    quantized bundle's run on its dequantized weights (`quantize.dequantized`), an fp32
+    copy of them in the weight files, and growth does not run on quantized bundles yet, so
+    they are opt-in there. `strict_steps` > 0 adds strict-PC ones `strict{l}` with that
+    many relaxation steps (their size and export time grow with the steps).
     `spare`: empty expert slots per layer for spawning (default SPARE at 32 bits, 0 for
     quantized bundles, whose experts cannot be replaced yet); counted in the budget."""
     spare = (SPARE if bits == 32 else 0) if spare is None else spare
     if spare < 0 or (spare and bits != 32):
         raise BundleError(f"spare expert slots must be >= 0, and only fp32 bundles can spawn "
                           f"into them (got {spare} at {bits} bits)")
-    if strict_steps < 0 or (strict_steps and bits != 32):
-        raise BundleError(f"strict PC steps must be >= 0, and only fp32 bundles deepen "
-                          f"(got {strict_steps} steps at {bits} bits)")
+    deepen = bits == 32 if deepen is None else deepen
+    if strict_steps < 0 or (strict_steps and not deepen):
+        raise BundleError(f"strict PC steps must be >= 0, and need the deepening programs "
+                          f"(got {strict_steps} steps, deepening {'on' if deepen else 'off'})")
     if bits not in (32, *quantize.BITS):
         raise BundleError(f"bits must be 32, 8 or 4, got {bits}")
     unknown = [e for e in engines if e not in ENGINES]
@@ -191,11 +197,15 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
         weights, where, routers = {}, {}, {}
         for engine in engines:
             if progress:
-                progress(f"lowering {', '.join(PROGRAMS)}{', deepen' * (bits == 32)} to {engine}")
+                progress(f"lowering {', '.join(PROGRAMS)}{', deepen' * deepen} to {engine}")
             try:
-                entries, data = _lower(engine, model, tmp, bits, strict_steps)
+                entries, data = _lower(engine, model, tmp, bits, deepen, strict_steps)
             except ValueError as e:  # a shape the quantized format cannot take
                 raise BundleError(f"{target}: {e}") from None
+            except Exception as e:  # an engine's exporter failing: one line, not its traceback
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise BundleError(f"{target}: lowering to {engine} at {bits} bits failed "
+                                  f"({type(e).__name__}: {first})") from e
             for name, entry in entries.items():
                 table.setdefault(name, {})[engine] = entry
             weights[engine] = manifest.file_entry(tmp, data)

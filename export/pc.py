@@ -108,6 +108,7 @@ class Deepen(nn.Module):
 
     outputs = OUTPUTS
     fold_weights = False  # ONNX: keep the weights' transposes as ops (lower.to_onnx)
+    quantize = False  # of a quantized bundle: built on `quantize.dequantized`, lowered as is
 
     def __init__(self, model: layers.CausalLM, layer: int, length: int):
         super().__init__()

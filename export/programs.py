@@ -140,6 +140,22 @@ def gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
     return nov
 
 
+def weight(linear: nn.Linear) -> torch.Tensor:
+    """A linear's weight as fp32 for a program that reads it directly (the taps' head, the
+    PC sweeps): dequantized where a quantizer has replaced it with a quantized tensor
+    (torchao's, `quantize.quantize_for_pte`), so every program works on quantized modules."""
+    w = linear.weight
+    if not hasattr(w, "qdata"):
+        return w.float()
+    # torchao's IntxUnpackedToInt8Tensor: int8 codes, scale and zero point per block of
+    # `block_size`; dequantized in plain ops (its `dequantize` is a custom op ExecuTorch lacks)
+    q, (rows, cols) = w.qdata.float(), w.qdata.shape
+    blocks = cols // w.block_size[1]
+    scale = w.scale.float().reshape(rows, blocks, 1)
+    zero = w.zero_point.float().reshape(rows, blocks, 1)
+    return ((q.reshape(rows, blocks, -1) - zero) * scale).reshape(rows, cols)
+
+
 class DenseMoE(nn.Module):
     """All E experts on every token, weighted by a [N, E] gate matrix that is zero off the top-k.
 
@@ -373,7 +389,7 @@ class Observe(Score):
         x = x[0].float()  # [T, C], the last residual stream
         logits = m.lm_head(m.model.norm(x)).float()
         nll, rank, valid = losses(logits, tokens)
-        head = m.lm_head.weight.float()
+        head = weight(m.lm_head)
         # W^T (softmax - onehot): the one-hot part is the target's row (no [T, V] one-hot)
         p = logits.softmax(-1)
         if self.top:  # sum_{j in top} p_j W_j: misses (1 - their mass) x max_j |W_j| at most

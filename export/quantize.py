@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,6 +72,13 @@ def dense(program: nn.Module) -> nn.Module:
         if isinstance(block.mlp, programs.GatherMoE):
             block.mlp = programs.DenseMoE(block.mlp.moe)
     return out.eval()
+
+
+def quantizable(program: nn.Module) -> bool:
+    """Whether `program` gets its linears quantized when lowered: the serving programs do; a
+    deepening program (`pc.Deepen`, traced from `dequantized(model, bits)`) is lowered as
+    it is (its gradient needs the weights as values, not as quantized kernels)."""
+    return getattr(program, "quantize", True)
 
 
 def _quantized(module: nn.Module, fqn: str) -> bool:
@@ -114,6 +122,37 @@ def quantize_for_pte(program: nn.Module, bits: int) -> nn.Module:
     return out
 
 
+def dequantized(model: nn.Module, bits: int) -> nn.Module:
+    """A copy of `model` (a `CausalLM`) whose quantized linears hold the values ExecuTorch's
+    int`bits` programs serve: torchao's quantization (`quantize_for_pte`) and back, the
+    experts quantized as the programs stack them (`DenseMoE`: int8 scales per row of the
+    stacked [C, E*F] down projection span all experts). The torch reference of a quantized
+    bundle (`reference.py`) and the deepening programs of one (`pc.Deepen` on this model,
+    lowered as they are) run on it; ONNX Runtime's blocks of 32 round a little differently."""
+    _check_bits(bits)
+    from torchao.quantization import quantize_
+
+    stacked = programs.with_moe(model, programs.DenseMoE)
+    with torch.no_grad():
+        quantize_(stacked, torchao_config(bits), filter_fn=_quantized)
+        quantize_(stacked, torchao_config(8), filter_fn=_head)
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in stacked.named_modules():
+            if not (_quantized(module, name) or _head(module, name)):
+                continue
+            w = programs.weight(module)
+            if ".mlp." not in name:
+                out.get_submodule(name).weight = nn.Parameter(w, requires_grad=False)
+                continue
+            layer, proj = int(name.split(".")[2]), name.split(".")[-1]
+            experts = out.model.layers[layer].mlp.experts
+            e, f, c = experts.gate_proj.shape
+            w = w.reshape(c, e, f).permute(1, 0, 2) if proj == "down_proj" else w.reshape(e, f, c)
+            setattr(experts, proj, nn.Parameter(w.contiguous(), requires_grad=False))
+    return out.eval()
+
+
 KEEP_FP32 = ("mlp.gate.weight",)  # ONNX initializer name endings
 HEAD = "lm_head.weight"  # quantized to int8 whatever the bits
 
@@ -141,57 +180,103 @@ def _gemm_to_matmul(model) -> None:
         node.op_type = "MatMul"
         node.input[1] = name
         del node.attribute[:]
+    _drop_unused(model)
+
+
+def _weight_matmuls(model) -> tuple[list, list]:
+    """MatMul nodes whose weight is a constant initializer [K, N] of a linear (the exporter's
+    transposed copy, or `_gemm_to_matmul`'s `.T`) -> (to quantize at the bundle's bits, the
+    head's: int8). The router and the norms' mean rows stay fp32; so does a direct read of
+    the head's own [V, C] weight (the taps' `p @ W`, the target row's gather)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    quant, head = [], []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits:
+            continue
+        src = node.input[1]
+        if src.endswith(HEAD):  # the weight as stored, not a linear's transpose
+            continue
+        if src.endswith(HEAD + ".T"):
+            head.append(node)
+        elif not (any(src.removesuffix(".T").endswith(k) for k in KEEP_FP32)
+                  or min(inits[src].dims) == 1):  # a norm's mean-of-squares row (MeanNorm)
+            quant.append(node)
+    return quant, head
+
+
+def codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao's symmetric codes [N, K] (int8 values) and fp32 scales [N, K / GROUP_SIZE] of a
+    linear weight [N, K], as `quantize_for_pte` makes them (int8 per row: its scale repeats
+    over the row's groups). Both engines serve these exact values."""
+    from torchao.quantization import quantize_
+
+    rows, cols = weight.shape
+    if cols % GROUP_SIZE:
+        raise ValueError(f"a quantized linear needs in_features divisible by {GROUP_SIZE}, "
+                         f"got {cols}")
+    linear = nn.Sequential(nn.Linear(cols, rows, bias=False))
+    linear[0].weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+    with torch.no_grad():
+        quantize_(linear, torchao_config(bits))
+    w = linear[0].weight
+    scale = w.scale.float().repeat_interleave(cols // GROUP_SIZE // w.scale.shape[1], dim=1)
+    if w.zero_point.abs().max() > 0:
+        raise ValueError("torchao returned an asymmetric quantization (zero point != 0)")
+    return w.qdata, scale
+
+
+def _matmul_nbits(model, node, bits: int) -> None:
+    """Rewrite `MatMul(x, B)` (B a constant [K, N]) in place as `MatMulNBits` over `codes` of
+    B.T: unsigned codes (signed + 2^(bits-1), the op's implicit zero point) in blocks of
+    GROUP_SIZE, 4-bit ones two to a byte (low nibble first), fp32 scales."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    b = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).copy())
+    k, n = b.shape
+    q, scale = codes(b.T, bits)
+    u = (q.numpy().astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    u = u.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    if bits == 4:
+        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    name = f"{node.input[1]}.q{bits}"
+    model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(u), name),
+                                    numpy_helper.from_array(scale.numpy().reshape(-1),
+                                                            f"{name}.scales")])
+    node.op_type, node.domain = "MatMulNBits", "com.microsoft"
+    node.input[:] = [node.input[0], name, f"{name}.scales"]
+    node.attribute.extend([onnx.helper.make_attribute(a, v) for a, v in dict(
+        K=k, N=n, bits=bits, block_size=GROUP_SIZE, accuracy_level=ACCURACY_LEVEL).items()])
+
+
+def _drop_unused(model) -> None:
     used = {i for n in model.graph.node for i in n.input}
     keep = [i for i in model.graph.initializer if i.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
 
 
-def _weight_matmuls(model) -> tuple[list[str], list[str], list[str]]:
-    """MatMul nodes with a constant weight: (to quantize, the head, to keep fp32)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    inits = {i.name: i for i in model.graph.initializer}
-
-    def source(name: str, depth: int = 3) -> str | None:
-        if name in inits:
-            return name
-        node = producers.get(name)
-        if node is None or depth == 0 or node.op_type not in ("Transpose", "Identity", "Cast"):
-            return None
-        return source(node.input[0], depth - 1)
-
-    quant, head, keep = [], [], []
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and (src := source(node.input[1])):
-            fp32 = any(src.removesuffix(".T").endswith(k) for k in KEEP_FP32)
-            fp32 |= min(inits[src].dims) == 1  # a norm's mean-of-squares row (MeanNorm)
-            if src.removesuffix(".T").endswith(HEAD):
-                head.append(node.name)
-            else:
-                (keep if fp32 else quant).append(node.name)
-    return quant, head, keep
-
-
 def quantize_onnx(src: Path | str, dst: Path | str, bits: int, dynamic_int8: bool = False) -> Path:
     """Quantize the fp32 `.onnx` at `src` (exported from a `dense` program) into `dst`.
 
-    Default: `MatMulNBits` (weight-only, symmetric, blocks of 32 along the input dimension) for
-    both widths. `dynamic_int8=True` (bits 8 only) uses `quantize_dynamic` instead
-    (`DynamicQuantizeLinear` + `MatMulInteger`, weights per channel): faster prefill on x86, but
-    its activations are quantized per tensor, which costs more accuracy (default model: +1.2%
-    perplexity against +0.1%).
+    Default: `MatMulNBits` with torchao's codes and scales (`codes`: the values ExecuTorch
+    serves), int`bits` for attention and experts and int8 for the head; a direct read of
+    the head's weight (the taps) gets its dequantized values. `dynamic_int8=True` (bits 8
+    only) uses `quantize_dynamic` instead (`DynamicQuantizeLinear` + `MatMulInteger`, weights
+    per channel): faster prefill on x86, but its activations are quantized per tensor, which
+    costs more accuracy (default model: +1.2% perplexity against +0.1%).
     """
     _check_bits(bits)
     if dynamic_int8 and bits != 8:
         raise ValueError(f"dynamic_int8 needs bits 8, got {bits}")
-    import logging
-
     import onnx
+    from onnx import numpy_helper
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
     _gemm_to_matmul(model)
-    quant, head, keep = _weight_matmuls(model)
+    quant, head = _weight_matmuls(model)
     if not quant:
         raise ValueError(f"{src}: no constant-weight MatMul to quantize")
     if bits == 8 and dynamic_int8:
@@ -203,24 +288,23 @@ def quantize_onnx(src: Path | str, dst: Path | str, bits: int, dynamic_int8: boo
             pre = Path(tmp) / "pre.onnx"
             onnx.save(model, str(pre))
             quantize_dynamic(pre, dst, weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul"], nodes_to_quantize=quant + head,
-                             nodes_to_exclude=keep)
+                             op_types_to_quantize=["MatMul"],
+                             nodes_to_quantize=[n.name for n in quant + head])
         return dst
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node at INFO
-    try:  # int`bits` for attention and experts, then int8 for the head
-        for nbits, nodes in ([(8, quant + head)] if bits == 8 else [(bits, quant), (8, head)]):
-            q = MatMulNBitsQuantizer(model, bits=nbits, block_size=GROUP_SIZE, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL, nodes_to_include=nodes,
-                                     nodes_to_exclude=keep)
-            q.process()
-            model = q.model.model
-    finally:
-        log.setLevel(level)
-    q.model.save_model_to_file(str(dst), use_external_data_format=False)
+    for node in quant:
+        _matmul_nbits(model, node, bits)
+    for node in head:
+        _matmul_nbits(model, node, 8)
+    for init in model.graph.initializer:  # the taps read the head as the programs serve it
+        if init.name.endswith(HEAD) and head:
+            w = torch.from_numpy(numpy_helper.to_array(init).copy())
+            q, scale = codes(w, 8)
+            dq = (q.float().reshape(*w.shape[:1], -1, GROUP_SIZE) * scale[..., None])
+            init.CopyFrom(numpy_helper.from_array(dq.reshape(w.shape).numpy(), init.name))
+    _drop_unused(model)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
     return dst
 
 
@@ -234,7 +318,8 @@ def to_pte(methods: dict, path: Path | str, data: Path | str | None = None,
 
         # plain int8 constants (not torchao tensor subclasses) are what `lower.to_pte` can tag
         # for the `.ptd`; with the subclasses the quantized weights stay inside the `.pte`
-        methods = {name: (unwrap_tensor_subclass(quantize_for_pte(program, bits)), inputs, shapes)
+        methods = {name: (unwrap_tensor_subclass(quantize_for_pte(program, bits))
+                          if quantizable(program) else program, inputs, shapes)
                    for name, (program, inputs, shapes) in methods.items()}
     return lower.to_pte(methods, path, data)
 
@@ -244,7 +329,7 @@ def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: 
     """`lower.to_onnx` with int`bits` weights: the dense program's fp32 ONNX, quantized."""
     from . import lower
 
-    if bits == 32:
+    if bits == 32 or not quantizable(program):
         return lower.to_onnx(program, example_inputs, path, dynamic_shapes, output_names)
     _check_bits(bits)
     import tempfile

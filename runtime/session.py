@@ -40,13 +40,18 @@ class InputError(ValueError):
 
 
 class Runtime:
-    def __init__(self, bundle: bundle_format.Bundle, backend: str, threads: int | None = None):
-        if backend not in bundle.engines():
+    """A bundle bound to an engine. `engine`: any object with the backends' `run(name,
+    arrays)` to use instead of loading `backend` (tools and tests pass the torch reference,
+    `moegrow.export.reference`, as backend "torch")."""
+
+    def __init__(self, bundle: bundle_format.Bundle, backend: str, threads: int | None = None,
+                 engine=None):
+        if engine is None and backend not in bundle.engines():
             raise backends.BackendError(f"{bundle.path}: no programs for backend {backend!r} "
                                         f"(it has: {', '.join(bundle.engines())})")
         self.bundle, self.backend, self.threads = bundle, backend, threads
-        self.engine = backends.load(backend, bundle.programs(backend), bundle.weights(backend),
-                                    threads)
+        self.engine = engine or backends.load(backend, bundle.programs(backend),
+                                              bundle.weights(backend), threads)
         self.sp = spm.SentencePieceProcessor()
         self.sp.load(str(bundle.tokenizer))
         c = bundle.config
@@ -57,6 +62,9 @@ class Runtime:
 
     def reload(self, bundle: bundle_format.Bundle) -> None:
         """Serve `bundle` (a new version of this one) from now on."""
+        if self.backend not in backends.ENGINES:
+            raise backends.BackendError(f"backend {self.backend!r} serves its own weights: it "
+                                        "cannot load a new weights version")
         self.bundle, self.slots = bundle, slot_state(bundle)
         self.engine = backends.load(self.backend, bundle.programs(self.backend),
                                     bundle.weights(self.backend), self.threads)

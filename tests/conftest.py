@@ -39,6 +39,27 @@ def random_moe(args):
     return m.eval()
 
 
+def deepen_autograd(model, layer: int, tokens, valid, slots=None):
+    """Autograd through the eager deepening loss (`pc.Loss`: routers fixed) -> d nll /
+    d (gate, up, down) of `layer`'s experts as [E, F, C], [E, F, C], [E, C, F], the error
+    eps at the layer's output [W, C] and the gates [W, E]: what `deepen{layer}` computes."""
+    from moegrow.export import pc, programs
+
+    loss = pc.Loss(model, layer)
+    mlp = loss.model.model.layers[layer].mlp
+    weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    for w in weights:
+        w.requires_grad_(True)
+    c = model.args.hidden_size
+    probe = torch.zeros(tokens.shape[1], c, requires_grad=True)
+    slots = programs.slot_state(loss.model) if slots is None else slots
+    total, (_, gates, *_) = loss(tokens, valid, probe, slots)
+    dg, du, dd, eps = torch.autograd.grad(total, [*weights, probe])
+    e, f = mlp.experts, mlp.hidden
+    return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
+            eps, gates.detach())
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
@@ -57,17 +78,98 @@ def tiny_ckpt(corpus_dir, tmp_path_factory):
     return out
 
 
+# Tiny checkpoints of the other architectures for the backend-ops matrix (random weights,
+# the tiny checkpoint's tokenizer); Mixtral's is `tiny_ckpt`.
+ARCHS = {"olmoe": ("olmoe", dict(intermediate_size=64, num_experts=4, clip_qkv=3.0)),
+         "qwen3_moe": ("qwen3_moe", dict(moe_intermediate_size=64, num_experts=4,
+                                         head_dim=16))}
+BITS = (32, 8, 4)
+
+
+def export_cli(*argv: str) -> tuple[int, str]:
+    """`moegrow export ARGV` in a fresh process (the real command line) -> (exit code,
+    stderr)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "moegrow.tools.cli", "export", *argv],
+                          capture_output=True, text=True)
+    return done.returncode, done.stderr
+
+
 @pytest.fixture(scope="session")
-def tiny_bundle(tiny_ckpt, corpus_dir, tmp_path_factory):
+def exports(tiny_ckpt, corpus_dir, tmp_path_factory):
+    """Every bundle the suite lowers, exported once through `moegrow export`, two at a time
+    in the background: {(architecture, bits): future of (bundle, checkpoint, exit code,
+    stderr)}. The fp32 Mixtral one is `tiny_bundle`; together they are the backend-ops
+    matrix (test_backend_ops.py) and the CLI's end-to-end test (test_cli.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moegrow.export import checkpoint, pretrain
+    from moegrow.export.models import olmoe, qwen3_moe
+
+    root = tmp_path_factory.mktemp("exports")
+    ckpts = {"mixtral": tiny_ckpt}
+    for arch, (name, extra) in ARCHS.items():
+        module = {"olmoe": olmoe, "qwen3_moe": qwen3_moe}[name]
+        torch.manual_seed(0)
+        model = module.build(module.ModelArgs(
+            vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64, **extra))
+        pretrain.init_weights(model, std=0.1)
+        ckpts[arch] = checkpoint.save(model, root / f"{arch}-ckpt",
+                                      tokenizer=tiny_ckpt / checkpoint.TOKENIZER)
+    jobs = {("mixtral", 32): ["--calibration", str(corpus_dir / "heldout.txt"),
+                              "--strict-steps", "2"]}
+    jobs |= {(arch, bits): ["--deepen"] for bits in BITS for arch in ckpts
+             if (arch, bits) not in jobs}
+
+    def run(key, more):
+        out = root / f"{key[0]}-{key[1]}"
+        code, err = export_cli(str(ckpts[key[0]]), "--out", str(out), "--bits", str(key[1]),
+                               *more)
+        return out, ckpts[key[0]], code, err
+
+    pool = ThreadPoolExecutor(2)  # exporting is single-threaded Python: two at a time
+    futures = {key: pool.submit(run, key, more) for key, more in jobs.items()}
+    yield futures
+    pool.shutdown(cancel_futures=True)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that need no exported bundle first, then those that do, the backend-ops matrix
+    (which needs all of them) last: the exports run in the background meanwhile."""
+    def order(item) -> int:
+        if "exports" not in getattr(item, "fixturenames", ()):
+            return 0
+        return 2 if item.path.name == "test_backend_ops.py" else 1
+    items.sort(key=order)
+    config.stash[NEEDS_EXPORTS] = any(order(item) for item in items)
+
+
+NEEDS_EXPORTS = pytest.StashKey[bool]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_exports(request):
+    """Start the exports with the first test when any selected test needs them."""
+    if request.config.stash.get(NEEDS_EXPORTS, False):
+        request.getfixturevalue("exports")
+
+
+def exported(future):
+    """The bundle of an `exports` future, failing the test if its export failed."""
+    out, _, code, err = future.result()
+    assert code == 0 and "Traceback" not in err, err
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(exports):
     """The tiny checkpoint exported for both engines, fp32, with the error map's baseline
     measured on the held-out synthetic text and 2-step strict PC programs (tests that
     change it copy it)."""
-    from moegrow.export import bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    bundle.export(tiny_ckpt, out, calibration=(corpus_dir / "heldout.txt").read_text(),
-                  strict_steps=2)
-    return out
+    return exported(exports["mixtral", 32])
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

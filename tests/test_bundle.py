@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import exported, snapshot
 from conftest import run_cli as run
-from conftest import snapshot
 from moegrow import runtime
 from moegrow.export import bundle, checkpoint, evaluate, generate, programs
 from moegrow.runtime import bundle as bundle_format
@@ -188,12 +188,11 @@ def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_p
     assert code == 2 and "not the checkpoint the bundle was made from" in err
 
 
-def test_int4_bundle_stays_within_6_percent_of_fp32(tiny_bundle, tiny_ckpt, tmp_path):
-    manifest = bundle.export(tiny_ckpt, tmp_path / "q4", engines=("onnxruntime",), bits=4)
+def test_int4_bundle_stays_within_6_percent_of_fp32(tiny_bundle, exports):
+    q4 = exported(exports["mixtral", 4])
+    manifest = json.loads((q4 / "manifest.json").read_text())
     assert manifest["bits"] == 4 and manifest["decode_moe"] == "dense"
-    fp32 = runtime.open(tiny_bundle, "onnxruntime")
-    q4 = runtime.open(tmp_path / "q4", "onnxruntime")
-    assert q4.score(TEXT)["ppl"] <= 1.06 * fp32.score(TEXT)["ppl"]
-    size = manifest["weights"]["files"]["onnxruntime"]["bytes"]
-    assert size < 0.6 * (tiny_bundle / "weights" / "v1.onnx.data").stat().st_size
-    assert "".join(q4.generate("The router", max_new=8))  # generates through the cache
+    for engine in ENGINES:
+        fp32, rt = runtime.open(tiny_bundle, engine), runtime.open(q4, engine)
+        assert rt.score(TEXT)["ppl"] <= 1.06 * fp32.score(TEXT)["ppl"], engine
+        assert "".join(rt.generate("The router", max_new=8))  # generates through the cache

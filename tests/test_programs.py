@@ -1,31 +1,24 @@
-"""Program parity: prefill / decode / score on torch, ExecuTorch (.pte) and ONNX Runtime (.onnx).
-
-A tiny random Mixtral-layout model is lowered once per module; every program's fp32 output is
-compared with the eager model (max abs <= 1e-4, DESIGN.md rule 2), and greedy generation must
-pick the same tokens on all three.
-"""
+"""The programs' math: prefill / decode / score (as the torch reference runs them) against the
+eager model (max abs <= 1e-4, DESIGN.md rule 2), greedy generation included. The engines'
+parity with the same reference, for every architecture, program and bit width, is the
+backend-ops matrix (test_backend_ops.py)."""
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from moegrow.export import lower, pretrain, programs
+from moegrow.export import pretrain, programs, reference
 from moegrow.export.models import layers, mixtral
-
-pytestmark = pytest.mark.slow  # lowering six programs takes ~40 s on 2 cores
 
 ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
 LENGTH = 64  # cache positions
 TOL = 1e-4
-ENGINES = ["torch", "executorch", "onnxruntime"]
+ENGINES = ["torch"]
 Run = Callable[..., list[torch.Tensor]]
 
 
@@ -37,66 +30,16 @@ def model() -> layers.CausalLM:
     return m.eval()
 
 
-def _torch_runner(program: torch.nn.Module) -> Run:
-    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        with torch.no_grad():
-            out = program(*inputs)
-        return list(out) if isinstance(out, tuple) else [out]
-    return run
-
-
-def _executorch_runner(path) -> Run:
-    from executorch.runtime import Runtime
-
-    method = Runtime.get().load_program(path).load_method("forward")
-    return lambda *inputs: list(method.execute(inputs))
-
-
-def _onnxruntime_runner(path) -> Run:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    assert session.get_providers() == ["CPUExecutionProvider"]
-    names = [i.name for i in session.get_inputs()]
-
-    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
-        outs = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})
-        return [torch.from_numpy(np.asarray(o)) for o in outs]
-    return run
-
-
-PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": programs.Score}
-
-
-def _lower(model: layers.CausalLM, name: str, engine: str, path: str) -> str:
-    """Lower one program to one engine; runs in a worker process."""
-    program = PROGRAMS[name](model)
-    inputs, shapes = program.example(LENGTH)
-    if engine == "executorch":
-        lower.to_pte({"forward": (program, inputs, shapes)}, path)
-    else:
-        lower.to_onnx(program, inputs, path, shapes, program.outputs)
-    return path
-
-
 @pytest.fixture(scope="module")
-def engines(model, tmp_path_factory) -> dict[str, dict[str, Run]]:
-    """{engine: {program: run(*tensors) -> [tensors]}}, each program lowered once."""
-    d = tmp_path_factory.mktemp("programs")
-    jobs = [(name, engine, str(d / f"{name}.{'pte' if engine == 'executorch' else 'onnx'}"))
-            for engine in ENGINES[1:] for name in PROGRAMS]
-    # Lowering is single-threaded Python (~10-15 s a .pte): two processes halve the wait.
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        paths = list(pool.map(_lower, *zip(*[(model, *job) for job in jobs], strict=True)))
-    runners = {"executorch": _executorch_runner, "onnxruntime": _onnxruntime_runner}
-    out: dict[str, dict[str, Run]] = {e: {} for e in ENGINES}
-    for (name, engine, _), path in zip(jobs, paths, strict=True):
-        out[engine][name] = runners[engine](path)
-    for name, cls in PROGRAMS.items():
-        out["torch"][name] = _torch_runner(cls(model))
-    return out
+def engines(model) -> dict[str, dict[str, Run]]:
+    """{"torch": {program: run(*tensors) -> [tensors]}}: the reference (`export/reference.py`);
+    the engines run the same programs in the backend-ops matrix (test_backend_ops.py)."""
+    ref = reference.Reference(programs.with_spare(model, 0))
+
+    def runner(name: str) -> Run:
+        return lambda *inputs: [torch.from_numpy(o) for o in
+                                ref.run(name, [i.numpy() for i in inputs])]
+    return {"torch": {name: runner(name) for name in ("prefill", "decode", "score")}}
 
 
 def _tokens(t: int, seed: int = 1) -> torch.Tensor:

@@ -1,23 +1,22 @@
 """Quantized programs: int8 / int4 weights on ExecuTorch (XNNPACK) and ONNX Runtime.
 
-The tiny pretrained model's `score` program is quantized for each engine and its perplexity on
-held-out text compared with the fp32 torch program: int8 within 2%, int4 within 6% (issue 3).
+The tiny pretrained model's quantized bundles (conftest.exports) and `score` programs: their
+perplexity on held-out text against the fp32 torch program, int8 within 2%, int4 within 6%
+(issue 3); the ONNX quantizer on its own, both of its int8 forms.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import exported
 from moegrow.export import checkpoint, lower, programs, quantize
 from moegrow.export.tokenizer import BOS
 
-pytestmark = pytest.mark.slow  # two .pte lowerings (in parallel) and one ONNX export
+pytestmark = pytest.mark.slow  # waits for the exports; one ONNX export
 
 LENGTH = 64  # tokens per scored window
 LIMITS = {8: 0.02, 4: 0.06}  # relative perplexity increase allowed over fp32
@@ -80,44 +79,30 @@ def test_router_stays_fp32_and_the_head_is_int8(setup):
         assert not isinstance(p, TorchAOBaseTensor), name
 
 
-def _lower_pte(model, bits: int, path: str) -> list[str]:
-    """Quantize and lower `score` to `path` (in a worker process); -> the graph's call targets."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+def _left_outside_xnnpack(pte, method: str) -> list[str]:
+    """The operators `method` of the program file `pte` runs outside XNNPACK."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
 
-    program = programs.Score(model)
-    inputs, shapes = program.example(LENGTH)
-    q = quantize.quantize_for_pte(program, bits)
-    edge = to_edge_transform_and_lower(lower.export(q, inputs, shapes),
-                                       partitioner=[XnnpackPartitioner()])
-    Path(path).write_bytes(edge.to_executorch().buffer)
-    return [str(n.target) for n in edge.exported_program().graph.nodes if n.op == "call_function"]
-
-
-@pytest.fixture(scope="module")
-def ptes(setup, tmp_path_factory) -> dict[int, tuple[str, list[str]]]:
-    """{bits: (path, call targets left outside XNNPACK)}; ~25 s a lowering, two processes."""
-    d = tmp_path_factory.mktemp("pte")
-    paths = [str(d / f"score{bits}.pte") for bits in LIMITS]
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        left = list(pool.map(_lower_pte, [setup[2]] * len(LIMITS), list(LIMITS), paths))
-    return dict(zip(LIMITS, zip(paths, left, strict=True), strict=True))
+    program = deserialize_pte_binary(pte.read_bytes())
+    program = getattr(program, "program", program)
+    plan = next(p for p in program.execution_plan if p.name == method)
+    return [op.name for op in plan.operators]
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_executorch_ppl(setup, fp32_ppl, ptes, bits):
-    from executorch.runtime import Runtime
+@pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
+def test_bundle_ppl(setup, fp32_ppl, exports, engine, bits):
+    """The quantized bundles of `moegrow export` (conftest.exports) through the runtime."""
+    from moegrow.runtime import session
 
     _, windows, _ = setup
-    path, left = ptes[bits]
-    # Every linear and every (de)quantize op went to XNNPACK: none is left to portable kernels.
-    assert not [t for t in left if any(k in t for k in ("linear", "mm", "quant", "qparams"))]
-    assert sum("executorch_call_delegate" in t for t in left) >= 1
-    method = Runtime.get().load_program(path).load_method("forward")
-    slots = programs.slot_state(setup[2])
-    ppl = _ppl(lambda w: method.execute((w, slots))[0].numpy(), windows)
-    print(f"executorch int{bits}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} "
-          f"({ppl / fp32_ppl - 1:+.2%})")
+    rt = session.open(exported(exports["mixtral", bits]), engine)
+    if engine == "executorch":  # every linear and (de)quantize op went to XNNPACK
+        left = _left_outside_xnnpack(rt.bundle.programs(engine)["score"], "score")
+        assert left and not [t for t in left if any(k in t for k in ("linear", "mm", "quant",
+                                                                      "qparams"))], left
+    ppl = _ppl(lambda w: rt.run("score", w.numpy())[0], windows)
+    print(f"{engine} int{bits}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} ({ppl / fp32_ppl - 1:+.2%})")
     assert ppl <= fp32_ppl * (1 + LIMITS[bits])
 
 

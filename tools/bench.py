@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from moegrow import runtime
 from moegrow.device_kernels import layout
-from moegrow.export import checkpoint, generate, pretrain
+from moegrow.export import checkpoint, pretrain, reference
 from moegrow.export.models import mixtral
 from moegrow.runtime.backends import ENGINES
 from moegrow.tools import llama
@@ -75,25 +75,6 @@ def active_bytes(config: dict, bits: int, experts_read: int | None = None) -> in
     return quantized * bits // 8 + head + layers * experts * c * 4
 
 
-class _Torch:
-    """Eager torch with the static KV cache, behind the engines' prefill/decode calls."""
-
-    def __init__(self, target: str, context: int):
-        self.model, self.tok = checkpoint.load(target), checkpoint.load_tokenizer(target)
-        self.context = context
-
-    def prefill(self, ids: list[int]):
-        cache = self.model.make_cache(1, self.context)
-        logits = self.model(torch.tensor([ids]), torch.arange(len(ids)), cache)[0, -1:]
-        return logits, cache, None, None
-
-    def decode(self, token: int, pos: int, cache, _v, _novelty):
-        return self.model(torch.tensor([[token]]), torch.tensor([pos]), cache)[0], cache, None
-
-    def suggest(self, prefix: str):
-        return generate.suggest(self.model, self.tok, prefix)
-
-
 def _round(rt, ids: list[int], steps: int) -> tuple[float, float]:
     """One prefill of `ids` and `steps` greedy decode steps -> (prefill s, decode s)."""
     t0 = time.perf_counter()
@@ -113,11 +94,13 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     say = progress or (lambda _m: None)
     engines = {e: runtime.open(bundle, e, threads) for e in ENGINES}
     first = next(iter(engines.values())).bundle
-    eager = _Torch(ckpt, first.context)
-    model_config = eager.model.args.to_hf()
+    model_config = checkpoint.load(ckpt).args.to_hf()
     made = {k: v for k, v in first.config.items() if k != "spare_experts"}  # export's own
     if {k: model_config.get(k) for k in made} != made:
         raise checkpoint.CheckpointError(f"{ckpt}: not the checkpoint the bundle was made from")
+    # torch: the bundle's programs in eager torch (the reference, on the weight values the
+    # bundle serves), through the same runtime calls as the engines
+    eager = runtime.Runtime(first, "torch", threads, reference.load(ckpt, first.manifest))
     peers = llama.peers(ckpt, first.context, threads, say)
     backends = {"torch": eager, **engines, **{f"llama.cpp {q}": p for q, p in peers.items()}}
     text = engines["executorch"].sp.encode(" ".join([PREFIX] * 4))
@@ -143,7 +126,7 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     results = []
     for name in ours:
         prefill, decode = tps[name]
-        # torch eager is the fp32 checkpoint with top-k experts, whatever the bundle holds
+        # torch eager runs fp32 weights (the dequantized values in a quantized bundle)
         b, nbytes = (32, active_bytes(first.config, 32)) if name == "torch" else (bits, per_token)
         results.append({"backend": name, "bits": b, "prefill_tps": prefill,
                         "decode_tps": decode, "gb_per_s": decode * nbytes / 1e9,

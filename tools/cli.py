@@ -231,26 +231,31 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
               help="Held-out base text (UTF-8, >= 2,048 tokens) to measure the error map's "
                    "baseline on; default: the checkpoint's calibration.txt (the default "
                    "model has one). Without any, `errormap` gives no verdicts.")
+@click.option("--deepen/--no-deepen", default=None,
+              help="Lower the predictive-coding deepening programs (default: at 32 bits only; "
+                   "a quantized bundle's run on an fp32 copy of its dequantized weights, and "
+                   "`idle` does not grow quantized bundles yet).")
 @click.option("--strict-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also lower strict predictive-coding deepening programs with this many "
-                   "relaxation steps (fp32 only; export time grows with the steps).")
+                   "relaxation steps (needs the deepening programs; export time grows with "
+                   "the steps).")
 @click.option("--spare", type=click.IntRange(min=0),
               help="Empty expert slots per layer that growth can spawn into (counted in the "
                    "budget; prefill and score run them densely); default 2 at 32 bits, 0 "
                    "when quantized.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | None,
-            calibration_file: Path | None, strict_steps: int, spare: int | None,
-            as_json: bool) -> None:
+            calibration_file: Path | None, deepen: bool | None, strict_steps: int,
+            spare: int | None, as_json: bool) -> None:
     """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device: the
-    programs prefill, decode, score and observe for each engine, the weight files they load,
-    and the error map's baseline."""
+    programs prefill, decode, score, observe (and the deepening sweeps) for each engine, the
+    weight files they load, and the error map's baseline."""
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
     budget = None if budget_mb is None else int(budget_mb * 1e6)
     calibration = None if calibration_file is None else read_text(calibration_file)
     manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True),
                                  bits=int(bits), budget=budget, calibration=calibration,
-                                 strict_steps=strict_steps, spare=spare)
+                                 strict_steps=strict_steps, spare=spare, deepen=deepen)
     files = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
     weights = sum(e["bytes"] for e in manifest["weights"]["files"].values())
     emit(manifest, as_json, f"{out}: {len(files)} program files "

@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+from moegrow.device_kernels.manifest import ONNX_DATA
 from moegrow.export import checkpoint, lower, programs
 from moegrow.runtime import backends
 from moegrow.runtime.session import BOS, windows
@@ -33,7 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    import onnxruntime as ort
 
     model = checkpoint.load(args.target).eval()
     tok = checkpoint.load_tokenizer(args.target)
@@ -45,18 +45,18 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "m.pte").exists():
         lower.to_pte(methods, out / "m.pte", out / "m.ptd")
-        for n, (p, inputs, shapes) in methods.items():
-            lower.to_onnx(p, inputs, out / f"{n}.onnx", shapes, p.outputs)
-    et = backends.ExecuTorch({n: out / "m.pte" for n in progs}, out / "m.ptd", 1)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.log_severity_level = 1, 3
-    sessions = {n: ort.InferenceSession(str(out / f"{n}.onnx"), options,
-                                        providers=["CPUExecutionProvider"]) for n in progs}
+        onnx = [lower.to_onnx(p, inputs, out / f"{n}.onnx", shapes, p.outputs)
+                for n, (p, inputs, shapes) in methods.items()]
+        lower.share_weights(onnx, out / ONNX_DATA)
+    engines = {"executorch": backends.ExecuTorch({n: out / "m.pte" for n in progs},
+                                                 out / "m.ptd", 1),
+               "onnxruntime": backends.OnnxRuntime({n: out / f"{n}.onnx" for n in progs},
+                                                   out / ONNX_DATA, 1)}
+    slots = programs.slot_state(model).numpy()
     ids = np.array([BOS] + tok.encode(args.text.read_text(encoding="utf-8")), np.int64)
     ws = [c[None] for c, _ in windows(ids, length)][:args.windows]
-    runs = {("executorch", n): (lambda n=n: [et.run(n, [w]) for w in ws]) for n in progs}
-    runs |= {("onnxruntime", n): (lambda n=n: [sessions[n].run(None, {"tokens": w})
-                                               for w in ws]) for n in progs}
+    runs = {(e, n): (lambda e=e, n=n: [engines[e].run(n, [w, slots]) for w in ws])
+            for e in engines for n in progs}
     times: dict = {k: [] for k in runs}
     for r in range(args.rounds + 1):  # round 0 warms up
         for k, f in runs.items():
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         if n.startswith("top"):
             rel = []
             for w in ws[:8]:
-                a = sessions["exact"].run(None, {"tokens": w})[4]
-                b = sessions[n].run(None, {"tokens": w})[4]
+                a = engines["onnxruntime"].run("exact", [w, slots])[4]
+                b = engines["onnxruntime"].run(n, [w, slots])[4]
                 rel.append(np.abs(b - a)[a > 1e-6] / a[a > 1e-6])
             rel = np.concatenate(rel)
             print(f"{n}: update relative error median {np.median(rel):.4f}, "

@@ -1,0 +1,152 @@
+"""Backend-ops matrix, in the style of llama.cpp's `test-backend-ops`: every architecture x
+program x engine x bit width against the torch reference.
+
+Bundles: `conftest.exports`, one `moegrow export` per architecture (a tiny Mixtral, OLMoE
+and Qwen3-MoE checkpoint) and bit width (32, 8, 4), both engines, shared with the CLI's
+end-to-end test. Reference: `export/reference.py`, the same program modules in eager torch
+on the weights the quantized programs serve (`quantize.dequantized`; both engines serve
+torchao's codes), with the backends' `run(name, arrays)`. The `torch` column checks the
+reference itself: prefill, decode, score and observe against the eager model's logits
+(the taps' own definitions: test_taps.py), deepen against autograd.
+
+Error: the normalized mean squared error sum (a - b)^2 / sum b^2 of every output (llama.cpp's
+NMSE; ranks and counts too), and for the chosen experts' ids the share that differ.
+Tolerances per bit width (`NMSE`, `FLIPS`): fp32 programs differ by float rounding only;
+quantized ones also quantize activations to int8 on both engines (XNNPACK per token,
+MatMulNBits per block), which the fp32 reference does not. The worst values measured on
+these models are in docs/bundle.md ("Backend-ops matrix").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import BITS, deepen_autograd, exported
+from moegrow.export import checkpoint, quantize, reference
+from moegrow.runtime import backends, session
+from moegrow.runtime import bundle as bundle_format
+
+pytestmark = pytest.mark.slow  # waits for the exports (conftest.exports)
+
+ARCHS = ("mixtral", "olmoe", "qwen3_moe")
+PROGRAMS = ("prefill", "decode", "score", "observe", "deepen0", "deepen1")
+ENGINES = ("torch", "executorch", "onnxruntime")
+NMSE = {32: 1e-9, 8: 1e-3, 4: 1e-3}
+FLIPS = {32: 0.02, 8: 0.1, 4: 0.1}  # near-ties in expert choices may break either way
+T = 24  # tokens of the test text
+
+
+class Case:
+    """One bundle, its reference and every program's inputs."""
+
+    def __init__(self, path, ckpt):
+        self.bundle = bundle_format.load(path)
+        self.ref = reference.load(ckpt, self.bundle.manifest)
+        self.ckpt = ckpt
+        config = self.bundle.config
+        rng = np.random.default_rng(0)
+        self.tokens = rng.integers(3, config["vocab_size"], (1, T + 1)).astype(np.int64)
+        tokens = self.tokens[:, :T]
+        self.slots = session.slot_state(self.bundle)
+        spare = config["spare_experts"]
+        if spare:  # open the first spare slot of every layer past 8 tokens: the gate at work
+            self.slots[:, :, -spare] = (0.5, 1.0, 0.1)
+        context = self.bundle.context
+        head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        cache = np.zeros((config["num_hidden_layers"], 1, config["num_key_value_heads"],
+                          context, head), np.float32)
+        window = np.zeros((1, context), np.int64)
+        window[0, :T] = tokens[0]
+        valid = (np.arange(context) < T - 1).astype(np.float32)
+        self.inputs = {"prefill": [tokens, np.arange(T), cache, cache.copy(), self.slots],
+                       "score": [tokens, self.slots], "observe": [tokens, self.slots],
+                       "deepen0": [window, valid, self.slots],
+                       "deepen1": [window, valid, self.slots]}
+        _, k, v, novelty = self.ref.run("prefill", self.inputs["prefill"])
+        self.inputs["decode"] = [self.tokens[:, T:], np.array([T]), k, v, self.slots, novelty]
+        self.engines = {}
+
+    def engine(self, name: str):
+        if name not in self.engines:
+            self.engines[name] = backends.load(name, self.bundle.programs(name),
+                                               self.bundle.weights(name), threads=1)
+        return self.engines[name]
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return {}
+
+
+def case(cases, exports, arch: str, bits: int) -> Case:
+    if (arch, bits) not in cases:
+        out = exported(exports[arch, bits])
+        cases[arch, bits] = Case(out, exports[arch, bits].result()[1])
+    return cases[arch, bits]
+
+
+def compare(got: list[np.ndarray], want: list[np.ndarray], names, bits: int) -> dict:
+    """{output: error} (NMSE or the share of differing integers), asserting each bound."""
+    assert len(got) == len(want)
+    errors = {}
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.shape == b.shape, name
+        if name == "ids":  # which experts: a choice, not a magnitude
+            errors[name] = float((a != b).mean())
+            assert errors[name] <= FLIPS[bits], (name, errors[name])
+        else:
+            assert np.isfinite(a).all(), name
+            err = float(((a.astype(np.float64) - b) ** 2).sum() / max((b.astype(np.float64) ** 2)
+                                                                     .sum(), 1e-30))
+            errors[name] = err
+            assert err <= NMSE[bits], (name, err)
+    return errors
+
+
+def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple]:
+    """(the reference's outputs, the eager model's or autograd's, their names) for `name`,
+    with every spare slot closed (the eager model has none)."""
+    slots = session.slot_state(c.bundle)
+    inputs = [slots if a is c.slots else a for a in c.inputs[name]]
+    if name == "decode":
+        _, k, v, novelty = c.ref.run("prefill", [slots if a is c.slots else a
+                                                 for a in c.inputs["prefill"]])
+        inputs = [*inputs[:2], k, v, slots, novelty]
+    got = c.ref.run(name, inputs)
+    model = checkpoint.load(c.ckpt).eval()
+    if c.bundle.manifest["bits"] != 32:
+        model = quantize.dequantized(model, c.bundle.manifest["bits"])
+    tokens = torch.from_numpy(c.tokens)
+    if name.startswith("deepen"):
+        window, valid = (torch.from_numpy(a) for a in inputs[:2])
+        want = deepen_autograd(c.ref.model, int(name[-1]), window, valid,
+                               torch.from_numpy(slots))[:3]
+        return got[:3], [w.numpy() for w in want], ("dwg", "dwu", "dwd")
+    with torch.no_grad():
+        logits = model(tokens)[0].float()  # [T + 1, V]
+    if name == "prefill":
+        return got[:1], [logits[T - 1:T].numpy()], ("logits",)
+    if name == "decode":
+        return got[:1], [logits[T:].numpy()], ("logits",)
+    z, target = logits[:T - 1], tokens[0, 1:T]
+    nll = torch.logsumexp(z, -1) - z.gather(1, target[:, None])[:, 0]
+    rank = (z > z.gather(1, target[:, None])).sum(-1)
+    want = [torch.cat([nll, torch.zeros(1)]).numpy(), torch.cat([rank, torch.zeros(1,
+                                                                dtype=rank.dtype)]).numpy()]
+    return got[:2], want, ("nll", "rank")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("program", PROGRAMS)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backend_ops(cases, exports, arch, program, engine, bits):
+    c = case(cases, exports, arch, bits)
+    if engine == "torch":
+        compare(*eager(c, program), 32)  # the same weights: fp32 rounding only
+        return
+    want = c.ref.run(program, c.inputs[program])
+    got = c.engine(engine).run(program, c.inputs[program])
+    names = c.ref.program(program).outputs
+    compare(got, want, names, bits)
