@@ -141,9 +141,10 @@ def gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
 
 
 def weight(linear: nn.Linear) -> torch.Tensor:
-    """A linear's weight as fp32 for a program that reads it directly (the taps' head, the
-    PC sweeps): dequantized where a quantizer has replaced it with a quantized tensor
-    (torchao's, `quantize.quantize_for_pte`), so every program works on quantized modules."""
+    """A linear's weight as fp32 for code that reads it directly (the taps read the head;
+    `quantize.dequantized` reads every quantized linear back for the deepening sweeps):
+    dequantized where a quantizer has replaced it with a quantized tensor (torchao's,
+    `quantize.quantize_for_pte`), so every program works on quantized modules."""
     w = linear.weight
     if not hasattr(w, "qdata"):
         return w.float()

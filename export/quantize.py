@@ -23,16 +23,21 @@ transforms, as ExecuTorch's own LLM export does (`executorch.extension.llm.expor
 Weights symmetric int8 per output channel / int4 per group of 32, activations int8 per token
 (dynamic). XNNPACK's quantized GEMMs are the dynamic-activation ones (qd8-f32-qc8w, -qb4w).
 
-ONNX Runtime (`quantize_onnx`, post-processing an fp32 `.onnx`):
+ONNX Runtime (`quantize_onnx`, post-processing an fp32 `.onnx`): every constant-weight
+linear becomes `MatMulNBits` (contrib op) holding torchao's own codes and scales (`codes`),
+so both engines serve the same weight values: int4 codes in blocks of 32 along the input
+dimension with one fp32 scale per block, int8 codes with the row's scale repeated over its
+blocks of 32 (ONNX Runtime's `MatMulNBitsQuantizer` rounds differently: an int4 logits NMSE
+of 0.14 against ExecuTorch's on a tiny model). `accuracy_level=4` lets the CPU EP quantize
+activations to int8 per block at run time (its fast path; the CUDA EP ignores it). The
+exporter writes 2-D linears (the MoE ones) as `Gemm(x, W, transB=1)`; they are first
+rewritten as `MatMul(x, W.T)`. `dynamic_int8=True` selects `quantize_dynamic` for int8.
 
-    MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
-                         nodes_to_include=weights, nodes_to_exclude=router_and_lm_head).process()
-
-MatMulNBits (contrib op): int8 / int4 weight codes in blocks of 32 along the input dimension,
-one fp32 scale per block; `accuracy_level=4` lets the CPU EP quantize activations to int8
-per block at run time (its fast path; the CUDA EP ignores it). The exporter writes 2-D
-linears (the MoE ones) as `Gemm(x, W, transB=1)`, which the quantizer skips, so they are
-first rewritten as `MatMul(x, W.T)`. `dynamic_int8=True` selects `quantize_dynamic` for int8.
+Programs that read a weight directly, not through a linear, get its dequantized values on
+both engines: `programs.weight` (ExecuTorch: plain ops over the torchao tensor's codes) and
+the head's initializer rewritten here (ONNX). `dequantized(model, bits)` is the model with
+those values everywhere: the torch reference of a quantized bundle, and what its deepening
+programs (`pc.Deepen`, `quantizable` False) are built on.
 """
 
 from __future__ import annotations

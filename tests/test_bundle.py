@@ -165,11 +165,16 @@ def test_export_refuses_bad_requests_and_writes_nothing(capsys, tiny_ckpt, tiny_
     code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "n"),
                        "--engines", "tflite")
     assert code == 2 and "unknown engine(s) tflite" in err
+    code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "n"),
+                       "--no-deepen", "--strict-steps", "2")
+    assert code == 2 and "need the deepening programs" in err
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_bundle_without_an_engine_says_so(tiny_ckpt, tmp_path):
-    bundle.export(tiny_ckpt, tmp_path / "onnx-only", engines=("onnxruntime",))
+    manifest = bundle.export(tiny_ckpt, tmp_path / "onnx-only", engines=("onnxruntime",), bits=8)
+    # a quantized bundle carries no deepening programs unless asked (--deepen)
+    assert sorted(manifest["programs"]) == ["decode", "observe", "prefill", "score"]
     with pytest.raises(runtime.backends.BackendError, match="no programs for backend"):
         runtime.open(tmp_path / "onnx-only", "executorch")
 
