@@ -163,7 +163,8 @@ class Runtime:
         """The default PC schedule's local updates for `layer`'s experts on one window of
         token ids ([BOS] + text, 2 to context tokens), from the bundle's `deepen{layer}`
         program (fp32 bundles; quantized ones exported with --deepen): {"dwg", "dwu"
-        [E, F, C], "dwd" [E, C, F] (d nll / dW: step against them), "count" [E], "nll" [W], "energy" [E]} (export/pc.py). `strict`: the
+        [E, F, C], "dwd" [E, C, F] (d nll / dW: step against them), "count" [E], "nll" [W],
+        "energy" [E]} (export/pc.py). `strict`: the
         strict PC schedule (`strict{layer}`, bundles exported with --strict-steps), which
         adds "free_energy" [steps + 1] and "steps_used" [1]."""
         window = self.bundle.context
