@@ -239,8 +239,10 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
     say = progress or (lambda _m: None)
     b = rt.bundle
     if "deepen0" not in b.programs(rt.backend) or not b.manifest["experts"]["layout"]:
-        raise GrowthError(f"{b.path}: a {b.manifest['bits']}-bit bundle has no deepening "
-                          "programs; export it at 32 bits to grow")
+        why = ("its experts are quantized (growth on quantized bundles is not built yet)"
+               if b.manifest["bits"] != 32 else "it has no deepening programs")
+        raise GrowthError(f"{b.path}: this {b.manifest['bits']}-bit bundle cannot grow: "
+                          f"{why}; export it at 32 bits to grow")
     if not b.manifest.get("calibration") or "guard" not in b.manifest["calibration"]:
         raise GrowthError(f"{b.path}: no calibration baseline (export with --calibration) "
                           "and so no verdicts and no guard text")
