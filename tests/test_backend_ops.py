@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow  # waits for the exports (conftest.exports)
 ARCHS = ("mixtral", "olmoe", "qwen3_moe")
 PROGRAMS = ("prefill", "decode", "score", "observe", "deepen0", "deepen1")
 ENGINES = ("torch", "executorch", "onnxruntime")
-NMSE = {32: 1e-9, 8: 1e-2, 4: 1e-2}
+NMSE = {32: 1e-9, 8: 1e-2, 4: 3e-2}
 FLIPS = {32: 0.02, 8: 0.1, 4: 0.1}  # near-ties in expert choices may break either way
 T = 24  # tokens of the test text
 
