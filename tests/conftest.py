@@ -146,16 +146,13 @@ def pytest_collection_modifyitems(session, config, items):
             return 0
         return 2 if item.path.name == "test_backend_ops.py" else 1
     items.sort(key=order)
-    config.stash[NEEDS_EXPORTS] = any(order(item) for item in items)
-
-
-NEEDS_EXPORTS = pytest.StashKey[bool]()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _start_exports(request):
-    """Start the exports with the first test when any selected test needs them."""
-    if request.config.stash.get(NEEDS_EXPORTS, False):
+    """Start the exports with the first test when any selected test needs them (the
+    session's items are the selected ones by now, after -k and -m)."""
+    if any("exports" in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue("exports")
 
 
