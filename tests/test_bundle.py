@@ -201,3 +201,22 @@ def test_int4_bundle_stays_within_6_percent_of_fp32(tiny_bundle, exports):
         fp32, rt = runtime.open(tiny_bundle, engine), runtime.open(q4, engine)
         assert rt.score(TEXT)["ppl"] <= 1.06 * fp32.score(TEXT)["ppl"], engine
         assert "".join(rt.generate("The router", max_new=8))  # generates through the cache
+
+
+def test_an_exporter_failure_is_one_line_and_leaves_nothing(capsys, tiny_ckpt, tmp_path,
+                                                            monkeypatch):
+    """An engine's exporter raising deep inside (as ExecuTorch's did on quantized observe)
+    reaches the user as one line and exit code 2; the bundle folder is not created."""
+    from moegrow.export import quantize
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("Unable to cast NotImplemented to Tensor\n(and 60 more lines)")
+
+    monkeypatch.setattr(quantize, "to_pte", broken)
+    code, out, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "b"),
+                         "--bits", "8", "--engines", "executorch")
+    errors = [line for line in err.splitlines() if line.startswith("moegrow: error")]
+    assert code == 2 and out == "" and len(errors) == 1 and "Traceback" not in err, err
+    assert "lowering to executorch at 8 bits failed (RuntimeError: Unable to cast" in errors[0]
+    assert err.splitlines()[-1] == errors[0]  # the progress lines before it, nothing after
+    assert list(tmp_path.iterdir()) == []
