@@ -133,7 +133,7 @@ def dequantized(model: nn.Module, bits: int) -> nn.Module:
     experts quantized as the programs stack them (`DenseMoE`: int8 scales per row of the
     stacked [C, E*F] down projection span all experts). The torch reference of a quantized
     bundle (`reference.py`) and the deepening programs of one (`pc.Deepen` on this model,
-    lowered as they are) run on it; ONNX Runtime's blocks of 32 round a little differently."""
+    lowered as they are) run on it; ONNX Runtime serves the same values (`codes`)."""
     _check_bits(bits)
     from torchao.quantization import quantize_
 
@@ -300,8 +300,8 @@ def quantize_onnx(src: Path | str, dst: Path | str, bits: int, dynamic_int8: boo
         _matmul_nbits(model, node, bits)
     for node in head:
         _matmul_nbits(model, node, 8)
-    for init in model.graph.initializer:  # the taps read the head as the programs serve it
-        if init.name.endswith(HEAD) and head:
+    for init in model.graph.initializer if head else []:  # the taps read the head as served
+        if init.name.endswith(HEAD):
             w = torch.from_numpy(numpy_helper.to_array(init).copy())
             q, scale = codes(w, 8)
             dq = (q.float().reshape(*w.shape[:1], -1, GROUP_SIZE) * scale[..., None])
