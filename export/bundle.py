@@ -122,9 +122,17 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bo
     for name, (program, inputs, shapes) in methods.items():
         paths[name] = quantize.to_onnx(program, inputs, tmp / "programs" / f"{name}.onnx",
                                        shapes, program.outputs, bits=bits)
-    data = lower.share_weights(list(paths.values()), tmp / "programs" / ONNX_DATA)
+    # growth rewrites the MoE weights (experts, routers) in the weight file: their
+    # transposes stay in the graphs, every other weight's is folded here
+    data, tables = lower.share_weights(list(paths.values()), tmp / "programs" / ONNX_DATA,
+                                       mutable=lambda name: ".mlp." in name)
     data = data.rename(tmp / "weights" / "v1.onnx.data")
-    return {name: manifest.file_entry(tmp, p) for name, p in paths.items()}, data
+    # ONNX Runtime checks that the file the graphs name exists even when the caller gives it
+    # every weight (runtime/backends.py): an empty file stands in for it
+    (tmp / "programs" / ONNX_DATA).touch()
+    return {name: manifest.file_entry(tmp, p) | ({"initializers": tables[str(p)]}
+                                                 if str(p) in tables else {})
+            for name, p in paths.items()}, data
 
 
 def export(target: str | os.PathLike, out: str | os.PathLike,

@@ -20,7 +20,7 @@ import hashlib
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +95,66 @@ def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: 
     return path
 
 
-def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int = 1024) -> Path:
+def fold_transposes(model, mutable: Callable[[str], bool]) -> None:
+    """Replace each Transpose of an initializer that never changes after export (not
+    `mutable(name)`) by the transposed initializer, as ONNX Runtime would when it loads the
+    graph; initializers nothing reads any more are dropped. (Growth rewrites the mutable
+    ones in the weight file, so their transposes stay in the graph.)"""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    keep = []
+    for n in graph.node:
+        if n.op_type == "Transpose" and n.input[0] in inits and not mutable(n.input[0]):
+            arr = numpy_helper.to_array(inits[n.input[0]])
+            perm = next((list(a.ints) for a in n.attribute if a.name == "perm"),
+                        list(range(arr.ndim))[::-1])
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(arr.transpose(perm)), n.output[0]))
+        else:
+            keep.append(n)
+    del graph.node[:]
+    graph.node.extend(keep)
+    def reads(g) -> set[str]:  # inputs of every node, subgraphs (If, Loop) included
+        return {i for n in g.node for i in n.input} | {
+            i for n in g.node for a in n.attribute for sub in [a.g, *a.graphs] for i in reads(sub)}
+
+    used = reads(graph) | {o.name for o in graph.output}
+    alive = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(alive)
+
+
+def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int = 1024,
+                  mutable: Callable[[str], bool] | None = None) -> tuple[Path, dict[str, list]]:
     """Move every initializer of at least `min_bytes` of the `.onnx` files `models` into the
     external-data file `data` (same folder), each distinct tensor once, `ALIGN`-aligned; the
-    models are rewritten in place to point at it by its file name."""
+    models are rewritten in place to point at it by its file name. With `mutable`, the
+    transposes of the other initializers are folded first (`fold_transposes`). Returns
+    `data` and, per model whose graph ONNX Runtime can take every moved initializer of from
+    the caller, those as [name, numpy dtype, shape, offset, bytes] (the runtime hands them
+    over as views of the weight file: one copy for every session). A model where a node
+    with only constant inputs reads one is left out: ONNX Runtime folds such nodes (e.g. an
+    expert weight's transpose) when it loads the graph, reading their inputs from the file
+    the graph names, not from the caller's buffers."""
     import onnx
-    from onnx import external_data_helper, numpy_helper
+    from onnx import external_data_helper, helper, numpy_helper
 
     data = Path(data)
     offsets: dict[bytes, int] = {}
+    tables: dict[str, list] = {}
     with open(data, "wb") as f:
         for path in models:
             model = onnx.load(str(path))
+            if mutable is not None:
+                fold_transposes(model, mutable)
+            table = []
+            consts = ({t.name for t in model.graph.initializer}
+                      | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output})
+            folded = {i for n in model.graph.node if n.input and all(i in consts for i in n.input
+                                                                      if i) for i in n.input}
             for t in model.graph.initializer:
                 raw = numpy_helper.to_array(t).tobytes()
                 if len(raw) < min_bytes:
@@ -122,5 +170,9 @@ def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int
                 external_data_helper.set_external_data(t, data.name, offsets[key], len(raw))
                 t.data_location = onnx.TensorProto.EXTERNAL
                 t.ClearField("raw_data")
+                dtype = helper.tensor_dtype_to_np_dtype(t.data_type).name
+                table.append([t.name, dtype, list(t.dims), offsets[key], len(raw)])
+            if not folded & {row[0] for row in table}:
+                tables[str(path)] = table
             onnx.save(model, str(path))
-    return data
+    return data, tables

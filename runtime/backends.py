@@ -4,9 +4,13 @@
 bindings take torch tensors as I/O (the only torch use allowed in `runtime/`);
 `OnnxRuntime` runs `.onnx` files on ONNX Runtime's CPU provider (CUDA first when the installed
 onnxruntime has it; not yet checked on a GPU). Programs load on first use,
-with their constants from `weights`, the engine's weight file (`.ptd` / ONNX external data,
-handed to ONNX Runtime from memory under the name the graphs use, so any version can be
-loaded without touching the graphs).
+with their constants from `weights`, the engine's weight file (`.ptd` / ONNX external data),
+so any version can be loaded without touching the programs. ONNX Runtime gets one read-only
+map of its weight file per backend. A program with a weight table in the manifest takes its
+weights as views of that map (`SessionOptions.add_initializer`: the caller's buffer, not a
+copy); the others (the deepening programs, whose expert transposes ONNX Runtime folds when
+it loads them, and every program of a bundle exported before the tables) copy theirs from
+it under the name the graphs use. docs/bundle.md says what each session still holds.
 The torch reference with the same `run` lives in `moegrow.export.reference`.
 
 ExecuTorch's native code logs to stderr while it starts (cpuinfo probing, thread-pool
@@ -102,13 +106,16 @@ class ExecuTorch:
 
 
 class OnnxRuntime:
-    def __init__(self, files: dict[str, Path], weights: Path, threads: int | None = None):
+    def __init__(self, files: dict[str, Path], weights: Path, threads: int | None = None,
+                 initializers: dict[str, list] | None = None):
         try:
             import onnxruntime
         except ImportError as e:
             raise BackendError(f"engine onnxruntime is not installed ({e})") from None
         self.ort, self.files, self.weights, self.sessions = onnxruntime, files, weights, {}
-        self.threads = threads
+        self.threads, self.initializers = threads, initializers or {}
+        self.data = np.memmap(weights, np.uint8, mode="r")  # every session's weights
+        self.values: dict[tuple, object] = {}  # OrtValues over self.data, shared by sessions
         onnxruntime.set_default_logger_severity(3)  # kernels' warnings go to the default logger
         # the CUDA EP when this onnxruntime build has one (onnxruntime-gpu), else the CPU EP;
         # TF32 off: with it, fp32 outputs differ from the CPU EP's by up to 2e-2 (docs/bundle.md)
@@ -124,15 +131,24 @@ class OnnxRuntime:
             try:
                 options = self.ort.SessionOptions()
                 options.log_severity_level = 3
+                # no arena: activations are freed after each run (same speed here, 7 MB less
+                # RSS after `score` on the tiny model; docs/benchmarks.md)
+                options.enable_cpu_mem_arena = False
                 if self.threads:
                     options.intra_op_num_threads = self.threads
-                # ORT copies what it needs from the mapped file while it builds the session
-                data = np.memmap(self.weights, np.uint8, mode="r")
-                options.add_external_initializers_from_files_in_memory([ONNX_DATA], [data],
-                                                                       [data.size])
+                table = self.initializers.get(name)
+                if table and (path.parent / ONNX_DATA).exists():  # views of the map, no copy
+                    for tensor, dtype, shape, offset, size in table:
+                        key = (offset, dtype, tuple(shape))
+                        if key not in self.values:
+                            view = self.data[offset:offset + size].view(dtype).reshape(shape)
+                            self.values[key] = self.ort.OrtValue.ortvalue_from_numpy(view)
+                        options.add_initializer(tensor, self.values[key])
+                else:  # ORT copies every weight from the map into the session
+                    options.add_external_initializers_from_files_in_memory(
+                        [ONNX_DATA], [self.data], [self.data.size])
                 session = self.ort.InferenceSession(str(path), options,
                                                     providers=self.providers)
-                del data
             except Exception as e:  # ORT raises its own exception types, all unrelated
                 raise BackendError(f"{path}: onnxruntime cannot load it ({e})") from None
             self.sessions[name] = (session, [i.name for i in session.get_inputs()])
@@ -143,9 +159,12 @@ class OnnxRuntime:
         return list(session.run(None, dict(zip(names, arrays, strict=True))))
 
 
-def load(engine: str, files: dict[str, Path], weights: Path, threads: int | None = None):
+def load(engine: str, files: dict[str, Path], weights: Path, threads: int | None = None,
+         initializers: dict[str, list] | None = None):
+    """The engine's backend for the programs `files` ({name: path}) on the weight file
+    `weights`; `initializers`: ONNX programs' weight table (`Bundle.initializers`)."""
     if engine == "executorch":
         return ExecuTorch(files, weights, threads)
     if engine == "onnxruntime":
-        return OnnxRuntime(files, weights, threads)
+        return OnnxRuntime(files, weights, threads, initializers)
     raise BackendError(f"unknown backend {engine!r} (choose from {', '.join(ENGINES)}, torch)")

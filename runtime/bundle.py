@@ -46,6 +46,12 @@ class Bundle:
         return {name: self.path / p[engine]["file"]
                 for name, p in self.manifest["programs"].items() if engine in p}
 
+    def initializers(self, engine: str) -> dict[str, list]:
+        """Per program, where its weights lie in the engine's weight file ([name, dtype,
+        shape, offset, bytes] each; ONNX programs of bundles exported since 2026-12-01)."""
+        return {name: p[engine]["initializers"] for name, p in self.manifest["programs"].items()
+                if "initializers" in p.get(engine, {})}
+
     def weights(self, engine: str) -> Path:
         """The engine's current weight file (`weights/vN.ptd` or `weights/vN.onnx.data`)."""
         return self.path / self.manifest["weights"]["files"][engine]["file"]

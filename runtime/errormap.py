@@ -1,46 +1,26 @@
 """The error map: `observe`'s taps folded into per-(layer, expert, domain) statistics.
 
-Stored in SQLite under the bundle's `state/` (created on first use, user-only permissions;
-WAL mode, busy timeout). For every (layer, expert, domain): count, sum and sum of squares of
-the per-token PC update size g |e| |h| (`programs.Observe`), an exponential moving average
-of its per-call mean, and when it was last seen. Counts are added inside the database
-(`count = count + ?`), so two processes observing the same bundle lose nothing. A bounded
-replay buffer keeps the most recent observed token sequences (FIFO, capacity in tokens) for
-growth to learn from; `forget` clears it and the map. Memory and disk stay bounded: the map
-has L x E rows per domain, the buffer at most `capacity` tokens.
+Stored in the bundle's state database (`state.py`: SQLite under `state/`). For every (layer,
+expert, domain): count, sum and sum of squares of the per-token PC update size g |e| |h|
+(`programs.Observe`), an exponential moving average of its per-call mean, and when it was
+last seen. Counts are added inside the database (`count = count + ?`), so two processes
+observing the same bundle lose nothing. A bounded replay buffer keeps the most recent
+observed token sequences (FIFO, capacity in tokens) for growth to learn from; `forget`
+clears it and the map. Memory and disk stay bounded: the map has L x E rows per domain, the
+buffer at most `capacity` tokens.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-DB = "errormap.db"
+from . import state
+
 EMA = 0.1  # weight of the newest call's mean in the moving average
 REPLAY_TOKENS = 65536  # replay buffer capacity
-BUSY_MS = 10000
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS stats (
-    layer INTEGER, expert INTEGER, domain TEXT, count INTEGER, sum REAL, sumsq REAL,
-    ema REAL, last_seen REAL, PRIMARY KEY (layer, expert, domain));
-CREATE TABLE IF NOT EXISTS domains (
-    domain TEXT PRIMARY KEY, tokens INTEGER, nll_sum REAL, last_seen REAL, nll_sq REAL);
-CREATE TABLE IF NOT EXISTS replay (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, domain TEXT, tokens BLOB, length INTEGER);
-CREATE TABLE IF NOT EXISTS versions (
-    version INTEGER PRIMARY KEY, created REAL, manifest TEXT, report TEXT);
-"""
-
-
-class StateError(Exception):
-    """The bundle's state database is locked, corrupt or unwritable."""
 
 
 def fold(ids: np.ndarray, update: np.ndarray, experts: int) -> np.ndarray:
@@ -56,47 +36,10 @@ def fold(ids: np.ndarray, update: np.ndarray, experts: int) -> np.ndarray:
 
 
 class Store:
-    """The state database of one bundle."""
+    """The error map and replay buffer of one bundle, in its state database (`state.py`)."""
 
     def __init__(self, bundle_dir: Path):
-        self.dir = Path(bundle_dir) / "state"
-        self.path = self.dir / DB
-
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            self.dir.mkdir(mode=0o700, exist_ok=True)
-            fresh = not self.path.exists()
-            old = os.umask(0o077)
-            try:
-                db = sqlite3.connect(self.path, timeout=BUSY_MS / 1000, isolation_level=None)
-            finally:
-                os.umask(old)
-            db.execute(f"PRAGMA busy_timeout = {BUSY_MS}")
-            db.execute("PRAGMA journal_mode = WAL")
-            db.executescript(SCHEMA)
-            if "nll_sq" not in [r[1] for r in db.execute("PRAGMA table_info(domains)")]:
-                db.execute("ALTER TABLE domains ADD COLUMN nll_sq REAL DEFAULT 0")  # older maps
-            if fresh:
-                self.path.chmod(0o600)
-            return db
-        except sqlite3.DatabaseError as e:
-            raise self._error(e) from None
-        except OSError as e:
-            raise StateError(f"{self.dir}: cannot use the state folder ({e.strerror})") from None
-
-    def _error(self, e: sqlite3.Error) -> StateError:
-        if "locked" in str(e) or "busy" in str(e):
-            return StateError(f"{self.path}: locked by another process for over "
-                              f"{BUSY_MS // 1000} s; try again")
-        corrupt = ("file is not a database", "malformed", "disk image")
-        if any(words in str(e) for words in corrupt) and self.path.exists():
-            aside = self.path.with_name(f"{DB}.corrupt-{int(time.time())}")
-            self.path.rename(aside)
-            for suffix in ("-wal", "-shm"):
-                Path(str(self.path) + suffix).unlink(missing_ok=True)
-            return StateError(f"{self.path}: not a usable database ({e}); kept aside as "
-                              f"{aside.name}, the next observe starts a new error map")
-        return StateError(f"{self.path}: {e}")
+        self.bundle_dir = Path(bundle_dir)
 
     def add(self, domain: str, folded: np.ndarray, tokens: int, nll_sum: float, nll_sq: float,
             replay: list[np.ndarray], capacity: int = REPLAY_TOKENS) -> None:
@@ -108,7 +51,7 @@ class Store:
             count, total, squares = folded[layer, expert]
             rows.append((int(layer), int(expert), domain, int(count), float(total),
                          float(squares), float(total / count), now))
-        with self.connection(write=True) as db:
+        with state.connection(self.bundle_dir, write=True) as db:
             db.executemany(
                 "INSERT INTO stats VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (layer, expert, domain) DO UPDATE SET "
@@ -129,9 +72,9 @@ class Store:
         """{"domains": {tag: {"tokens", "nll", "nll_sd"}}, "stats": [(layer, expert, domain,
         count, sum, sumsq, ema, last_seen)], "replay_tokens": n}; empty when nothing was
         observed. nll is the mean per-token NLL, nll_sd its standard deviation over tokens."""
-        if not self.path.exists():
+        if not state.exists(self.bundle_dir):
             return {"domains": {}, "stats": [], "replay_tokens": 0}
-        with self.connection() as db:
+        with state.connection(self.bundle_dir) as db:
             where, args = ("WHERE domain = ?", (domain,)) if domain is not None else ("", ())
             stats = db.execute(f"SELECT * FROM stats {where} ORDER BY layer, expert, domain",
                                args).fetchall()
@@ -145,42 +88,21 @@ class Store:
 
     def replay(self, domain: str) -> list[np.ndarray]:
         """The replay buffer's token sequences of `domain`, oldest first."""
-        if not self.path.exists():
+        if not state.exists(self.bundle_dir):
             return []
-        with self.connection() as db:
+        with state.connection(self.bundle_dir) as db:
             rows = db.execute("SELECT tokens FROM replay WHERE domain = ? ORDER BY id",
                               (domain,)).fetchall()
         return [np.frombuffer(r[0], np.int32).astype(np.int64) for r in rows]
 
-    @contextlib.contextmanager
-    def connection(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """A connection to the state database (the version log shares it), closed after the
-        block; with `write`, the block is one IMMEDIATE transaction, rolled back if it
-        raises. SQLite errors come out as StateError."""
-        db = self._connect()
-        try:
-            if write:
-                db.execute("BEGIN IMMEDIATE")
-            yield db
-            if write:
-                db.execute("COMMIT")
-        except BaseException as e:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            if isinstance(e, sqlite3.Error):
-                raise self._error(e) from None
-            raise
-        finally:
-            db.close()
-
     def forget(self) -> None:
         """Clear the error map and the replay buffer."""
-        if not self.path.exists():
+        if not state.exists(self.bundle_dir):
             return
-        with self.connection(write=True) as db:
+        with state.connection(self.bundle_dir, write=True) as db:
             for table in ("stats", "domains", "replay"):
                 db.execute(f"DELETE FROM {table}")
-        with self.connection() as db:
+        with state.connection(self.bundle_dir) as db:
             db.execute("VACUUM")
 
 

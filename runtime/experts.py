@@ -1,12 +1,13 @@
-"""Expert weights as data: read an expert from a bundle, or commit new versions of experts.
+"""Expert weights as data: read an expert from a bundle, or write new versions of experts.
 
 Each engine's weight file holds every expert's bytes where `manifest["experts"]["layout"]`
-says (`device_kernels.layout`). `commit` writes the next version of every engine's weight file
-with the changed experts' bytes replaced, then the manifest that names it; the programs stay
-as they are. Order (DESIGN.md rule 5): new files written and fsynced under new names, then
-the manifest replaced atomically, so a crash at any point leaves the previous version loaded
-by the previous manifest. Older weight files are kept (`versions.py` logs every version and
-rolls back). Router rows and expert-table fields (spawned slots) commit the same way.
+says (`device_kernels.layout`). `write` (called by `versions.commit`, which logs it) writes
+the next version of every engine's weight file with the changed experts' bytes replaced,
+then the manifest that names it; the programs stay as they are. Order (DESIGN.md rule 5):
+new files written and fsynced under new names, then the manifest replaced atomically, so a
+crash at any point leaves the previous version loaded by the previous manifest. Older weight
+files are kept (`versions.py` logs every version and rolls back). Router rows and expert-
+table fields (spawned slots) commit the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from moegrow.device_kernels.manifest import MANIFEST, file_entry
 
 from . import bundle as bundle_format
 
-__all__ = ["ExpertError", "commit", "read"]
+__all__ = ["ExpertError", "check", "read", "write"]
 
 
 class ExpertError(ValueError):
@@ -47,14 +48,25 @@ def _check_slot(bundle: bundle_format.Bundle, layer: int, slot: int) -> None:
                           f"{experts} experts")
 
 
-def read(bundle: bundle_format.Bundle, layer: int, slot: int,
-         engine: str | None = None) -> list[np.ndarray]:
-    """Expert `slot` of `layer` as fp32 [gate [F, C], up [F, C], down [C, F]] copies."""
+def read(bundle: bundle_format.Bundle, layer: int, slot: int, engine: str | None = None,
+         path: Path | None = None) -> list[np.ndarray]:
+    """Expert `slot` of `layer` as fp32 [gate [F, C], up [F, C], down [C, F]] copies, from
+    the engine's weight file (or `path`, a working copy of it)."""
     _check_slot(bundle, layer, slot)
     engine = engine or bundle.engines()[0]
-    buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
+    buf = np.memmap(path or bundle.weights(engine), np.uint8, mode="r")
     copies = layout.views(buf, _layout(bundle, engine), layer, slot, layout.dims(bundle.config))
     return [np.array(copies[p][0]) for p in layout.PROJS]
+
+
+def write_in_place(buf: np.ndarray, bundle: bundle_format.Bundle, engine: str, layer: int,
+                   slot: int, weights: list[np.ndarray]) -> None:
+    """Expert `slot` of `layer` overwritten in `buf`, a writable map of a working copy of the
+    engine's weight file (growth's; a version's own files are never written in place)."""
+    copies = layout.views(buf, _layout(bundle, engine), layer, slot, layout.dims(bundle.config))
+    for p, w in zip(layout.PROJS, weights, strict=True):
+        for view in copies[p]:
+            view[...] = w
 
 
 def router_entry(manifest: dict, engine: str, layer: int) -> dict:
@@ -62,12 +74,16 @@ def router_entry(manifest: dict, engine: str, layer: int) -> dict:
     return next(e for e in manifest["experts"]["routers"][engine] if e["layer"] == layer)
 
 
-def router(bundle: bundle_format.Bundle, layer: int, engine: str | None = None) -> np.ndarray:
-    """`layer`'s router weight [slots, C] (a copy): one row per expert slot."""
+def router(bundle: bundle_format.Bundle, layer: int, engine: str | None = None,
+           buf: np.ndarray | None = None) -> np.ndarray:
+    """`layer`'s router weight [slots, C], one row per expert slot: a copy from the engine's
+    weight file, or with `buf` (a writable map of a working copy) a view whose rows can be
+    assigned."""
     engine = engine or bundle.engines()[0]
-    buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
-    return np.array(layout.router(buf, router_entry(bundle.manifest, engine, layer),
-                                  layout.dims(bundle.config)))
+    view = layout.router(np.memmap(bundle.weights(engine), np.uint8, mode="r") if buf is None
+                         else buf, router_entry(bundle.manifest, engine, layer),
+                         layout.dims(bundle.config))
+    return np.array(view) if buf is None else view
 
 
 def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
@@ -104,26 +120,21 @@ def write_atomic(path: Path, buf: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def commit(bundle: bundle_format.Bundle,
-           changes: dict[tuple[int, int], list[np.ndarray]],
-           routers: dict[tuple[int, int], np.ndarray] | None = None,
-           rows: dict[tuple[int, int], dict] | None = None, version: int | None = None,
-           record: Callable[[dict], None] | None = None) -> bundle_format.Bundle:
-    """Write a new version (`version`, default N+1) with the experts in `changes`
-    ({(layer, slot): [gate, up, down]}) and the router rows in `routers` ({(layer, slot):
-    [C]}) replaced in every engine's weight file, and the expert table's rows updated with
-    `rows` ({(layer, slot): fields}); returns the reloaded bundle. `record(manifest)` runs
-    once the new files are on disk and before the manifest names them (the version log's
-    transaction); if it raises, nothing is committed."""
+def check(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.ndarray]],
+          routers: dict[tuple[int, int], np.ndarray]) -> tuple[dict, dict]:
+    """`changes` ({(layer, slot): [gate, up, down]}) and `routers` ({(layer, slot): [C]})
+    checked against the bundle (slots, shapes, finite values; every engine's file has an
+    expert layout; nobody committed since `bundle` was loaded) and made fp32; raises
+    ExpertError before anything is touched."""
     for engine in bundle.engines():
         _layout(bundle, engine)
-    changes, routers, rows = _checked(bundle, changes), routers or {}, rows or {}
+    changes = _checked(bundle, changes)
     _, _, width = layout.dims(bundle.config)
     for (layer, slot), row in routers.items():
         _check_slot(bundle, layer, slot)
         if np.shape(row) != (width,) or not np.isfinite(row).all():
             raise ExpertError(f"router row ({layer}, {slot}): needs {width} finite values")
-    try:  # the version only: the returned bundle is verified in full below
+    try:  # the version only: the bundle written is verified in full when it is loaded
         on_disk = json.loads((bundle.path / MANIFEST).read_text())["weights"]["version"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExpertError(f"{bundle.path / MANIFEST}: unreadable ({e})") from None
@@ -131,8 +142,18 @@ def commit(bundle: bundle_format.Bundle,
         raise ExpertError(f"{bundle.path}: weights are at version "
                           f"{on_disk} since this bundle was loaded at "
                           f"{bundle.manifest['weights']['version']}; load it again")
+    return changes, {key: np.asarray(row, np.float32) for key, row in routers.items()}
+
+
+def write(bundle: bundle_format.Bundle, changes: dict, routers: dict, rows: dict, version: int,
+          record: Callable[[dict], None]) -> bundle_format.Bundle:
+    """Write version `version` with the (checked) experts in `changes` and router rows in
+    `routers` replaced in every engine's weight file, and the expert table's rows updated
+    with `rows` ({(layer, slot): fields}); returns the reloaded bundle. `record(manifest)`
+    runs once the new files are on disk and before the manifest names them (the version
+    log's transaction); if it raises, nothing is committed. Only `versions.commit` calls
+    this: it checks first and logs every version."""
     manifest = json.loads(json.dumps(bundle.manifest))
-    version = version or manifest["weights"]["version"] + 1
     dims = layout.dims(bundle.config)
     written = []
     try:
@@ -156,8 +177,7 @@ def commit(bundle: bundle_format.Bundle,
             if key in changes:
                 row.update(version=version, sha256=layout.sha256(changes[key]))
             row.update(rows.get(key, {}))
-        if record:
-            record(manifest)
+        record(manifest)
         write_atomic(bundle.path / MANIFEST,
                      np.frombuffer((json.dumps(manifest, indent=2) + "\n").encode(), np.uint8))
     except BaseException:

@@ -5,13 +5,14 @@
      `spawn` names layers (the parent there is the expert with the lowest mean update on the
      domain). A named expert that the base calibration never chose (idle) deepens in place;
      any other is cloned into a free spare slot of its layer (its parent is never changed).
-  2. a working copy of the engine's weight file in `state/`, sized once; clones get their
-     parent's weights and router row there, a router bias `BIAS` (the clone wins the tie with
-     its parent, so the domain reaches it wherever it reached the parent) and a novelty
-     threshold: halfway between the base's and the domain's NLL, and at least the base
-     replay's 99th percentile of context novelty (`BASE_OPEN`). The clone is reachable only
-     where the context's running NLL under the frozen base path is at least that
-     (`export/programs.py`, inside every program).
+  2. a working copy (`Runtime.working_copy`: a runtime on a copy of the engine's weight
+     file in `state/`, sized once); clones get their parent's weights and router row there,
+     a router bias `BIAS` (the clone wins the tie with its parent, so the domain reaches it
+     wherever it reached the parent) and a novelty threshold: halfway between the base's
+     and the domain's NLL, and at least the base replay's 99th percentile of context
+     novelty (`BASE_OPEN`). The clone is reachable only where the context's running NLL
+     under the frozen base path is at least that (`export/programs.py`, inside every
+     program).
   3. optionally (`Limits.router_steps`, off by default: it forgot more, docs/growth.md) hinge
      updates of the new router rows that push them below the k-th logit on replayed base
      positions that open the gate;
@@ -23,7 +24,7 @@
      must fall, and on the base guard text (the second half of the bundle's calibration
      tokens) the perplexity must not rise by more than `GUARD_BASE`; else nothing is kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
-     rows (`experts.commit`, logged by `versions.record`), and the runtime reloads it.
+     rows (`versions.commit`, which logs it), and the runtime reloads it.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
 `steps` steps and `seconds`; memory: the working copy plus Adam state for the changed
 experts, allocated once per slice.
@@ -31,15 +32,14 @@ experts, allocated once per slice.
 
 from __future__ import annotations
 
-import shutil
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from moegrow.device_kernels import layout
 
-from . import backends, errormap, experts, session, verdicts, versions
+from . import errormap, experts, state, verdicts, versions
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
@@ -74,7 +74,7 @@ def _windows(seqs: list[np.ndarray], context: int) -> list[np.ndarray]:
             if len(s[i:i + context]) >= 2]
 
 
-def plan(rt, verdict: dict, domain: str, state: dict, limits: Limits) -> list[dict]:
+def plan(rt, verdict: dict, domain: str, seen: dict, limits: Limits) -> list[dict]:
     """[{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}] for one domain's
     verdict ("clone": the domain's existing clone of that parent, deepened further); raises
     GrowthError when a new clone has no free slot."""
@@ -83,7 +83,7 @@ def plan(rt, verdict: dict, domain: str, state: dict, limits: Limits) -> list[di
     named = [tuple(p) for p in verdict["experts"]]
     if verdict["verdict"] == "spawn":
         means: dict[tuple[int, int], float] = {}
-        for layer, expert, d, count, total, *_ in state["stats"]:
+        for layer, expert, d, count, total, *_ in seen["stats"]:
             if d == domain and count:
                 means[layer, expert] = total / count
         for layer, x in verdict["layers"].items():
@@ -122,56 +122,43 @@ def plan(rt, verdict: dict, domain: str, state: dict, limits: Limits) -> list[di
 
 
 class Work:
-    """The working copy of the engine's weight file and the slot state, with an engine on it."""
+    """The slice's working copy: a Runtime on a copy of the engine's weight file (in
+    `state/`, sized once) and a writable map of that file; `set_expert`/`router` change its
+    bytes in place, `reload` serves them."""
 
     def __init__(self, rt):
-        self.rt = rt
-        self.path = errormap.Store(rt.bundle.path).dir / f"work.{rt.backend}"
-        shutil.copyfile(rt.bundle.weights(rt.backend), self.path)
-        self.buf = np.memmap(self.path, np.uint8, mode="r+")
-        self.slots = rt.slots.copy()
-        self.dims = layout.dims(rt.bundle.config)
-        self.where = rt.bundle.manifest["experts"]["layout"][rt.backend]
-        self.reload()
-
-    def expert(self, layer: int, slot: int) -> list[np.ndarray]:
-        copies = layout.views(self.buf, self.where, layer, slot, self.dims)
-        return [np.array(copies[p][0]) for p in layout.PROJS]
+        self.rt = rt.working_copy(state.folder(rt.bundle.path) / f"work.{rt.backend}")
+        self.buf = np.memmap(self.rt.weights, np.uint8, mode="r+")
 
     def set_expert(self, layer: int, slot: int, weights: list[np.ndarray]) -> None:
-        copies = layout.views(self.buf, self.where, layer, slot, self.dims)
-        for p, w in zip(layout.PROJS, weights, strict=True):
-            for view in copies[p]:
-                view[...] = w
+        experts.write_in_place(self.buf, self.rt.bundle, self.rt.backend, layer, slot, weights)
 
     def router(self, layer: int) -> np.ndarray:
-        entry = experts.router_entry(self.rt.bundle.manifest, self.rt.backend, layer)
-        return layout.router(self.buf, entry, self.dims)  # a view: rows can be assigned
+        return experts.router(self.rt.bundle, layer, self.rt.backend, self.buf)
 
     def reload(self) -> None:
         self.buf.flush()
-        self.engine = backends.load(self.rt.backend, self.rt.bundle.programs(self.rt.backend),
-                                    self.path, self.rt.threads)
+        self.rt.reload()
 
-    def run(self, program: str, tokens: np.ndarray, *more: np.ndarray) -> list[np.ndarray]:
-        return self.engine.run(program, [tokens, *more, self.slots])
+    def close(self) -> None:
+        path = self.rt.weights
+        del self.buf, self.rt
+        path.unlink(missing_ok=True)
 
-    def deepen(self, layer: int, ids: np.ndarray, strict: bool) -> dict[str, np.ndarray]:
-        return session.deepen(self.run, layer, ids, self.rt.bundle.context, strict)
 
-    def observe(self, windows: list[np.ndarray], changed: set) -> dict:
-        """NLL of the windows' tokens (every token after each window's first) and the share
-        of them that reach a changed expert in each layer."""
-        nll, n, reach = 0.0, 0, np.zeros(self.slots.shape[0])
-        for w in windows:
-            out = self.run("observe", w[None])
-            nll += float(out[0][:len(w) - 1].astype(np.float64).sum())
-            n += len(w) - 1
-            ids = out[2][:, :len(w) - 1]  # [L, T, K]
-            for layer in range(ids.shape[0]):
-                mine = [s for lay, s in changed if lay == layer]
-                reach[layer] += np.isin(ids[layer], mine).any(-1).sum()
-        return {"nll": nll / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist()}
+def _measure(work, windows: list[np.ndarray], changed: set) -> dict:
+    """NLL of the windows' tokens (every token after each window's first) under the runtime
+    `work`, and the share of them that reach a changed expert in each layer."""
+    nll, n, reach = 0.0, 0, np.zeros(work.slots.shape[0])
+    for w in windows:
+        out = work.run("observe", w[None])
+        nll += float(out[0][:len(w) - 1].astype(np.float64).sum())
+        n += len(w) - 1
+        ids = out[2][:, :len(w) - 1]  # [L, T, K]
+        for layer in range(ids.shape[0]):
+            mine = [s for lay, s in changed if lay == layer]
+            reach[layer] += np.isin(ids[layer], mine).any(-1).sum()
+    return {"nll": nll / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist()}
 
 
 def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits: Limits,
@@ -185,18 +172,18 @@ def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits
         clones = [s["slot"] for s in steps if s["how"] == "spawn" and s["layer"] == layer]
         sets = []
         for w in base:
-            d = work.deepen(layer, w, False)
+            d = work.rt.deepen(layer, w, False)
             sets.append((d["x"][:len(w) - 1].astype(np.float64), d["novelty"][:len(w) - 1]))
         rows = work.router(layer)
         for clone in clones:
-            w_row, bias = rows[clone].astype(np.float64), float(work.slots[layer, 0, clone])
+            w_row, bias = rows[clone].astype(np.float64), float(work.rt.slots[layer, 0, clone])
             total = bad = 0
             for _ in range(limits.router_steps):
                 gw, gb, total, bad = np.zeros_like(w_row), 0.0, 0, 0
                 for x, nov in sets:
-                    state = work.slots[layer]
-                    open_ = nov[:, None] * state[1] >= state[2]
-                    logits = x @ rows.T.astype(np.float64) + state[0]
+                    gate = work.rt.slots[layer]
+                    open_ = nov[:, None] * gate[1] >= gate[2]
+                    logits = x @ rows.T.astype(np.float64) + gate[0]
                     logits[:, clone] = x @ w_row + bias
                     logits = np.where(open_, logits, -np.inf)
                     kth = -np.sort(-np.delete(logits, clone, axis=1), axis=1)[:, k - 1]
@@ -210,7 +197,7 @@ def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits
                 w_row -= limits.router_lr * gw / max(total, 1)
                 bias -= limits.router_lr * gb / max(total, 1)
             rows[clone] = w_row.astype(np.float32)
-            work.slots[layer, 0, clone] = bias
+            work.rt.slots[layer, 0, clone] = bias
             out[f"{layer}/{clone}"] = {"base_open": total, "base_reaching": bad}
     work.reload()
     return out
@@ -221,7 +208,7 @@ def _threshold(work: Work, base: list[np.ndarray], domain_nll: float) -> float:
     at least the base replay's 99th percentile of context novelty (so at most ~1% of base
     positions open the gate)."""
     last = work.rt.bundle.config["num_hidden_layers"] - 1  # the shortest sweep
-    nov = np.concatenate([work.deepen(last, w, False)["novelty"][:len(w) - 1] for w in base])
+    nov = np.concatenate([work.rt.deepen(last, w, False)["novelty"][:len(w) - 1] for w in base])
     mid = 0.5 * (work.rt.bundle.manifest["calibration"]["nll"] + domain_nll)
     return float(max(mid, np.quantile(nov, 1 - BASE_OPEN)))
 
@@ -233,7 +220,18 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
     step and token: the changed experts' energy, the norm of their update), "router",
     "guard" (before/after NLL and reach on held-out domain and base text), "committed",
     "version", "reason" (why nothing was committed), "bytes" (learning state: the changed
-    experts, gradients, Adam moments), "work_file_bytes" (the working copy), "seconds"}."""
+    experts, gradients, Adam moments), "work_file_bytes" (the working copy), "seconds",
+    "peak_rss_mb" (the process's peak resident memory so far), "accounted_bytes" (what the
+    runtime accounts for: the served weight file, the working copy and the learning
+    state)}."""
+    report = _slice(rt, seconds, domain, limits, progress)
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["accounted_bytes"] = (rt.weights.stat().st_size + report.get("work_file_bytes", 0)
+                                 + report.get("bytes", 0))
+    return report
+
+
+def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> dict[str, Any]:
     start = time.monotonic()
     deadline = start + min(seconds, limits.seconds)
     say = progress or (lambda _m: None)
@@ -253,12 +251,12 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
                               "committed": False,
                               "version": b.manifest["weights"]["version"], "reason": None}
     store = errormap.Store(b.path)
-    state = store.read()
+    seen = store.read()
     k = b.config["num_experts_per_tok"]
-    judged = verdicts.judge(state, b.manifest["calibration"], limits.experts or k)
+    judged = verdicts.judge(seen, b.manifest["calibration"], limits.experts or k)
     growing = {d: v for d, v in judged.items() if v["verdict"] != "nothing"}
     if domain is None and growing:
-        domain = max(growing, key=lambda d: state["domains"][d]["tokens"])
+        domain = max(growing, key=lambda d: seen["domains"][d]["tokens"])
     report["domain"] = domain
     if domain is None or domain not in growing:
         report["reason"] = ("nothing to grow: no observed domain needs it" if domain is None
@@ -266,7 +264,7 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
                                  f"{judged.get(domain, {}).get('verdict', 'not observed')}")
         return report
     report["verdict"] = growing[domain]["verdict"]
-    steps = plan(rt, growing[domain], domain, state, limits)
+    steps = plan(rt, growing[domain], domain, seen, limits)
     report["plan"] = steps
     seqs = store.replay(domain)
     held = _windows(seqs[HOLDOUT - 1::HOLDOUT], b.context)
@@ -286,13 +284,13 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
         f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps))
     work = Work(rt)
     try:
-        before = {"domain": work.observe(held, changed), "base": work.observe(base_guard,
-                                                                               changed)}
+        before = {"domain": _measure(work.rt, held, changed),
+                  "base": _measure(work.rt, base_guard, changed)}
         report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,
-                                 report, say, domain, state)
+                                 report, say, domain, seen)
         if report["reason"] is None:
-            after = {"domain": work.observe(held, changed), "base": work.observe(base_guard,
-                                                                                  changed)}
+            after = {"domain": _measure(work.rt, held, changed),
+                     "base": _measure(work.rt, base_guard, changed)}
             rise = float(np.exp(after["base"]["nll"] - before["base"]["nll"]) - 1)
             gain = float(1 - np.exp(after["domain"]["nll"] - before["domain"]["nll"]))
             ok = gain > 0 and rise <= GUARD_BASE
@@ -304,35 +302,34 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
             else:
                 _commit(rt, work, steps, domain, report)
     finally:
-        del work.buf, work.engine
-        work.path.unlink(missing_ok=True)
+        work.close()
     report["seconds"] = time.monotonic() - start
     return report
 
 
 def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.ndarray],
           limits: Limits, k: int, deadline: float, report: dict, say, domain: str,
-          state: dict) -> str | None:
+          seen: dict) -> str | None:
     """Spawn, train the router rows, then PC steps; returns why it stopped early, or None."""
     threshold = None
     for s in steps:
         if s["how"] == "spawn":
             if threshold is None:
-                threshold = _threshold(work, base, state["domains"][domain]["nll"])
+                threshold = _threshold(work, base, seen["domains"][domain]["nll"])
                 report["threshold"] = threshold
-            work.set_expert(s["layer"], s["slot"], work.expert(s["layer"], s["parent"]))
+            work.set_expert(s["layer"], s["slot"], work.rt.expert(s["layer"], s["parent"]))
             work.router(s["layer"])[s["slot"]] = work.router(s["layer"])[s["parent"]]
-            work.slots[s["layer"], :, s["slot"]] = (BIAS, 1.0, threshold)
+            work.rt.slots[s["layer"], :, s["slot"]] = (BIAS, 1.0, threshold)
     work.reload()
     if any(s["how"] == "spawn" for s in steps) and limits.router_steps:
         say("training the new router rows")
         report["router"] = _train_routers(work, steps, base[:8], limits, k)
-    params = {(s["layer"], s["slot"]): work.expert(s["layer"], s["slot"]) for s in steps}
+    params = {(s["layer"], s["slot"]): work.rt.expert(s["layer"], s["slot"]) for s in steps}
     moments = {key: [(np.zeros_like(w), np.zeros_like(w)) for w in ws]
                for key, ws in params.items()}
     # learning state: the changed experts, their gradients and Adam's two moments
     report["bytes"] = 4 * sum(w.nbytes for ws in params.values() for w in ws)
-    report["work_file_bytes"] = work.path.stat().st_size
+    report["work_file_bytes"] = work.rt.weights.stat().st_size
     layers = sorted({s["layer"] for s in steps})
     order = [w for _ in range(limits.passes) for w in train]
     total = min(limits.steps, -(-len(order) // limits.batch))
@@ -345,7 +342,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
         energy = 0.0
         for layer in layers:
             for w in batch:
-                d = work.deepen(layer, w, limits.strict)
+                d = work.rt.deepen(layer, w, limits.strict)
                 for (lay, slot), g in grads.items():
                     if lay == layer:
                         for acc, name in zip(g, ("dwg", "dwu", "dwd"), strict=True):
@@ -388,20 +385,18 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
 
 def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> None:
     b = rt.bundle
-    changes = {(s["layer"], s["slot"]): work.expert(s["layer"], s["slot"]) for s in steps}
+    changes = {(s["layer"], s["slot"]): work.rt.expert(s["layer"], s["slot"]) for s in steps}
     routers, rows = {}, {}
     for s in steps:
         if s["how"] == "spawn":
             key = (s["layer"], s["slot"])
             routers[key] = np.array(work.router(s["layer"])[s["slot"]])
-            bias, _, threshold = work.slots[s["layer"], :, s["slot"]]
+            bias, _, threshold = work.rt.slots[s["layer"], :, s["slot"]]
             rows[key] = {"kind": "spawned", "parent": s["parent"], "domain": domain,
                          "bias": float(bias), "threshold": float(threshold)}
-    version = versions.next_version(b)
     summary = {k: v for k, v in report.items() if k not in ("guard", "energy", "update_norm")}
-    summary |= {"committed": True, "version": version, "energy": report["energy"][-1:],
+    summary |= {"committed": True, "energy": report["energy"][-1:],
                 "guard": {k: report["guard"][k] for k in ("domain_gain", "base_rise")}}
-    new = experts.commit(b, changes, routers, rows, version=version,
-                         record=versions.record(b, summary))
+    new = versions.commit(b, changes, routers, rows, summary)
     rt.reload(new)
     report["committed"], report["version"] = True, new.manifest["weights"]["version"]

@@ -7,6 +7,7 @@ and out of `prefill`/`decode`, so forking it (one branch per suggestion) costs n
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 from moegrow.device_kernels import layout
 
-from . import backends, errormap, experts
+from . import backends, errormap, experts, growth, versions
 from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
@@ -42,16 +43,18 @@ class InputError(ValueError):
 class Runtime:
     """A bundle bound to an engine. `engine`: any object with the backends' `run(name,
     arrays)` to use instead of loading `backend` (tools and tests pass the torch reference,
-    `moegrow.export.reference`, as backend "torch")."""
+    `moegrow.export.reference`, as backend "torch"). `weights`: the engine's weight file to
+    serve instead of the bundle's current one (growth's working copy, `working_copy`)."""
 
     def __init__(self, bundle: bundle_format.Bundle, backend: str, threads: int | None = None,
-                 engine=None):
+                 engine=None, weights: Path | None = None):
         if engine is None and backend not in bundle.engines():
             raise backends.BackendError(f"{bundle.path}: no programs for backend {backend!r} "
                                         f"(it has: {', '.join(bundle.engines())})")
         self.bundle, self.backend, self.threads = bundle, backend, threads
-        self.engine = engine or backends.load(backend, bundle.programs(backend),
-                                              bundle.weights(backend), threads)
+        self.weights = weights or (bundle.weights(backend) if engine is None else None)
+        self.engine = engine or backends.load(backend, bundle.programs(backend), self.weights,
+                                              threads, bundle.initializers(backend))
         self.sp = spm.SentencePieceProcessor()
         self.sp.load(str(bundle.tokenizer))
         c = bundle.config
@@ -60,23 +63,38 @@ class Runtime:
                             bundle.context, head_dim)
         self.slots = slot_state(bundle)
 
-    def reload(self, bundle: bundle_format.Bundle) -> None:
-        """Serve `bundle` (a new version of this one) from now on."""
+    def reload(self, bundle: bundle_format.Bundle | None = None) -> None:
+        """Serve `bundle` (a new version of this one) from now on; without it, load this
+        runtime's weight file again (a working copy whose bytes were changed)."""
         if self.backend not in backends.ENGINES:
             raise backends.BackendError(f"backend {self.backend!r} serves its own weights: it "
                                         "cannot load a new weights version")
-        self.bundle, self.slots = bundle, slot_state(bundle)
-        self.engine = backends.load(self.backend, bundle.programs(self.backend),
-                                    bundle.weights(self.backend), self.threads)
+        if bundle is not None:
+            self.bundle, self.slots = bundle, slot_state(bundle)
+            self.weights = bundle.weights(self.backend)
+        self.engine = backends.load(self.backend, self.bundle.programs(self.backend),
+                                    self.weights, self.threads,
+                                    self.bundle.initializers(self.backend))
+
+    def working_copy(self, path: Path) -> Runtime:
+        """A runtime on a copy of this one's weight file at `path` and of its slot state:
+        growth changes experts there (`experts.write_in_place`, then `reload()`) while this
+        one serves on."""
+        shutil.copyfile(self.weights, path)
+        work = Runtime(self.bundle, self.backend, self.threads, weights=path)
+        work.slots = self.slots.copy()
+        return work
 
     def expert(self, layer: int, slot: int) -> list[np.ndarray]:
         """Expert `slot` of `layer`: fp32 [gate [F, C], up [F, C], down [C, F]]."""
-        return experts.read(self.bundle, layer, slot, self.backend)
+        return experts.read(self.bundle, layer, slot, self.backend, self.weights)
 
     def set_experts(self, changes: dict[tuple[int, int], list[np.ndarray]]) -> int:
         """Commit new weights for some experts ({(layer, slot): [gate, up, down]}) as the
-        bundle's next weights version, reload the engine on it; returns the version."""
-        self.reload(experts.commit(self.bundle, changes))
+        bundle's next weights version (logged: `versions.commit`), reload the engine on it;
+        returns the version."""
+        self.reload(versions.commit(self.bundle, changes, report={
+            "what": "set_experts", "experts": sorted(map(list, changes))}))
         return self.bundle.manifest["weights"]["version"]
 
     def _ids(self, text: str, room: int) -> list[int]:
@@ -170,15 +188,17 @@ class Runtime:
         window = self.bundle.context
         if not 2 <= len(ids) <= window:
             raise InputError(f"a deepening window takes 2 to {window} tokens, got {len(ids)}")
-        return deepen(self.run, layer, ids, window, strict)
+        tokens = np.zeros((1, window), np.int64)
+        tokens[0, :len(ids)] = ids
+        valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
+        out = self.run(f"{'strict' if strict else 'deepen'}{layer}", tokens, valid)
+        return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
 
     def idle(self, seconds: float, domain: str | None = None, progress=None,
              **limits) -> dict:
         """One growth slice of at most `seconds` for `domain` (default: the observed domain
         the error map most wants grown); `limits`: fields of `growth.Limits`; `progress`
         gets a line per stage. Returns what it did (`growth.idle`)."""
-        from . import growth
-
         return growth.idle(self, seconds, domain, growth.Limits(**limits), progress)
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
@@ -205,17 +225,6 @@ class Runtime:
         errormap.Store(self.bundle.path).add(domain, folded, len(ids) - 1, nll, nll_sq, replay)
         return {"domain": domain, "tokens": len(ids) - 1, "nll": nll / (len(ids) - 1),
                 "ppl": float(np.exp(nll / (len(ids) - 1)))}
-
-
-def deepen(run, layer: int, ids: np.ndarray, window: int,
-           strict: bool = False) -> dict[str, np.ndarray]:
-    """`deepen{layer}` (or `strict{layer}`) on `ids` padded to the `window`, through
-    `run(program, tokens, valid)` (a runtime's, or growth's working copy's)."""
-    tokens = np.zeros((1, window), np.int64)
-    tokens[0, :len(ids)] = ids
-    valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
-    out = run(f"{'strict' if strict else 'deepen'}{layer}", tokens, valid)
-    return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
 
 
 def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:

@@ -2,9 +2,10 @@
 
 A version is the manifest that names its weight files (`weights/vN.*`, never deleted).
 `manifest.json` is the pointer to the current one; the log (table `versions` in the bundle's
-state database) keeps every version's manifest and what produced it. A commit
-(`experts.commit`) writes the new weight files, then inserts the log row in one SQLite
-transaction (`record`), then replaces `manifest.json`: a crash before the transaction leaves
+state database, `state.py`) keeps every version's manifest and what produced it. `commit` is
+the only way to make a version (`Runtime.set_experts` and growth both call it): it checks
+the change, writes the new weight files (`experts.write`), inserts the log row in one SQLite
+transaction, then replaces `manifest.json`: a crash before the transaction leaves
 unreferenced files; after it, a logged version that was never made current (still loadable,
 and `rollback --to` can make it current). Version 1 (the export) is logged on first use.
 """
@@ -18,9 +19,9 @@ import numpy as np
 from moegrow.device_kernels.manifest import MANIFEST
 
 from . import bundle as bundle_format
-from . import errormap, experts
+from . import experts, state
 
-__all__ = ["VersionError", "log", "next_version", "record", "rollback"]
+__all__ = ["VersionError", "commit", "log", "next_version", "rollback"]
 
 
 class VersionError(ValueError):
@@ -37,20 +38,35 @@ def _log_export(bundle: bundle_format.Bundle, db) -> None:
 
 
 def _rows(bundle: bundle_format.Bundle, sql: str, args: tuple = ()) -> list[tuple]:
-    with errormap.Store(bundle.path).connection() as db:
+    with state.connection(bundle.path) as db:
         _log_export(bundle, db)
         return db.execute(sql, args).fetchall()
 
 
-def record(bundle: bundle_format.Bundle, report: dict):
-    """`experts.commit`'s `record`: log the new manifest with `report` in one transaction."""
+def _record(bundle: bundle_format.Bundle, report: dict):
+    """`experts.write`'s `record`: log the new manifest with `report` in one transaction."""
     def write(manifest: dict) -> None:
-        with errormap.Store(bundle.path).connection(write=True) as db:
+        with state.connection(bundle.path, write=True) as db:
             _log_export(bundle, db)
             db.execute("INSERT INTO versions VALUES (?, ?, ?, ?)",
                        (manifest["weights"]["version"], time.time(), json.dumps(manifest),
                         json.dumps(report)))
     return write
+
+
+def commit(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.ndarray]],
+           routers: dict[tuple[int, int], np.ndarray] | None = None,
+           rows: dict[tuple[int, int], dict] | None = None,
+           report: dict | None = None) -> bundle_format.Bundle:
+    """Make the bundle's next weights version: the experts in `changes` ({(layer, slot):
+    [gate, up, down]}), the router rows in `routers` ({(layer, slot): [C]}) and the expert
+    table's rows updated with `rows`; logged with `report` (what produced it). Bad changes
+    raise `experts.ExpertError` before anything on disk is touched. Returns the new bundle
+    (the caller's runtime reloads it)."""
+    changes, routers = experts.check(bundle, changes, routers or {})
+    version = next_version(bundle)
+    return experts.write(bundle, changes, routers, rows or {}, version,
+                         _record(bundle, {**(report or {}), "version": version}))
 
 
 def next_version(bundle: bundle_format.Bundle) -> int:

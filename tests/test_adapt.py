@@ -84,8 +84,15 @@ def test_lora_leaves_the_base_weights_and_full_changes_them():
         model = random_moe(ARGS)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         r = adapt.train(model, method, _ids(70), passes=1)
-        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        # PEFT wraps what it adapts: the base weight is `...base_layer.weight` now
+        after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
+                 if "lora_" not in k}
+        assert after.keys() == before.keys()
+        changed = [k for k, v in after.items() if not torch.equal(v, before[k])]
         assert (changed == []) == (method == "lora"), (method, changed)
+        if method == "lora":  # factors on q/k/v/o and on the stacked experts of every layer
+            lora = [k for k in model.state_dict() if "lora_A" in k]
+            assert len(lora) == ARGS.num_hidden_layers * 7, lora
         # AdamW state: two fp32 tensors per trainable parameter, plus params and grads
         assert r["accounted_bytes"] >= 4 * 4 * r["trainable_params"]
 

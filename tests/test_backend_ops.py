@@ -70,7 +70,8 @@ class Case:
     def engine(self, name: str):
         if name not in self.engines:
             self.engines[name] = backends.load(name, self.bundle.programs(name),
-                                               self.bundle.weights(name), threads=1)
+                                               self.bundle.weights(name), threads=1,
+                                               initializers=self.bundle.initializers(name))
         return self.engines[name]
 
 

@@ -193,6 +193,41 @@ def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_p
     assert code == 2 and "not the checkpoint the bundle was made from" in err
 
 
+def test_onnx_serving_programs_take_every_weight_from_the_shared_map(tiny_bundle):
+    """The weight table of each ONNX serving program lists every external initializer of
+    its graph at its bytes in the weight file (ONNX Runtime gets them as views, no copy);
+    the deepening programs, whose expert transposes ONNX Runtime folds, have none."""
+    import onnx
+
+    b = bundle_format.load(tiny_bundle)
+    tables = b.initializers("onnxruntime")
+    assert set(tables) == {"prefill", "decode", "score", "observe"}
+    data = np.fromfile(b.weights("onnxruntime"), np.uint8)
+    for name, table in tables.items():
+        graph = onnx.load(str(b.programs("onnxruntime")[name]), load_external_data=False).graph
+        external = {t.name for t in graph.initializer
+                    if t.data_location == onnx.TensorProto.EXTERNAL}
+        assert {row[0] for row in table} == external
+        assert not any(n.op_type == "Transpose" and n.input[0] in external for n in graph.node)
+        for _name, dtype, shape, offset, size in table:
+            assert np.dtype(dtype).itemsize * int(np.prod(shape)) == size <= data.size - offset
+    assert (tiny_bundle / "programs" / "weights.onnx.data").stat().st_size == 0
+
+
+def test_bench_memory_reports_each_engine(capsys, tiny_bundle, tmp_path):
+    code, out, err = run(capsys, "bench", "memory", str(tiny_bundle), "--out",
+                         str(tmp_path / "m"), "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    for engine in ENGINES:
+        stages = dict(r[engine]["stages"])
+        assert list(stages)[:4] == ["python", "import engine", "open",
+                                    "suggest (prefill, decode)"] and "deepen0" in stages
+        assert r[engine]["serving_mb"] == pytest.approx(stages["score"] - stages["import engine"])
+        assert r[engine]["ratio"] > 0 and r[engine]["weights_mb"] > 0
+    assert "| onnxruntime |" in (tmp_path / "m" / "report.md").read_text()
+
+
 def test_int4_bundle_stays_within_6_percent_of_fp32(tiny_bundle, exports):
     q4 = exported(exports["mixtral", 4])
     manifest = json.loads((q4 / "manifest.json").read_text())

@@ -15,7 +15,7 @@ import pytest
 from conftest import run_cli as run
 from conftest import snapshot
 from moegrow import runtime
-from moegrow.runtime import errormap
+from moegrow.runtime import errormap, state
 
 pytestmark = pytest.mark.slow  # uses the exported tiny bundle
 TEXT = "The parser reads the next word. Our user writes plain text. " * 8
@@ -60,7 +60,7 @@ def test_observe_folds_the_taps_into_the_map(bundle_copy):
     assert set(errormap.Store(bundle_copy).read()["domains"]) == {"docs", "chat"}
     st = bundle_copy / "state"
     assert stat.S_IMODE(st.stat().st_mode) == 0o700
-    assert stat.S_IMODE((st / errormap.DB).stat().st_mode) == 0o600
+    assert stat.S_IMODE((st / state.DB).stat().st_mode) == 0o600
 
 
 def test_bench_overhead_reports_both_engines(capsys, tiny_bundle, tmp_path):
@@ -133,7 +133,7 @@ def test_bad_text_is_refused_before_anything_is_written(capsys, bundle_copy, tmp
 
 def test_a_map_from_before_nll_spreads_were_kept_is_upgraded(tmp_path):
     (tmp_path / "state").mkdir()
-    db = sqlite3.connect(tmp_path / "state" / errormap.DB)
+    db = sqlite3.connect(tmp_path / "state" / state.DB)
     db.executescript("CREATE TABLE domains (domain TEXT PRIMARY KEY, tokens INTEGER, "
                      "nll_sum REAL, last_seen REAL); INSERT INTO domains VALUES ('a', 10, 20, 0);")
     db.commit()
@@ -142,6 +142,19 @@ def test_a_map_from_before_nll_spreads_were_kept_is_upgraded(tmp_path):
     store.add("b", np.zeros((2, 4, 3)), 5, 10.0, 25.0, [])
     assert store.read()["domains"] == {"a": {"tokens": 10, "nll": 2.0, "nll_sd": 0.0},
                                        "b": {"tokens": 5, "nll": 2.0, "nll_sd": 1.0}}
+
+
+def test_the_state_database_is_versioned_and_a_newer_one_is_refused(tmp_path):
+    store = errormap.Store(tmp_path)
+    store.add("a", np.zeros((2, 4, 3)), 5, 10.0, 25.0, [])
+    db = sqlite3.connect(tmp_path / "state" / state.DB)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == state.VERSION
+    db.execute(f"PRAGMA user_version = {state.VERSION + 1}")
+    db.close()
+    before = snapshot(tmp_path)
+    with pytest.raises(state.StateError, match="made by a newer moegrow"):
+        store.read()
+    assert snapshot(tmp_path) == before
 
 
 def test_a_huge_file_is_streamed_in_bounded_pieces(tmp_path):
@@ -173,11 +186,11 @@ def test_a_huge_file_is_streamed_in_bounded_pieces(tmp_path):
 
 def test_a_corrupt_database_is_kept_aside_with_a_clear_error(capsys, bundle_copy, tmp_path):
     (bundle_copy / "state").mkdir(mode=0o700)
-    (bundle_copy / "state" / errormap.DB).write_bytes(b"this is not sqlite" * 100)
+    (bundle_copy / "state" / state.DB).write_bytes(b"this is not sqlite" * 100)
     (tmp_path / "t.txt").write_text(TEXT)
     code, _, err = run(capsys, "observe", str(bundle_copy), "--text", str(tmp_path / "t.txt"))
     assert code == 2 and "not a usable database" in err and "kept aside as" in err
-    aside = list((bundle_copy / "state").glob(f"{errormap.DB}.corrupt-*"))
+    aside = list((bundle_copy / "state").glob(f"{state.DB}.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == b"this is not sqlite" * 100
     code, _, err = run(capsys, "observe", str(bundle_copy), "--text", str(tmp_path / "t.txt"))
     assert code == 0, err  # a new map next time; the old file is still there
@@ -188,10 +201,10 @@ def test_a_locked_database_gives_a_clear_error(bundle_copy, monkeypatch):
     rt = runtime.open(bundle_copy, "onnxruntime")
     rt.observe(TEXT, "docs")
     monkeypatch.setattr(errormap, "BUSY_MS", 200)
-    holder = sqlite3.connect(bundle_copy / "state" / errormap.DB, isolation_level=None)
+    holder = sqlite3.connect(bundle_copy / "state" / state.DB, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
-        with pytest.raises(errormap.StateError, match="locked by another process"):
+        with pytest.raises(state.StateError, match="locked by another process"):
             rt.observe(TEXT, "docs")
     finally:
         holder.execute("ROLLBACK")

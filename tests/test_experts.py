@@ -16,7 +16,7 @@ from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.export import bundle, checkpoint
 from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime import experts
+from moegrow.runtime import experts, versions
 
 pytestmark = pytest.mark.slow  # one more export of the tiny model, ~1 min on 2 cores
 ENGINES = ["executorch", "onnxruntime"]
@@ -109,6 +109,22 @@ def test_bad_expert_weights_are_refused_and_nothing_is_written(tiny_bundle, tmp_
     with pytest.raises(experts.ExpertError, match=re.escape(words)):
         rt.set_experts(change(rt.expert(0, 0)))
     assert snapshot(copy) == before
+
+
+def test_set_experts_is_logged_and_rolls_back(tiny_bundle, tmp_path, capsys):
+    """`set_experts` and growth make versions through one `versions.commit`: the log records
+    this one, and `rollback` returns to the export (it once answered "no older version")."""
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    rt = runtime.open(copy, "onnxruntime")
+    w = rt.expert(0, 1)
+    assert rt.set_experts({(0, 1): [x * 0.5 for x in w]}) == 2
+    log = versions.log(rt.bundle)
+    assert [(v["version"], v["current"]) for v in log] == [(1, False), (2, True)]
+    assert log[1]["report"] == {"what": "set_experts", "experts": [[0, 1]], "version": 2}
+    code, _, err = run(capsys, "rollback", str(copy))
+    assert code == 0, err
+    assert np.array_equal(runtime.open(copy, "onnxruntime").expert(0, 1)[0], w[0])
 
 
 def test_a_stale_runtime_cannot_overwrite_a_newer_version(tiny_bundle, tmp_path):

@@ -55,6 +55,9 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     assert max(g["after"]["domain"]["reach"]) > 0.05  # domain tokens reach the clone
     assert max(g["after"]["base"]["reach"]) < 0.01  # base tokens (almost) never do
     assert r["threshold"] > rt_nll(before)  # the gate opens above the base's own NLL
+    weights = bundle_format.load(before).weights("onnxruntime").stat().st_size
+    assert r["accounted_bytes"] == weights + r["work_file_bytes"] + r["bytes"]
+    assert r["work_file_bytes"] == weights and r["peak_rss_mb"] > 0
     table = {(x["layer"], x["slot"]): x for x in bundle_format.load(after).manifest["experts"]
              ["table"]}
     for s in r["plan"]:
@@ -163,8 +166,7 @@ from moegrow.runtime import bundle, experts, versions
 b = bundle.load(sys.argv[1])
 w = experts.read(b, 0, 0)
 print("go", flush=True)
-experts.commit(b, {(0, 0): [x * 1.01 for x in w]}, version=versions.next_version(b),
-               record=versions.record(b, {"what": "test"}))
+versions.commit(b, {(0, 0): [x * 1.01 for x in w]}, report={"what": "test"})
 print("done", flush=True)
 """
 

@@ -21,10 +21,11 @@ that raises gets {"error": message} and the run goes on.
 Torch methods (fp32): the N ids cut into consecutive windows of W + 1 (context W; inputs and
 shifted targets), one window per AdamW step (weight decay 0), in order, `passes` times;
 cross-entropy, grad norm clipped to 1. accounted_bytes = trainable parameters + grads + AdamW
-state, measured. full: all parameters, lr 1e-4. lora: rank 8, alpha 16 on q/k/v/o and every
-expert's gate/up/down (per-expert A, B; B zero), base frozen, lr 1e-3. locus-bp: only the
-experts {layer: [ids]} (own parameters while training, written back in place), lr 1e-4;
-default locus: per layer the 2 experts the router picks most on the training tokens.
+state, measured. full: all parameters, lr 1e-4. lora: PEFT's LoRA, rank 8, alpha 16 on
+q/k/v/o and every expert's gate/up/down (per-expert A, B; B zero), base frozen, lr 1e-3.
+locus-bp: only the experts {layer: [ids]} (own parameters while training, written back in
+place), lr 1e-4; default locus: per layer the 2 experts the router picks most on the
+training tokens.
 
 FLOPs per trained token (multiply-add = 2), times N - 1 targets times passes. P: weights a
 token meets (q/k/v/o, router, its top-k experts, head; the embedding lookup is free); S = 2WHD
@@ -148,36 +149,18 @@ def default_locus(counts: np.ndarray, top: int = LOCUS_TOP) -> dict[int, list[in
 
 
 def add_lora(model: layers.CausalLM, rank: int = RANK, alpha: int = ALPHA) -> list[nn.Parameter]:
-    """Freeze the model and add LoRA factors to q/k/v/o and every expert's gate/up/down by
-    replacing those modules' `forward` / `run` on the instance; returns the factors."""
+    """Freeze the model and add PEFT's LoRA (rank, alpha; A Kaiming-uniform, B zero: training
+    starts at the base) to q/k/v/o and, as `target_parameters`, to every layer's stacked
+    expert gate/up/down (independent factors per expert); returns the factors."""
+    from peft import LoraConfig, inject_adapter_in_model
+
     model.requires_grad_(False)
-    scale, params = alpha / rank, []
-
-    def factors(lead: tuple[int, ...], fan_in: int, fan_out: int):
-        bound = 1 / math.sqrt(fan_in)  # A as PEFT draws it; B zero: training starts at the base
-        a = nn.Parameter(torch.empty(*lead, rank, fan_in).uniform_(-bound, bound))
-        b = nn.Parameter(torch.zeros(*lead, fan_out, rank))
-        params.extend((a, b))
-        return a, b
-
-    for block in model.model.layers:
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            lin = getattr(block.self_attn, name)
-            a, b = factors((), lin.in_features, lin.out_features)
-            lin.forward = (lambda x, w=lin.weight, a=a, b=b:
-                           F.linear(x, w) + F.linear(F.linear(x, a), b) * scale)
-        ex = block.mlp.experts
-        e, f, c = ex.gate_proj.shape
-        ab = {"gate_proj": factors((e,), c, f), "up_proj": factors((e,), c, f),
-              "down_proj": factors((e,), f, c)}
-
-        def run(j, x, ex=ex, ab=ab):
-            def proj(key, x):
-                a, b = ab[key]
-                return x @ getattr(ex, key)[j].T + (x @ a[j].T) @ b[j].T * scale
-            return proj("down_proj", F.silu(proj("gate_proj", x)) * proj("up_proj", x))
-        ex.run = run
-    return params
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        target_parameters=[f"mlp.experts.{p}" for p in
+                                           ("gate_proj", "up_proj", "down_proj")])
+    inject_adapter_in_model(config, model)
+    return [p for name, p in model.named_parameters() if "lora_" in name]
 
 
 def split_locus(model: layers.CausalLM, locus: dict[int, list[int]]):

@@ -57,6 +57,22 @@ def bench_overhead(bundle_dir: str, text_file: Path, out: Path, rounds: int, thr
     emit(result, as_json, (out / "report.md").read_text())
 
 
+@bench.command("memory")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md and results.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_memory(bundle_dir: str, out: Path, as_json: bool) -> None:
+    """Resident memory of a serving runtime on BUNDLE, each engine in a fresh process: after
+    importing the engine, opening the bundle, and each program's first run; the serving
+    cost (RSS after `suggest` and `score` minus after the import) against the weight file's
+    bytes."""
+    from moegrow.tools import memory
+
+    result = memory.bench_memory(bundle_dir, out, progress=lambda m: click.echo(m, err=True))
+    emit(result, as_json, (out / "report.md").read_text())
+
+
 @bench.command("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Checkpoint folder to write (must not exist).")

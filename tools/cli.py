@@ -18,7 +18,7 @@ from moegrow.export import bundle as bundle_lib
 from moegrow.export import checkpoint, evaluate, tokenizer
 from moegrow.export import generate as generate_lib
 from moegrow.export import pretrain as pretrain_lib
-from moegrow.runtime import backends, errormap, experts, growth, session, verdicts, versions
+from moegrow.runtime import backends, errormap, experts, growth, session, state, verdicts, versions
 from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
 from moegrow.tools import llama as llama_lib
@@ -26,7 +26,7 @@ from moegrow.tools import llama as llama_lib
 ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
           pretrain_lib.PretrainError, corpus_lib.CorpusError, bundle_format.BundleError,
           bundle_lib.BundleError, backends.BackendError, session.InputError,
-          experts.ExpertError, llama_lib.GGUFError, errormap.StateError, growth.GrowthError,
+          experts.ExpertError, llama_lib.GGUFError, state.StateError, growth.GrowthError,
           versions.VersionError)
 BACKENDS = ["torch", *backends.ENGINES]
 BACKEND_HELP = ("Engine: torch for checkpoint folders; executorch (default) or onnxruntime "
@@ -313,7 +313,7 @@ def errormap_(bundle_dir: str, domain: str | None, plot_file: Path | None,
     if plot_file is not None:
         names = [domain] if domain is not None else sorted(result["domains"])
         if not names or not result["domains"]:
-            raise errormap.StateError(f"{bundle_dir}: nothing observed yet; nothing to plot")
+            raise state.StateError(f"{bundle_dir}: nothing observed yet; nothing to plot")
         maps = {d: errormap.summary(store.read(d), layers, experts_n) for d in names}
         errormap.plot(maps, plot_file, f"moegrow error map: {bundle_dir}", result["verdicts"])
     lines = [f"{d}: {v['tokens']} tokens, ppl {np.exp(v['nll']):.2f}"

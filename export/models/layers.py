@@ -99,6 +99,13 @@ class Experts(nn.Module):
         h = F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
         return h @ self.down_proj[e].T
 
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [N, C] grouped by expert (`counts[e]` rows for expert e, in order) -> [N, C].
+        (Through `forward`, so that wrappers of the stacked parameters, e.g. PEFT's LoRA on
+        them, apply.)"""
+        chunks = x.split(counts)
+        return torch.cat([self.run(e, xe) for e, xe in enumerate(chunks) if xe.shape[0]])
+
 
 class MoE(nn.Module):
     """Top-k softmax router over stacked experts.
@@ -131,9 +138,7 @@ class MoE(nn.Module):
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=logits.shape[-1]).tolist()
         token = order // self.top_k
-        chunks = x[token].split(counts)
-        ys = [self.experts.run(e, xe) for e, xe in enumerate(chunks) if xe.shape[0]]
-        y = torch.cat(ys) * weights.reshape(-1)[order, None]
+        y = self.experts(x[token], counts) * weights.reshape(-1)[order, None]
         out = torch.zeros_like(x).index_add_(0, token, y)
         return out.reshape(shape), logits
 
