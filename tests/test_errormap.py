@@ -41,9 +41,9 @@ def test_observe_folds_the_taps_into_the_map(bundle_copy):
                                                       ids.shape[1] / (ids.shape[1] - 1)) < 1e-4
     rt.observe(TEXT, "docs")
     rt.observe(TEXT[:100], "chat")
-    state = errormap.Store(bundle_copy).read("docs")
+    seen = errormap.Store(bundle_copy).read("docs")
     c = rt.bundle.config
-    m = errormap.summary(state, c["num_hidden_layers"], c["num_local_experts"])
+    m = errormap.summary(seen, c["num_hidden_layers"], c["num_local_experts"])
     k = c["num_experts_per_tok"]
     for layer in m["layers"]:
         counts = np.array([e["count"] for e in layer["experts"]])
@@ -89,10 +89,10 @@ def test_two_processes_observing_at_once_lose_no_counts(bundle_copy):
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=ctx) as pool:
         results = list(pool.map(_observe, [bundle_copy] * 4, [TEXT] * 4, ["docs"] * 4))
-    state = errormap.Store(bundle_copy).read()
-    assert state["domains"]["docs"]["tokens"] == sum(r["tokens"] for r in results)
+    seen = errormap.Store(bundle_copy).read()
+    assert seen["domains"]["docs"]["tokens"] == sum(r["tokens"] for r in results)
     per_layer = {}
-    for layer, _e, _d, count, *_ in state["stats"]:
+    for layer, _e, _d, count, *_ in seen["stats"]:
         per_layer[layer] = per_layer.get(layer, 0) + count
     assert set(per_layer.values()) == {2 * sum(r["tokens"] for r in results)}
 

@@ -305,11 +305,11 @@ def errormap_(bundle_dir: str, domain: str | None, plot_file: Path | None,
     b = bundle_format.load(bundle_dir)
     store = errormap.Store(b.path)
     layers, experts_n = b.config["num_hidden_layers"], layout.dims(b.config)[0]
-    state = store.read(domain)
-    result = errormap.summary(state, layers, experts_n)
+    seen = store.read(domain)
+    result = errormap.summary(seen, layers, experts_n)
     calibration = b.manifest.get("calibration")
     k = b.config["num_experts_per_tok"]
-    result["verdicts"] = verdicts.judge(state, calibration, k) if calibration else {}
+    result["verdicts"] = verdicts.judge(seen, calibration, k) if calibration else {}
     if plot_file is not None:
         names = [domain] if domain is not None else sorted(result["domains"])
         if not names or not result["domains"]:
