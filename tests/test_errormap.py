@@ -200,7 +200,7 @@ def test_a_corrupt_database_is_kept_aside_with_a_clear_error(capsys, bundle_copy
 def test_a_locked_database_gives_a_clear_error(bundle_copy, monkeypatch):
     rt = runtime.open(bundle_copy, "onnxruntime")
     rt.observe(TEXT, "docs")
-    monkeypatch.setattr(errormap, "BUSY_MS", 200)
+    monkeypatch.setattr(state, "BUSY_MS", 200)
     holder = sqlite3.connect(bundle_copy / "state" / state.DB, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
     try:
