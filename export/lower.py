@@ -117,6 +117,7 @@ def fold_transposes(model, mutable: Callable[[str], bool]) -> None:
             keep.append(n)
     del graph.node[:]
     graph.node.extend(keep)
+
     def reads(g) -> set[str]:  # inputs of every node, subgraphs (If, Loop) included
         return {i for n in g.node for i in n.input} | {
             i for n in g.node for a in n.attribute for sub in [a.g, *a.graphs] for i in reads(sub)}
@@ -153,8 +154,8 @@ def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int
             table = []
             consts = ({t.name for t in model.graph.initializer}
                       | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output})
-            folded = {i for n in model.graph.node if n.input and all(i in consts for i in n.input
-                                                                      if i) for i in n.input}
+            ort_folds = {i for n in model.graph.node
+                         if n.input and all(i in consts for i in n.input if i) for i in n.input}
             for t in model.graph.initializer:
                 raw = numpy_helper.to_array(t).tobytes()
                 if len(raw) < min_bytes:
@@ -172,7 +173,7 @@ def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int
                 t.ClearField("raw_data")
                 dtype = helper.tensor_dtype_to_np_dtype(t.data_type).name
                 table.append([t.name, dtype, list(t.dims), offsets[key], len(raw)])
-            if not folded & {row[0] for row in table}:
+            if not ort_folds & {row[0] for row in table}:
                 tables[str(path)] = table
             onnx.save(model, str(path))
     return data, tables
