@@ -9,9 +9,12 @@ of them in one or two *forms* (fp32, row-major, as both engines store constants)
     dense     down_proj as one linear over all experts, [C, E*F]: expert e is the column
               block [:, e*F:(e+1)*F].
 
-A bundle's manifest lists, per engine, `{"layer", "proj", "form", "offset"}` for every copy
-that the export located in the engine's data file; `view` turns one into a writable numpy
-view of one expert, so reading or replacing an expert is plain array indexing on the file's
+A bundle's manifest lists, per engine, `{"layer", "proj", "form", "offset", "first",
+"count"}` for every copy that the export located in the engine's data file: the tensor holds
+slots first .. first + count - 1 (a bundle with spare slots keeps its E base experts and its
+S spare slots in tensors of their own, so a program can read the one without the other;
+entries without the two keys hold every slot). `view` turns one into a writable numpy view
+of one expert, so reading or replacing an expert is plain array indexing on the file's
 bytes.
 """
 
@@ -53,11 +56,18 @@ def nbytes(experts: int, hidden: int, width: int) -> int:
     return experts * hidden * width * 4
 
 
+def holds(entry: dict, slot: int, slots: int) -> bool:
+    """Whether a layout entry's tensor holds `slot` (of `slots` in the layer)."""
+    first = entry.get("first", 0)
+    return first <= slot < first + entry.get("count", slots)
+
+
 def view(buf: np.ndarray, entry: dict, slot: int, dims_: tuple[int, int, int]) -> np.ndarray:
     """Expert `slot`'s fp32 [out, in] weight in `buf` (the data file as uint8) for one
-    layout entry; a view, so assigning to it writes the file's bytes."""
-    experts, hidden, width = dims_
-    start = entry["offset"]
+    layout entry that holds it; a view, so assigning to it writes the file's bytes."""
+    slots, hidden, width = dims_
+    experts, start = entry.get("count", slots), entry["offset"]
+    slot -= entry.get("first", 0)
     block = buf[start:start + nbytes(experts, hidden, width)].view(np.float32)
     out, in_ = shape(entry["proj"], hidden, width)
     if entry["form"] == "stacked":
@@ -72,7 +82,7 @@ def views(buf: np.ndarray, entries: list[dict], layer: int, slot: int,
     """Every copy of expert (layer, slot) in `buf`: {proj: [view per form]}."""
     out: dict[str, list[np.ndarray]] = {p: [] for p in PROJS}
     for entry in entries:
-        if entry["layer"] == layer:
+        if entry["layer"] == layer and holds(entry, slot, dims_[0]):
             out[entry["proj"]].append(view(buf, entry, slot, dims_))
     return out
 

@@ -5,16 +5,18 @@ Layout (format version 2):
     manifest.json            format, config, tokenizer, programs, weights, experts, budget,
                              calibration (the error map's baseline, `calibrate.py`)
     tokenizer.model
-    programs/model.pte       ExecuTorch: methods prefill, decode, score, observe, and in fp32
-                             bundles deepen0..deepen{L-1} (and strict0.. with --strict-steps:
-                             `pc.py`); no weights
+    programs/model.pte       ExecuTorch: methods prefill, decode, score, observe (and with
+                             spare slots their `_gated` forms: `PROGRAMS`),
+                             in fp32 bundles deepen0..deepen{L-1} (and strict0.. with
+                             --strict-steps: `pc.py`); no weights
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
     weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
     weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
 
-fp32 bundles have `spare` empty expert slots per layer (default 2; the manifest's config
-says `spare_experts`, the expert table marks them `"kind": "spare"`), counted in the budget,
-and `calibration.ids`, the calibration text's tokens (growth's guard text).
+Bundles with deepening programs (fp32 by default, quantized with --deepen) have `spare`
+empty fp32 expert slots per layer (default 2; the manifest's config says `spare_experts`,
+the expert table marks them `"kind": "spare"`), counted in the budget, and every bundle
+with a calibration text has `calibration.ids`, its tokens (growth's guard text).
 
 Weights are data: the programs name their constants, the weight files hold the bytes, and
 `manifest["experts"]["layout"]` says where each layer's expert tensors lie in each weight file
@@ -32,6 +34,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +51,20 @@ class BundleError(Exception):
     """An export request that cannot be carried out (unknown engine, existing folder)."""
 
 
-PROGRAMS = {"prefill": programs.Prefill, "decode": programs.Decode, "score": programs.Score,
-            "observe": programs.Observe}
+# the serving programs in one pass, never reading a spare slot; a bundle with spare slots
+# also has `NAME_gated`, which compute the slots behind the novelty gate (prefill, score and
+# observe after its base pass), served once a clone exists (docs/growth.md)
+PROGRAMS = {"prefill": partial(programs.Prefill, gated=False),
+            "decode": partial(programs.Decode, gated=False),
+            "score": partial(programs.Score, gated=False),
+            "observe": partial(programs.Observe, gated=False),
+            "prefill_gated": programs.Prefill, "decode_gated": programs.Decode,
+            "score_gated": programs.Score, "observe_gated": programs.Observe}
+
+
+def serving(spare: int) -> list[str]:
+    """The serving programs of a bundle with `spare` slots per layer."""
+    return [name for name in PROGRAMS if spare or not name.endswith("_gated")]
 
 
 STRICT_ETA = 0.1  # strict PC's relaxation rate (PC.md: eta <= 0.3; 0.3 overshoots here)
@@ -67,24 +82,33 @@ def expert_bytes(config: dict, bits: int) -> int:
     return sum(fmt.nbytes(*layout.shape(p, hidden, width)) for p in layout.PROJS)
 
 
-def locate(model: layers.CausalLM, data: Path) -> tuple[list[dict], list[dict]]:
-    """Find every form of every layer's stacked expert tensors, and every layer's router
-    weight, in the weight file `data` -> (expert entries, router entries)."""
+def locate(model: layers.CausalLM, data: Path,
+           base: bool = True) -> tuple[list[dict], list[dict]]:
+    """Find every form of every layer's expert tensors (the base experts', and the spare
+    slots' apart: `programs.Slots`), and every layer's router weight, in the weight file
+    `data` -> (expert entries, router entries). `base` False (a quantized bundle): the
+    base experts are found where the file has them in fp32 (the deepening programs' copy
+    of the dequantized weights: `model` is that dequantized model), the rest must be."""
     raw = data.read_bytes()
     found, routers = [], []
+    spare = getattr(model, "spare", 0)
     for i, block in enumerate(model.model.layers):
-        for proj in layout.PROJS:
+        slots = block.mlp.experts.gate_proj.shape[0]
+        parts = [(0, slots - spare)] + [(slots - spare, spare)] * bool(spare)
+        for proj, (first, count) in ((p, part) for p in layout.PROJS for part in parts):
             stacked = getattr(block.mlp.experts, proj).detach().float().numpy()
             hits = []
-            for form, arr in layout.forms(proj, stacked).items():
+            for form, arr in layout.forms(proj, stacked[first:first + count]).items():
                 at = raw.find(arr.tobytes())
                 if at >= 0:
                     if raw.find(arr.tobytes(), at + 1) >= 0:
                         raise BundleError(f"{data.name}: layer {i} {proj} is stored twice")
-                    hits.append({"layer": i, "proj": proj, "form": form, "offset": at})
-            if not hits:
-                raise BundleError(f"{data.name}: layer {i} {proj} not found in the weight file "
-                                  "(the engine changed how it stores weights)")
+                    hits.append({"layer": i, "proj": proj, "form": form, "offset": at,
+                                 "first": first, "count": count})
+            if not hits and (base or first):
+                raise BundleError(f"{data.name}: layer {i} {proj} (slots {first} to "
+                                  f"{first + count - 1}) not found in the weight file (the "
+                                  "engine changed how it stores weights)")
             found += hits
         router = block.mlp.gate.weight.detach().float().numpy().tobytes()
         at = raw.find(router)
@@ -98,15 +122,20 @@ def locate(model: layers.CausalLM, data: Path) -> tuple[list[dict], list[dict]]:
     return found, routers
 
 
+def _swept(model: layers.CausalLM, bits: int, deepen: bool) -> layers.CausalLM:
+    """The model the deepening sweeps run on: of a quantized bundle, the values its
+    quantized programs serve (`quantize.dequantized`; its spare slots stay fp32)."""
+    return model if bits == 32 or not deepen else quantize.dequantized(model, bits)
+
+
 def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bool,
            strict_steps: int = 0) -> tuple[dict, Path]:
     """Lower every program for `engine` -> ({program: file entry}, weight file)."""
     methods = {}
-    for name, cls in PROGRAMS.items():
-        program = cls(model)
+    for name in serving(model.spare):
+        program = PROGRAMS[name](model)
         methods[name] = (program, *program.example(model.args.max_position_embeddings))
-    # the sweeps of a quantized bundle run on the values its quantized programs serve
-    swept = model if bits == 32 or not deepen else quantize.dequantized(model, bits)
+    swept = _swept(model, bits, deepen)
     for layer in range(model.args.num_hidden_layers if deepen else 0):
         program = pc.Deepen(swept, layer, model.args.max_position_embeddings)
         methods[f"deepen{layer}"] = (program, *program.example())
@@ -148,16 +177,15 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     checkpoint's own `calibration.txt` if it has one; without any, no verdicts).
     `deepen`: lower the deepening programs `deepen{l}` (default: at 32 bits only). A
     quantized bundle's run on its dequantized weights (`quantize.dequantized`), an fp32
-    copy of them in the weight files, and growth does not run on quantized bundles yet, so
-    they are opt-in there. `strict_steps` > 0 adds strict-PC ones `strict{l}` with that
-    many relaxation steps (their size and export time grow with the steps).
-    `spare`: empty expert slots per layer for spawning (default SPARE at 32 bits, 0 for
-    quantized bundles, whose experts cannot be replaced yet); counted in the budget."""
-    spare = (SPARE if bits == 32 else 0) if spare is None else spare
-    if spare < 0 or (spare and bits != 32):
-        raise BundleError(f"spare expert slots must be >= 0, and only fp32 bundles can spawn "
-                          f"into them (got {spare} at {bits} bits)")
+    copy of them in the weight files, so they are opt-in there. `strict_steps` > 0 adds
+    strict-PC ones `strict{l}` with that many relaxation steps (their size and export time
+    grow with the steps). `spare`: empty expert slots per layer for spawning (default SPARE
+    where the bundle has deepening programs, else 0), fp32 whatever the bits (a quantized
+    bundle grows clones of its frozen quantized experts there); counted in the budget."""
     deepen = bits == 32 if deepen is None else deepen
+    spare = (SPARE if deepen else 0) if spare is None else spare
+    if spare < 0:
+        raise BundleError(f"spare expert slots must be >= 0 (got {spare})")
     if strict_steps < 0 or (strict_steps and not deepen):
         raise BundleError(f"strict PC steps must be >= 0, and need the deepening programs "
                           f"(got {strict_steps} steps, deepening {'on' if deepen else 'off'})")
@@ -173,7 +201,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     model = checkpoint.load(target)
     config = model.args.to_hf() | {"spare_experts": spare}
     experts, _, _ = layout.dims(config)
-    used = model.args.num_hidden_layers * experts * expert_bytes(config, bits)
+    used = model.args.num_hidden_layers * ((experts - spare) * expert_bytes(config, bits)
+                                           + spare * expert_bytes(config, 32))
     if budget is not None and budget < used:
         raise BundleError(f"budget of {budget} bytes is too small: the experts take {used}")
     tok = checkpoint.load_tokenizer(target, model.args.vocab_size)
@@ -205,7 +234,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
         weights, where, routers = {}, {}, {}
         for engine in engines:
             if progress:
-                progress(f"lowering {', '.join(PROGRAMS)}{', deepen' * deepen} to {engine}")
+                progress(f"lowering {', '.join(serving(spare))}{', deepen' * deepen} to "
+                         f"{engine}")
             try:
                 entries, data = _lower(engine, model, tmp, bits, deepen, strict_steps)
             except ValueError as e:  # a shape the quantized format cannot take
@@ -217,8 +247,9 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             for name, entry in entries.items():
                 table.setdefault(name, {})[engine] = entry
             weights[engine] = manifest.file_entry(tmp, data)
-            if bits == 32:  # quantized experts are not located yet: they cannot be replaced
-                where[engine], routers[engine] = locate(model, data)
+            if bits == 32 or spare:  # quantized experts only where the sweeps hold them
+                where[engine], routers[engine] = locate(_swept(model, bits, deepen), data,
+                                                        base=bits == 32)
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
             "config": config, "context": model.args.max_position_embeddings, "bits": bits,
@@ -228,7 +259,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             "programs": table,
             "weights": {"version": 1, "files": weights},
             "experts": {"layout": where, "routers": routers,
-                        "table": _table(model, expert_bytes(config, bits), bits, live)},
+                        "table": _table(model, config, bits, live)},
             "budget": {"bytes": used if budget is None else budget, "experts": used},
             "calibration": baseline,
             "deepening": {"strict_steps": strict_steps, "strict_eta": STRICT_ETA}}
@@ -240,15 +271,18 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     return written
 
 
-def _table(model: layers.CausalLM, size: int, bits: int, live: int) -> list[dict]:
-    """The expert table: one row per (layer, slot) of `size` bytes, all at version 1; slots
-    from `live` on are spare (`runtime.growth` spawns into them)."""
+def _table(model: layers.CausalLM, config: dict, bits: int, live: int) -> list[dict]:
+    """The expert table: one row per (layer, slot), all at version 1: the base experts at
+    `bits`, the slots from `live` on spare and fp32 (`runtime.growth` spawns into them);
+    `sha256` of the fp32 weights (None for quantized experts)."""
     rows = []
     for i, block in enumerate(model.model.layers):
         ex = block.mlp.experts
         for slot in range(ex.gate_proj.shape[0]):
             weights = [getattr(ex, p)[slot].detach().float().numpy() for p in layout.PROJS]
-            rows.append({"layer": i, "slot": slot, "version": 1, "bits": bits, "bytes": size,
-                         "sha256": layout.sha256(weights) if bits == 32 else None,
+            b = bits if slot < live else 32
+            rows.append({"layer": i, "slot": slot, "version": 1, "bits": b,
+                         "bytes": expert_bytes(config, b),
+                         "sha256": layout.sha256(weights) if b == 32 else None,
                          "kind": "base" if slot < live else "spare"})
     return rows

@@ -16,9 +16,11 @@ leaves (fully overwritten) becomes `zeros`, which ExecuTorch accepts.
 
 Inputs: tokens [1, W] and valid [W] (1 where position t's next token is a real target; a
 window shorter than W is padded at the end, which causal attention never lets earlier
-positions see). Outputs, for the E experts of the layer: dwg, dwu [E, F, C], dwd [E, C, F]
-(d nll_sum / dW: step against them), count [E] (valid tokens routed to each), nll [W], and
-energy [E] = sum over its tokens of |g_k eps|^2, eps the error at the layer's output.
+positions see). Outputs, for the E experts and S spare slots of the layer (the program
+differentiates both sets of linears, `programs.Slots`, and stacks them): dwg, dwu
+[E + S, F, C], dwd [E + S, C, F] (d nll_sum / dW: step against them), count [E + S] (valid
+tokens routed to each), nll [W], and energy [E + S] = sum over its tokens of |g_k eps|^2,
+eps the error at the layer's output.
 """
 
 from __future__ import annotations
@@ -40,15 +42,27 @@ class FixedRouteMoE(programs.DenseMoE):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
-        gates = torch.zeros_like(logits).scatter(1, ids, weights).detach()  # [N, E]
+        gates = torch.zeros_like(logits).scatter(1, ids, weights).detach()  # [N, E + S]
         self.last, self.input = gates, x
-        return self.combine(x, gates).reshape(shape), logits
+        return self.combine(x, gates)[0].reshape(shape), logits
 
-    def combine(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """x [N, C] (normed) and fixed gates [N, E] -> the experts' weighted sum [N, C]."""
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj((h.reshape(-1, self.experts, self.hidden) * gates[:, :, None])
-                              .reshape(-1, self.experts * self.hidden))
+
+def expert_weights(mlp: programs.DenseMoE) -> list[str]:
+    """The names, inside a MoE block, of the weights of its experts: the base experts'
+    gate, up, down, then the spare slots' (`programs.Slots`)."""
+    names = ["gate_proj", "up_proj", "down_proj"]
+    return [f"{n}.weight" for n in names + ["spare_gate", "spare_up", "spare_down"] * bool(
+        mlp.spare)]
+
+
+def stack(f: int, grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Gradients of `expert_weights(mlp)` (experts of hidden size `f`) -> per slot: gate, up
+    [E + S, F, C], down [E + S, C, F]."""
+    c = grads[0].shape[1]
+    parts = [grads[i:i + 3] for i in range(0, len(grads), 3)]
+    return (torch.cat([g.reshape(-1, f, c) for g, _, _ in parts]),
+            torch.cat([u.reshape(-1, f, c) for _, u, _ in parts]),
+            torch.cat([d.reshape(c, -1, f).permute(1, 0, 2) for _, _, d in parts]))
 
 
 def _gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -139,7 +153,7 @@ class Deepen(nn.Module):
             (d, eps), (nll, gates, nov, x) = torch.func.grad(loss, argnums=(0, 1),
                                                              has_aux=True)(
                 {n: state[n] for n in targets}, torch.zeros(tokens.shape[1], width))
-            return d[targets[0]], d[targets[1]], d[targets[2]], eps, nll, gates, nov, x
+            return *[d[t] for t in targets], eps, nll, gates, nov, x
 
         self.sweep = _trace(sweep, self.loss, self.example()[0])
 
@@ -147,11 +161,14 @@ class Deepen(nn.Module):
         """Hold `loss` (whose parameters the traced sweep reads) -> the names of the layer's
         expert weights, of every parameter and of every buffer."""
         self.loss, self.length = loss, length
+        # not `self.mlp`: a second name for the layer's weights in the exported program,
+        # the same in every deepen{l}, makes ExecuTorch's weight file keep one layer's only
         mlp = loss.model.model.layers[layer].mlp
-        self.experts, self.hidden = mlp.experts, mlp.hidden
+        self.hidden = mlp.hidden
         prefix = f"model.model.layers.{layer}.mlp."
-        return ([f"{prefix}{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")],
-                [n for n, _ in loss.named_parameters()], [n for n, _ in loss.named_buffers()])
+        self.targets = [prefix + n for n in expert_weights(mlp)]
+        return (self.targets, [n for n, _ in loss.named_parameters()],
+                [n for n, _ in loss.named_buffers()])
 
     def example(self) -> tuple[tuple[torch.Tensor, ...], None]:
         return (torch.zeros(1, self.length, dtype=torch.long), torch.ones(self.length),
@@ -160,14 +177,14 @@ class Deepen(nn.Module):
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         slots = programs.slot_state(self.loss.model) if slots is None else slots
-        dg, du, dd, eps, nll, gates, nov, x, *extra = self.sweep(
-            list(self.loss.parameters()), list(self.loss.buffers()), tokens, valid, slots)
-        e, f, c = self.experts, self.hidden, dg.shape[1]
-        live = gates * valid[:, None]  # [W, E]
+        out = self.sweep(list(self.loss.parameters()), list(self.loss.buffers()), tokens,
+                         valid, slots)
+        n = len(self.targets)
+        eps, nll, gates, nov, x, *extra = out[n:]
+        live = gates * valid[:, None]  # [W, E + S]
         energy = F.linear((live * live).T, (eps * eps).sum(-1)[None])[:, 0]
         count = (live > 0).float().sum(0)
-        return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
-                count, nll, energy, nov, x, *extra)
+        return (*stack(self.hidden, list(out[:n])), count, nll, energy, nov, x, *extra)
 
 
 class Energy(nn.Module):
@@ -190,7 +207,7 @@ class Energy(nn.Module):
 
     @staticmethod
     def _moe(block, u, gates):
-        return block.mlp.combine(block.post_attention_layernorm(u)[0], gates)[None]
+        return block.mlp.combine(block.post_attention_layernorm(u)[0], gates)[0][None]
 
     def forward(self, tokens, valid, slots, nodes=None, gates=None, base=None):
         m, w = self.model, tokens.shape[1]
@@ -258,7 +275,7 @@ class Strict(Deepen):
             d = torch.func.grad(lambda t: free(last, t))({n: state[n] for n in targets})
             mlp_ = self.loss.model.model.layers[layer]
             eps = last[0] - base - Energy._moe(mlp_, base, gates[layer])
-            return (d[targets[0]], d[targets[1]], d[targets[2]], eps[0], nll, gates[layer],
-                    nov, x, torch.stack(trace), used * torch.ones(1))
+            return (*[d[t] for t in targets], eps[0], nll, gates[layer], nov, x,
+                    torch.stack(trace), used * torch.ones(1))
 
         self.sweep = _trace(relax, self.loss, self.example()[0])

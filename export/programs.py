@@ -9,7 +9,11 @@ Expert slots: every program takes `slots` [L, 3, E + S], the state of each exper
 (`slot_state`): spare slots (`with_spare`) stay closed until growth spawns a clone into one,
 and a clone opens only where the context's novelty, the running NLL of the tokens seen so
 far under the base path, reaches its threshold (`gate`: a base pass, then the gated pass;
-`prefill` returns the novelty that `decode` keeps). docs/growth.md.
+`prefill` returns the novelty that `decode` keeps). docs/growth.md. The base pass doubles a
+program's cost, and the spare slots cost their share of the dense experts, and neither is
+needed before a clone exists: every program built with `gated=False` skips both (the MoE
+blocks never route to a spare slot nor read its weights, `Slots`), and a bundle serves
+those until growth spawns (`runtime.session.Runtime.program`).
 
 KV cache: explicit inputs and outputs `k_cache, v_cache [L, 1, Hkv, S, D]` on both engines.
 ONNX has no mutable state, one signature keeps the backends interchangeable, and the runtime
@@ -63,18 +67,23 @@ MASKED = 1e4  # subtracted from the router logit of a slot that is closed at a p
 
 
 def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
-    """A copy of `model` with `spare` empty expert slots per layer after its E experts: zero
-    weights and zero router rows, closed to routing until spawned (`slot_state`)."""
+    """A copy of `model` with `spare` empty expert slots per layer after its E experts:
+    zero router rows, closed to routing until spawned (`slot_state`). Their weights are
+    small seeded noise, not zeros: the programs hold the spare slots in tensors of their own
+    (`DenseMoE`), and the engines store equal tensors once, so all-zero gate, up and down
+    tensors would share one buffer that growth could not write one of."""
     out = copy.deepcopy(model)
+    noise = torch.Generator().manual_seed(0)
     for block in out.model.layers:
         mlp, ex = block.mlp, block.mlp.experts
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(ex, name).detach()
-            setattr(ex, name, nn.Parameter(torch.cat([w, w.new_zeros(spare, *w.shape[1:])])))
+            filler = torch.randn(spare, *w.shape[1:], generator=noise, dtype=w.dtype) * 1e-4
+            setattr(ex, name, nn.Parameter(torch.cat([w, filler])))
         gate = nn.Linear(mlp.gate.in_features, mlp.gate.out_features + spare, bias=False)
         gate.weight = nn.Parameter(torch.cat([mlp.gate.weight.detach(),
                                               mlp.gate.weight.new_zeros(spare, gate.in_features)]))
-        mlp.gate = gate
+        mlp.gate, mlp.spare = gate, spare
     out.spare = spare
     return out.eval()
 
@@ -101,10 +110,13 @@ def set_gates(model: layers.CausalLM, slots: torch.Tensor, novelty: torch.Tensor
 
 
 def route(moe: nn.Module, x: torch.Tensor):
-    """`layers.MoE.route` over the slots open at each position (`set_gates`); softmax in fp32."""
+    """`layers.MoE.route` over the slots open at each position (`set_gates`) and never over
+    the spare slots of a one-pass program (`closed`); softmax in fp32."""
     logits = moe.gate(x)
     if hasattr(moe, "slot_open"):  # set_gates was called (every program does)
         logits = logits + moe.slot_bias + (moe.slot_open - 1.0) * MASKED
+    if getattr(moe, "closed", None) is not None:
+        logits = logits + moe.closed
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, moe.top_k, dim=-1)
     if moe.norm_topk:
@@ -129,10 +141,11 @@ def base_nll(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
 
 
 def gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
-         input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+         input_pos: torch.Tensor | None = None, cache=None, gated: bool = True) -> torch.Tensor:
     """Set the gates for `tokens` from their novelty under the base path (a first pass),
-    or, in a model without spare slots, open every expert; returns the novelty [T]."""
-    if not getattr(model, "spare", 0):
+    or, in a model without spare slots or with `gated` off, with novelty 0 (the base
+    experts open, every spawned slot closed); returns the novelty [T]."""
+    if not (gated and getattr(model, "spare", 0)):
         nov = torch.zeros(tokens.shape[1])
     else:
         nov = novelty(base_nll(model, tokens, slots, input_pos, cache))
@@ -157,60 +170,120 @@ def weight(linear: nn.Linear) -> torch.Tensor:
     return ((q.reshape(rows, blocks, -1) - zero) * scale).reshape(rows, cols)
 
 
-class DenseMoE(nn.Module):
-    """All E experts on every token, weighted by a [N, E] gate matrix that is zero off the top-k.
+def _linear(w: torch.Tensor) -> nn.Linear:
+    """A bias-free linear holding `w` [out, in] as a constant of the program."""
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight = nn.Parameter(w.contiguous().clone(), requires_grad=False)
+    return linear
 
-    The stacked experts become three `nn.Linear`s ([E*F, C], [E*F, C], [C, E*F]) whose
-    weights are constants of the program: XNNPACK runs each as one GEMM, and quantizers that
-    swap linears (export/quantize.py) see them.
-    """
 
-    def __init__(self, moe: layers.MoE):
+class Slots(nn.Module):
+    """What both MoE formulations share: the router, the split of the slots into E base
+    experts and S spare ones (`with_spare`), and with `gated` off (the one-pass programs) a
+    constant `closed` that keeps the spare slots out of routing, so they are never
+    computed. The spare slots' weights are linears of their own, `spare_gate`, `spare_up`
+    ([S*F, C]) and `spare_down` ([C, S*F]), left in fp32 by the quantizers (which take
+    `gate_proj`, `up_proj`, `down_proj`): a program without them reads no byte of them."""
+
+    def __init__(self, moe: layers.MoE, gated: bool = True):
         super().__init__()
         self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
-        e, f, c = moe.experts.gate_proj.shape
-        ex = moe.experts
-        stacked = {"gate_proj": ex.gate_proj.detach().reshape(e * f, c),
-                   "up_proj": ex.up_proj.detach().reshape(e * f, c),
-                   "down_proj": ex.down_proj.detach().permute(1, 0, 2).reshape(c, e * f)}
-        for name, w in stacked.items():
-            linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
-            linear.weight = nn.Parameter(w.contiguous().clone(), requires_grad=False)
-            setattr(self, name, linear)
-        self.experts, self.hidden = e, f
+        slots, f, c = moe.experts.gate_proj.shape
+        spare = getattr(moe, "spare", 0)
+        self.live, self.hidden, self.gated = slots - spare, f, gated
+        self.spare = spare if gated else 0  # the spare slots this program computes
+        if spare and not gated:
+            self.register_buffer("closed", torch.cat([torch.zeros(self.live),
+                                                      torch.full((spare,), -MASKED)]))
+        else:
+            self.closed = None
+        if self.spare:
+            ex = moe.experts
+            self.spare_gate = _linear(ex.gate_proj.detach()[self.live:].reshape(-1, c))
+            self.spare_up = _linear(ex.up_proj.detach()[self.live:].reshape(-1, c))
+            self.spare_down = _linear(ex.down_proj.detach()[self.live:].permute(1, 0, 2)
+                                      .reshape(c, -1))
 
     def route(self, x: torch.Tensor):
         return route(self, x)
+
+    def spare_out(self, x: torch.Tensor, gates: torch.Tensor):
+        """The spare slots on x [N, C] with gates [N, E + S] -> (output [N, C], hidden
+        [N, S, F])."""
+        h = (F.silu(self.spare_gate(x)) * self.spare_up(x)).reshape(-1, self.spare, self.hidden)
+        out = self.spare_down((h * gates[:, self.live:, None]).reshape(-1, self.spare *
+                                                                        self.hidden))
+        return out, h
+
+
+class DenseMoE(Slots):
+    """All experts on every token, weighted by a [N, E + S] gate matrix that is zero off the
+    top-k.
+
+    The E base experts are three `nn.Linear`s ([E*F, C], [E*F, C], [C, E*F]) whose weights
+    are constants of the program: XNNPACK runs each as one GEMM, and quantizers that swap
+    linears (export/quantize.py) see them; the spare slots, when the program computes them,
+    three more (`Slots`).
+    """
+
+    def __init__(self, moe: layers.MoE, gated: bool = True):
+        super().__init__(moe, gated)
+        ex, live = moe.experts, self.live
+        c = ex.gate_proj.shape[2]
+        self.gate_proj = _linear(ex.gate_proj.detach()[:live].reshape(-1, c))
+        self.up_proj = _linear(ex.up_proj.detach()[:live].reshape(-1, c))
+        self.down_proj = _linear(ex.down_proj.detach()[:live].permute(1, 0, 2).reshape(c, -1))
+
+    def combine(self, x: torch.Tensor, gates: torch.Tensor):
+        """x [N, C] and gates [N, E + S] -> (the experts' weighted sum [N, C], every
+        computed expert's hidden activation [N, E (+ S), F])."""
+        h = (F.silu(self.gate_proj(x)) * self.up_proj(x)).reshape(-1, self.live, self.hidden)
+        out = self.down_proj((h * gates[:, :self.live, None]).reshape(-1, self.live *
+                                                                       self.hidden))
+        if self.spare:
+            more, hs = self.spare_out(x, gates)
+            out, h = out + more, torch.cat([h, hs], 1)
+        return out, h
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x)
-        gates = torch.zeros_like(logits).scatter(1, ids, weights)  # [N, E]
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [N, E*F]
-        h = h.reshape(-1, self.experts, self.hidden)
+        gates = torch.zeros_like(logits).scatter(1, ids, weights)  # [N, E + S]
+        out, h = self.combine(x, gates)
         self.last = (ids, weights, h)  # for `Observe`'s error taps; dead code elsewhere
-        out = self.down_proj((h * gates[:, :, None]).reshape(-1, self.experts * self.hidden))
         return out.reshape(shape), logits
 
 
-class GatherMoE(nn.Module):
-    """Only the K chosen experts per token: their stacked weights are gathered, then bmm."""
+class GatherMoE(Slots):
+    """Only the K chosen experts per token: their stacked weights are gathered, then bmm.
+    Gathers read the base experts only; the spare slots, when the program computes them
+    (`gated`), run densely beside (`Slots.spare_out`)."""
 
-    def __init__(self, moe: layers.MoE):
-        super().__init__()
-        self.moe = moe
-        self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
+    def __init__(self, moe: layers.MoE, gated: bool = True):
+        super().__init__(moe, gated)
+        self.source = (moe,)  # for `quantize.dense`; not a submodule: not this program's weights
+        ex = moe.experts
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, nn.Parameter(getattr(ex, name).detach()[:self.live].clone(),
+                                             requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = route(self, x)
-        ex, flat = self.moe.experts, ids.reshape(-1)  # [N*K]
-        xs = x.repeat_interleave(self.moe.top_k, dim=0)[:, :, None]  # [N*K, C, 1]
-        h = F.silu(torch.bmm(ex.gate_proj[flat], xs)) * torch.bmm(ex.up_proj[flat], xs)
-        y = torch.bmm(ex.down_proj[flat], h).reshape(-1, self.moe.top_k, shape[-1])  # [N, K, C]
-        out = torch.bmm(weights[:, None, :].to(y.dtype), y)  # gate-weighted sum over the K
+        flat = ids.reshape(-1)  # [N*K]
+        if self.spare:  # a chosen spare slot gathers expert 0 with weight 0, and runs densely
+            gates = torch.zeros_like(logits).scatter(1, ids, weights)
+            more, _ = self.spare_out(x, gates)
+            weights = weights * (ids < self.live).to(weights.dtype)
+            flat = torch.where(flat < self.live, flat, 0)
+        xs = x.repeat_interleave(self.top_k, dim=0)[:, :, None]  # [N*K, C, 1]
+        h = F.silu(torch.bmm(self.gate_proj[flat], xs)) * torch.bmm(self.up_proj[flat], xs)
+        y = torch.bmm(self.down_proj[flat], h).reshape(-1, self.top_k, shape[-1])  # [N, K, C]
+        out = torch.bmm(weights[:, None, :].to(y.dtype), y)[:, 0]  # gate-weighted sum over K
+        if self.spare:
+            out = out + more
         return out.reshape(shape), logits
 
 
@@ -254,13 +327,14 @@ class Cache:
         return torch.stack(self.k), torch.stack(self.v)
 
 
-def with_moe(model: layers.CausalLM, moe: type[nn.Module]) -> layers.CausalLM:
-    """A copy of `model` whose MoE blocks are `moe(block.mlp)` and norms `MeanNorm`s; the
-    weights are shared."""
+def with_moe(model: layers.CausalLM, moe: type[nn.Module],
+             gated: bool = True) -> layers.CausalLM:
+    """A copy of `model` whose MoE blocks are `moe(block.mlp, gated)` and norms
+    `MeanNorm`s; the weights other than the experts' are shared."""
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     out = copy.deepcopy(model, memo=shared)
     for block in out.model.layers:
-        block.mlp = moe(block.mlp)
+        block.mlp = moe(block.mlp, gated)
     for module in list(out.modules()):
         for name, child in module.named_children():
             if isinstance(child, layers.RMSNorm):
@@ -275,9 +349,10 @@ class Prefill(nn.Module):
 
     outputs = ("logits", "k_cache_out", "v_cache_out", "novelty")
 
-    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE):
+    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE,
+                 gated: bool = True):
         super().__init__()
-        self.model = with_moe(model, moe)
+        self.model, self.gated = with_moe(model, moe, gated), gated  # gated: `gate`
 
     def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
         """Example inputs for a cache of `length` positions and their dynamic shapes (T)."""
@@ -291,7 +366,7 @@ class Prefill(nn.Module):
                 v_cache: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         slots = slot_state(self.model) if slots is None else slots
-        nov = gate(self.model, tokens, slots, input_pos, Cache(k_cache, v_cache))
+        nov = gate(self.model, tokens, slots, input_pos, Cache(k_cache, v_cache), self.gated)
         cache = Cache(k_cache, v_cache)
         h, _ = self.model.hidden(tokens, input_pos, cache)
         return self.model.lm_head(h[:, -1]), *cache.tensors(), nov[-1:]
@@ -303,8 +378,9 @@ class Decode(Prefill):
 
     outputs = ("logits", "k_cache_out", "v_cache_out")
 
-    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = GatherMoE):
-        super().__init__(model, moe)
+    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = GatherMoE,
+                 gated: bool = True):
+        super().__init__(model, moe, gated)
 
     def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
         pos = torch.zeros(1, dtype=torch.long)
@@ -333,9 +409,10 @@ class Score(nn.Module):
 
     outputs = ("nll", "rank")
 
-    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE):
+    def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE,
+                 gated: bool = True):
         super().__init__()
-        self.model = with_moe(model, moe)
+        self.model, self.gated = with_moe(model, moe, gated), gated  # gated: `gate`
 
     def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
         return ((torch.zeros(1, 2, dtype=torch.long), slot_state(self.model)),
@@ -343,7 +420,8 @@ class Score(nn.Module):
 
     def forward(self, tokens: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        gate(self.model, tokens, slot_state(self.model) if slots is None else slots)
+        gate(self.model, tokens, slot_state(self.model) if slots is None else slots,
+             gated=self.gated)
         h, _ = self.model.hidden(tokens)
         return losses(self.model.lm_head(h[0]).float(), tokens)[:2]
 
@@ -374,14 +452,14 @@ class Observe(Score):
     outputs = ("nll", "rank", "ids", "gates", "update", "energy")
 
     def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE,
-                 top: int | None = None):
-        super().__init__(model, moe)
+                 top: int | None = None, gated: bool = True):
+        super().__init__(model, moe, gated)
         self.top = top  # softmax error over the target plus the `top` likeliest tokens only
 
     def forward(self, tokens: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         m = self.model
-        gate(m, tokens, slot_state(m) if slots is None else slots)
+        gate(m, tokens, slot_state(m) if slots is None else slots, gated=self.gated)
         pos = torch.arange(tokens.shape[1])
         cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
         x = m.model.embed_tokens(tokens)

@@ -75,7 +75,7 @@ def dense(program: nn.Module) -> nn.Module:
     out = copy.deepcopy(program)
     for block in out.model.model.layers:
         if isinstance(block.mlp, programs.GatherMoE):
-            block.mlp = programs.DenseMoE(block.mlp.moe)
+            block.mlp = programs.DenseMoE(block.mlp.source[0], block.mlp.gated)
     return out.eval()
 
 
@@ -152,13 +152,19 @@ def dequantized(model: nn.Module, bits: int) -> nn.Module:
                 continue
             layer, proj = int(name.split(".")[2]), name.split(".")[-1]
             experts = out.model.layers[layer].mlp.experts
-            e, f, c = experts.gate_proj.shape
-            w = w.reshape(c, e, f).permute(1, 0, 2) if proj == "down_proj" else w.reshape(e, f, c)
+            live = stacked.model.layers[layer].mlp.live  # the spare slots stay fp32
+            _, f, c = experts.gate_proj.shape
+            w = (w.reshape(c, live, f).permute(1, 0, 2) if proj == "down_proj"
+                 else w.reshape(live, f, c))
+            w = torch.cat([w, getattr(experts, proj).detach()[live:]])
             setattr(experts, proj, nn.Parameter(w.contiguous(), requires_grad=False))
     return out.eval()
 
 
-KEEP_FP32 = ("mlp.gate.weight",)  # ONNX initializer name endings
+# ONNX initializer name endings: the router and the spare slots (`programs.Slots`), which
+# growth rewrites in the weight file as they are stored
+KEEP_FP32 = ("mlp.gate.weight", "mlp.spare_gate.weight", "mlp.spare_up.weight",
+             "mlp.spare_down.weight")
 HEAD = "lm_head.weight"  # quantized to int8 whatever the bits
 
 
@@ -171,7 +177,8 @@ def _gemm_to_matmul(model) -> None:
 
     inits = {i.name: i for i in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in inits:
+        if node.op_type != "Gemm" or len(node.input) != 2 or node.input[1] not in inits \
+                or node.input[1].endswith(KEEP_FP32):  # stays fp32, and stored as it is
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if (attrs.get("transA", 0) or not attrs.get("transB", 0)
@@ -238,17 +245,18 @@ def _matmul_nbits(model, node, bits: int) -> None:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    b = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).copy())
-    k, n = b.shape
-    q, scale = codes(b.T, bits)
-    u = (q.numpy().astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
-    u = u.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
-    if bits == 4:
-        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    k, n = inits[node.input[1]].dims
     name = f"{node.input[1]}.q{bits}"
-    model.graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(u), name),
-                                    numpy_helper.from_array(scale.numpy().reshape(-1),
-                                                            f"{name}.scales")])
+    if name not in inits:  # once per weight, however many nodes use it (the gate's two passes)
+        b = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).copy())
+        q, scale = codes(b.T, bits)
+        u = (q.numpy().astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+        u = u.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+        if bits == 4:
+            u = u[..., 0::2] | (u[..., 1::2] << 4)
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.ascontiguousarray(u), name),
+            numpy_helper.from_array(scale.numpy().reshape(-1), f"{name}.scales")])
     node.op_type, node.domain = "MatMulNBits", "com.microsoft"
     node.input[:] = [node.input[0], name, f"{name}.scales"]
     node.attribute.extend([onnx.helper.make_attribute(a, v) for a, v in dict(

@@ -35,8 +35,8 @@ def _layout(bundle: bundle_format.Bundle, engine: str) -> list[dict]:
     where = bundle.manifest["experts"]["layout"].get(engine)
     if not where:
         raise ExpertError(f"{bundle.path}: the {engine} weight file of this int"
-                          f"{bundle.manifest['bits']} bundle has no expert layout; expert "
-                          "weights can be read and replaced in fp32 bundles only for now")
+                          f"{bundle.manifest['bits']} bundle has no expert layout (a quantized "
+                          "bundle has one when exported with --deepen and spare slots)")
     return where
 
 
@@ -56,6 +56,10 @@ def read(bundle: bundle_format.Bundle, layer: int, slot: int, engine: str | None
     engine = engine or bundle.engines()[0]
     buf = np.memmap(path or bundle.weights(engine), np.uint8, mode="r")
     copies = layout.views(buf, _layout(bundle, engine), layer, slot, layout.dims(bundle.config))
+    if not all(copies.values()):
+        raise ExpertError(f"expert ({layer}, {slot}) is quantized and the {engine} weight file "
+                          "has no fp32 copy of it (the deepening programs' one: export with "
+                          "--deepen)")
     return [np.array(copies[p][0]) for p in layout.PROJS]
 
 
@@ -88,9 +92,13 @@ def router(bundle: bundle_format.Bundle, layer: int, engine: str | None = None,
 
 def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
     _, hidden, width = layout.dims(bundle.config)
+    bits = {(r["layer"], r["slot"]): r.get("bits", 32) for r in bundle.manifest["experts"]["table"]}
     out = {}
     for (layer, slot), weights in changes.items():
         _check_slot(bundle, layer, slot)
+        if bits.get((layer, slot), 32) != 32:
+            raise ExpertError(f"expert ({layer}, {slot}) is int{bits[layer, slot]} and frozen: "
+                              "a quantized bundle grows clones in its fp32 spare slots")
         if len(weights) != len(layout.PROJS):
             raise ExpertError(f"expert ({layer}, {slot}): give gate, up and down weights")
         arrays = []

@@ -3,8 +3,10 @@
 `idle(rt, seconds)` (also `Runtime.idle`):
   1. domain and plan, from the error map's verdicts (`verdicts.judge`): `deepen` names experts,
      `spawn` names layers (the parent there is the expert with the lowest mean update on the
-     domain). A named expert that the base calibration never chose (idle) deepens in place;
-     any other is cloned into a free spare slot of its layer (its parent is never changed).
+     domain). A named expert that the base calibration never chose (idle) deepens in place
+     (in fp32 bundles: quantized experts are frozen); any other is cloned into a free spare
+     slot of its layer (its parent is never changed; a quantized parent's clone starts from
+     its dequantized weights, the fp32 copy the deepening programs hold).
   2. a working copy (`Runtime.working_copy`: a runtime on a copy of the engine's weight
      file in `state/`, sized once); clones get their parent's weights and router row there,
      a router bias `BIAS` (the clone wins the tie with its parent, so the domain reaches it
@@ -51,7 +53,8 @@ BETAS, EPS = (0.9, 0.999), 1e-8
 
 
 class GrowthError(ValueError):
-    """A bundle that cannot grow (quantized, no deepening programs, no calibration)."""
+    """A bundle that cannot grow (no deepening programs or spare slots, no calibration), or
+    a plan it cannot carry out."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,10 @@ def plan(rt, verdict: dict, domain: str, seen: dict, limits: Limits) -> list[dic
                     named.append((int(layer), min(mine, key=mine.get)))
     if limits.place not in ("auto", "inplace"):
         raise GrowthError(f"place must be 'auto' or 'inplace', got {limits.place!r}")
+    frozen = rt.bundle.manifest["bits"] != 32  # quantized base experts: clones only
+    if frozen and limits.place == "inplace":
+        raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
+                          "are quantized and frozen: it grows clones only (place 'auto')")
     free, clones = {}, {}
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
@@ -108,7 +115,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict, limits: Limits) -> list[dic
         if (layer, parent) in clones:  # a later slice deepens the domain's clone further
             out.append({"layer": layer, "parent": parent, "slot": clones[layer, parent],
                         "how": "clone"})
-        elif idle or limits.place == "inplace":
+        elif (idle or limits.place == "inplace") and not frozen:
             out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
         elif free.get(layer):
             out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
@@ -237,10 +244,9 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     say = progress or (lambda _m: None)
     b = rt.bundle
     if "deepen0" not in b.programs(rt.backend) or not b.manifest["experts"]["layout"]:
-        why = ("its experts are quantized (growth on quantized bundles is not built yet)"
-               if b.manifest["bits"] != 32 else "it has no deepening programs")
-        raise GrowthError(f"{b.path}: this {b.manifest['bits']}-bit bundle cannot grow: "
-                          f"{why}; export it at 32 bits to grow")
+        raise GrowthError(f"{b.path}: this {b.manifest['bits']}-bit bundle cannot grow: it has "
+                          "no deepening programs or no spare slots; export it with --deepen "
+                          "(the default at 32 bits)")
     if not b.manifest.get("calibration") or "guard" not in b.manifest["calibration"]:
         raise GrowthError(f"{b.path}: no calibration baseline (export with --calibration) "
                           "and so no verdicts and no guard text")

@@ -111,18 +111,29 @@ class Runtime:
         novelty: `decode` keeps the gates it sets)."""
         k = np.zeros(self.cache_shape, np.float32)
         tokens = np.array([ids], np.int64)
-        return self.engine.run("prefill", [tokens, np.arange(len(ids)), k, k.copy(), self.slots])
+        return self.engine.run(self.program("prefill"),
+                               [tokens, np.arange(len(ids)), k, k.copy(), self.slots])
 
     def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray,
                novelty: np.ndarray) -> list[np.ndarray]:
         """One token at `pos` -> [logits [1, V], k, v]."""
-        return self.engine.run("decode", [np.array([[token]]), np.array([pos]), k, v,
-                                          self.slots, novelty])
+        return self.engine.run(self.program("decode"), [np.array([[token]]), np.array([pos]),
+                                                        k, v, self.slots, novelty])
+
+    def program(self, name: str) -> str:
+        """The program that serves `name` now: `NAME_gated` (the novelty gate's base pass,
+        then the gated pass) while a spawned expert exists and the bundle has that form,
+        else `name` (in a bundle with spare slots: one pass, every spawned slot closed,
+        the cost of a bundle without slots; export/programs.py)."""
+        gated = f"{name}_gated"
+        if self.slots[:, 1].any() and gated in self.bundle.manifest["programs"]:
+            return gated
+        return name
 
     def run(self, program: str, tokens: np.ndarray, *more: np.ndarray) -> list[np.ndarray]:
         """`score`, `observe`, `deepen{l}`, `strict{l}` on tokens [1, T] (and a deepen
-        program's `valid`), with the bundle's slot state."""
-        return self.engine.run(program, [tokens, *more, self.slots])
+        program's `valid`), with the bundle's slot state (`program`)."""
+        return self.engine.run(self.program(program), [tokens, *more, self.slots])
 
     def generate(self, prompt: str, max_new: int = 32) -> Iterator[str]:
         """The greedy continuation, piece by piece; stops at EOS."""

@@ -47,17 +47,15 @@ def deepen_autograd(model, layer: int, tokens, valid, slots=None):
 
     loss = pc.Loss(model, layer)
     mlp = loss.model.model.layers[layer].mlp
-    weights = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    weights = [mlp.get_parameter(n) for n in pc.expert_weights(mlp)]
     for w in weights:
         w.requires_grad_(True)
     c = model.args.hidden_size
     probe = torch.zeros(tokens.shape[1], c, requires_grad=True)
     slots = programs.slot_state(loss.model) if slots is None else slots
     total, (_, gates, *_) = loss(tokens, valid, probe, slots)
-    dg, du, dd, eps = torch.autograd.grad(total, [*weights, probe])
-    e, f = mlp.experts, mlp.hidden
-    return (dg.reshape(e, f, c), du.reshape(e, f, c), dd.reshape(c, e, f).permute(1, 0, 2),
-            eps, gates.detach())
+    *grads, eps = torch.autograd.grad(total, [*weights, probe])
+    return (*pc.stack(mlp.hidden, grads), eps, gates.detach())
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +82,8 @@ ARCHS = {"olmoe": ("olmoe", dict(intermediate_size=64, num_experts=4, clip_qkv=3
          "qwen3_moe": ("qwen3_moe", dict(moe_intermediate_size=64, num_experts=4,
                                          head_dim=16))}
 BITS = (32, 8, 4)
+DEEPENING = {(arch, 32) for arch in ("mixtral", *ARCHS)} | {("mixtral", 4)}  # exports with
+# the deepening programs (the rest of the matrix: serving programs only)
 
 
 def export_cli(*argv: str) -> tuple[int, str]:
@@ -120,11 +120,14 @@ def exports(tiny_ckpt, corpus_dir, tmp_path_factory):
         ckpts[arch] = checkpoint.save(model, root / f"{arch}-ckpt",
                                       tokenizer=tiny_ckpt / checkpoint.TOKENIZER)
     jobs = {("mixtral", 32): ["--calibration", str(corpus_dir / "heldout.txt"),
-                              "--strict-steps", "2"]}
-    # the other fp32 ones without spare slots: the gate is the same code for every
-    # architecture, and its two-pass programs double the lowering time
-    # (Mixtral's first: the tests before the matrix need only those)
-    jobs |= {(arch, bits): ["--deepen", *(["--spare", "0"] if bits == 32 else [])]
+                              "--strict-steps", "2"],
+            ("mixtral", 4): ["--calibration", str(corpus_dir / "heldout.txt"), "--deepen"]}
+    # the others without spare slots, and the quantized ones without the deepening programs
+    # (`DEEPENING`): the gate and the quantized sweeps are the same code for every
+    # architecture and bit width, and their programs add most of the lowering time (the
+    # fp32 and int4 Mixtral ones, which grow in test_growth.py, first: the tests before the
+    # matrix need only those)
+    jobs |= {(arch, bits): ["--deepen" if bits == 32 else "--no-deepen", "--spare", "0"]
              for arch in ckpts for bits in BITS if (arch, bits) not in jobs}
 
     def run(key, more):

@@ -27,6 +27,8 @@ def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     assert manifest["format_version"] == 2 and manifest["config"]["model_type"] == "mixtral"
     layers = manifest["config"]["num_hidden_layers"]
     assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe",
+                                         "prefill_gated", "decode_gated", "score_gated",
+                                         "observe_gated",
                                          *(f"deepen{i}" for i in range(layers)),
                                          *(f"strict{i}" for i in range(layers))}
     assert manifest["deepening"] == {"strict_steps": 2, "strict_eta": 0.1}
@@ -201,7 +203,8 @@ def test_onnx_serving_programs_take_every_weight_from_the_shared_map(tiny_bundle
 
     b = bundle_format.load(tiny_bundle)
     tables = b.initializers("onnxruntime")
-    assert set(tables) == {"prefill", "decode", "score", "observe"}
+    assert set(tables) == {"prefill", "decode", "score", "observe", "prefill_gated",
+                           "decode_gated", "score_gated", "observe_gated"}
     data = np.fromfile(b.weights("onnxruntime"), np.uint8)
     for name, table in tables.items():
         graph = onnx.load(str(b.programs("onnxruntime")[name]), load_external_data=False).graph
@@ -226,6 +229,29 @@ def test_bench_memory_reports_each_engine(capsys, tiny_bundle, tmp_path):
         assert r[engine]["serving_mb"] == pytest.approx(stages["score"] - stages["import engine"])
         assert r[engine]["ratio"] > 0 and r[engine]["weights_mb"] > 0
     assert "| onnxruntime |" in (tmp_path / "m" / "report.md").read_text()
+
+
+def test_bench_overhead_gate_against_the_model_without_slots(capsys, tiny_bundle, tiny_ckpt,
+                                                             tmp_path):
+    """`bench overhead --gate`: `score` with the spare slots empty runs the one-pass
+    program, with a clone the gated one; all three score alike. Bad peers exit 2."""
+    peer = tmp_path / "no-slots"
+    bundle.export(tiny_ckpt, peer, engines=("onnxruntime",), spare=0, deepen=False)
+    before = snapshot(tmp_path)
+    code, out, err = run(capsys, "bench", "overhead", str(tiny_bundle), "--gate", "--against",
+                         str(peer), "--rounds", "1", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert set(r) >= {"onnxruntime", "with_clone"} and "executorch" not in r  # peer: ORT only
+    assert r["onnxruntime"] > 0 and r["with_clone"]["onnxruntime"] > 0
+    assert r["programs"] == {"onnxruntime/none": "score", "onnxruntime/empty": "score",
+                             "onnxruntime/clone": "score_gated"}
+    assert r["max_nll_difference"] < 1e-4
+    assert snapshot(tmp_path) == before  # no --out: nothing written
+    for argv, says in (([str(peer)], "no spare slots"),
+                       ([str(tiny_bundle), "--against", str(tiny_bundle)], "without spare")):
+        code, _, err = run(capsys, "bench", "overhead", *argv, "--gate")
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_int4_bundle_stays_within_6_percent_of_fp32(tiny_bundle, exports):

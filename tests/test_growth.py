@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import exported, run_cli
 from moegrow import runtime
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import experts, growth, versions
@@ -93,6 +93,42 @@ def test_only_the_clone_and_its_router_row_change(grown, engine):
                    for layer in range(b[2].shape[0]))
     for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
+
+
+def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
+    """A quantized bundle exported with --deepen has fp32 spare slots: growth clones its
+    int4 experts there (from their dequantized weights) and never writes them."""
+    path = tmp_path / "q4"
+    shutil.copytree(exported(exports["mixtral", 4]), path)
+    rt = runtime.open(path, "onnxruntime")
+    rows = rt.bundle.manifest["experts"]["table"]
+    assert {(r["kind"], r["bits"]) for r in rows} == {("base", 4), ("spare", 32)}
+    rt.observe(german(400), "de")
+    with pytest.raises(growth.GrowthError, match="frozen"):
+        rt.idle(600, tokens=4096, steps=8, place="inplace")
+    old = bundle_format.load(path)
+    ids = np.fromfile(path / old.manifest["calibration"]["guard"]["file"], np.int32)
+    tokens = ids[None, :old.context].astype(np.int64)
+    base_before = rt.run("observe", tokens)
+    r = rt.idle(600, tokens=4096, steps=8)
+    assert r["verdict"] == "spawn" and r["committed"] and r["version"] == 2, r["reason"]
+    assert all(s["how"] == "spawn" for s in r["plan"])
+    assert r["guard"]["after"]["domain"]["nll"] < r["guard"]["before"]["domain"]["nll"]
+    new = bundle_format.load(path)
+    for s in r["plan"]:  # the clone started from its parent as served, then learned
+        assert new.manifest["experts"]["table"][0]["bits"] == 4
+        parent = experts.read(old, s["layer"], s["parent"], "onnxruntime")
+        clone = experts.read(new, s["layer"], s["slot"], "executorch")
+        assert all(p.shape == c.shape for p, c in zip(parent, clone, strict=True))
+        assert not all(np.array_equal(p, c) for p, c in zip(parent, clone, strict=True))
+    for engine in ("executorch", "onnxruntime"):  # base text keeps the clone shut
+        got = runtime.open(path, engine).run("observe", tokens)
+        want = base_before if engine == "onnxruntime" else runtime.open(
+            exported(exports["mixtral", 4]), engine).run("observe", tokens)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(experts.ExpertError, match="frozen"):
+        experts.check(new, {(0, 0): experts.read(new, 0, 0)}, {})
 
 
 def test_versions_roll_back_and_forward(grown, capsys, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,24 @@ def test_moe_formulations_match_eager(model):
             got, logits = cls(moe)(x)
             assert (got - want).abs().max() < 1e-5, cls.__name__
             assert torch.equal(logits, want_logits)
+
+
+def test_moe_formulations_split_base_experts_and_spare_slots(model):
+    """With spare slots the programs hold them in linears of their own (`programs.Slots`):
+    every slot open, the same math as the eager MoE over all E + S; a one-pass program's
+    MoE never routes to a spare slot (the eager MoE without them)."""
+    spare = programs.with_spare(model, 2)
+    moe = spare.model.layers[0].mlp
+    with torch.no_grad():  # spare slots with weights and router rows of their own
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(moe.experts, name)[-2:].normal_(0, 0.2)
+        moe.gate.weight[-2:].normal_()
+        x = torch.randn(9, ARGS.hidden_size)
+        assert (moe.route(x)[2] >= ARGS.num_local_experts).any()
+        want, base = moe(x)[0], model.model.layers[0].mlp(x)[0]
+        for cls in (programs.DenseMoE, programs.GatherMoE):
+            assert (cls(moe)(x)[0] - want).abs().max() < 1e-5, cls.__name__
+            assert (cls(moe, gated=False)(x)[0] - base).abs().max() < 1e-5, cls.__name__
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -134,3 +153,37 @@ def test_greedy_generation_identical_across_engines(model, engines):
     assert len(set(want)) > 1  # a degenerate model would make this test vacuous
     for engine in ENGINES:
         assert _greedy(model, engines[engine], prompt, 10) == want, engine
+
+
+def test_one_pass_programs_equal_the_gated_ones_until_a_clone_exists(model):
+    """A bundle with spare slots serves `prefill`, `decode`, `score`, `observe` in one pass
+    (no novelty gate, no spare slot) until growth spawns, then `NAME_gated`: both agree
+    while no slot is spawned, and the one pass keeps a spawned slot shut."""
+    from moegrow.export import bundle
+
+    spare = programs.with_spare(model, 2)
+    ref = reference.Reference(spare)
+    tokens = _tokens(20).numpy()
+    empty = programs.slot_state(spare).numpy()
+    spawned = empty.copy()
+    spawned[:, :, -2] = (0.5, 1.0, 0.1)  # opens past GATE_MIN tokens
+    k, v = (c.numpy() for c in programs.empty_cache(spare, LENGTH))
+    inputs = {"score": lambda s: [tokens, s], "observe": lambda s: [tokens, s],
+              "prefill": lambda s: [tokens, np.arange(20), k, v, s],
+              "decode": lambda s: [tokens[:, :1], np.array([20]), k, v, s, np.array([5.0],
+                                                                                 np.float32)]}
+    assert bundle.serving(0) == ["prefill", "decode", "score", "observe"]
+    assert bundle.serving(2) == [*bundle.serving(0), "prefill_gated", "decode_gated",
+                                 "score_gated", "observe_gated"]
+    for name, args in inputs.items():
+        one, two = ref.run(name, args(empty)), ref.run(f"{name}_gated", args(empty))
+        novelty = [n == "novelty" for n in ref.program(name).outputs]
+        for a, b, nov in zip(one, two, novelty, strict=True):
+            if nov:  # the one pass measures no novelty
+                assert (a == 0).all() and (b > 0).all()
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        gated = ref.run(f"{name}_gated", args(spawned))
+        assert not np.allclose(gated[0], two[0], atol=1e-4)  # the clone opened there
+        for a, b in zip(ref.run(name, args(spawned)), one, strict=True):  # shut here
+            np.testing.assert_array_equal(a, b)

@@ -24,6 +24,7 @@ from moegrow.device_kernels import layout
 from moegrow.export import checkpoint, pretrain, reference
 from moegrow.export.models import mixtral
 from moegrow.runtime.backends import ENGINES
+from moegrow.runtime.session import InputError
 from moegrow.tools import llama
 
 # A ~110M-parameter member of the default model's family (realistic for phones): what
@@ -150,14 +151,28 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     return result
 
 
-def bench_overhead(bundle: str | Path, out: str | Path, text: str, rounds: int = 7,
-                   threads: int = 1, progress: Callable[[str], None] | None = None) -> dict:
+def text_ids(rt, text: str | None) -> np.ndarray:
+    """[BOS] + the tokens of `text`, or without it the bundle's calibration text (held-out
+    base text the export kept as growth's guard)."""
+    if text is not None:
+        return np.array([1, *rt.sp.encode(text)], np.int64)
+    calibration = rt.bundle.manifest.get("calibration") or {}
+    if "guard" not in calibration:
+        raise InputError(f"{rt.bundle.path}: the bundle keeps no calibration text; "
+                                 "give one with --text")
+    return np.fromfile(rt.bundle.path / calibration["guard"]["file"], np.int32).astype(np.int64)
+
+
+def bench_overhead(bundle: str | Path, out: Path | None, text: str | None, rounds: int = 7,
+                   threads: int = 1,
+                   progress: Callable[[str], None] | None = None) -> tuple[dict, str]:
     """Scoring with error taps (`observe`) against without (`score`), same windows, both
-    engines, interleaved; writes report.md and results.json; returns {engine: ratio, ...}."""
+    engines, interleaved; writes report.md and results.json into `out` when given; returns
+    ({engine: ratio, ...}, report)."""
     say = progress or (lambda _m: None)
     engines = {e: runtime.open(bundle, e, threads) for e in ENGINES}
     rt = next(iter(engines.values()))
-    ids = np.array([1, *rt.sp.encode(text)], np.int64)
+    ids = text_ids(rt, text)
     windows = [chunk[None] for chunk, _ in rt.windows(ids)]
     times = {(e, p): [] for e in engines for p in ("score", "observe")}
     for r in range(rounds + 1):  # round 0 warms up
@@ -171,17 +186,17 @@ def bench_overhead(bundle: str | Path, out: str | Path, text: str, rounds: int =
     detail = {"seconds": {f"{e}/{p}": t for (e, p), t in med.items()},
               "tokens": len(ids) - 1, "windows": len(windows), "rounds": rounds,
               "threads": threads}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({**result, **detail}, indent=2) + "\n")
     lines = [f"# moegrow bench overhead: {bundle}", "",
              f"{len(ids) - 1} tokens in {len(windows)} windows, {threads} thread(s), medians of "
              f"{rounds} interleaved rounds. Goal: observe / score <= 1.05.", "",
              "| engine | score s | observe s | observe / score |", "|---|---|---|---|"]
     lines += [f"| {e} | {med[e, 'score']:.3f} | {med[e, 'observe']:.3f} | {result[e]:.3f}x |"
               for e in engines]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return result
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({**result, **detail}, indent=2) + "\n")
+        (out / "report.md").write_text("\n".join(lines) + "\n")
+    return result, "\n".join(lines) + "\n"
 
 
 def plot(r: dict, path: Path, title: str) -> None:

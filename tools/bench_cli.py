@@ -15,6 +15,10 @@ def bench() -> None:
     """Benchmarks: each writes a Markdown report and results.json into --out."""
 
 
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
 @bench.command("infer")
 @click.argument("bundle_dir", metavar="BUNDLE")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
@@ -32,29 +36,51 @@ def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int
     from moegrow.tools import bench as bench_lib
 
     result = bench_lib.bench_infer(bundle_dir, out, ckpt=ckpt, rounds=rounds, threads=threads,
-                                   progress=lambda m: click.echo(m, err=True))
+                                   progress=_say)
     emit(result, as_json, (out / "report.md").read_text())
 
 
 @bench.command("overhead")
 @click.argument("bundle_dir", metavar="BUNDLE")
-@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
-              help="UTF-8 text to score (held-out text of any domain).")
-@click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Folder for report.md and results.json.")
+@click.option("--gate", is_flag=True,
+              help="Measure spare slots and the novelty gate instead: `score` of BUNDLE (its "
+                   "spare slots empty, then with a clone per layer) against the same model "
+                   "exported without spare slots.")
+@click.option("--text", "text_file", type=click.Path(path_type=Path),
+              help="UTF-8 text to score (default: the bundle's calibration text).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Folder for report.md and results.json (and --gate's bundle without slots, "
+                   "kept for the next run); default: write nothing.")
+@click.option("--ckpt", default="default", show_default=True,
+              help="--gate: the checkpoint BUNDLE was exported from (exported again without "
+                   "spare slots).")
+@click.option("--against", type=click.Path(path_type=Path),
+              help="--gate: a bundle of the same checkpoint exported with --spare 0 (instead "
+                   "of exporting --ckpt).")
 @click.option("--rounds", type=click.IntRange(min=1), default=7, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print {engine: ratio} as JSON.")
-def bench_overhead(bundle_dir: str, text_file: Path, out: Path, rounds: int, threads: int,
+@click.option("--json", "as_json", is_flag=True, help="Print {engine: ratio, ...} as JSON.")
+def bench_overhead(bundle_dir: str, gate: bool, text_file: Path | None, out: Path | None,
+                   ckpt: str, against: Path | None, rounds: int, threads: int,
                    as_json: bool) -> None:
     """Cost of the error taps: `observe` against `score` on the same text, both engines,
-    interleaved in one run."""
+    interleaved in one run. With --gate, the cost of spare slots and the novelty gate:
+    {"executorch": r, "onnxruntime": r} with empty slots (goal 1.00x) and "with_clone"
+    (goal <= 1.2x)."""
     from moegrow.tools import bench as bench_lib
+    from moegrow.tools import gate as gate_lib
 
-    text = read_text(text_file)
-    result = bench_lib.bench_overhead(bundle_dir, out, text, rounds=rounds, threads=threads,
-                                      progress=lambda m: click.echo(m, err=True))
-    emit(result, as_json, (out / "report.md").read_text())
+    text = read_text(text_file) if text_file is not None else None
+    if gate:
+        try:
+            result, report = gate_lib.bench_gate(bundle_dir, out, text, ckpt, against,
+                                                 rounds=rounds, threads=threads, progress=_say)
+        except gate_lib.GateError as e:
+            fail(str(e))
+    else:
+        result, report = bench_lib.bench_overhead(bundle_dir, out, text, rounds=rounds,
+                                                  threads=threads, progress=_say)
+    emit(result, as_json, report)
 
 
 @bench.command("memory")
@@ -69,7 +95,7 @@ def bench_memory(bundle_dir: str, out: Path, as_json: bool) -> None:
     bytes."""
     from moegrow.tools import memory
 
-    result = memory.bench_memory(bundle_dir, out, progress=lambda m: click.echo(m, err=True))
+    result = memory.bench_memory(bundle_dir, out, progress=_say)
     emit(result, as_json, (out / "report.md").read_text())
 
 
@@ -127,7 +153,7 @@ def bench_adapt(base: str, train_file: Path, heldout: Path, old: Path, other: Pa
         result = adapt_lib.bench_adapt(
             base, train_file, heldout, old, out, methods.split(","), tokens, other=other,
             passes=passes, locus=locus, seed=seed, threads=threads, bundle=bundle_dir,
-            progress=lambda m: click.echo(m, err=True))
+            progress=_say)
     except adapt_lib.AdaptError as e:
         fail(str(e))
     emit(result, as_json, (out / "report.md").read_text())

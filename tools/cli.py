@@ -234,15 +234,15 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
 @click.option("--deepen/--no-deepen", default=None,
               help="Lower the predictive-coding deepening programs (default: at 32 bits only; "
                    "a quantized bundle's run on an fp32 copy of its dequantized weights, and "
-                   "`idle` does not grow quantized bundles yet).")
+                   "with them it grows clones of its frozen quantized experts).")
 @click.option("--strict-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also lower strict predictive-coding deepening programs with this many "
                    "relaxation steps (needs the deepening programs; export time grows with "
                    "the steps).")
 @click.option("--spare", type=click.IntRange(min=0),
-              help="Empty expert slots per layer that growth can spawn into (counted in the "
-                   "budget; prefill and score run them densely); default 2 at 32 bits, 0 "
-                   "when quantized.")
+              help="Empty fp32 expert slots per layer that growth can spawn into (counted in "
+                   "the budget; read only once something is spawned); default 2 with the "
+                   "deepening programs, else 0.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | None,
             calibration_file: Path | None, deepen: bool | None, strict_steps: int,
