@@ -195,6 +195,34 @@ def _gemm_to_matmul(model) -> None:
     _drop_unused(model)
 
 
+def _fold_weight_transposes(model) -> None:
+    """Rewrite `MatMul(x, Transpose(W))` with a constant 2-D W as `MatMul(x, W.T)`, W.T an
+    initializer named like `_gemm_to_matmul`'s: the exporter emits a linear whose weight is
+    used twice (the two passes of a gated program) that way instead of as a Gemm, and
+    unfolded it would stay fp32. The router and the spare slots keep their transposes
+    (`KEEP_FP32`: growth rewrites them as stored)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    renamed, keep = {}, []
+    for node in model.graph.node:
+        src = node.input[0] if node.op_type == "Transpose" else None
+        if src in inits and len(inits[src].dims) == 2 and not src.endswith(KEEP_FP32):
+            name = src + ".T"
+            if name not in inits:
+                w = numpy_helper.to_array(inits[src])
+                inits[name] = numpy_helper.from_array(np.ascontiguousarray(w.T), name)
+                model.graph.initializer.append(inits[name])
+            renamed[node.output[0]] = name
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    _drop_unused(model)
+
+
 def _weight_matmuls(model) -> tuple[list, list]:
     """MatMul nodes whose weight is a constant initializer [K, N] of a linear (the exporter's
     transposed copy, or `_gemm_to_matmul`'s `.T`) -> (to quantize at the bundle's bits, the
@@ -288,6 +316,7 @@ def quantize_onnx(src: Path | str, dst: Path | str, bits: int, dynamic_int8: boo
 
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
+    _fold_weight_transposes(model)
     _gemm_to_matmul(model)
     quant, head = _weight_matmuls(model)
     if not quant:

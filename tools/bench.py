@@ -158,8 +158,8 @@ def text_ids(rt, text: str | None) -> np.ndarray:
         return np.array([1, *rt.sp.encode(text)], np.int64)
     calibration = rt.bundle.manifest.get("calibration") or {}
     if "guard" not in calibration:
-        raise InputError(f"{rt.bundle.path}: the bundle keeps no calibration text; "
-                                 "give one with --text")
+        raise InputError(f"{rt.bundle.path}: the bundle keeps no calibration text; give one "
+                         "with --text")
     return np.fromfile(rt.bundle.path / calibration["guard"]["file"], np.int32).astype(np.int64)
 
 
