@@ -84,7 +84,8 @@ def test_only_the_clone_and_its_router_row_change(grown, engine):
             a, b = experts.read(old, layer, slot, engine), experts.read(new, layer, slot, engine)
             assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True)) == same
             assert np.array_equal(rows_old[slot], rows_new[slot]) == same
-    # base text, where the gate keeps the clone closed: bit-identical outputs
+    # base text, where the gate keeps the clone closed: the same outputs (the one-pass
+    # program before, the gated one after: up to float rounding)
     ids = np.fromfile(old.path / old.manifest["calibration"]["guard"]["file"], np.int32)
     tokens = ids[None, :old.context].astype(np.int64)
     a = runtime.open(before, engine).run("observe", tokens)
@@ -92,7 +93,7 @@ def test_only_the_clone_and_its_router_row_change(grown, engine):
     assert not any(np.isin(b[2][layer], [s for lay, s in changed if lay == layer]).any()
                    for layer in range(b[2].shape[0]))
     for x, y in zip(a, b, strict=True):
-        assert np.array_equal(x, y)
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
