@@ -122,20 +122,14 @@ def locate(model: layers.CausalLM, data: Path,
     return found, routers
 
 
-def _swept(model: layers.CausalLM, bits: int, deepen: bool) -> layers.CausalLM:
-    """The model the deepening sweeps run on: of a quantized bundle, the values its
-    quantized programs serve (`quantize.dequantized`; its spare slots stay fp32)."""
-    return model if bits == 32 or not deepen else quantize.dequantized(model, bits)
-
-
-def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bool,
-           strict_steps: int = 0) -> tuple[dict, Path]:
-    """Lower every program for `engine` -> ({program: file entry}, weight file)."""
+def _lower(engine: str, model: layers.CausalLM, swept: layers.CausalLM, tmp: Path, bits: int,
+           deepen: bool, strict_steps: int = 0) -> tuple[dict, Path]:
+    """Lower every program for `engine` -> ({program: file entry}, weight file); the
+    deepening sweeps on `swept` (the model, or of a quantized bundle its dequantized copy)."""
     methods = {}
     for name in serving(model.spare):
         program = PROGRAMS[name](model)
         methods[name] = (program, *program.example(model.args.max_position_embeddings))
-    swept = _swept(model, bits, deepen)
     for layer in range(model.args.num_hidden_layers if deepen else 0):
         program = pc.Deepen(swept, layer, model.args.max_position_embeddings)
         methods[f"deepen{layer}"] = (program, *program.example())
@@ -220,6 +214,9 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             layer["experts"] += [{"count": 0, "mean": 0.0}] * spare
     live = experts - spare
     model = programs.with_spare(model, spare)
+    # the sweeps of a quantized bundle run on the values its quantized programs serve
+    # (its spare slots stay fp32), and its experts are located in that fp32 copy
+    swept = model if bits == 32 or not deepen else quantize.dequantized(model, bits)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -237,7 +234,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                 progress(f"lowering {', '.join(serving(spare))}{', deepen' * deepen} to "
                          f"{engine}")
             try:
-                entries, data = _lower(engine, model, tmp, bits, deepen, strict_steps)
+                entries, data = _lower(engine, model, swept, tmp, bits, deepen, strict_steps)
             except ValueError as e:  # a shape the quantized format cannot take
                 raise BundleError(f"{target}: {e}") from None
             except Exception as e:  # an engine's exporter failing: one line, not its traceback
@@ -248,7 +245,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                 table.setdefault(name, {})[engine] = entry
             weights[engine] = manifest.file_entry(tmp, data)
             if bits == 32 or spare:  # quantized experts only where the sweeps hold them
-                where[engine], routers[engine] = locate(_swept(model, bits, deepen), data,
+                where[engine], routers[engine] = locate(swept, data,
                                                         base=bits == 32)
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
