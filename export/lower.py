@@ -47,9 +47,6 @@ def to_pte(methods: dict[str, Method], path: Path | str, data: Path | str | None
     `.pte`, shared by all methods."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes.external_constants_pass import (
-        delegate_external_constants_pass_unlifted,
-    )
 
     def tag(_node) -> str:
         return DATA_TAG
@@ -57,11 +54,14 @@ def to_pte(methods: dict[str, Method], path: Path | str, data: Path | str | None
     programs = {}
     for name, (program, inputs, shapes) in methods.items():
         ep = export(program, inputs, shapes)
-        if data is not None:  # tag the delegate's constants, as ExecuTorch's LLM export does
-            module = ep.module()
-            delegate_external_constants_pass_unlifted(module, gen_tag_fn=tag)
-            with torch.no_grad():  # an unlifted module has no .eval()
-                ep = torch.export.export(module, inputs, dynamic_shapes=shapes)
+        if data is not None:  # tag the delegate's constants (the XNNPACK serializer reads
+            # this tag; ExecuTorch's LLM export sets it on an unlifted copy and exports again)
+            sig = ep.graph_signature
+            consts = {*sig.inputs_to_parameters, *sig.inputs_to_buffers,
+                      *sig.inputs_to_lifted_tensor_constants}
+            for node in ep.graph.nodes:
+                if node.op == "placeholder" and node.name in consts:
+                    node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
         programs[name] = ep
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
     et = edge.to_executorch(ExecutorchBackendConfig(external_constants=tag if data else False))
