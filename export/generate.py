@@ -27,12 +27,13 @@ def generate(model: layers.CausalLM, tok: Tokenizer, prompt: str,
     logits = model(torch.tensor([ids]), torch.arange(len(ids)), cache)[0, -1]
     new: list[int] = []
     text = ""
+    head = tok.decode(ids[1:])  # decoded with the prompt: its space before the first word
     for pos in range(len(ids), len(ids) + max_new):
         token = int(logits.argmax())
         if token == EOS:
             return
         new.append(token)
-        decoded = tok.decode(new)
+        decoded = tok.decode(ids[1:] + new)[len(head):]
         if not decoded.endswith("\ufffd"):  # hold back half a UTF-8 character
             yield decoded[len(text):]
             text = decoded

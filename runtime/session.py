@@ -141,12 +141,13 @@ class Runtime:
         logits, k, v, novelty = self.prefill(ids)
         new: list[int] = []
         text = ""
+        head = self.sp.decode(ids[1:])  # decoded with the prompt: the space before a word
         for pos in range(len(ids), len(ids) + max_new):
             token = int(logits[0].argmax())
             if token == EOS:
                 return
             new.append(token)
-            decoded = self.sp.decode(new)
+            decoded = self.sp.decode(ids[1:] + new)[len(head):]
             if not decoded.endswith("\ufffd"):  # hold back half a UTF-8 character
                 yield decoded[len(text):]
                 text = decoded

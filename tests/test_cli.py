@@ -39,6 +39,26 @@ def test_generate_prints_the_prompt_and_a_continuation(capsys, tiny_ckpt):
     assert out.startswith("The parser") and len(out.strip()) > len("The parser")
 
 
+def test_generate_keeps_the_space_before_the_continuation(tiny_ckpt):
+    """The continuation reads as the prompt and the greedy tokens decoded together (a
+    SentencePiece word piece decoded alone loses its leading space)."""
+    import torch
+    from moegrow.export import checkpoint
+    from moegrow.export import generate as generate_lib
+
+    model = checkpoint.load(tiny_ckpt).eval()
+    tok = checkpoint.load_tokenizer(tiny_ckpt, model.args.vocab_size)
+    text = "".join(generate_lib.generate(model, tok, "The parser", max_new=8))
+    ids = [1, *tok.encode("The parser")]
+    with torch.no_grad():
+        for _ in range(8):
+            token = int(model(torch.tensor([ids]))[0, -1].argmax())
+            if token == 2:
+                break
+            ids.append(token)
+    assert "The parser" + text == tok.decode(ids[1:]) and len(ids) > 3
+
+
 def bad(tmp_path, tiny_ckpt):
     """Named bad inputs -> the words their error line must contain."""
     folders = {}
@@ -150,7 +170,7 @@ def test_export_then_eval_generate_observe_through_each_engine(capsys, exports, 
                              engine, "--backend", engine, "--json")
         assert code == 0, err
         assert json.loads(got)["tokens"] == want["tokens"]
-    if bits == 8:  # deepening programs (--deepen) but no spare slots (--spare 0)
+    if bits == 8:  # as exported by default: no deepening programs, no spare slots
         code, _, err = run(capsys, "idle", str(bundle), "--seconds", "5")
         assert code == 2 and "cannot grow" in err and err.count("\n") == 1, err
     code, got, err = run(capsys, "errormap", str(bundle), "--json")
