@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -112,34 +113,57 @@ def exports(tiny_ckpt, corpus_dir, tmp_path_factory):
     ckpts = {"mixtral": tiny_ckpt}
     for arch, (name, extra) in ARCHS.items():
         module = {"olmoe": olmoe, "qwen3_moe": qwen3_moe}[name]
-        torch.manual_seed(0)
-        model = module.build(module.ModelArgs(
-            vocab_size=2048, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=64, **extra))
-        pretrain.init_weights(model, std=0.1)
-        ckpts[arch] = checkpoint.save(model, root / f"{arch}-ckpt",
-                                      tokenizer=tiny_ckpt / checkpoint.TOKENIZER)
-    jobs = {("mixtral", 32): ["--calibration", str(corpus_dir / "heldout.txt"),
-                              "--strict-steps", "2"],
-            ("mixtral", 4): ["--calibration", str(corpus_dir / "heldout.txt"), "--deepen"]}
-    # the others without spare slots, and the quantized ones without the deepening programs
-    # (`DEEPENING`): the gate and the quantized sweeps are the same code for every
-    # architecture and bit width, and their programs add most of the lowering time (the
-    # fp32 and int4 Mixtral ones, which grow in test_growth.py, first: the tests before the
-    # matrix need only those)
-    jobs |= {(arch, bits): ["--deepen" if bits == 32 else "--no-deepen", "--spare", "0"]
-             for arch in ckpts for bits in BITS if (arch, bits) not in jobs}
+        for layers, key in ((2, arch), (1, f"{arch}-1")):
+            torch.manual_seed(0)
+            model = module.build(module.ModelArgs(
+                vocab_size=2048, hidden_size=64, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
+                max_position_embeddings=64, **extra))
+            pretrain.init_weights(model, std=0.1)
+            ckpts[key] = checkpoint.save(model, root / f"{key}-ckpt",
+                                         tokenizer=tiny_ckpt / checkpoint.TOKENIZER)
+    jobs = {("mixtral", 32): ["--calibration", str(corpus_dir / "heldout.txt")],
+            ("mixtral", 4): ["--calibration", str(corpus_dir / "heldout.txt"), "--deepen"],
+            # strict PC programs: ONNX Runtime only (ExecuTorch takes ~3 min per strict
+            # program, the longest lowering of all; the strict sweeps are torch math both
+            # engines lower alike, as the deepen ones, which the matrix runs on both); no
+            # spare slots: also the gate benchmark's peer of `tiny_bundle`
+            ("mixtral", "strict"): ["--engines", "onnxruntime", "--strict-steps", "2",
+                                    "--spare", "0"]}
+    # the others without spare slots, and the quantized ones as `moegrow export --bits N`
+    # makes them by default, without the deepening programs (`DEEPENING`): the gate and the
+    # quantized sweeps are the same code for every architecture and bit width, and their
+    # programs add most of the lowering time (the fp32 and int4 Mixtral ones, which grow in
+    # test_growth.py, first: the tests before the matrix need only those)
+    jobs |= {(arch, bits): ["--deepen", "--spare", "0"] if bits == 32 else []
+             for arch in ("mixtral", *ARCHS) for bits in BITS if (arch, bits) not in jobs}
 
     def run(key, more):
         out = root / f"{key[0]}-{key[1]}"
-        code, err = export_cli(str(ckpts[key[0]]), "--out", str(out), "--bits", str(key[1]),
-                               *more)
-        return out, ckpts[key[0]], code, err
+        bits = key[1] if isinstance(key[1], int) else 32
+        # the quantized OLMoE and Qwen3-MoE bundles from one-layer checkpoints: ExecuTorch's
+        # lowering time grows with the layers (each adds ~12 XNNPACK partitions), and
+        # Mixtral's cover several layers at every width
+        ckpt = ckpts[key[0] if key[0] == "mixtral" or bits == 32 else f"{key[0]}-1"]
+        start = time.monotonic()
+        code, err = export_cli(str(ckpt), "--out", str(out), "--bits", str(bits), *more)
+        EXPORT_SECONDS[f"{key[0]}-{key[1]}"] = time.monotonic() - start
+        return out, ckpt, code, err
 
     pool = ThreadPoolExecutor(2)  # exporting is single-threaded Python: two at a time
     futures = {key: pool.submit(run, key, more) for key, more in jobs.items()}
     yield futures
     pool.shutdown(cancel_futures=True)
+
+
+EXPORT_SECONDS: dict[str, float] = {}  # what each export of `exports` took (wall, beside
+# the tests): the suite's time is mostly ExecuTorch lowering (docs/bundle.md)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if EXPORT_SECONDS:
+        terminalreporter.write_line("export seconds: " + ", ".join(
+            f"{k} {t:.0f}" for k, t in EXPORT_SECONDS.items()))
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -170,8 +194,7 @@ def exported(future):
 @pytest.fixture(scope="session")
 def tiny_bundle(exports):
     """The tiny checkpoint exported for both engines, fp32, with the error map's baseline
-    measured on the held-out synthetic text and 2-step strict PC programs (tests that
-    change it copy it)."""
+    measured on the held-out synthetic text (tests that change it copy it)."""
     return exported(exports["mixtral", 32])
 
 

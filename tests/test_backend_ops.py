@@ -2,8 +2,9 @@
 program x engine x bit width against the torch reference.
 
 Bundles: `conftest.exports`, one `moegrow export` per architecture (a tiny Mixtral, OLMoE
-and Qwen3-MoE checkpoint) and bit width (32, 8, 4), both engines, shared with the CLI's
-end-to-end test. The deepening programs are in the fp32 ones and Mixtral's int4 one only
+and Qwen3-MoE checkpoint; the quantized OLMoE and Qwen3-MoE ones from one-layer checkpoints,
+which halves their lowering time) and bit width (32, 8, 4), both engines, shared with the
+CLI's end-to-end test. The deepening programs are in the fp32 ones and Mixtral's int4 one only
 (`conftest.DEEPENING`: the quantized sweeps are the same code for every architecture and
 width, and they take most of the lowering time), so the matrix has their rows there.
 Reference: `export/reference.py`, the same program modules in eager torch

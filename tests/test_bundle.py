@@ -14,7 +14,7 @@ import torch
 from conftest import exported, snapshot
 from conftest import run_cli as run
 from moegrow import runtime
-from moegrow.export import bundle, checkpoint, evaluate, generate, programs
+from moegrow.export import checkpoint, evaluate, generate, programs
 from moegrow.runtime import bundle as bundle_format
 
 pytestmark = pytest.mark.slow  # lowering six programs of the tiny model takes ~40 s
@@ -29,9 +29,8 @@ def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe",
                                          "prefill_gated", "decode_gated", "score_gated",
                                          "observe_gated",
-                                         *(f"deepen{i}" for i in range(layers)),
-                                         *(f"strict{i}" for i in range(layers))}
-    assert manifest["deepening"] == {"strict_steps": 2, "strict_eta": 0.1}
+                                         *(f"deepen{i}" for i in range(layers))}
+    assert manifest["deepening"] == {"strict_steps": 0, "strict_eta": 0.1}
     weights = manifest["weights"]["files"]
     assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
     entries = [manifest["tokenizer"], *weights.values()]
@@ -173,12 +172,13 @@ def test_export_refuses_bad_requests_and_writes_nothing(capsys, tiny_ckpt, tiny_
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_bundle_without_an_engine_says_so(tiny_ckpt, tmp_path):
-    manifest = bundle.export(tiny_ckpt, tmp_path / "onnx-only", engines=("onnxruntime",), bits=8)
-    # a quantized bundle carries no deepening programs unless asked (--deepen)
+def test_a_bundle_without_an_engine_says_so(exports):
+    # a quantized bundle carries no deepening programs nor spare slots unless asked (--deepen)
+    manifest = json.loads((exported(exports["mixtral", 8]) / "manifest.json").read_text())
     assert sorted(manifest["programs"]) == ["decode", "observe", "prefill", "score"]
+    assert manifest["config"]["spare_experts"] == 0
     with pytest.raises(runtime.backends.BackendError, match="no programs for backend"):
-        runtime.open(tmp_path / "onnx-only", "executorch")
+        runtime.open(exported(exports["mixtral", "strict"]), "executorch")  # ONNX only
 
 
 def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_path):
@@ -231,12 +231,12 @@ def test_bench_memory_reports_each_engine(capsys, tiny_bundle, tmp_path):
     assert "| onnxruntime |" in (tmp_path / "m" / "report.md").read_text()
 
 
-def test_bench_overhead_gate_against_the_model_without_slots(capsys, tiny_bundle, tiny_ckpt,
+def test_bench_overhead_gate_against_the_model_without_slots(capsys, tiny_bundle, exports,
                                                              tmp_path):
     """`bench overhead --gate`: `score` with the spare slots empty runs the one-pass
     program, with a clone the gated one; all three score alike. Bad peers exit 2."""
-    peer = tmp_path / "no-slots"
-    bundle.export(tiny_ckpt, peer, engines=("onnxruntime",), spare=0, deepen=False)
+    peer = tmp_path / "no-slots"  # the same checkpoint, ONNX Runtime only, --spare 0
+    shutil.copytree(exported(exports["mixtral", "strict"]), peer)
     before = snapshot(tmp_path)
     code, out, err = run(capsys, "bench", "overhead", str(tiny_bundle), "--gate", "--against",
                          str(peer), "--rounds", "1", "--json")

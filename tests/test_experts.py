@@ -1,5 +1,6 @@
-"""Weights are data: an expert changed through the runtime alone gives the same programs'
-outputs as a fresh export of the changed model, on both engines, and nothing else changes."""
+"""Weights are data: an expert changed through the runtime alone gives the programs' outputs
+of the changed model (its torch reference, to float rounding), on both engines, and nothing
+else changes."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from conftest import run_cli as run
 from conftest import snapshot
 from moegrow import runtime
 from moegrow.device_kernels import layout
-from moegrow.export import bundle, checkpoint
+from moegrow.export import checkpoint, reference
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import experts, versions
 
-pytestmark = pytest.mark.slow  # one more export of the tiny model, ~1 min on 2 cores
+pytestmark = pytest.mark.slow  # uses the exported tiny bundle
 ENGINES = ["executorch", "onnxruntime"]
 TEXT = "The parser reads the next word. Our user writes plain text."
 LAYER, SLOT = 1, 2
@@ -28,8 +29,8 @@ ONES = np.frombuffer(b"\x01" * 4, np.float32)[0]  # a float whose 4 bytes are al
 
 @pytest.fixture(scope="module")
 def changed(tiny_bundle, tiny_ckpt, tmp_path_factory):
-    """(bundle with expert (LAYER, SLOT) replaced by the runtime, fresh export of the changed
-    checkpoint, the new weights)."""
+    """(bundle with expert (LAYER, SLOT) replaced by the runtime, the changed checkpoint, the
+    new weights)."""
     d = tmp_path_factory.mktemp("changed")
     shutil.copytree(tiny_bundle, d / "b")
     rt = runtime.open(d / "b", "executorch")
@@ -41,14 +42,14 @@ def changed(tiny_bundle, tiny_ckpt, tmp_path_factory):
         for proj, w in zip(PROJS, new, strict=True):
             getattr(model.model.layers[LAYER].mlp.experts, proj)[SLOT] = torch.from_numpy(w)
     checkpoint.save(model, d / "ckpt", checkpoint.load_tokenizer(tiny_ckpt).path)
-    bundle.export(d / "ckpt", d / "fresh")
-    return d / "b", d / "fresh", new
+    return d / "b", d / "ckpt", new
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_changed_expert_equals_a_fresh_export(changed, tiny_bundle, engine):
-    path, fresh, new = changed
-    rt, want, old = (runtime.open(p, engine) for p in (path, fresh, tiny_bundle))
+def test_changed_expert_equals_the_changed_model(changed, tiny_bundle, engine):
+    path, ckpt, new = changed
+    rt, old = runtime.open(path, engine), runtime.open(tiny_bundle, engine)
+    want = runtime.Runtime(rt.bundle, "torch", engine=reference.load(ckpt, rt.bundle.manifest))
     ids = [1, *rt.sp.encode(TEXT)]
     tokens = np.array([ids])
     pairs = [(rt.run("score", tokens), want.run("score", tokens)),
@@ -59,9 +60,9 @@ def test_changed_expert_equals_a_fresh_export(changed, tiny_bundle, engine):
     for layer in (0, LAYER):  # the sweep from layer 0 runs back through the changed expert
         pairs.append((list(rt.deepen(layer, np.array(ids)).values()),
                       list(want.deepen(layer, np.array(ids)).values())))
-    for got, exp in pairs:  # same programs, same weight bytes: bit-identical outputs
+    for got, exp in pairs:  # the same math on the same weights: float rounding apart
         for a, b in zip(got, exp, strict=True):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
     assert not np.array_equal(rt.prefill(ids)[0], old.prefill(ids)[0])  # the change matters
     assert all(np.array_equal(a, b) for a, b in zip(rt.expert(LAYER, SLOT), new, strict=True))
 

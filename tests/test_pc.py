@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import deepen_autograd, random_moe
-from moegrow.export import pc, programs
+from conftest import deepen_autograd, exported, random_moe
+from moegrow.export import checkpoint, pc, programs
 from moegrow.export.models import mixtral
 
 ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
@@ -116,13 +116,29 @@ def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend)
     assert got["count"].sum() == model.args.num_experts_per_tok * (n - 1)
     with pytest.raises(session.InputError):
         rt.deepen(1, ids[:1])
-    strict = rt.deepen(1, ids, strict=True)  # the fixture's bundle has 2-step strict programs
+
+
+@pytest.mark.slow
+def test_strict_programs_through_the_runtime(exports, tiny_ckpt):
+    """`--strict-steps 2`: the strict sweep (ONNX Runtime; conftest.exports) against
+    `pc.Strict` in torch."""
+    from moegrow import runtime
+
+    rt = runtime.open(exported(exports["mixtral", "strict"]), "onnxruntime")
+    assert rt.bundle.manifest["deepening"] == {"strict_steps": 2, "strict_eta": 0.1}
+    layers = rt.bundle.config["num_hidden_layers"]
+    assert {f"strict{i}" for i in range(layers)} <= set(rt.bundle.manifest["programs"])
+    model = programs.with_spare(checkpoint.load(tiny_ckpt).eval(),
+                                rt.bundle.config["spare_experts"])
+    ids = np.array([1, *rt.sp.encode("The parser reads the next word. Our user writes.")])
+    n = len(ids)
+    strict = rt.deepen(1, ids, strict=True)
     window = rt.bundle.context
     padded = torch.zeros(1, window, dtype=torch.long)
-    padded[0, :n] = tokens[0]
+    padded[0, :n] = torch.from_numpy(ids)
     with torch.no_grad():
         want = pc.Strict(model, 1, window, steps=2, eta=0.1)(
-            padded, (torch.arange(window) < n - 1).float(), slots)
+            padded, (torch.arange(window) < n - 1).float(), programs.slot_state(model))
     for name, a, b in zip(pc.Strict.outputs, strict.values(), want, strict=True):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                    err_msg=name)
