@@ -17,7 +17,7 @@ from moegrow import runtime
 from moegrow.export import checkpoint, evaluate, generate, programs
 from moegrow.runtime import bundle as bundle_format
 
-pytestmark = pytest.mark.slow  # lowering six programs of the tiny model takes ~40 s
+pytestmark = pytest.mark.slow  # uses the suite's exports (conftest.exports)
 ENGINES = ["executorch", "onnxruntime"]
 TEXT = "The parser reads the next word. Our user writes plain text. " * 12  # > one window
 
