@@ -4,10 +4,11 @@ Stored in the bundle's state database (`state.py`: SQLite under `state/`). For e
 expert, domain): count, sum and sum of squares of the per-token PC update size g |e| |h|
 (`programs.Observe`), an exponential moving average of its per-call mean, and when it was
 last seen. Counts are added inside the database (`count = count + ?`), so two processes
-observing the same bundle lose nothing. A bounded replay buffer keeps the most recent
-observed token sequences (FIFO, capacity in tokens) for growth to learn from; `forget`
-clears it and the map. Memory and disk stay bounded: the map has L x E rows per domain, the
-buffer at most `capacity` tokens.
+observing the same bundle lose nothing. Per domain also the NLL the learnability probe
+saved (`learnable.py`: sum and sum of squares per cache weight). A bounded replay buffer
+keeps the most recent observed token sequences (FIFO, capacity in tokens) for growth to
+learn from and for the probe's cache; `forget` clears it and the map. Memory and disk stay
+bounded: the map has L x E rows per domain, the buffer at most `capacity` tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import state
+from . import learnable, state
 
 EMA = 0.1  # weight of the newest call's mean in the moving average
 REPLAY_TOKENS = 65536  # replay buffer capacity
@@ -42,10 +43,16 @@ class Store:
         self.bundle_dir = Path(bundle_dir)
 
     def add(self, domain: str, folded: np.ndarray, tokens: int, nll_sum: float, nll_sq: float,
-            replay: list[np.ndarray], capacity: int = REPLAY_TOKENS) -> None:
+            replay: list[np.ndarray], saved: np.ndarray | None = None,
+            capacity: int = REPLAY_TOKENS) -> None:
         """Add one call's folded taps, its token count, the sum and sum of squares of its
-        tokens' NLL, and its replay sequences, in one transaction."""
+        tokens' NLL, its replay sequences and the probe's per-token savings `saved`
+        [tokens, len(learnable.LAMBDAS)], in one transaction."""
         now = time.time()
+        probe = [] if saved is None else [
+            (domain, lam, tokens, float(col.sum()), float((col * col).sum()))
+            for lam, col in zip(learnable.LAMBDAS, np.asarray(saved, np.float64).T,
+                                strict=True)]
         rows = []
         for layer, expert in zip(*np.nonzero(folded[:, :, 0]), strict=True):
             count, total, squares = folded[layer, expert]
@@ -62,6 +69,10 @@ class Store:
                        "UPDATE SET tokens = tokens + excluded.tokens, "
                        "nll_sum = nll_sum + excluded.nll_sum, last_seen = excluded.last_seen, "
                        "nll_sq = nll_sq + excluded.nll_sq", (domain, tokens, nll_sum, now, nll_sq))
+            db.executemany("INSERT INTO learnable VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain, "
+                           "lam) DO UPDATE SET tokens = tokens + excluded.tokens, "
+                           "saved = saved + excluded.saved, "
+                           "saved_sq = saved_sq + excluded.saved_sq", probe)
             db.executemany("INSERT INTO replay (domain, tokens, length) VALUES (?, ?, ?)",
                            [(domain, s.astype(np.int32).tobytes(), len(s)) for s in replay])
             db.execute("DELETE FROM replay WHERE id IN (SELECT id FROM (SELECT id, SUM(length) "
@@ -69,9 +80,11 @@ class Store:
                        (capacity,))
 
     def read(self, domain: str | None = None) -> dict:
-        """{"domains": {tag: {"tokens", "nll", "nll_sd"}}, "stats": [(layer, expert, domain,
-        count, sum, sumsq, ema, last_seen)], "replay_tokens": n}; empty when nothing was
-        observed. nll is the mean per-token NLL, nll_sd its standard deviation over tokens."""
+        """{"domains": {tag: {"tokens", "nll", "nll_sd", "probe"}}, "stats": [(layer, expert,
+        domain, count, sum, sumsq, ema, last_seen)], "replay_tokens": n}; empty when nothing
+        was observed. nll is the mean per-token NLL, nll_sd its standard deviation over
+        tokens; probe {"tokens", "saved": [sum per cache weight], "saved_sq": [...]} (tokens
+        0 for a domain observed before the probe existed)."""
         if not state.exists(self.bundle_dir):
             return {"domains": {}, "stats": [], "replay_tokens": 0}
         with state.connection(self.bundle_dir) as db:
@@ -81,9 +94,18 @@ class Store:
             rows = db.execute(f"SELECT domain, tokens, nll_sum, nll_sq FROM domains {where}",
                               args).fetchall()
             replay = db.execute("SELECT COALESCE(SUM(length), 0) FROM replay").fetchone()[0]
+            probe = db.execute(f"SELECT domain, lam, tokens, saved, saved_sq FROM learnable "
+                               f"{where} ORDER BY domain, lam", args).fetchall()
         domains = {d: {"tokens": n, "nll": s / max(n, 1),
-                       "nll_sd": float(np.sqrt(max(q / max(n, 1) - (s / max(n, 1)) ** 2, 0)))}
+                       "nll_sd": float(np.sqrt(max(q / max(n, 1) - (s / max(n, 1)) ** 2, 0))),
+                       "probe": {"tokens": 0, "saved": [], "saved_sq": []}}
                    for d, n, s, q in rows}
+        for d, _lam, n, total, squares in probe:
+            if d in domains:
+                p = domains[d]["probe"]
+                p["tokens"] = n
+                p["saved"].append(total)
+                p["saved_sq"].append(squares)
         return {"domains": domains, "stats": stats, "replay_tokens": int(replay)}
 
     def replay(self, domain: str) -> list[np.ndarray]:
@@ -100,7 +122,7 @@ class Store:
         if not state.exists(self.bundle_dir):
             return
         with state.connection(self.bundle_dir, write=True) as db:
-            for table in ("stats", "domains", "replay"):
+            for table in ("stats", "domains", "replay", "learnable"):
                 db.execute(f"DELETE FROM {table}")
         with state.connection(self.bundle_dir) as db:
             db.execute("VACUUM")

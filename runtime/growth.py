@@ -261,8 +261,8 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     k = b.config["num_experts_per_tok"]
     judged = verdicts.judge(seen, b.manifest["calibration"], limits.experts or k)
     growing = {d: v for d, v in judged.items() if v["verdict"] != "nothing"}
-    if domain is None and growing:
-        domain = max(growing, key=lambda d: seen["domains"][d]["tokens"])
+    if domain is None:
+        domain = verdicts.most_wanted(judged)
     report["domain"] = domain
     if domain is None or domain not in growing:
         report["reason"] = ("nothing to grow: no observed domain needs it" if domain is None

@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 from moegrow.device_kernels import layout
 
-from . import backends, errormap, experts, growth, versions
+from . import backends, errormap, experts, growth, learnable, versions
 from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
@@ -225,18 +225,20 @@ class Runtime:
         ids = np.array([BOS] + self.sp.encode(text), np.int64)
         experts = layout.dims(self.bundle.config)[0]
         folded = np.zeros((self.bundle.config["num_hidden_layers"], experts, 3))
-        nll = nll_sq = 0.0
+        losses = []
         for chunk, new in self.windows(ids):
             out = dict(zip(OBSERVE, self.run("observe", chunk[None]), strict=True))
-            losses = out["nll"][new].astype(np.float64)
-            nll += float(losses.sum())
-            nll_sq += float((losses * losses).sum())
+            losses.append(out["nll"][new].astype(np.float64))
             folded += errormap.fold(out["ids"][:, new], out["update"][:, new], experts)
+        nll = np.concatenate(losses)
+        store = errormap.Store(self.bundle.path)
+        saved = learnable.saved(store.replay(domain), ids, nll)
         window = self.bundle.context
         replay = [ids[i:i + window] for i in range(0, len(ids), window)]
-        errormap.Store(self.bundle.path).add(domain, folded, len(ids) - 1, nll, nll_sq, replay)
-        return {"domain": domain, "tokens": len(ids) - 1, "nll": nll / (len(ids) - 1),
-                "ppl": float(np.exp(nll / (len(ids) - 1)))}
+        store.add(domain, folded, len(nll), float(nll.sum()), float((nll * nll).sum()), replay,
+                  saved)
+        return {"domain": domain, "tokens": len(nll), "nll": float(nll.mean()),
+                "ppl": float(np.exp(nll.mean()))}
 
 
 def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:

@@ -37,6 +37,10 @@ MIGRATIONS = [
     CREATE TABLE IF NOT EXISTS versions (
         version INTEGER PRIMARY KEY, created REAL, manifest TEXT, report TEXT);""",
     _add_nll_sq,  # the spread of each domain's NLL (verdicts)
+    # per domain and cache weight, the NLL the learnability probe saved (`learnable.py`)
+    """CREATE TABLE IF NOT EXISTS learnable (
+        domain TEXT, lam REAL, tokens INTEGER, saved REAL, saved_sq REAL,
+        PRIMARY KEY (domain, lam))""",
 ]
 VERSION = len(MIGRATIONS)
 

@@ -139,9 +139,12 @@ def test_a_map_from_before_nll_spreads_were_kept_is_upgraded(tmp_path):
     db.commit()
     db.close()
     store = errormap.Store(tmp_path)
-    store.add("b", np.zeros((2, 4, 3)), 5, 10.0, 25.0, [])
-    assert store.read()["domains"] == {"a": {"tokens": 10, "nll": 2.0, "nll_sd": 0.0},
-                                       "b": {"tokens": 5, "nll": 2.0, "nll_sd": 1.0}}
+    store.add("b", np.zeros((2, 4, 3)), 5, 10.0, 25.0, [], saved=np.full((5, 6), 0.5))
+    none = {"tokens": 0, "saved": [], "saved_sq": []}  # observed before the probe existed
+    assert store.read()["domains"] == {
+        "a": {"tokens": 10, "nll": 2.0, "nll_sd": 0.0, "probe": none},
+        "b": {"tokens": 5, "nll": 2.0, "nll_sd": 1.0,
+              "probe": {"tokens": 5, "saved": [2.5] * 6, "saved_sq": [1.25] * 6}}}
 
 
 def test_the_state_database_is_versioned_and_a_newer_one_is_refused(tmp_path):

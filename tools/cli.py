@@ -300,8 +300,10 @@ def errormap_(bundle_dir: str, domain: str | None, plot_file: Path | None,
               as_json: bool) -> None:
     """The error map of BUNDLE: per layer and expert, how often it was chosen and the mean,
     spread and moving average of the PC update size g|e||h| on observed text; and per
-    domain a verdict against the bundle's baseline: nothing, deepen (naming experts) or
-    spawn (naming layers)."""
+    domain a verdict: nothing (too little to learn: the domain's own earlier text predicts
+    its later text hardly better than the model does), else deepen (naming experts) or
+    spawn (naming layers: the text is closer to meaningless to the model than to its base
+    text)."""
     b = bundle_format.load(bundle_dir)
     store = errormap.Store(b.path)
     layers, experts_n = b.config["num_hidden_layers"], layout.dims(b.config)[0]
@@ -321,7 +323,8 @@ def errormap_(bundle_dir: str, domain: str | None, plot_file: Path | None,
     for d, v in result["verdicts"].items():
         named = ([f"{layer}/{e}" for layer, e in v["experts"]] if v["verdict"] == "deepen" else
                  [f"layer {x}" for x, y in v["layers"].items() if y["named"]])
-        lines.append(f"{d}: {v['verdict']} (novelty {v['novelty']:.2f} +- "
+        lines.append(f"{d}: {v['verdict']} (learnable {v['learnable']:.0%}, at least "
+                     f"{max(v['learnable_low'], 0):.0%}; novelty {v['novelty']:.2f} +- "
                      f"{v['novelty_se']:.2f}){': ' + ', '.join(named) if named else ''}")
     if calibration is None:
         lines.append("no verdicts: the bundle has no baseline (export it with --calibration)")
@@ -344,8 +347,9 @@ def forget(bundle_dir: str) -> None:
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=600,
               show_default=True, help="Time limit of the slice.")
 @click.option("--domain", default=None,
-              help="Grow for this observed domain (default: the one the error map most "
-                   "wants grown).")
+              help="Grow for this observed domain (default: of those not judged `nothing`, "
+                   "the one with the most to win: the learnability probe's saved NLL over all "
+                   "its observed tokens).")
 @click.option("--tokens", type=click.IntRange(min=1), default=growth.Limits.tokens,
               show_default=True, help="Replay tokens of the domain to learn from.")
 @click.option("--steps", type=click.IntRange(min=1), default=growth.Limits.steps,
