@@ -123,7 +123,7 @@ def test_verdicts_on_observed_text(capsys, tiny_bundle, tmp_path):
     code, out, _ = run(capsys, "errormap", str(path), "--json")
     assert code == 0
     got = json.loads(out)["verdicts"]
-    # the 40-step model has much left to learn of its own grammar (the probe test above
+    # the 40-step model has much left to learn of its own grammar (the probe test below
     # has the text that offers nothing: the model's own samples)
     assert {d: v["verdict"] for d, v in got.items()} == {
         "same": "deepen", "mixed": "deepen", "german": "spawn"}
