@@ -83,10 +83,11 @@ def expert_bytes(config: dict, bits: int) -> int:
 
 
 def locate(model: layers.CausalLM, data: Path,
-           base: bool = True) -> tuple[list[dict], list[dict]]:
+           base: bool = True) -> tuple[list[dict], list[dict], dict | None]:
     """Find every form of every layer's expert tensors (the base experts', and the spare
-    slots' apart: `programs.Slots`), and every layer's router weight, in the weight file
-    `data` -> (expert entries, router entries). `base` False (a quantized bundle): the
+    slots' apart: `programs.Slots`), every layer's router weight and the gate's class table
+    (`programs.with_spare`) in the weight file `data` -> (expert entries, router entries,
+    {"offset", "shape"} of the table or None without spare slots). `base` False: the
     base experts are found where the file has them in fp32 (the deepening programs' copy
     of the dequantized weights: `model` is that dequantized model), the rest must be."""
     raw = data.read_bytes()
@@ -119,7 +120,15 @@ def locate(model: layers.CausalLM, data: Path,
     offsets = [h["offset"] for h in found + routers]
     if len(set(offsets)) != len(offsets):  # identical tensors are stored once by the engines
         raise BundleError(f"{data.name}: two expert tensors share storage (identical weights)")
-    return found, routers
+    domains = None
+    if spare:
+        table = model.domains.detach().float().numpy()
+        at = raw.find(table.tobytes())
+        if at < 0:
+            raise BundleError(f"{data.name}: the gate's class table is missing from the "
+                              "weight file")
+        domains = {"offset": at, "shape": list(table.shape)}
+    return found, routers, domains
 
 
 def _lower(engine: str, model: layers.CausalLM, swept: layers.CausalLM, tmp: Path, bits: int,
@@ -228,7 +237,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             np.array([BOS] + tok.encode(calibration), np.int32).tofile(guard)
             baseline["guard"] = manifest.file_entry(tmp, guard)
         table: dict[str, dict] = {}
-        weights, where, routers = {}, {}, {}
+        weights, where, routers, domains = {}, {}, {}, {}
         for engine in engines:
             if progress:
                 progress(f"lowering {', '.join(serving(spare))}{', deepen' * deepen} to "
@@ -245,8 +254,9 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                 table.setdefault(name, {})[engine] = entry
             weights[engine] = manifest.file_entry(tmp, data)
             if bits == 32 or spare:  # quantized experts only where the sweeps hold them
-                where[engine], routers[engine] = locate(swept, data,
-                                                        base=bits == 32)
+                where[engine], routers[engine], found = locate(swept, data, base=bits == 32)
+                if found:
+                    domains[engine] = found
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
             "config": config, "context": model.args.max_position_embeddings, "bits": bits,
@@ -255,7 +265,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},
-            "experts": {"layout": where, "routers": routers,
+            "experts": {"layout": where, "routers": routers, "domains": domains,
                         "table": _table(model, config, bits, live)},
             "budget": {"bytes": used if budget is None else budget, "experts": used},
             "calibration": baseline,

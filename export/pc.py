@@ -66,17 +66,15 @@ def stack(f: int, grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
 
 
 def _gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """`programs.gate` through the explicit attention path (as every pass here)."""
-    pos = torch.arange(tokens.shape[1])
-    cache = programs.Cache(*programs.empty_cache(model, tokens.shape[1]))
-    return programs.gate(model, tokens, slots, pos, cache).detach()
+    """`programs.gate`, held fixed for the gradient."""
+    return programs.gate(model, tokens, slots).detach()
 
 
 class Loss(nn.Module):
     """(tokens [1, W], valid [W], probe [W, C], slots) -> (summed NLL, (nll [W], gates
-    [W, E], novelty [W], the layer's router input [W, C])); the probe is added to the layer's
-    output, so d loss / d probe is the error arriving there. The gates are set as in every
-    program: from the context's novelty under the base path."""
+    [W, E], the gate's class scores [W, D] ("novelty"), the layer's router input [W, C]));
+    the probe is added to the layer's output, so d loss / d probe is the error arriving
+    there. The gates are set as in every program (`programs.gate`)."""
 
     def __init__(self, model: layers.CausalLM, layer: int):
         super().__init__()

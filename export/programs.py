@@ -5,15 +5,19 @@ formulation (the eager `MoE.forward` sizes its expert groups from the data), tak
 plain tensors, and has no data-dependent shapes. `lower.to_pte` / `lower.to_onnx` turn the same
 module into both engines' programs; called directly it is the torch reference.
 
-Expert slots: every program takes `slots` [L, 3, E + S], the state of each expert slot
+Expert slots: every program takes `slots` [L, 4, E + S], the state of each expert slot
 (`slot_state`): spare slots (`with_spare`) stay closed until growth spawns a clone into one,
-and a clone opens only where the context's novelty, the running NLL of the tokens seen so
-far under the base path, reaches its threshold (`gate`: a base pass, then the gated pass;
-`prefill` returns the novelty that `decode` keeps). docs/growth.md. The base pass doubles a
-program's cost, and the spare slots cost their share of the dense experts, and neither is
-needed before a clone exists: every program built with `gated=False` skips both (the MoE
-blocks never route to a spare slot nor read its weights, `Slots`), and a bundle serves
-those until growth spawns (`runtime.session.Runtime.program`).
+and a clone opens only where the context reads as its own domain (`gate`): the table
+`domains` [V, D] holds a unigram log-probability per token for the base (class 0) and for
+each grown domain, the context's score for a class is its summed log-likelihood minus the
+best other class's (a naive-Bayes sequential test: it falls on base text and on the other
+grown domains' text, it rises on the domain's own), and a clone of class c opens where that
+score reaches its threshold. The table is data in the weight file that growth writes;
+computing the gate costs a gather and a cumulative sum. `prefill` returns the last
+position's scores, which `decode` keeps. docs/growth.md. The spare slots cost their share of
+the dense experts and are not needed before a clone exists: every program built with
+`gated=False` skips them (the MoE blocks never route to a spare slot nor read its weights,
+`Slots`), and a bundle serves those until growth spawns (`runtime.session.Runtime.program`).
 
 KV cache: explicit inputs and outputs `k_cache, v_cache [L, 1, Hkv, S, D]` on both engines.
 ONNX has no mutable state, one signature keeps the backends interchangeable, and the runtime
@@ -62,16 +66,18 @@ from torch.export import Dim
 
 from .models import layers
 
-GATE_MIN = 8  # targets a context needs before its novelty can open a spawned expert
+GATE_MIN = 8  # tokens a context needs before it can open a spawned expert
 MASKED = 1e4  # subtracted from the router logit of a slot that is closed at a position
+UNUSED = -100.0  # log-probability of every token under a class no clone uses
 
 
 def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
     """A copy of `model` with `spare` empty expert slots per layer after its E experts:
-    zero router rows, closed to routing until spawned (`slot_state`). Their weights are
-    small seeded noise, not zeros: the programs hold the spare slots in tensors of their own
-    (`DenseMoE`), and the engines store equal tensors once, so all-zero gate, up and down
-    tensors would share one buffer that growth could not write one of."""
+    zero router rows, closed to routing until spawned (`slot_state`), and the gate's class
+    table `domains` [V, 1 + L * S] (one class per possible clone, and the base's). Their
+    weights are small seeded noise, not zeros: the programs hold the spare slots in tensors
+    of their own (`DenseMoE`), and the engines store equal tensors once, so all-zero gate,
+    up and down tensors would share one buffer that growth could not write one of."""
     out = copy.deepcopy(model)
     noise = torch.Generator().manual_seed(0)
     for block in out.model.layers:
@@ -85,28 +91,51 @@ def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
                                               mlp.gate.weight.new_zeros(spare, gate.in_features)]))
         mlp.gate, mlp.spare = gate, spare
     out.spare = spare
+    if spare:
+        classes = 1 + model.args.num_hidden_layers * spare
+        table = torch.randn(model.args.vocab_size, classes, generator=noise) * 1e-4 + UNUSED
+        out.domains = nn.Parameter(table, requires_grad=False)
     return out.eval()
 
 
 def slot_state(model: layers.CausalLM) -> torch.Tensor:
-    """Every program's `slots` input [L, 3, E + S] as exported: per layer and slot a router
-    bias, a novelty coefficient a and a threshold t; a slot is open at a position whose
-    context novelty n has a * n >= t. Live experts (0, 0, 0) are always open, spare slots
-    (0, 0, 1) never; a spawned expert is (bias, 1, threshold)."""
+    """Every program's `slots` input [L, 4, E + S] as exported: per layer and slot a router
+    bias, a coefficient a, a threshold t and a class c; a slot is open at a position whose
+    context score s_c for class c (`scores`) has a * s_c >= t. Live experts (0, 0, 0, 0) are
+    always open, spare slots (0, 0, 1, 0) never; a spawned expert is (bias, 1, threshold,
+    its domain's class)."""
     slots = model.model.layers[0].mlp.gate.out_features
     spare = getattr(model, "spare", 0)
-    state = torch.zeros(model.args.num_hidden_layers, 3, slots)
+    state = torch.zeros(model.args.num_hidden_layers, 4, slots)
     state[:, 2, slots - spare:] = 1.0
     return state
 
 
-def set_gates(model: layers.CausalLM, slots: torch.Tensor, novelty: torch.Tensor) -> None:
-    """Open or close every slot of every layer for each position ([N] novelty, or [1] for
-    all) before a forward pass (read by `route`)."""
+def scores(domains: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The context score of every class at every position of tokens [1, T] -> [T, D]: the
+    summed log-probability of the tokens seen so far (that one included) under the class
+    minus the best other class's; -MASKED before GATE_MIN tokens."""
+    summed = torch.cumsum(F.embedding(tokens[0], domains), 0)  # [T, D]
+    best, which = torch.topk(summed, 2, dim=-1)  # [T, 2]
+    first = torch.arange(domains.shape[1])[None] == which[:, :1]
+    other = torch.where(first, best[:, 1:], best[:, :1])
+    t = torch.arange(tokens.shape[1])[:, None]
+    return torch.where(t + 1 >= GATE_MIN, summed - other, -MASKED)
+
+
+def classes(model: layers.CausalLM) -> int:
+    """D, the gate's classes: the columns of `domains` (1 in a model without spare slots)."""
+    return model.domains.shape[1] if getattr(model, "spare", 0) else 1
+
+
+def set_gates(model: layers.CausalLM, slots: torch.Tensor, scores_: torch.Tensor) -> None:
+    """Open or close every slot of every layer for each position ([N, D] class scores, or
+    [1, D] for all) before a forward pass (read by `route`)."""
     for i, block in enumerate(model.model.layers):
-        bias, coef, threshold = slots[i].unbind(0)
+        bias, coef, threshold, cls = slots[i].unbind(0)
+        mine = torch.index_select(scores_, 1, cls.long())  # [N, E + S]
         block.mlp.slot_bias = bias
-        block.mlp.slot_open = (novelty[:, None] * coef[None] >= threshold[None]).float()
+        block.mlp.slot_open = (mine * coef[None] >= threshold[None]).float()
 
 
 def route(moe: nn.Module, x: torch.Tensor):
@@ -124,33 +153,17 @@ def route(moe: nn.Module, x: torch.Tensor):
     return logits, weights.to(x.dtype), ids
 
 
-def novelty(nll: torch.Tensor) -> torch.Tensor:
-    """nll [T] under the base path -> each position's context novelty: the mean NLL of the
-    tokens it has seen (targets of the earlier positions), 0 before GATE_MIN of them."""
-    t = torch.arange(nll.shape[0])
-    seen = (torch.cumsum(nll, 0) - nll) / t.clamp(min=1)
-    return torch.where(t >= GATE_MIN, seen, 0.0)
-
-
-def base_nll(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
-             input_pos: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-    """NLL [T] of `tokens` under the frozen base path (every spawned expert closed)."""
-    set_gates(model, slots, torch.zeros(tokens.shape[1]))
-    h, _ = model.hidden(tokens, input_pos, cache)
-    return losses(model.lm_head(h[0]).float(), tokens)[0]
-
-
 def gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
-         input_pos: torch.Tensor | None = None, cache=None, gated: bool = True) -> torch.Tensor:
-    """Set the gates for `tokens` from their novelty under the base path (a first pass),
-    or, in a model without spare slots or with `gated` off, with novelty 0 (the base
-    experts open, every spawned slot closed); returns the novelty [T]."""
+         gated: bool = True) -> torch.Tensor:
+    """Set the gates for `tokens` from their class scores (`scores`), or, in a model
+    without spare slots or with `gated` off, from zeros (the base experts open, every
+    spawned slot closed); returns the scores [T, D]."""
     if not (gated and getattr(model, "spare", 0)):
-        nov = torch.zeros(tokens.shape[1])
+        out = torch.zeros(tokens.shape[1], classes(model))
     else:
-        nov = novelty(base_nll(model, tokens, slots, input_pos, cache))
-    set_gates(model, slots, nov)
-    return nov
+        out = scores(model.domains, tokens)
+    set_gates(model, slots, out)
+    return out
 
 
 def weight(linear: nn.Linear) -> torch.Tensor:
@@ -343,9 +356,10 @@ def with_moe(model: layers.CausalLM, moe: type[nn.Module],
 
 
 class Prefill(nn.Module):
-    """(tokens [1, T], input_pos [T], k, v [L, 1, Hkv, S, D], slots [L, 3, E + S]) -> last
-    logits [1, V], k, v, and the context's novelty at the last position [1] (what `decode`
-    takes: the gates stay as the typed context set them while the model continues it)."""
+    """(tokens [1, T], input_pos [T], k, v [L, 1, Hkv, S, D], slots [L, 4, E + S]) -> last
+    logits [1, V], k, v, and the context's class scores at the last position [1, D]
+    ("novelty": what `decode` takes; the gates stay as the typed context set them while the
+    model continues it)."""
 
     outputs = ("logits", "k_cache_out", "v_cache_out", "novelty")
 
@@ -366,15 +380,15 @@ class Prefill(nn.Module):
                 v_cache: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         slots = slot_state(self.model) if slots is None else slots
-        nov = gate(self.model, tokens, slots, input_pos, Cache(k_cache, v_cache), self.gated)
+        nov = gate(self.model, tokens, slots, self.gated)
         cache = Cache(k_cache, v_cache)
         h, _ = self.model.hidden(tokens, input_pos, cache)
         return self.model.lm_head(h[:, -1]), *cache.tensors(), nov[-1:]
 
 
 class Decode(Prefill):
-    """(token [1, 1], input_pos [1], k, v, slots, novelty [1]) -> logits [1, V], k, v; one
-    step of generation, with the gates of the prefill's novelty."""
+    """(token [1, 1], input_pos [1], k, v, slots, novelty [1, D]) -> logits [1, V], k, v;
+    one step of generation, with the gates of the prefill's class scores."""
 
     outputs = ("logits", "k_cache_out", "v_cache_out")
 
@@ -385,13 +399,14 @@ class Decode(Prefill):
     def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
         pos = torch.zeros(1, dtype=torch.long)
         return (pos[None], pos, *empty_cache(self.model, length), slot_state(self.model),
-                torch.zeros(1)), None
+                torch.zeros(1, classes(self.model))), None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, slots: torch.Tensor | None = None,
                 novelty: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         slots = slot_state(self.model) if slots is None else slots
-        set_gates(self.model, slots, torch.zeros(1) if novelty is None else novelty)
+        set_gates(self.model, slots,
+                  torch.zeros(1, classes(self.model)) if novelty is None else novelty)
         cache = Cache(k_cache, v_cache)
         h, _ = self.model.hidden(tokens, input_pos, cache)
         return self.model.lm_head(h[:, -1]), *cache.tensors()

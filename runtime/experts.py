@@ -23,7 +23,7 @@ from moegrow.device_kernels.manifest import MANIFEST, file_entry
 
 from . import bundle as bundle_format
 
-__all__ = ["ExpertError", "check", "read", "write"]
+__all__ = ["ExpertError", "check", "domains", "read", "write"]
 
 
 class ExpertError(ValueError):
@@ -90,6 +90,23 @@ def router(bundle: bundle_format.Bundle, layer: int, engine: str | None = None,
     return np.array(view) if buf is None else view
 
 
+def domains(bundle: bundle_format.Bundle, engine: str | None = None,
+            buf: np.ndarray | None = None) -> np.ndarray:
+    """The domain gate's class table [V, D] (`export.programs.with_spare`): a copy from the
+    engine's weight file, or with `buf` (a writable map of a working copy) a view whose
+    columns can be assigned. Raises ExpertError for a bundle without one."""
+    engine = engine or bundle.engines()[0]
+    entry = (bundle.manifest["experts"].get("domains") or {}).get(engine)
+    if not entry:
+        raise ExpertError(f"{bundle.path}: no domain gate table (a bundle exported before "
+                          "moegrow had one, or without spare slots): export it again to grow")
+    src = np.memmap(bundle.weights(engine), np.uint8, mode="r") if buf is None else buf
+    rows, cols = entry["shape"]
+    view = src[entry["offset"]:entry["offset"] + 4 * rows * cols].view(np.float32)
+    view = view.reshape(rows, cols)
+    return np.array(view) if buf is None else view
+
+
 def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
     _, hidden, width = layout.dims(bundle.config)
     bits = {(r["layer"], r["slot"]): r.get("bits", 32) for r in bundle.manifest["experts"]["table"]}
@@ -129,11 +146,12 @@ def write_atomic(path: Path, buf: np.ndarray) -> None:
 
 
 def check(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.ndarray]],
-          routers: dict[tuple[int, int], np.ndarray]) -> tuple[dict, dict]:
-    """`changes` ({(layer, slot): [gate, up, down]}) and `routers` ({(layer, slot): [C]})
-    checked against the bundle (slots, shapes, finite values; every engine's file has an
-    expert layout; nobody committed since `bundle` was loaded) and made fp32; raises
-    ExpertError before anything is touched."""
+          routers: dict[tuple[int, int], np.ndarray],
+          table: np.ndarray | None = None) -> tuple[dict, dict]:
+    """`changes` ({(layer, slot): [gate, up, down]}), `routers` ({(layer, slot): [C]}) and
+    the domain gate's `table` checked against the bundle (slots, shapes, finite values;
+    every engine's file has an expert layout; nobody committed since `bundle` was loaded)
+    and made fp32; raises ExpertError before anything is touched."""
     for engine in bundle.engines():
         _layout(bundle, engine)
     changes = _checked(bundle, changes)
@@ -142,6 +160,10 @@ def check(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.n
         _check_slot(bundle, layer, slot)
         if np.shape(row) != (width,) or not np.isfinite(row).all():
             raise ExpertError(f"router row ({layer}, {slot}): needs {width} finite values")
+    if table is not None:
+        want = domains(bundle).shape
+        if np.shape(table) != want or not np.isfinite(table).all():
+            raise ExpertError(f"domain gate table: needs {want} finite values")
     try:  # the version only: the bundle written is verified in full when it is loaded
         on_disk = json.loads((bundle.path / MANIFEST).read_text())["weights"]["version"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -154,9 +176,11 @@ def check(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.n
 
 
 def write(bundle: bundle_format.Bundle, changes: dict, routers: dict, rows: dict, version: int,
-          record: Callable[[dict], None]) -> bundle_format.Bundle:
-    """Write version `version` with the (checked) experts in `changes` and router rows in
-    `routers` replaced in every engine's weight file, and the expert table's rows updated
+          record: Callable[[dict], None], table: np.ndarray | None = None
+          ) -> bundle_format.Bundle:
+    """Write version `version` with the (checked) experts in `changes`, router rows in
+    `routers` and the domain gate's `table` (if given) replaced in every engine's weight
+    file, and the expert table's rows updated
     with `rows` ({(layer, slot): fields}); returns the reloaded bundle. `record(manifest)`
     runs once the new files are on disk and before the manifest names them (the version
     log's transaction); if it raises, nothing is committed. Only `versions.commit` calls
@@ -175,6 +199,8 @@ def write(bundle: bundle_format.Bundle, changes: dict, routers: dict, rows: dict
                         w[...] = new
             for (layer, slot), row in routers.items():
                 layout.router(buf, router_entry(bundle.manifest, engine, layer), dims)[slot] = row
+            if table is not None:
+                domains(bundle, engine, buf)[...] = table
             path = current.with_name(f"v{version}.{current.name.split('.', 1)[1]}")
             write_atomic(path, buf)
             written.append(path)

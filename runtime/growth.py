@@ -10,11 +10,13 @@
   2. a working copy (`Runtime.working_copy`: a runtime on a copy of the engine's weight
      file in `state/`, sized once); clones get their parent's weights and router row there,
      a router bias `BIAS` (the clone wins the tie with its parent, so the domain reaches it
-     wherever it reached the parent) and a novelty threshold: halfway between the base's
-     and the domain's NLL, and at least the base replay's 99th percentile of context
-     novelty (`BASE_OPEN`). The clone is reachable only where the context's running NLL
-     under the frozen base path is at least that (`export/programs.py`, inside every
-     program).
+     wherever it reached the parent), the domain's class in the gate's table (a unigram
+     model of its training replay, smoothed toward the base's, `SMOOTH`; the base's from
+     the first half of the calibration text) and a threshold: at least `GATE_LLR`, and at
+     least the base replay's 99th percentile of the class's score (`BASE_OPEN`). The clone
+     is reachable only where the context is that much likelier under its domain's class
+     than under the base's and every other grown domain's (`export/programs.py`, inside
+     every program).
   3. optionally (`Limits.router_steps`, off by default: it forgot more, docs/growth.md) hinge
      updates of the new router rows that push them below the k-th logit on replayed base
      positions that open the gate;
@@ -49,6 +51,8 @@ HOLDOUT = 5  # every HOLDOUT-th replay sequence of the domain is held out for th
 GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
 BASE_OPEN = 0.01  # at most this share of base replay positions may open a clone's gate
 EXPLODE = 10.0  # energy above this many times the first step's: the update is discarded
+SMOOTH = 200.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
+GATE_LLR = float(np.log(100))  # a clone opens where its domain is >= 100x likelier
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
@@ -189,7 +193,7 @@ def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits
                 gw, gb, total, bad = np.zeros_like(w_row), 0.0, 0, 0
                 for x, nov in sets:
                     gate = work.rt.slots[layer]
-                    open_ = nov[:, None] * gate[1] >= gate[2]
+                    open_ = nov[:, gate[3].astype(int)] * gate[1] >= gate[2]
                     logits = x @ rows.T.astype(np.float64) + gate[0]
                     logits[:, clone] = x @ w_row + bias
                     logits = np.where(open_, logits, -np.inf)
@@ -210,14 +214,41 @@ def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits
     return out
 
 
-def _threshold(work: Work, base: list[np.ndarray], domain_nll: float) -> float:
-    """The clones' novelty threshold: halfway between the base's NLL and the domain's, and
-    at least the base replay's 99th percentile of context novelty (so at most ~1% of base
-    positions open the gate)."""
+def _unigram(seqs: list[np.ndarray], vocab: int, prior: np.ndarray | None = None) -> np.ndarray:
+    """Log-probabilities [V] of a unigram model of `seqs`: add-1/2 smoothed, or smoothed
+    toward `prior` (probabilities) with `SMOOTH` pseudo-tokens."""
+    counts = np.bincount(np.concatenate(seqs), minlength=vocab).astype(np.float64)
+    if prior is None:
+        return np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab))
+    return np.log((counts + SMOOTH * prior) / (counts.sum() + SMOOTH))
+
+
+def _domain_class(work: Work, domain: str, train: list[np.ndarray],
+                  base: list[np.ndarray]) -> int:
+    """The gate's class of `domain`: its clones' class if it has some, else a free column
+    of the table, written now (with the base's column) in the working copy."""
+    table = experts.domains(work.rt.bundle, work.rt.backend, work.buf)
+    used = {row["class"]: row["domain"] for row in work.rt.bundle.manifest["experts"]["table"]
+            if row.get("kind") == "spawned" and "class" in row}
+    mine = [c for c, d in used.items() if d == domain]
+    if mine:
+        return mine[0]
+    free = [c for c in range(1, table.shape[1]) if c not in used]
+    if not free:
+        raise GrowthError(f"the domain gate has no free class for {domain!r} (it holds "
+                          f"{table.shape[1] - 1}); nothing was changed")
+    table[:, 0] = _unigram(base, table.shape[0])
+    table[:, free[0]] = _unigram(train, table.shape[0], np.exp(table[:, 0].astype(np.float64)))
+    return free[0]
+
+
+def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
+    """A clone's threshold on its class's score: `GATE_LLR`, and at least the base
+    replay's 99th percentile of that score (so at most ~1% of base positions open it)."""
     last = work.rt.bundle.config["num_hidden_layers"] - 1  # the shortest sweep
-    nov = np.concatenate([work.rt.deepen(last, w, False)["novelty"][:len(w) - 1] for w in base])
-    mid = 0.5 * (work.rt.bundle.manifest["calibration"]["nll"] + domain_nll)
-    return float(max(mid, np.quantile(nov, 1 - BASE_OPEN)))
+    score = np.concatenate([work.rt.deepen(last, w, False)["novelty"][:len(w) - 1, cls]
+                            for w in base])
+    return float(max(GATE_LLR, np.quantile(score, 1 - BASE_OPEN)))
 
 
 def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(),
@@ -250,6 +281,12 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     if not b.manifest.get("calibration") or "guard" not in b.manifest["calibration"]:
         raise GrowthError(f"{b.path}: no calibration baseline (export with --calibration) "
                           "and so no verdicts and no guard text")
+    if "domains" not in b.manifest["experts"]:
+        raise GrowthError(f"{b.path}: exported before the domain gate (no class table): "
+                          "export it again to grow")
+    if not b.manifest["experts"]["domains"]:
+        raise GrowthError(f"{b.path}: no spare expert slots (exported with --spare 0): "
+                          "nothing to grow into")
     if limits.strict and "strict0" not in b.programs(rt.backend):
         raise GrowthError(f"{b.path}: no strict PC programs (export with --strict-steps N)")
     report: dict[str, Any] = {"domain": domain, "verdict": None, "plan": [], "tokens": 0,
@@ -293,7 +330,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
         before = {"domain": _measure(work.rt, held, changed),
                   "base": _measure(work.rt, base_guard, changed)}
         report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,
-                                 report, say, domain, seen)
+                                 report, say, domain)
         if report["reason"] is None:
             after = {"domain": _measure(work.rt, held, changed),
                      "base": _measure(work.rt, base_guard, changed)}
@@ -314,18 +351,18 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
 
 
 def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.ndarray],
-          limits: Limits, k: int, deadline: float, report: dict, say, domain: str,
-          seen: dict) -> str | None:
+          limits: Limits, k: int, deadline: float, report: dict, say,
+          domain: str) -> str | None:
     """Spawn, train the router rows, then PC steps; returns why it stopped early, or None."""
-    threshold = None
-    for s in steps:
-        if s["how"] == "spawn":
-            if threshold is None:
-                threshold = _threshold(work, base, seen["domains"][domain]["nll"])
-                report["threshold"] = threshold
-            work.set_expert(s["layer"], s["slot"], work.rt.expert(s["layer"], s["parent"]))
-            work.router(s["layer"])[s["slot"]] = work.router(s["layer"])[s["parent"]]
-            work.rt.slots[s["layer"], :, s["slot"]] = (BIAS, 1.0, threshold)
+    if any(s["how"] == "spawn" for s in steps):
+        report["class"] = cls = _domain_class(work, domain, train, base)
+        work.reload()
+        report["threshold"] = threshold = _threshold(work, base, cls)
+        for s in steps:
+            if s["how"] == "spawn":
+                work.set_expert(s["layer"], s["slot"], work.rt.expert(s["layer"], s["parent"]))
+                work.router(s["layer"])[s["slot"]] = work.router(s["layer"])[s["parent"]]
+                work.rt.slots[s["layer"], :, s["slot"]] = (BIAS, 1.0, threshold, cls)
     work.reload()
     if any(s["how"] == "spawn" for s in steps) and limits.router_steps:
         say("training the new router rows")
@@ -397,12 +434,14 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
         if s["how"] == "spawn":
             key = (s["layer"], s["slot"])
             routers[key] = np.array(work.router(s["layer"])[s["slot"]])
-            bias, _, threshold = work.rt.slots[s["layer"], :, s["slot"]]
+            bias, _, threshold, cls = work.rt.slots[s["layer"], :, s["slot"]]
             rows[key] = {"kind": "spawned", "parent": s["parent"], "domain": domain,
-                         "bias": float(bias), "threshold": float(threshold)}
+                         "bias": float(bias), "threshold": float(threshold),
+                         "class": int(cls)}
     summary = {k: v for k, v in report.items() if k not in ("guard", "energy", "update_norm")}
     summary |= {"committed": True, "energy": report["energy"][-1:],
                 "guard": {k: report["guard"][k] for k in ("domain_gain", "base_rise")}}
-    new = versions.commit(b, changes, routers, rows, summary)
+    table = experts.domains(b, work.rt.backend, work.buf) if rows else None
+    new = versions.commit(b, changes, routers, rows, summary, table)
     rt.reload(new)
     report["committed"], report["version"] = True, new.manifest["weights"]["version"]

@@ -107,8 +107,8 @@ class Runtime:
         return ids
 
     def prefill(self, ids: list[int]) -> list[np.ndarray]:
-        """Fresh cache, then `ids` -> [last logits [1, V], k, v, novelty [1]] (the context's
-        novelty: `decode` keeps the gates it sets)."""
+        """Fresh cache, then `ids` -> [last logits [1, V], k, v, novelty] (the context's gate
+        scores: `decode` keeps the gates they set)."""
         k = np.zeros(self.cache_shape, np.float32)
         tokens = np.array([ids], np.int64)
         return self.engine.run(self.program("prefill"),
@@ -121,8 +121,8 @@ class Runtime:
                                                         k, v, self.slots, novelty])
 
     def program(self, name: str) -> str:
-        """The program that serves `name` now: `NAME_gated` (the novelty gate's base pass,
-        then the gated pass) while a spawned expert exists and the bundle has that form,
+        """The program that serves `name` now: `NAME_gated` (the domain gate, and the spare
+        slots computed) while a spawned expert exists and the bundle has that form,
         else `name` (in a bundle with spare slots: one pass, every spawned slot closed,
         the cost of a bundle without slots; export/programs.py)."""
         gated = f"{name}_gated"
@@ -242,18 +242,22 @@ class Runtime:
 
 
 def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:
-    """The programs' `slots` input [L, 3, slots] from the manifest's expert table
-    (`export.programs.slot_state`): per slot a router bias, a novelty coefficient and a
-    threshold; base experts (0, 0, 0) always open, spare slots (0, 0, 1) never, spawned
-    ones (bias, 1, threshold)."""
+    """The programs' `slots` input [L, 4, slots] from the manifest's expert table
+    (`export.programs.slot_state`): per slot a router bias, a gate coefficient, a threshold
+    and a class of the domain gate; base experts (0, 0, 0, 0) always open, spare slots
+    (0, 0, 1, 0) never, spawned ones (bias, 1, threshold, class). Bundles exported before the
+    domain gate (no `experts.domains` in the manifest) take [L, 3, slots]: their spawned
+    slots are (bias, 1, threshold) on the novelty of their own programs."""
     experts_, _, _ = layout.dims(bundle.config)
-    state = np.zeros((bundle.config["num_hidden_layers"], 3, experts_), np.float32)
+    rows = 4 if "domains" in bundle.manifest["experts"] else 3
+    state = np.zeros((bundle.config["num_hidden_layers"], rows, experts_), np.float32)
     for row in bundle.manifest["experts"]["table"]:
         kind = row.get("kind", "base")
         if kind == "spare":
             state[row["layer"], 2, row["slot"]] = 1.0
         elif kind == "spawned":
-            state[row["layer"], :, row["slot"]] = (row["bias"], 1.0, row["threshold"])
+            values = (row["bias"], 1.0, row["threshold"], row.get("class", 0))
+            state[row["layer"], :, row["slot"]] = values[:rows]
     return state
 
 

@@ -57,16 +57,19 @@ def _record(bundle: bundle_format.Bundle, report: dict):
 def commit(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.ndarray]],
            routers: dict[tuple[int, int], np.ndarray] | None = None,
            rows: dict[tuple[int, int], dict] | None = None,
-           report: dict | None = None) -> bundle_format.Bundle:
+           report: dict | None = None,
+           table: np.ndarray | None = None) -> bundle_format.Bundle:
     """Make the bundle's next weights version: the experts in `changes` ({(layer, slot):
-    [gate, up, down]}), the router rows in `routers` ({(layer, slot): [C]}) and the expert
-    table's rows updated with `rows`; logged with `report` (what produced it). Bad changes
+    [gate, up, down]}), the router rows in `routers` ({(layer, slot): [C]}), the domain
+    gate's class `table` [V, D] if given, and the expert table's rows updated with `rows`;
+    logged with `report` (what produced it). Bad changes
     raise `experts.ExpertError` before anything on disk is touched. Returns the new bundle
     (the caller's runtime reloads it)."""
-    changes, routers = experts.check(bundle, changes, routers or {})
+    changes, routers = experts.check(bundle, changes, routers or {}, table)
     version = next_version(bundle)
     return experts.write(bundle, changes, routers, rows or {}, version,
-                         _record(bundle, {**(report or {}), "version": version}))
+                         _record(bundle, {**(report or {}), "version": version}),
+                         None if table is None else np.asarray(table, np.float32))
 
 
 def next_version(bundle: bundle_format.Bundle) -> int:

@@ -54,7 +54,7 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     assert g["after"]["domain"]["nll"] < g["before"]["domain"]["nll"]
     assert max(g["after"]["domain"]["reach"]) > 0.05  # domain tokens reach the clone
     assert max(g["after"]["base"]["reach"]) < 0.01  # base tokens (almost) never do
-    assert r["threshold"] > rt_nll(before)  # the gate opens above the base's own NLL
+    assert r["threshold"] >= growth.GATE_LLR and r["class"] == 1  # the first domain's class
     weights = bundle_format.load(before).weights("onnxruntime").stat().st_size
     assert r["accounted_bytes"] == weights + r["work_file_bytes"] + r["bytes"]
     assert r["work_file_bytes"] == weights and r["peak_rss_mb"] > 0
@@ -63,11 +63,36 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     for s in r["plan"]:
         row = table[s["layer"], s["slot"]]
         assert row["kind"] == "spawned" and row["parent"] == s["parent"] and row["domain"] == "de"
-        assert row["threshold"] > 0 and row["version"] == 2
+        assert row["threshold"] == r["threshold"] and row["class"] == 1 and row["version"] == 2
 
 
-def rt_nll(path) -> float:
-    return bundle_format.load(path).manifest["calibration"]["nll"]
+FRENCH = ["le clavier", "un petit modèle", "chaque fichier", "notre lecteur"]
+
+
+def test_the_domain_gate_holds_the_domains_class_and_opens_for_it_alone(grown):
+    """The committed class table: the base's column and the domain's (its unigram model,
+    where German words are likelier than under the base); the clone opens on German text,
+    not on the base's nor on another new language's."""
+    before, after, r = grown
+    old, new = bundle_format.load(before), bundle_format.load(after)
+    for engine in ("executorch", "onnxruntime"):
+        a, b = experts.domains(old, engine), experts.domains(new, engine)
+        assert np.array_equal(a[:, 2:], b[:, 2:])  # the unused classes stay as exported
+        assert np.isfinite(b).all() and not np.array_equal(a[:, :2], b[:, :2])
+    table = experts.domains(new)
+    rt = runtime.open(after, "onnxruntime")
+    word = rt.sp.encode(" tastatur")[0]
+    assert table[word, 1] > table[word, 0] + 2  # >7x likelier under the domain's class
+    clones = {(s["layer"], s["slot"]) for s in r["plan"]}
+    rng = random.Random(5)
+    french = " ".join(f"{rng.choice(FRENCH).capitalize()} lit la ligne." for _ in range(40))
+
+    def reach(text: str) -> float:
+        out = rt.run("observe", np.array([[1] + rt.sp.encode(text)[:rt.bundle.context - 1]]))
+        return max(np.isin(out[2][layer], [s for lay, s in clones if lay == layer]).any(-1)
+                   .mean() for layer in range(out[2].shape[0]))
+
+    assert reach(german(40, seed=9)) > 0.3 and reach(french) == 0
 
 
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])

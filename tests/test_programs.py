@@ -157,21 +157,26 @@ def test_greedy_generation_identical_across_engines(model, engines):
 
 def test_one_pass_programs_equal_the_gated_ones_until_a_clone_exists(model):
     """A bundle with spare slots serves `prefill`, `decode`, `score`, `observe` in one pass
-    (no novelty gate, no spare slot) until growth spawns, then `NAME_gated`: both agree
+    (no domain gate, no spare slot) until growth spawns, then `NAME_gated`: both agree
     while no slot is spawned, and the one pass keeps a spawned slot shut."""
     from moegrow.export import bundle
 
     spare = programs.with_spare(model, 2)
-    ref = reference.Reference(spare)
     tokens = _tokens(20).numpy()
+    with torch.no_grad():  # class 1: the tokens of this text are 10x likelier than the base's
+        spare.domains[:, 0] = -8.0
+        spare.domains[:, 1] = -8.0 - np.log(10)
+        spare.domains[tokens[0], 1] = -8.0 + np.log(10)
+    ref = reference.Reference(spare)
     empty = programs.slot_state(spare).numpy()
     spawned = empty.copy()
-    spawned[:, :, -2] = (0.5, 1.0, 0.1)  # opens past GATE_MIN tokens
+    spawned[:, :, -2] = (0.5, 1.0, 0.1, 1)  # opens past GATE_MIN tokens
     k, v = (c.numpy() for c in programs.empty_cache(spare, LENGTH))
+    classes = spare.domains.shape[1]
     inputs = {"score": lambda s: [tokens, s], "observe": lambda s: [tokens, s],
               "prefill": lambda s: [tokens, np.arange(20), k, v, s],
-              "decode": lambda s: [tokens[:, :1], np.array([20]), k, v, s, np.array([5.0],
-                                                                                 np.float32)]}
+              "decode": lambda s: [tokens[:, :1], np.array([20]), k, v, s,
+                                   np.full((1, classes), 5.0, np.float32)]}
     assert bundle.serving(0) == ["prefill", "decode", "score", "observe"]
     assert bundle.serving(2) == [*bundle.serving(0), "prefill_gated", "decode_gated",
                                  "score_gated", "observe_gated"]
@@ -179,11 +184,27 @@ def test_one_pass_programs_equal_the_gated_ones_until_a_clone_exists(model):
         one, two = ref.run(name, args(empty)), ref.run(f"{name}_gated", args(empty))
         novelty = [n == "novelty" for n in ref.program(name).outputs]
         for a, b, nov in zip(one, two, novelty, strict=True):
-            if nov:  # the one pass measures no novelty
-                assert (a == 0).all() and (b > 0).all()
+            if nov:  # the one pass scores no class; the gated one sees class 1 win
+                assert (a == 0).all() and b[0, 1] > 0 > b[0, 0]
             else:
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
         gated = ref.run(f"{name}_gated", args(spawned))
         assert not np.allclose(gated[0], two[0], atol=1e-4)  # the clone opened there
         for a, b in zip(ref.run(name, args(spawned)), one, strict=True):  # shut here
             np.testing.assert_array_equal(a, b)
+
+
+def test_the_gate_scores_each_class_against_the_best_other():
+    """`programs.scores`: summed log-probability minus the best other class's, closed
+    before GATE_MIN tokens; a class that wins on one text loses on another's."""
+    table = torch.log(torch.tensor([[0.7, 0.1, 0.2], [0.2, 0.8, 0.1], [0.1, 0.1, 0.7]]))
+    tokens = torch.tensor([[1] * 10 + [2] * 30])
+    got = programs.scores(table, tokens)
+    summed = torch.cumsum(table[tokens[0]], 0)
+    for c in range(3):
+        others = torch.cat([summed[:, :c], summed[:, c + 1:]], 1).amax(1)
+        want = torch.where(torch.arange(40) + 1 >= programs.GATE_MIN, summed[:, c] - others,
+                           -programs.MASKED)
+        torch.testing.assert_close(got[:, c], want)
+    assert got[9, 1] > 0 > got[9, 2] and got[39, 2] > 0 > got[39, 1]
+    assert (got[:programs.GATE_MIN - 1] == -programs.MASKED).all()
