@@ -2,7 +2,7 @@
 
 pc          one growth slice (`runtime/growth.py`): the error map's verdict picks the
             layers and parents; idle experts deepen in place, used ones are cloned into spare
-            slots behind the novelty gate; default PC schedule (one exact sweep); guard; commit.
+            slots behind the domain gate; default PC schedule (one exact sweep); guard; commit.
 pc-strict   the same with the strict PC schedule (the bundle's `strict{l}` programs).
 pc-inplace  the named experts deepened in place, no clones and no gate (what routing
             locality alone gives).

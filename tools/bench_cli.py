@@ -43,7 +43,7 @@ def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int
 @bench.command("overhead")
 @click.argument("bundle_dir", metavar="BUNDLE")
 @click.option("--gate", is_flag=True,
-              help="Measure spare slots and the novelty gate instead: `score` of BUNDLE (its "
+              help="Measure spare slots and the domain gate instead: `score` of BUNDLE (its "
                    "spare slots empty, then with a clone per layer) against the same model "
                    "exported without spare slots.")
 @click.option("--text", "text_file", type=click.Path(path_type=Path),
@@ -64,7 +64,7 @@ def bench_overhead(bundle_dir: str, gate: bool, text_file: Path | None, out: Pat
                    ckpt: str, against: Path | None, rounds: int, threads: int,
                    as_json: bool) -> None:
     """Cost of the error taps: `observe` against `score` on the same text, both engines,
-    interleaved in one run. With --gate, the cost of spare slots and the novelty gate:
+    interleaved in one run. With --gate, the cost of spare slots and the domain gate:
     {"executorch": r, "onnxruntime": r} with empty slots (goal 1.00x) and "with_clone"
     (goal <= 1.2x)."""
     from moegrow.tools import bench as bench_lib

@@ -1,7 +1,7 @@
-"""`moegrow bench overhead BUNDLE --gate`: what spare slots and the novelty gate cost serving.
+"""`moegrow bench overhead BUNDLE --gate`: what spare slots and the domain gate cost serving.
 
 A bundle with spare slots serves `score` in one pass while no slot is spawned, and
-`score_gated` (the gate's base pass, then the gated pass) once one is
+`score_gated` (the domain gate, and the spare slots computed) once one is
 (`runtime.Runtime.program`). Against the same checkpoint exported without spare slots
 (`--against`, or exported here from `--ckpt`), on the same windows, interleaved, each engine
 with its own three runtimes:
@@ -33,7 +33,7 @@ from moegrow.runtime import bundle as bundle_format
 
 from .bench import _time, text_ids
 
-CLOSED_CLONE = (0.0, 1.0, 1e9)  # router bias, novelty coefficient, threshold: never opens
+CLOSED_CLONE = (0.0, 1.0, 1e9)  # router bias, gate coefficient, threshold: never opens
 
 
 class GateError(ValueError):
@@ -89,7 +89,7 @@ def bench_gate(bundle: str | Path, out: Path | None = None, text: str | None = N
             full = runtime.Runtime(b, e, threads)
             clone = copy.copy(full)  # the same engine, another slot state
             clone.slots = full.slots.copy()
-            clone.slots[:, :, -spare] = CLOSED_CLONE
+            clone.slots[:, :len(CLOSED_CLONE), -spare] = CLOSED_CLONE  # class 0: the base
             rts |= {(e, "none"): runtime.Runtime(peer, e, threads), (e, "empty"): full,
                     (e, "clone"): clone}
         first = rts[engines[0], "empty"]
