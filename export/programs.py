@@ -57,6 +57,7 @@ ExecuTorch went from 0.90x to 1.26x torch eager (docs/benchmarks.md).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -74,7 +75,8 @@ UNUSED = -100.0  # log-probability of every token under a class no clone uses
 def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
     """A copy of `model` with `spare` empty expert slots per layer after its E experts:
     zero router rows, closed to routing until spawned (`slot_state`), and the gate's class
-    table `domains` [V, 1 + L * S] (one class per possible clone, and the base's). Their
+    table `domains` [V, 1 + L * S] (the base's class, uniform until growth writes it, and
+    one per possible clone, unused: log-probability `UNUSED`). Their
     weights are small seeded noise, not zeros: the programs hold the spare slots in tensors
     of their own (`DenseMoE`), and the engines store equal tensors once, so all-zero gate,
     up and down tensors would share one buffer that growth could not write one of."""
@@ -94,6 +96,7 @@ def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
     if spare:
         classes = 1 + model.args.num_hidden_layers * spare
         table = torch.randn(model.args.vocab_size, classes, generator=noise) * 1e-4 + UNUSED
+        table[:, 0] += -math.log(model.args.vocab_size) - UNUSED  # the base: uniform so far
         out.domains = nn.Parameter(table, requires_grad=False)
     return out.eval()
 

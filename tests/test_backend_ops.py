@@ -55,9 +55,10 @@ class Case:
         self.slots = session.slot_state(self.bundle)
         spare = config["spare_experts"]
         if spare:  # open the first spare slot of every layer past 8 tokens: the gate at work
-            # (a bias that makes it a clear choice: near ties at int4, where the engines also
-            # quantize activations, flip experts against the reference)
-            self.slots[:, :, -spare] = (5.0, 1.0, 0.1)
+            # (class 0's score is ~0 past GATE_MIN tokens of the table as exported, -1e4
+            # before; a bias that makes it a clear choice: near ties at int4, where the
+            # engines also quantize activations, flip experts against the reference)
+            self.slots[:, :, -spare] = (5.0, 1.0, -1.0, 0.0)
         context = self.bundle.context
         head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         cache = np.zeros((config["num_hidden_layers"], 1, config["num_key_value_heads"],
@@ -69,7 +70,7 @@ class Case:
                        "score": [tokens, self.slots], "observe": [tokens, self.slots],
                        "deepen0": [window, valid, self.slots],
                        "deepen1": [window, valid, self.slots]}
-        prefill = "prefill_gated" if spare else "prefill"  # the novelty of the open slot
+        prefill = "prefill_gated" if spare else "prefill"  # the scores of the open slot
         _, k, v, novelty = self.ref.run(prefill, self.inputs["prefill"])
         self.inputs["decode"] = [self.tokens[:, T:], np.array([T]), k, v, self.slots, novelty]
         self.engines = {}
