@@ -1,5 +1,5 @@
 """Growth (`runtime/growth.py`): an idle slice spawns a clone for a new domain behind the
-novelty gate, trains it with the bundle's PC programs, passes the guard and commits a new
+domain gate, trains it with the bundle's PC programs, passes the guard and commits a new
 version; everything outside the changed expert is untouched; versions roll back; faults
 leave the last good version."""
 
@@ -70,30 +70,41 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
 FRENCH = ["le clavier", "un petit modèle", "chaque fichier", "notre lecteur"]
 
 
-def test_the_domain_gate_holds_the_domains_class_and_opens_for_it_alone(grown):
+def test_the_domain_gate_holds_the_domains_class_and_opens_for_it_alone(grown, tmp_path):
     """The committed class table: the base's column and the domain's (its unigram model,
-    where German words are likelier than under the base); the clone opens on German text,
-    not on the base's nor on another new language's."""
+    where German words are likelier than under the base); the gate opens on German text,
+    never on the base's; another new language (French, as foreign to this base as German)
+    opens it too until French is a class of its own, then no more."""
     before, after, r = grown
     old, new = bundle_format.load(before), bundle_format.load(after)
     for engine in ("executorch", "onnxruntime"):
         a, b = experts.domains(old, engine), experts.domains(new, engine)
         assert np.array_equal(a[:, 2:], b[:, 2:])  # the unused classes stay as exported
         assert np.isfinite(b).all() and not np.array_equal(a[:, :2], b[:, :2])
-    table = experts.domains(new)
     rt = runtime.open(after, "onnxruntime")
+    table = experts.domains(new)
     word = rt.sp.encode(" tastatur")[0]
     assert table[word, 1] > table[word, 0] + 2  # >7x likelier under the domain's class
-    clones = {(s["layer"], s["slot"]) for s in r["plan"]}
     rng = random.Random(5)
     french = " ".join(f"{rng.choice(FRENCH).capitalize()} lit la ligne." for _ in range(40))
+    guard = np.fromfile(new.path / new.manifest["calibration"]["guard"]["file"], np.int32)
+    base = rt.sp.decode(guard[len(guard) // 2:][:300].tolist())
 
-    def reach(text: str) -> float:
-        out = rt.run("observe", np.array([[1] + rt.sp.encode(text)[:rt.bundle.context - 1]]))
-        return max(np.isin(out[2][layer], [s for lay, s in clones if lay == layer]).any(-1)
-                   .mean() for layer in range(out[2].shape[0]))
+    def opens(work, text: str) -> float:  # share of positions where class 1's gate is open
+        ids = np.array([1] + work.sp.encode(text)[:work.bundle.context - 1])
+        score = work.deepen(0, ids, False)["novelty"][:len(ids) - 1, 1]
+        return float((score >= r["threshold"]).mean())
 
-    assert reach(german(40, seed=9)) > 0.3 and reach(french) == 0
+    assert opens(rt, german(40, seed=9)) > 0.8 and opens(rt, base) == 0
+    assert opens(rt, french) > 0.5  # closer to German than to this base
+    work = rt.working_copy(tmp_path / "work")  # French grown too: a class of its own
+    buf = np.memmap(work.weights, np.uint8, mode="r+")
+    cols = experts.domains(new, "onnxruntime", buf)
+    ids = [np.array(work.sp.encode(french), np.int64)]
+    cols[:, 2] = growth._unigram(ids, len(cols), np.exp(cols[:, 0].astype(np.float64)))
+    buf.flush()
+    work.reload()
+    assert opens(work, french) < 0.05 and opens(work, german(40, seed=9)) > 0.8
 
 
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
