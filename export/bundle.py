@@ -7,8 +7,8 @@ Layout (format version 2):
     tokenizer.model
     programs/model.pte       ExecuTorch: methods prefill, decode, score, observe (and with
                              spare slots their `_gated` forms: `PROGRAMS`),
-                             in fp32 bundles deepen0..deepen{L-1} (and strict0.. with
-                             --strict-steps: `pc.py`); no weights
+                             in fp32 bundles sweep (every layer's local updates; and
+                             strict0.. with --strict-steps: `pc.py`); no weights
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
     weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
     weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
@@ -139,9 +139,10 @@ def _lower(engine: str, model: layers.CausalLM, swept: layers.CausalLM, tmp: Pat
     for name in serving(model.spare):
         program = PROGRAMS[name](model)
         methods[name] = (program, *program.example(model.args.max_position_embeddings))
-    for layer in range(model.args.num_hidden_layers if deepen else 0):
-        program = pc.Deepen(swept, layer, model.args.max_position_embeddings)
-        methods[f"deepen{layer}"] = (program, *program.example())
+    if deepen:  # every layer's updates from one forward and one backward
+        program = pc.Sweep(swept, model.args.max_position_embeddings)
+        methods["sweep"] = (program, *program.example())
+    for layer in range(model.args.num_hidden_layers if strict_steps else 0):
         if strict_steps:
             program = pc.Strict(swept, layer, model.args.max_position_embeddings,
                                 strict_steps, STRICT_ETA)
@@ -156,14 +157,17 @@ def _lower(engine: str, model: layers.CausalLM, swept: layers.CausalLM, tmp: Pat
                                        shapes, program.outputs, bits=bits)
     # growth rewrites the MoE weights (experts, routers) in the weight file: their
     # transposes stay in the graphs, every other weight's is folded here
-    data, tables = lower.share_weights(list(paths.values()), tmp / "programs" / ONNX_DATA,
-                                       mutable=lambda name: ".mlp." in name)
+    data, tables, folds = lower.share_weights(list(paths.values()),
+                                              tmp / "programs" / ONNX_DATA,
+                                              mutable=lambda name: ".mlp." in name)
     data = data.rename(tmp / "weights" / "v1.onnx.data")
     # ONNX Runtime checks that the file the graphs name exists even when the caller gives it
     # every weight (runtime/backends.py): an empty file stands in for it
     (tmp / "programs" / ONNX_DATA).touch()
-    return {name: manifest.file_entry(tmp, p) | ({"initializers": tables[str(p)]}
-                                                 if str(p) in tables else {})
+    # "fold": false: the session loads with constant folding off (the deepening programs,
+    # whose expert transposes stay ops: they read the weights in place at every run)
+    return {name: manifest.file_entry(tmp, p) | {"initializers": tables[str(p)]}
+            | ({"fold": False} if str(p) in folds else {})
             for name, p in paths.items()}, data
 
 
@@ -178,8 +182,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     bytes allowed for expert weights (default: exactly what the experts take now).
     `calibration`: held-out base text for the error map's baseline (default: the
     checkpoint's own `calibration.txt` if it has one; without any, no verdicts).
-    `deepen`: lower the deepening programs `deepen{l}` (default: at 32 bits only). A
-    quantized bundle's run on its dequantized weights (`quantize.dequantized`), an fp32
+    `deepen`: lower the deepening program `sweep` (default: at 32 bits only). A
+    quantized bundle's runs on its dequantized weights (`quantize.dequantized`), an fp32
     copy of them in the weight files, so they are opt-in there. `strict_steps` > 0 adds
     strict-PC ones `strict{l}` with that many relaxation steps (their size and export time
     grow with the steps). `spare`: empty expert slots per layer for spawning (default SPARE

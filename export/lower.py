@@ -129,23 +129,26 @@ def fold_transposes(model, mutable: Callable[[str], bool]) -> None:
 
 
 def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int = 1024,
-                  mutable: Callable[[str], bool] | None = None) -> tuple[Path, dict[str, list]]:
+                  mutable: Callable[[str], bool] | None = None
+                  ) -> tuple[Path, dict[str, list], set[str]]:
     """Move every initializer of at least `min_bytes` of the `.onnx` files `models` into the
     external-data file `data` (same folder), each distinct tensor once, `ALIGN`-aligned; the
     models are rewritten in place to point at it by its file name. With `mutable`, the
     transposes of the other initializers are folded first (`fold_transposes`). Returns
-    `data` and, per model whose graph ONNX Runtime can take every moved initializer of from
-    the caller, those as [name, numpy dtype, shape, offset, bytes] (the runtime hands them
-    over as views of the weight file: one copy for every session). A model where a node
-    with only constant inputs reads one is left out: ONNX Runtime folds such nodes (e.g. an
-    expert weight's transpose) when it loads the graph, reading their inputs from the file
-    the graph names, not from the caller's buffers."""
+    `data`, per model its moved initializers as [name, numpy dtype, shape, offset, bytes]
+    (the runtime hands them over as views of the weight file: one copy for every session),
+    and the models where a node with only constant inputs reads one (e.g. a mutable expert
+    weight's transpose in a deepening program): ONNX Runtime would fold such nodes when it
+    loads the graph, reading their inputs from the file the graph names, not from the
+    caller's buffers, so their sessions must load with constant folding off (and then they
+    read those weights from the caller's buffers at every run: growth writes them in place)."""
     import onnx
     from onnx import external_data_helper, helper, numpy_helper
 
     data = Path(data)
     offsets: dict[bytes, int] = {}
     tables: dict[str, list] = {}
+    folds: set[str] = set()
     with open(data, "wb") as f:
         for path in models:
             model = onnx.load(str(path))
@@ -173,7 +176,8 @@ def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int
                 t.ClearField("raw_data")
                 dtype = helper.tensor_dtype_to_np_dtype(t.data_type).name
                 table.append([t.name, dtype, list(t.dims), offsets[key], len(raw)])
-            if not ort_folds & {row[0] for row in table}:
-                tables[str(path)] = table
+            tables[str(path)] = table
+            if ort_folds & {row[0] for row in table}:
+                folds.add(str(path))
             onnx.save(model, str(path))
-    return data, tables
+    return data, tables, folds

@@ -71,15 +71,15 @@ def _gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor) -> 
 
 
 class Loss(nn.Module):
-    """(tokens [1, W], valid [W], probe [W, C], slots) -> (summed NLL, (nll [W], gates
-    [W, E], the gate's class scores [W, D] ("novelty"), the layer's router input [W, C]));
-    the probe is added to the layer's output, so d loss / d probe is the error arriving
-    there. The gates are set as in every program (`programs.gate`)."""
+    """(tokens [1, W], valid [W], probe [N, W, C], slots) -> (summed NLL, (nll [W], gates
+    [N, W, E], the gate's class scores [W, D] ("novelty"), the router inputs [N, W, C])) for
+    the N layers `at`; probe n is added to layer at[n]'s output, so d loss / d probe is the
+    error arriving there. The gates are set as in every program (`programs.gate`)."""
 
-    def __init__(self, model: layers.CausalLM, layer: int):
+    def __init__(self, model: layers.CausalLM, at: list[int]):
         super().__init__()
         self.model = programs.with_moe(model, FixedRouteMoE)
-        self.layer = layer
+        self.at = at
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, probe: torch.Tensor,
                 slots: torch.Tensor):
@@ -89,14 +89,15 @@ class Loss(nn.Module):
         cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
         cache = programs.Cache(*programs.empty_cache(m, tokens.shape[1]))
         x = m.model.embed_tokens(tokens)
-        gates = None
+        gates, router_in = [], []
         for i, block in enumerate(m.model.layers):
             x, _ = block(x, cos, sin, pos, cache)
-            if i == self.layer:
-                x = x + probe
-                gates, router_in = block.mlp.last, block.mlp.input
+            if i in self.at:
+                x = x + probe[self.at.index(i)]
+                gates.append(block.mlp.last)
+                router_in.append(block.mlp.input)
         nll = programs.losses(m.lm_head(m.model.norm(x))[0].float(), tokens)[0] * valid
-        return nll.sum(), (nll, gates, nov, router_in)
+        return nll.sum(), (nll, torch.stack(gates), nov, torch.stack(router_in))
 
 
 def _trace(fn, module: nn.Module, example: tuple[torch.Tensor, ...]):
@@ -138,7 +139,10 @@ class Deepen(nn.Module):
 
     def __init__(self, model: layers.CausalLM, layer: int, length: int):
         super().__init__()
-        targets, names, buffers = self._setup(Loss(model, layer), layer, length)
+        self._build(model, [layer], length)
+
+    def _build(self, model: layers.CausalLM, at: list[int], length: int) -> None:
+        targets, names, buffers = self._setup(Loss(model, at), at, length)
         width = model.args.hidden_size
 
         def sweep(params, bufs, tokens, valid, slots):
@@ -150,21 +154,22 @@ class Deepen(nn.Module):
 
             (d, eps), (nll, gates, nov, x) = torch.func.grad(loss, argnums=(0, 1),
                                                              has_aux=True)(
-                {n: state[n] for n in targets}, torch.zeros(tokens.shape[1], width))
+                {n: state[n] for n in targets}, torch.zeros(len(at), tokens.shape[1], width))
             return *[d[t] for t in targets], eps, nll, gates, nov, x
 
         self.sweep = _trace(sweep, self.loss, self.example()[0])
 
-    def _setup(self, loss: nn.Module, layer: int, length: int):
-        """Hold `loss` (whose parameters the traced sweep reads) -> the names of the layer's
-        expert weights, of every parameter and of every buffer."""
-        self.loss, self.length = loss, length
+    def _setup(self, loss: nn.Module, at: list[int], length: int):
+        """Hold `loss` (whose parameters the traced sweep reads) -> the names of the expert
+        weights of the layers `at`, of every parameter and of every buffer."""
+        self.loss, self.length, self.at = loss, length, at
         # not `self.mlp`: a second name for the layer's weights in the exported program,
         # the same in every deepen{l}, makes ExecuTorch's weight file keep one layer's only
-        mlp = loss.model.model.layers[layer].mlp
-        self.hidden = mlp.hidden
-        prefix = f"model.model.layers.{layer}.mlp."
-        self.targets = [prefix + n for n in expert_weights(mlp)]
+        mlps = [loss.model.model.layers[i].mlp for i in at]
+        self.hidden = mlps[0].hidden
+        self.targets = [f"model.model.layers.{i}.mlp.{n}" for i, mlp in zip(at, mlps,
+                                                                            strict=True)
+                        for n in expert_weights(mlp)]
         return (self.targets, [n for n, _ in loss.named_parameters()],
                 [n for n, _ in loss.named_buffers()])
 
@@ -179,10 +184,36 @@ class Deepen(nn.Module):
                          valid, slots)
         n = len(self.targets)
         eps, nll, gates, nov, x, *extra = out[n:]
+        if eps.dim() == 3:  # Loss's [N, W, .] (the strict schedule's are one layer's)
+            eps, gates, x = eps[0], gates[0], x[0]
         live = gates * valid[:, None]  # [W, E + S]
         energy = F.linear((live * live).T, (eps * eps).sum(-1)[None])[:, 0]
         count = (live > 0).float().sum(0)
         return (*stack(self.hidden, list(out[:n])), count, nll, energy, nov, x, *extra)
+
+
+class Sweep(Deepen):
+    """The fixed-prediction exact sweep for the experts of every layer at once: one
+    forward pass and one top-down transport (the NLL's backward) give each layer's local
+    updates, as `deepen{l}` gives one layer's. Outputs as `Deepen`'s with a leading layer
+    axis [L, ...] on dwg, dwu, dwd, count, energy and x (nll [W], novelty [W, D] once)."""
+
+    def __init__(self, model: layers.CausalLM, length: int):
+        nn.Module.__init__(self)
+        self._build(model, list(range(model.args.num_hidden_layers)), length)
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
+                slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        slots = programs.slot_state(self.loss.model) if slots is None else slots
+        out = self.sweep(list(self.loss.parameters()), list(self.loss.buffers()), tokens,
+                         valid, slots)
+        n, per = len(self.targets), len(self.targets) // len(self.at)
+        eps, nll, gates, nov, x = out[n:]
+        live = gates * valid[None, :, None]  # [L, W, E + S]
+        energy = torch.bmm((live * live).transpose(1, 2), (eps * eps).sum(-1)[..., None])
+        grads = [stack(self.hidden, list(out[i:i + per])) for i in range(0, n, per)]
+        return (*[torch.stack(g) for g in zip(*grads, strict=True)], (live > 0).float().sum(1),
+                nll, energy[..., 0], nov, x)
 
 
 class Energy(nn.Module):
@@ -248,7 +279,7 @@ class Strict(Deepen):
     def __init__(self, model: layers.CausalLM, layer: int, length: int, steps: int,
                  eta: float = 0.1):
         nn.Module.__init__(self)
-        targets, names, buffers = self._setup(Energy(model, layer), layer, length)
+        targets, names, buffers = self._setup(Energy(model, layer), [layer], length)
 
         def relax(params, bufs, tokens, valid, slots):
             state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))

@@ -8,9 +8,12 @@ with their constants from `weights`, the engine's weight file (`.ptd` / ONNX ext
 so any version can be loaded without touching the programs. ONNX Runtime gets one read-only
 map of its weight file per backend. A program with a weight table in the manifest takes its
 weights as views of that map (`SessionOptions.add_initializer`: the caller's buffer, not a
-copy); the others (the deepening programs, whose expert transposes ONNX Runtime folds when
-it loads them, and every program of a bundle exported before the tables) copy theirs from
-it under the name the graphs use. docs/bundle.md says what each session still holds.
+copy); the others (every program of a bundle exported before the tables, and deepening
+programs exported before 2026-12-02, whose expert transposes ONNX Runtime would fold) copy
+theirs from it under the name the graphs use. The programs in `live` load with constant
+folding off: their expert weights pass through transposes that run at every call, so
+they read the map's current bytes (`live`: growth writes its working copy in place and
+runs them again without reloading). docs/bundle.md says what each session still holds.
 The torch reference with the same `run` lives in `moegrow.export.reference`.
 
 ExecuTorch's native code logs to stderr while it starts (cpuinfo probing, thread-pool
@@ -75,6 +78,7 @@ class ExecuTorch:
                 log.setLevel(level)
         self.torch, self.runtime, self.files, self.weights = torch, Runtime.get(), files, weights
         self.methods, self.loaded = {}, {}  # name -> method, .pte -> program
+        self.live: set[str] = set()  # the XNNPACK delegate packs weights when it loads
         if threads:  # XNNPACK's pool for delegated ops, torch's for portable kernels
             from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
@@ -107,13 +111,13 @@ class ExecuTorch:
 
 class OnnxRuntime:
     def __init__(self, files: dict[str, Path], weights: Path, threads: int | None = None,
-                 initializers: dict[str, list] | None = None):
+                 initializers: dict[str, list] | None = None, live: set[str] | None = None):
         try:
             import onnxruntime
         except ImportError as e:
             raise BackendError(f"engine onnxruntime is not installed ({e})") from None
         self.ort, self.files, self.weights, self.sessions = onnxruntime, files, weights, {}
-        self.threads, self.initializers = threads, initializers or {}
+        self.threads, self.initializers, self.live = threads, initializers or {}, live or set()
         self.data = np.memmap(weights, np.uint8, mode="r")  # every session's weights
         self.values: dict[tuple, object] = {}  # OrtValues over self.data, shared by sessions
         onnxruntime.set_default_logger_severity(3)  # kernels' warnings go to the default logger
@@ -147,8 +151,9 @@ class OnnxRuntime:
                 else:  # ORT copies every weight from the map into the session
                     options.add_external_initializers_from_files_in_memory(
                         [ONNX_DATA], [self.data], [self.data.size])
-                session = self.ort.InferenceSession(str(path), options,
-                                                    providers=self.providers)
+                session = self.ort.InferenceSession(
+                    str(path), options, providers=self.providers,
+                    disabled_optimizers=["ConstantFolding"] if name in self.live else None)
             except Exception as e:  # ORT raises its own exception types, all unrelated
                 raise BackendError(f"{path}: onnxruntime cannot load it ({e})") from None
             self.sessions[name] = (session, [i.name for i in session.get_inputs()])
@@ -160,11 +165,12 @@ class OnnxRuntime:
 
 
 def load(engine: str, files: dict[str, Path], weights: Path, threads: int | None = None,
-         initializers: dict[str, list] | None = None):
+         initializers: dict[str, list] | None = None, live: set[str] | None = None):
     """The engine's backend for the programs `files` ({name: path}) on the weight file
-    `weights`; `initializers`: ONNX programs' weight table (`Bundle.initializers`)."""
+    `weights`; `initializers`: ONNX programs' weight table (`Bundle.initializers`), `live`:
+    those that load with constant folding off (`Bundle.live`)."""
     if engine == "executorch":
         return ExecuTorch(files, weights, threads)
     if engine == "onnxruntime":
-        return OnnxRuntime(files, weights, threads, initializers)
+        return OnnxRuntime(files, weights, threads, initializers, live)
     raise BackendError(f"unknown backend {engine!r} (choose from {', '.join(ENGINES)}, torch)")

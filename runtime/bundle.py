@@ -52,6 +52,14 @@ class Bundle:
         return {name: p[engine]["initializers"] for name, p in self.manifest["programs"].items()
                 if "initializers" in p.get(engine, {})}
 
+    def live(self, engine: str) -> set[str]:
+        """The ONNX programs that load with constant folding off (`"fold": false`: the
+        deepening programs of bundles exported since 2026-12-02). They read the expert
+        weights from the weight file at every run, so growth's in-place writes reach them
+        without a reload."""
+        return {name for name, p in self.manifest["programs"].items()
+                if p.get(engine, {}).get("fold") is False}
+
     def weights(self, engine: str) -> Path:
         """The engine's current weight file (`weights/vN.ptd` or `weights/vN.onnx.data`)."""
         return self.path / self.manifest["weights"]["files"][engine]["file"]

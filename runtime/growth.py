@@ -20,10 +20,13 @@
   3. optionally (`Limits.router_steps`, off by default: it forgot more, docs/growth.md) hinge
      updates of the new router rows that push them below the k-th logit on replayed base
      positions that open the gate;
-  4. PC deepening: the bundle's `deepen{l}` (or `strict{l}`) programs on batches of domain
-     replay windows; Adam on the changed experts only; the engine reloads the working copy
-     after each step. A non-finite update or energy beyond `EXPLODE` x the first step's is
-     discarded and ends the slice.
+  4. PC deepening: the bundle's `sweep` program (every layer's updates from one forward
+     and one backward; `strict{l}` per layer for strict PC) on batches of domain replay
+     windows; Adam on the changed experts only, written into the working copy in
+     place. Programs that read their expert weights at every run (`Bundle.live`: ONNX
+     Runtime, bundles exported since 2026-12-02) see them at once; others (ExecuTorch,
+     older bundles) are reloaded after each step. A non-finite update or energy beyond
+     `EXPLODE` x the first step's is discarded and ends the slice.
   5. guard: on held-out domain replay (every `HOLDOUT`-th sequence, never trained on) the NLL
      must fall, and on the base guard text (the second half of the bundle's calibration
      tokens) the perplexity must not rise by more than `GUARD_BASE`; else nothing is kept.
@@ -53,6 +56,7 @@ BASE_OPEN = 0.01  # at most this share of base replay positions may open a clone
 EXPLODE = 10.0  # energy above this many times the first step's: the update is discarded
 SMOOTH = 200.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
 GATE_LLR = float(np.log(100))  # a clone opens where its domain is >= 100x likelier
+GATE_MIN = 8  # tokens a context needs before it can open a clone (export/programs.py)
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
@@ -151,6 +155,10 @@ class Work:
         self.buf.flush()
         self.rt.reload()
 
+    def live(self, programs: set[str]) -> bool:
+        """Whether all of `programs` see the working copy's bytes without a reload."""
+        return programs <= getattr(self.rt.engine, "live", set())
+
     def close(self) -> None:
         path = self.rt.weights
         del self.buf, self.rt
@@ -242,12 +250,22 @@ def _domain_class(work: Work, domain: str, train: list[np.ndarray],
     return free[0]
 
 
+def scores(table: np.ndarray, ids: np.ndarray, cls: int) -> np.ndarray:
+    """Class `cls`'s gate score at every position of one window `ids` (the programs'
+    `export/programs.py` `scores`, in numpy for calibration): the summed log-probability
+    of the tokens so far under the class minus the best other class's; -1e4 before
+    GATE_MIN tokens."""
+    summed = np.cumsum(table[ids].astype(np.float64), 0)  # [T, D]
+    out = summed[:, cls] - np.delete(summed, cls, 1).max(1)
+    out[:GATE_MIN - 1] = -1e4
+    return out
+
+
 def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
     """A clone's threshold on its class's score: `GATE_LLR`, and at least the base
     replay's 99th percentile of that score (so at most ~1% of base positions open it)."""
-    last = work.rt.bundle.config["num_hidden_layers"] - 1  # the shortest sweep
-    score = np.concatenate([work.rt.deepen(last, w, False)["novelty"][:len(w) - 1, cls]
-                            for w in base])
+    table = experts.domains(work.rt.bundle, work.rt.backend, work.buf)
+    score = np.concatenate([scores(table, w, cls)[:len(w) - 1] for w in base])
     return float(max(GATE_LLR, np.quantile(score, 1 - BASE_OPEN)))
 
 
@@ -274,7 +292,8 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     deadline = start + min(seconds, limits.seconds)
     say = progress or (lambda _m: None)
     b = rt.bundle
-    if "deepen0" not in b.programs(rt.backend) or not b.manifest["experts"]["layout"]:
+    if not {"sweep", "deepen0"} & set(b.programs(rt.backend)) or not b.manifest[
+            "experts"]["layout"]:
         raise GrowthError(f"{b.path}: this {b.manifest['bits']}-bit bundle cannot grow: it has "
                           "no deepening programs or no spare slots; export it with --deepen "
                           "(the default at 32 bits)")
@@ -356,7 +375,6 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     """Spawn, train the router rows, then PC steps; returns why it stopped early, or None."""
     if any(s["how"] == "spawn" for s in steps):
         report["class"] = cls = _domain_class(work, domain, train, base)
-        work.reload()
         report["threshold"] = threshold = _threshold(work, base, cls)
         for s in steps:
             if s["how"] == "spawn":
@@ -374,18 +392,25 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     report["bytes"] = 4 * sum(w.nbytes for ws in params.values() for w in ws)
     report["work_file_bytes"] = work.rt.weights.stat().st_size
     layers = sorted({s["layer"] for s in steps})
+    # every layer's updates from one sweep (one forward, one backward), or one program
+    # per planned layer: strict PC, and bundles exported before the sweep
+    sweep = not limits.strict and "sweep" in work.rt.bundle.programs(work.rt.backend)
+    report["programs"] = (["sweep"] if sweep else
+                          [f"{'strict' if limits.strict else 'deepen'}{lay}" for lay in layers])
+    live = work.live(set(report["programs"]))
     order = [w for _ in range(limits.passes) for w in train]
     total = min(limits.steps, -(-len(order) // limits.batch))
     first, used = None, []
     for step in range(total):
         if time.monotonic() > deadline:
-            return None if step else "the time limit ended the slice before a step"
+            if not step:
+                return "the time limit ended the slice before a step"
+            break
         batch = order[step * limits.batch:(step + 1) * limits.batch]
         grads = {key: [np.zeros_like(w) for w in ws] for key, ws in params.items()}
         energy = 0.0
-        for layer in layers:
-            for w in batch:
-                d = work.rt.deepen(layer, w, limits.strict)
+        for w in batch:
+            for layer, d in _updates(work.rt, w, layers, sweep, limits.strict):
                 for (lay, slot), g in grads.items():
                     if lay == layer:
                         for acc, name in zip(g, ("dwg", "dwu", "dwd"), strict=True):
@@ -418,12 +443,27 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
             if not all(np.isfinite(w).all() for w in ws):
                 return f"step {t}: NaN or inf in the new weights; discarded, nothing committed"
             work.set_expert(*key, ws)
-        work.reload()
+        if not live:
+            work.reload()
         report["steps"] = t
         say(f"step {t}/{total}: energy/token {report['energy'][-1]:.4g}")
     if used:
         report["strict_steps_used"] = np.bincount(used).tolist()
+    if live:  # the serving programs the guard runs hold prepacked copies: load them again
+        work.reload()
     return None
+
+
+def _updates(rt, window: np.ndarray, layers: list[int], sweep: bool, strict: bool):
+    """(layer, that layer's deepening outputs) for each of `layers` on one window: from one
+    `sweep` of every layer, or from each layer's own program."""
+    if sweep:
+        d = rt.sweep(window)
+        for layer in layers:
+            yield layer, {k: d[k][layer] for k in ("dwg", "dwu", "dwd", "energy")}
+    else:
+        for layer in layers:
+            yield layer, rt.deepen(layer, window, strict)
 
 
 def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> None:

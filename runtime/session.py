@@ -54,7 +54,8 @@ class Runtime:
         self.bundle, self.backend, self.threads = bundle, backend, threads
         self.weights = weights or (bundle.weights(backend) if engine is None else None)
         self.engine = engine or backends.load(backend, bundle.programs(backend), self.weights,
-                                              threads, bundle.initializers(backend))
+                                              threads, bundle.initializers(backend),
+                                              bundle.live(backend))
         self.sp = spm.SentencePieceProcessor()
         self.sp.load(str(bundle.tokenizer))
         c = bundle.config
@@ -74,7 +75,8 @@ class Runtime:
             self.weights = bundle.weights(self.backend)
         self.engine = backends.load(self.backend, self.bundle.programs(self.backend),
                                     self.weights, self.threads,
-                                    self.bundle.initializers(self.backend))
+                                    self.bundle.initializers(self.backend),
+                                    self.bundle.live(self.backend))
 
     def working_copy(self, path: Path) -> Runtime:
         """A runtime on a copy of this one's weight file at `path` and of its slot state:
@@ -131,7 +133,7 @@ class Runtime:
         return name
 
     def run(self, program: str, tokens: np.ndarray, *more: np.ndarray) -> list[np.ndarray]:
-        """`score`, `observe`, `deepen{l}`, `strict{l}` on tokens [1, T] (and a deepen
+        """`score`, `observe`, `deepen{l}`, `strict{l}`, `sweep` on tokens [1, T] (and a deepen
         program's `valid`), with the bundle's slot state (`program`)."""
         return self.engine.run(self.program(program), [tokens, *more, self.slots])
 
@@ -191,20 +193,36 @@ class Runtime:
 
     def deepen(self, layer: int, ids: np.ndarray, strict: bool = False) -> dict[str, np.ndarray]:
         """The default PC schedule's local updates for `layer`'s experts on one window of
-        token ids ([BOS] + text, 2 to context tokens), from the bundle's `deepen{layer}`
-        program (fp32 bundles; quantized ones exported with --deepen): {"dwg", "dwu"
-        [E, F, C], "dwd" [E, C, F] (d nll / dW: step against them), "count" [E], "nll" [W],
-        "energy" [E]} (export/pc.py). `strict`: the
-        strict PC schedule (`strict{layer}`, bundles exported with --strict-steps), which
-        adds "free_energy" [steps + 1] and "steps_used" [1]."""
+        token ids ([BOS] + text, 2 to context tokens): {"dwg", "dwu" [E, F, C], "dwd"
+        [E, C, F] (d nll / dW: step against them), "count" [E], "nll" [W], "energy" [E],
+        "novelty" [W, D], "x" [W, C]} (export/pc.py), layer `layer`'s part of the bundle's
+        `sweep` (bundles exported before 2026-12-02: their `deepen{layer}` program).
+        `strict`: the strict PC schedule (`strict{layer}`, bundles exported with
+        --strict-steps), which adds "free_energy" [steps + 1] and "steps_used" [1]."""
+        name = f"{'strict' if strict else 'deepen'}{layer}"
+        if strict or name in self.bundle.manifest["programs"]:
+            out = self.run(name, *self._window(ids))
+            return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
+        if not 0 <= layer < self.bundle.config["num_hidden_layers"]:
+            raise InputError(f"layer {layer} is not a layer of this model")
+        return {k: v if k in ("nll", "novelty") else v[layer]
+                for k, v in self.sweep(ids).items()}
+
+    def _window(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A deepening program's tokens [1, W] (`ids` padded) and valid [W]."""
         window = self.bundle.context
         if not 2 <= len(ids) <= window:
             raise InputError(f"a deepening window takes 2 to {window} tokens, got {len(ids)}")
         tokens = np.zeros((1, window), np.int64)
         tokens[0, :len(ids)] = ids
-        valid = (np.arange(window) < len(ids) - 1).astype(np.float32)
-        out = self.run(f"{'strict' if strict else 'deepen'}{layer}", tokens, valid)
-        return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
+        return tokens, (np.arange(window) < len(ids) - 1).astype(np.float32)
+
+    def sweep(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Every layer's local updates at once on one window: one forward pass and one
+        top-down transport (the bundle's `sweep` program, bundles exported since
+        2026-12-02), as `deepen`'s for each layer with a leading layer axis on "dwg",
+        "dwu", "dwd", "count", "energy" and "x" ("nll" and "novelty" once)."""
+        return dict(zip(DEEPEN, self.run("sweep", *self._window(ids)), strict=True))
 
     def idle(self, seconds: float, domain: str | None = None, progress=None,
              **limits) -> dict:

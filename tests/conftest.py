@@ -46,17 +46,17 @@ def deepen_autograd(model, layer: int, tokens, valid, slots=None):
     eps at the layer's output [W, C] and the gates [W, E]: what `deepen{layer}` computes."""
     from moegrow.export import pc, programs
 
-    loss = pc.Loss(model, layer)
+    loss = pc.Loss(model, [layer])
     mlp = loss.model.model.layers[layer].mlp
     weights = [mlp.get_parameter(n) for n in pc.expert_weights(mlp)]
     for w in weights:
         w.requires_grad_(True)
     c = model.args.hidden_size
-    probe = torch.zeros(tokens.shape[1], c, requires_grad=True)
+    probe = torch.zeros(1, tokens.shape[1], c, requires_grad=True)
     slots = programs.slot_state(loss.model) if slots is None else slots
     total, (_, gates, *_) = loss(tokens, valid, probe, slots)
     *grads, eps = torch.autograd.grad(total, [*weights, probe])
-    return (*pc.stack(mlp.hidden, grads), eps, gates.detach())
+    return (*pc.stack(mlp.hidden, grads), eps[0], gates[0].detach())
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from moegrow.runtime import bundle as bundle_format
 pytestmark = pytest.mark.slow  # waits for the exports (conftest.exports)
 
 ARCHS = ("mixtral", "olmoe", "qwen3_moe")
-PROGRAMS = ("prefill", "decode", "score", "observe", "deepen0", "deepen1")
+PROGRAMS = ("prefill", "decode", "score", "observe", "sweep")
 ENGINES = ("torch", "executorch", "onnxruntime")
 NMSE = {32: 1e-9, 8: 1e-2, 4: 3e-2}
 FLIPS = {32: 0.02, 8: 0.1, 4: 0.1}  # near-ties in expert choices may break either way
@@ -68,8 +68,7 @@ class Case:
         valid = (np.arange(context) < T - 1).astype(np.float32)
         self.inputs = {"prefill": [tokens, np.arange(T), cache, cache.copy(), self.slots],
                        "score": [tokens, self.slots], "observe": [tokens, self.slots],
-                       "deepen0": [window, valid, self.slots],
-                       "deepen1": [window, valid, self.slots]}
+                       "sweep": [window, valid, self.slots]}
         prefill = "prefill_gated" if spare else "prefill"  # the scores of the open slot
         _, k, v, novelty = self.ref.run(prefill, self.inputs["prefill"])
         self.inputs["decode"] = [self.tokens[:, T:], np.array([T]), k, v, self.slots, novelty]
@@ -127,11 +126,12 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
     if c.bundle.manifest["bits"] != 32:
         model = quantize.dequantized(model, c.bundle.manifest["bits"])
     tokens = torch.from_numpy(c.tokens)
-    if name.startswith("deepen"):
+    if name == "sweep":  # against autograd layer by layer, stacked
         window, valid = (torch.from_numpy(a) for a in inputs[:2])
-        want = deepen_autograd(c.ref.model, int(name[-1]), window, valid,
-                               torch.from_numpy(slots))[:3]
-        return got[:3], [w.numpy() for w in want], ("dwg", "dwu", "dwd")
+        want = [deepen_autograd(c.ref.model, i, window, valid, torch.from_numpy(slots))[:3]
+                for i in range(len(got[0]))]
+        return got[:3], [torch.stack(w).numpy() for w in zip(*want, strict=True)], (
+            "dwg", "dwu", "dwd")
     with torch.no_grad():
         logits = model(tokens)[0].float()  # [T + 1, V]
     if name == "prefill":
@@ -148,7 +148,7 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
 
 MATRIX = [(arch, program, engine, bits) for arch in ARCHS for program in PROGRAMS
           for engine in ENGINES for bits in BITS
-          if not program.startswith("deepen") or (arch, bits) in DEEPENING]
+          if program != "sweep" or (arch, bits) in DEEPENING]
 
 
 @pytest.mark.parametrize(("arch", "program", "engine", "bits"), MATRIX,

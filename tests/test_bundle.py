@@ -25,11 +25,10 @@ TEXT = "The parser reads the next word. Our user writes plain text. " * 12  # > 
 def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["config"]["model_type"] == "mixtral"
-    layers = manifest["config"]["num_hidden_layers"]
     assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe",
                                          "prefill_gated", "decode_gated", "score_gated",
                                          "observe_gated",
-                                         *(f"deepen{i}" for i in range(layers))}
+                                         "sweep"}
     assert manifest["deepening"] == {"strict_steps": 0, "strict_eta": 0.1}
     weights = manifest["weights"]["files"]
     assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
@@ -195,26 +194,47 @@ def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_p
     assert code == 2 and "not the checkpoint the bundle was made from" in err
 
 
-def test_onnx_serving_programs_take_every_weight_from_the_shared_map(tiny_bundle):
-    """The weight table of each ONNX serving program lists every external initializer of
-    its graph at its bytes in the weight file (ONNX Runtime gets them as views, no copy);
-    the deepening programs, whose expert transposes ONNX Runtime folds, have none."""
+def test_onnx_programs_take_every_weight_from_the_shared_map(tiny_bundle, tmp_path):
+    """The weight table of each ONNX program lists every external initializer of its graph
+    at its bytes in the weight file (ONNX Runtime gets them as views, no copy). The serving
+    programs have every weight's transpose folded at export; the deepening programs keep
+    their expert weights' transposes as ops and load with constant folding off (`live`), so
+    an open session reads the file's current bytes: a write into a working copy reaches its
+    next run, as it would reach a freshly loaded one."""
     import onnx
+    from moegrow.runtime import experts, session
 
     b = bundle_format.load(tiny_bundle)
     tables = b.initializers("onnxruntime")
+    deepen = {"sweep"}
     assert set(tables) == {"prefill", "decode", "score", "observe", "prefill_gated",
-                           "decode_gated", "score_gated", "observe_gated"}
+                           "decode_gated", "score_gated", "observe_gated", *deepen}
+    assert b.live("onnxruntime") == deepen and b.live("executorch") == set()
     data = np.fromfile(b.weights("onnxruntime"), np.uint8)
     for name, table in tables.items():
         graph = onnx.load(str(b.programs("onnxruntime")[name]), load_external_data=False).graph
         external = {t.name for t in graph.initializer
                     if t.data_location == onnx.TensorProto.EXTERNAL}
         assert {row[0] for row in table} == external
-        assert not any(n.op_type == "Transpose" and n.input[0] in external for n in graph.node)
+        transposed = any(n.op_type == "Transpose" and n.input[0] in external
+                         for n in graph.node)
+        assert transposed == (name in deepen), name
         for _name, dtype, shape, offset, size in table:
             assert np.dtype(dtype).itemsize * int(np.prod(shape)) == size <= data.size - offset
     assert (tiny_bundle / "programs" / "weights.onnx.data").stat().st_size == 0
+
+    copy = tmp_path / "work.onnx.data"
+    shutil.copyfile(b.weights("onnxruntime"), copy)
+    rt = session.Runtime(b, "onnxruntime", weights=copy)
+    ids = np.array([1] + rt.sp.encode(TEXT)[:40], np.int64)
+    before = rt.deepen(0, ids)
+    buf = np.memmap(copy, np.uint8, mode="r+")
+    experts.write_in_place(buf, b, "onnxruntime", 0, 0, [1.5 * w for w in rt.expert(0, 0)])
+    after = rt.deepen(0, ids)  # the open session, no reload
+    fresh = session.Runtime(b, "onnxruntime", weights=copy).deepen(0, ids)
+    assert np.abs(after["nll"] - before["nll"]).max() > 1e-3
+    for key in after:
+        np.testing.assert_array_equal(after[key], fresh[key], err_msg=key)
 
 
 def test_bench_memory_reports_each_engine(capsys, tiny_bundle, tmp_path):
@@ -225,7 +245,7 @@ def test_bench_memory_reports_each_engine(capsys, tiny_bundle, tmp_path):
     for engine in ENGINES:
         stages = dict(r[engine]["stages"])
         assert list(stages)[:4] == ["python", "import engine", "open",
-                                    "suggest (prefill, decode)"] and "deepen0" in stages
+                                    "suggest (prefill, decode)"] and "sweep" in stages
         assert r[engine]["serving_mb"] == pytest.approx(stages["score"] - stages["import engine"])
         assert r[engine]["ratio"] > 0 and r[engine]["weights_mb"] > 0
     assert "| onnxruntime |" in (tmp_path / "m" / "report.md").read_text()

@@ -93,6 +93,10 @@ def test_the_domain_gate_holds_the_domains_class_and_opens_for_it_alone(grown, t
     def opens(work, text: str) -> float:  # share of positions where class 1's gate is open
         ids = np.array([1] + work.sp.encode(text)[:work.bundle.context - 1])
         score = work.deepen(0, ids, False)["novelty"][:len(ids) - 1, 1]
+        # growth's numpy mirror of the programs' scores (its threshold's calibration)
+        mirror = growth.scores(experts.domains(work.bundle, "onnxruntime", np.memmap(
+            work.weights, np.uint8, mode="r")), ids, 1)[:len(ids) - 1]
+        np.testing.assert_allclose(score, mirror, rtol=1e-4, atol=1e-3)
         return float((score >= r["threshold"]).mean())
 
     assert opens(rt, german(40, seed=9)) > 0.8 and opens(rt, base) == 0

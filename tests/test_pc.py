@@ -47,6 +47,21 @@ def test_default_schedule_is_the_gradient_of_the_layers_experts(model, layer):
             assert dwg[e].abs().max() == dwu[e].abs().max() == dwd[e].abs().max() == 0
 
 
+def test_one_sweep_gives_every_layers_updates(model):
+    """`Sweep`: one forward pass and one backward give what `deepen{l}` gives for each
+    layer l (the NLL's gradient is the same whichever layers it is taken for)."""
+    tokens, valid = _tokens(seed=3), torch.ones(W)
+    valid[-1] = 0
+    with torch.no_grad():
+        every = pc.Sweep(model, W)(tokens, valid)
+        for layer in range(ARGS.num_hidden_layers):
+            one = pc.Deepen(model, layer, W)(tokens, valid)
+            for name, a, b in zip(pc.OUTPUTS, every, one, strict=True):
+                b_ = b if name in ("nll", "novelty") else b[None]
+                a_ = a if name in ("nll", "novelty") else a[layer:layer + 1]
+                torch.testing.assert_close(a_, b_, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_a_short_window_padded_at_the_end_gives_the_same_updates(model):
     n = 15
     short = _tokens(n, seed=4)
@@ -104,18 +119,25 @@ def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend)
     model = programs.with_spare(checkpoint.load(tiny_ckpt).eval(), spare)
     slots = programs.slot_state(model)
     ids = np.array([1, *rt.sp.encode("The parser reads the next word. Our user writes.")])
-    got = rt.deepen(1, ids)
+    every = rt.sweep(ids)  # all layers from one program
     n = len(ids)
     tokens = torch.from_numpy(ids)[None]
     valid = torch.ones(n).index_fill(0, torch.tensor([n - 1]), 0)
-    dg, _, dd, _, _ = deepen_autograd(model, 1, tokens, valid, slots)
-    np.testing.assert_allclose(got["dwg"], dg.numpy(), rtol=1e-4,
-                               atol=1e-4 * float(dg.abs().max()))
-    np.testing.assert_allclose(got["dwd"], dd.numpy(), rtol=1e-4,
-                               atol=1e-4 * float(dd.abs().max()))
-    assert got["count"].sum() == model.args.num_experts_per_tok * (n - 1)
+    for layer in range(model.args.num_hidden_layers):
+        got = rt.deepen(layer, ids)  # the sweep's part for one layer
+        assert all(np.array_equal(got[k], every[k][layer]) for k in ("dwg", "dwu", "dwd"))
+        dg, _, dd, _, _ = deepen_autograd(model, layer, tokens, valid, slots)
+        np.testing.assert_allclose(got["dwg"], dg.numpy(), rtol=1e-4,
+                                   atol=1e-4 * float(dg.abs().max()))
+        np.testing.assert_allclose(got["dwd"], dd.numpy(), rtol=1e-4,
+                                   atol=1e-4 * float(dd.abs().max()))
+        assert got["count"].sum() == model.args.num_experts_per_tok * (n - 1)
     with pytest.raises(session.InputError):
         rt.deepen(1, ids[:1])
+    with pytest.raises(session.InputError):
+        rt.sweep(ids[:1])
+    with pytest.raises(session.InputError):
+        rt.deepen(model.args.num_hidden_layers, ids)
 
 
 @pytest.mark.slow

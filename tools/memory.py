@@ -50,9 +50,9 @@ def child(bundle_dir: str, engine: str) -> dict:
     ids = np.array([[1, *rt.sp.encode(TEXT)]], np.int64)
     rt.run("observe", ids)
     stages.append(("observe", rss_mb()))
-    if "deepen0" in rt.bundle.programs(engine):
-        rt.deepen(0, ids[0])
-        stages.append(("deepen0", rss_mb()))
+    if "sweep" in rt.bundle.programs(engine):
+        rt.sweep(ids[0])
+        stages.append(("sweep", rss_mb()))
     weights = rt.bundle.weights(engine).stat().st_size
     over = served - stages[1][1]
     return {"stages": stages, "weights_mb": weights / 2**20, "serving_mb": over,
