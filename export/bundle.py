@@ -139,9 +139,11 @@ def _lower(engine: str, model: layers.CausalLM, swept: layers.CausalLM, tmp: Pat
     for name in serving(model.spare):
         program = PROGRAMS[name](model)
         methods[name] = (program, *program.example(model.args.max_position_embeddings))
-    if deepen:  # every layer's updates from one forward and one backward
+    if deepen:  # every layer's updates from one forward and one backward; growth's Adam
         program = pc.Sweep(swept, model.args.max_position_embeddings)
         methods["sweep"] = (program, *program.example())
+        program = pc.Adam(swept)
+        methods["adam"] = (program, *program.example())
     for layer in range(model.args.num_hidden_layers if strict_steps else 0):
         if strict_steps:
             program = pc.Strict(swept, layer, model.args.max_position_embeddings,
@@ -182,8 +184,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     bytes allowed for expert weights (default: exactly what the experts take now).
     `calibration`: held-out base text for the error map's baseline (default: the
     checkpoint's own `calibration.txt` if it has one; without any, no verdicts).
-    `deepen`: lower the deepening program `sweep` (default: at 32 bits only). A
-    quantized bundle's runs on its dequantized weights (`quantize.dequantized`), an fp32
+    `deepen`: lower the growth programs `sweep` and `adam` (default: at 32 bits only). A
+    quantized bundle's sweep runs on its dequantized weights (`quantize.dequantized`), an fp32
     copy of them in the weight files, so they are opt-in there. `strict_steps` > 0 adds
     strict-PC ones `strict{l}` with that many relaxation steps (their size and export time
     grow with the steps). `spare`: empty expert slots per layer for spawning (default SPARE

@@ -308,3 +308,38 @@ class Strict(Deepen):
                     torch.stack(trace), used * torch.ones(1))
 
         self.sweep = _trace(relax, self.loss, self.example()[0])
+
+
+class Adam(nn.Module):
+    """One Adam step (torch.optim.Adam's, bias-corrected) on one expert's weights: growth's
+    optimizer as a program (DESIGN rule 1: the device's math runs in the engines).
+
+    Inputs: the expert's gate, up [F, C], down [C, F]; the gradients summed over the step's
+    tokens, in the same shapes; the first and the second moments of each; and `hyper` [4]
+    = (lr, 1 / (1 - beta1^t), 1 / (1 - beta2^t), 1 / tokens). Outputs: the new weights,
+    then the new first and second moments (`outputs`)."""
+
+    outputs = ("gate", "up", "down", "m_gate", "m_up", "m_down", "v_gate", "v_up", "v_down")
+    quantize = False  # no weights: plain fp32 arithmetic in every bundle
+    betas, eps = (0.9, 0.999), 1e-8
+
+    def __init__(self, model: layers.CausalLM):
+        super().__init__()
+        _, hidden, width = model.model.layers[0].mlp.experts.gate_proj.shape
+        self.shapes = [(hidden, width)] * 2 + [(width, hidden)]
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w, g, m, v, hyper = args[0:3], args[3:6], args[6:9], args[9:12], args[12]
+        b1, b2 = self.betas
+        ws, ms, vs = [], [], []
+        for wi, gi, mi, vi in zip(w, g, m, v, strict=True):
+            gi = gi * hyper[3]
+            mi = b1 * mi + (1 - b1) * gi
+            vi = b2 * vi + (1 - b2) * gi * gi
+            ws.append(wi - hyper[0] * (mi * hyper[1]) / (torch.sqrt(vi * hyper[2]) + self.eps))
+            ms.append(mi)
+            vs.append(vi)
+        return (*ws, *ms, *vs)
+
+    def example(self) -> tuple[tuple[torch.Tensor, ...], None]:
+        return (*[torch.zeros(s) for s in self.shapes * 4], torch.ones(4)), None

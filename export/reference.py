@@ -1,9 +1,10 @@
 """The torch reference of a bundle's programs, with the engine backends' interface.
 
 `Reference(model, bits).run(name, arrays)` runs program `name` (prefill, decode, score,
-observe, sweep, deepen{l}, strict{l}) in eager torch on numpy arrays and returns numpy
+observe, sweep, adam, deepen{l}, strict{l}) in eager torch on numpy arrays and returns numpy
 arrays, as `runtime.backends.ExecuTorch` / `OnnxRuntime` run the lowered ones: the same
-modules (`bundle.PROGRAMS`, `pc.Sweep`, `pc.Deepen`, `pc.Strict`) before lowering. At 8 or
+modules (`bundle.PROGRAMS`, `pc.Sweep`, `pc.Adam`, `pc.Deepen`, `pc.Strict`) before
+lowering. At 8 or
 4 bits the model is `quantize.dequantized(model, bits)`: the weight values the quantized
 programs serve, with fp32 activations (the engines also quantize activations to int8, the
 rest of their error).
@@ -43,6 +44,8 @@ class Reference:
                 self.programs[name] = bundle.PROGRAMS[name](self.model)
             elif name == "sweep":
                 self.programs[name] = pc.Sweep(self.model, self.context)
+            elif name == "adam":
+                self.programs[name] = pc.Adam(self.model)
             elif layer.isdigit() and int(layer) < self.model.args.num_hidden_layers:
                 if name.startswith("deepen"):
                     self.programs[name] = pc.Deepen(self.model, int(layer), self.context)

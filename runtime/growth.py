@@ -22,10 +22,10 @@
      positions that open the gate;
   4. PC deepening: the bundle's `sweep` program (every layer's updates from one forward
      and one backward; `strict{l}` per layer for strict PC) on batches of domain replay
-     windows; Adam on the changed experts only, written into the working copy in
-     place. Programs that read their expert weights at every run (`Bundle.live`: ONNX
-     Runtime, bundles exported since 2026-12-02) see them at once; others (ExecuTorch,
-     older bundles) are reloaded after each step. A non-finite update or energy beyond
+     windows; Adam on the changed experts only (the bundle's `adam` program), written
+     into the working copy in place. Programs that read their expert weights at every
+     run (`Bundle.live`: ONNX Runtime) see them at once; ExecuTorch's are reloaded after
+     each step. A non-finite update or energy beyond
      `EXPLODE` x the first step's is discarded and ends the slice.
   5. guard: on held-out domain replay (every `HOLDOUT`-th sequence, never trained on) the NLL
      must fall, and on the base guard text (the second half of the bundle's calibration
@@ -57,7 +57,7 @@ EXPLODE = 10.0  # energy above this many times the first step's: the update is d
 SMOOTH = 200.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
 GATE_LLR = float(np.log(100))  # a clone opens where its domain is >= 100x likelier
 GATE_MIN = 8  # tokens a context needs before it can open a clone (export/programs.py)
-BETAS, EPS = (0.9, 0.999), 1e-8
+BETAS = (0.9, 0.999)  # Adam's, as the bundle's `adam` program has them (export/pc.py)
 
 
 class GrowthError(ValueError):
@@ -306,6 +306,9 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     if not b.manifest["experts"]["domains"]:
         raise GrowthError(f"{b.path}: no spare expert slots (exported with --spare 0): "
                           "nothing to grow into")
+    if not {"sweep", "adam"} <= set(b.programs(rt.backend)):
+        raise GrowthError(f"{b.path}: exported before the one-sweep deepening and the Adam "
+                          "program (2026-12-02): export it again to grow")
     if limits.strict and "strict0" not in b.programs(rt.backend):
         raise GrowthError(f"{b.path}: no strict PC programs (export with --strict-steps N)")
     report: dict[str, Any] = {"domain": domain, "verdict": None, "plan": [], "tokens": 0,
@@ -386,15 +389,15 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
         say("training the new router rows")
         report["router"] = _train_routers(work, steps, base[:8], limits, k)
     params = {(s["layer"], s["slot"]): work.rt.expert(s["layer"], s["slot"]) for s in steps}
-    moments = {key: [(np.zeros_like(w), np.zeros_like(w)) for w in ws]
+    moments = {key: ([np.zeros_like(w) for w in ws], [np.zeros_like(w) for w in ws])
                for key, ws in params.items()}
     # learning state: the changed experts, their gradients and Adam's two moments
     report["bytes"] = 4 * sum(w.nbytes for ws in params.values() for w in ws)
     report["work_file_bytes"] = work.rt.weights.stat().st_size
     layers = sorted({s["layer"] for s in steps})
-    # every layer's updates from one sweep (one forward, one backward), or one program
-    # per planned layer: strict PC, and bundles exported before the sweep
-    sweep = not limits.strict and "sweep" in work.rt.bundle.programs(work.rt.backend)
+    # every layer's updates from one sweep (one forward, one backward); strict PC: one
+    # program per planned layer
+    sweep = not limits.strict
     report["programs"] = (["sweep"] if sweep else
                           [f"{'strict' if limits.strict else 'deepen'}{lay}" for lay in layers])
     live = work.live(set(report["programs"]))
@@ -431,18 +434,14 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
         report["update_norm"].append(float(np.sqrt(sum(
             float((g * g).sum()) for gs in grads.values() for g in gs))) / max(tokens, 1))
         t = step + 1
+        hyper = np.array([limits.lr, 1 / (1 - BETAS[0] ** t), 1 / (1 - BETAS[1] ** t),
+                          1 / max(tokens, 1)], np.float32)
         for key, ws in params.items():
-            for w, g, (m, v) in zip(ws, grads[key], moments[key], strict=True):
-                g = g / max(tokens, 1)
-                m *= BETAS[0]
-                m += (1 - BETAS[0]) * g
-                v *= BETAS[1]
-                v += (1 - BETAS[1]) * g * g
-                w -= limits.lr * (m / (1 - BETAS[0] ** t)) / (np.sqrt(v / (1 - BETAS[1] ** t))
-                                                              + EPS)
-            if not all(np.isfinite(w).all() for w in ws):
+            out = work.rt.adam(ws, grads[key], *moments[key], hyper)
+            params[key], moments[key] = out[:3], (out[3:6], out[6:])
+            if not all(np.isfinite(w).all() for w in params[key]):
                 return f"step {t}: NaN or inf in the new weights; discarded, nothing committed"
-            work.set_expert(*key, ws)
+            work.set_expert(*key, params[key])
         if not live:
             work.reload()
         report["steps"] = t

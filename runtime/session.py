@@ -224,6 +224,14 @@ class Runtime:
         "dwu", "dwd", "count", "energy" and "x" ("nll" and "novelty" once)."""
         return dict(zip(DEEPEN, self.run("sweep", *self._window(ids)), strict=True))
 
+    def adam(self, weights: list[np.ndarray], grads: list[np.ndarray], first: list[np.ndarray],
+             second: list[np.ndarray], hyper: np.ndarray) -> list[np.ndarray]:
+        """One Adam step on one expert through the bundle's `adam` program (`export/pc.py`):
+        [gate, up, down] of its weights, of the gradients summed over the step's tokens and
+        of the two moments, and hyper [4] = (lr, 1 / (1 - beta1^t), 1 / (1 - beta2^t),
+        1 / tokens) -> the new weights, first and second moments (3 arrays each)."""
+        return self.engine.run("adam", [*weights, *grads, *first, *second, hyper])
+
     def idle(self, seconds: float, domain: str | None = None, progress=None,
              **limits) -> dict:
         """One growth slice of at most `seconds` for `domain` (default: the observed domain

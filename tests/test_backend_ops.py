@@ -4,14 +4,16 @@ program x engine x bit width against the torch reference.
 Bundles: `conftest.exports`, one `moegrow export` per architecture (a tiny Mixtral, OLMoE
 and Qwen3-MoE checkpoint; the quantized OLMoE and Qwen3-MoE ones from one-layer checkpoints,
 which halves their lowering time) and bit width (32, 8, 4), both engines, shared with the
-CLI's end-to-end test. The deepening programs are in the fp32 ones and Mixtral's int4 one only
-(`conftest.DEEPENING`: the quantized sweeps are the same code for every architecture and
-width, and they take most of the lowering time), so the matrix has their rows there.
+CLI's end-to-end test. The growth programs (`sweep`, `adam`) are in the fp32 ones and
+Mixtral's int4 one only (`conftest.DEEPENING`: the quantized sweeps are the same code for
+every architecture and width, and they take most of the lowering time), so the matrix has
+their rows there.
 Reference: `export/reference.py`, the same program modules in eager torch
 on the weights the quantized programs serve (`quantize.dequantized`; both engines serve
 torchao's codes), with the backends' `run(name, arrays)`. The `torch` column checks the
 reference itself: prefill, decode, score and observe against the eager model's logits
-(the taps' own definitions: test_taps.py), deepen against autograd.
+(the taps' own definitions: test_taps.py), the deepening sweep against autograd layer by
+layer, the Adam step against its update written out in numpy.
 
 Error: the normalized mean squared error sum (a - b)^2 / sum b^2 of every output (llama.cpp's
 NMSE; ranks and counts too), and for the chosen experts' ids the share that differ.
@@ -27,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import BITS, DEEPENING, deepen_autograd, exported
+from moegrow.device_kernels import layout
 from moegrow.export import checkpoint, quantize, reference
 from moegrow.runtime import backends, session
 from moegrow.runtime import bundle as bundle_format
@@ -34,7 +37,8 @@ from moegrow.runtime import bundle as bundle_format
 pytestmark = pytest.mark.slow  # waits for the exports (conftest.exports)
 
 ARCHS = ("mixtral", "olmoe", "qwen3_moe")
-PROGRAMS = ("prefill", "decode", "score", "observe", "sweep")
+PROGRAMS = ("prefill", "decode", "score", "observe", "sweep", "adam")
+GROWTH = ("sweep", "adam")  # the programs of the bundles with deepening (`DEEPENING`)
 ENGINES = ("torch", "executorch", "onnxruntime")
 NMSE = {32: 1e-9, 8: 1e-2, 4: 3e-2}
 FLIPS = {32: 0.02, 8: 0.1, 4: 0.1}  # near-ties in expert choices may break either way
@@ -69,6 +73,13 @@ class Case:
         self.inputs = {"prefill": [tokens, np.arange(T), cache, cache.copy(), self.slots],
                        "score": [tokens, self.slots], "observe": [tokens, self.slots],
                        "sweep": [window, valid, self.slots]}
+        _, f, width = layout.dims(config)  # an Adam step from random state at step 3
+        shapes = [(f, width), (f, width), (width, f)] * 4
+        state = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        for second in state[9:]:
+            np.abs(second, out=second)
+        self.inputs["adam"] = [*state, np.array([1e-3, 1 / (1 - 0.9**3), 1 / (1 - 0.999**3),
+                                                 1 / 7], np.float32)]
         prefill = "prefill_gated" if spare else "prefill"  # the scores of the open slot
         _, k, v, novelty = self.ref.run(prefill, self.inputs["prefill"])
         self.inputs["decode"] = [self.tokens[:, T:], np.array([T]), k, v, self.slots, novelty]
@@ -126,6 +137,13 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
     if c.bundle.manifest["bits"] != 32:
         model = quantize.dequantized(model, c.bundle.manifest["bits"])
     tokens = torch.from_numpy(c.tokens)
+    if name == "adam":  # against the update written out in numpy
+        w, g, m, v, hyper = inputs[0:3], inputs[3:6], inputs[6:9], inputs[9:12], inputs[12]
+        m = [0.9 * a + 0.1 * b * hyper[3] for a, b in zip(m, g, strict=True)]
+        v = [0.999 * a + 0.001 * (b * hyper[3]) ** 2 for a, b in zip(v, g, strict=True)]
+        w = [a - hyper[0] * b * hyper[1] / (np.sqrt(c * hyper[2]) + 1e-8)
+             for a, b, c in zip(w, m, v, strict=True)]
+        return got, [*w, *m, *v], c.ref.program(name).outputs
     if name == "sweep":  # against autograd layer by layer, stacked
         window, valid = (torch.from_numpy(a) for a in inputs[:2])
         want = [deepen_autograd(c.ref.model, i, window, valid, torch.from_numpy(slots))[:3]
@@ -148,7 +166,7 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
 
 MATRIX = [(arch, program, engine, bits) for arch in ARCHS for program in PROGRAMS
           for engine in ENGINES for bits in BITS
-          if program != "sweep" or (arch, bits) in DEEPENING]
+          if program not in GROWTH or (arch, bits) in DEEPENING]
 
 
 @pytest.mark.parametrize(("arch", "program", "engine", "bits"), MATRIX,

@@ -28,7 +28,7 @@ def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe",
                                          "prefill_gated", "decode_gated", "score_gated",
                                          "observe_gated",
-                                         "sweep"}
+                                         "sweep", "adam"}
     assert manifest["deepening"] == {"strict_steps": 0, "strict_eta": 0.1}
     weights = manifest["weights"]["files"]
     assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
@@ -208,7 +208,7 @@ def test_onnx_programs_take_every_weight_from_the_shared_map(tiny_bundle, tmp_pa
     tables = b.initializers("onnxruntime")
     deepen = {"sweep"}
     assert set(tables) == {"prefill", "decode", "score", "observe", "prefill_gated",
-                           "decode_gated", "score_gated", "observe_gated", *deepen}
+                           "decode_gated", "score_gated", "observe_gated", "adam", *deepen}
     assert b.live("onnxruntime") == deepen and b.live("executorch") == set()
     data = np.fromfile(b.weights("onnxruntime"), np.uint8)
     for name, table in tables.items():

@@ -67,6 +67,21 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
         assert row["version"] == 2
 
 
+def test_the_same_slice_runs_on_executorch(grown, tmp_path):
+    """ExecuTorch runs a slice too (its sessions are reloaded after each step, the XNNPACK
+    delegate packs weights when a method loads): the same plan and class as on ONNX
+    Runtime, one sweep a window and the `adam` program, and the slice commits."""
+    before, _, r = grown
+    path = tmp_path / "et"
+    shutil.copytree(before, path)
+    et = runtime.open(path, "executorch").idle(600, tokens=4096, steps=8)
+    assert r["programs"] == et["programs"] == ["sweep"]
+    assert et["plan"] == r["plan"] and et["class"] == r["class"], et["reason"]
+    assert et["committed"] and et["steps"] == 8 and et["guard"]["domain_gain"] > 0.02
+    assert et["threshold"] == pytest.approx(r["threshold"])
+    np.testing.assert_allclose(et["energy"][0], r["energy"][0], rtol=1e-3)
+
+
 FRENCH = ["le clavier", "un petit modèle", "chaque fichier", "notre lecteur"]
 
 

@@ -62,6 +62,30 @@ def test_one_sweep_gives_every_layers_updates(model):
                 torch.testing.assert_close(a_, b_, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_the_adam_program_steps_as_torch_adam(model):
+    """`pc.Adam` (growth's optimizer, a program): three steps equal torch.optim.Adam's on
+    the summed gradients over the step's tokens."""
+    program = pc.Adam(model)
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in program.shapes]
+    params = [torch.nn.Parameter(w.clone()) for w in start]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    w, m, v = start, [torch.zeros(s) for s in program.shapes], [torch.zeros(s)
+                                                                 for s in program.shapes]
+    for t in range(1, 4):
+        summed = [torch.randn(s, generator=gen) * 7 for s in program.shapes]  # 7 tokens
+        for p, g in zip(params, summed, strict=True):
+            p.grad = g / 7
+        opt.step()
+        b1, b2 = program.betas
+        with torch.no_grad():
+            out = program(*w, *summed, *m, *v,
+                          torch.tensor([1e-3, 1 / (1 - b1**t), 1 / (1 - b2**t), 1 / 7]))
+        w, m, v = list(out[:3]), list(out[3:6]), list(out[6:])
+    for got, want in zip(w, params, strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6)
+
+
 def test_a_short_window_padded_at_the_end_gives_the_same_updates(model):
     n = 15
     short = _tokens(n, seed=4)

@@ -11,9 +11,11 @@ typing would have built; not counted in wall_s, reported as observe_s), then one
 over them for `passes` passes on ONNX Runtime. The slice holds every HOLDOUT-th replay
 sequence out for its guard, so it learns from ~80% of the tokens the torch methods see.
 The curve has the start and the end only (a slice commits once).
-FLOPs: per trained token and per layer in the plan, one deepen program: a base-path forward
-(the gate), and locus-bp's forward-and-backward for that layer's experts (pc-strict: steps + 2
-of them, since the unrolled program computes every step).
+FLOPs per trained token: pc and pc-inplace run one `sweep` (a forward and a backward over
+every layer with every layer's expert weight gradients): full fine-tuning's estimate, an
+upper bound (the sweep takes no attention weight gradients). pc-strict, per layer in the
+plan: one feed-forward pass, then locus-bp's forward-and-backward for that layer's experts
+steps + 2 times (the unrolled program computes every step).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def perplexity(rt, ids: np.ndarray) -> float:
 
 
 def flops_per_token(args, layer: int, experts: list[int], sweeps: int) -> float:
-    """One deepen program per trained token: the gate's base-path forward, then `sweeps`
+    """One strict program per trained token: a feed-forward pass, then `sweeps`
     forward-and-backward passes for the layer's experts (shares: a balanced router)."""
     shares = np.full((args.num_hidden_layers, args.experts),
                      args.num_experts_per_tok / args.experts)
@@ -72,9 +74,10 @@ def run(method: str, job: dict, train_ids: np.ndarray, workdir: Path, progress) 
         layers.setdefault(s["layer"], []).append(s["parent"])
     # a strict program computes every unrolled step (halting is a mask): steps + 1
     # evaluations of F and its gradient over the span, then dF/dW
-    sweeps = rt.bundle.manifest["deepening"]["strict_steps"] + 2 if method == "pc-strict" else 1
+    sweeps = rt.bundle.manifest["deepening"]["strict_steps"] + 2
     args = checkpoint.load(job["base"]).args
-    per_token = sum(flops_per_token(args, layer, ids, sweeps) for layer, ids in layers.items())
+    per_token = (sum(flops_per_token(args, layer, ids, sweeps) for layer, ids in layers.items())
+                 if method == "pc-strict" else adapt.flops_per_token(args, "full"))
     return {"ppl": {k: [before[k], after[k]] if before[k] else None for k in evals},
             "curve": [[0, before["heldout"]], [r["tokens"], after["heldout"]]],
             "wall_s": wall, "observe_s": observe_s, "accounted_bytes": r.get("bytes"),
