@@ -3,10 +3,11 @@
 `idle(rt, seconds)` (also `Runtime.idle`):
   1. domain and plan, from the error map's verdicts (`verdicts.judge`): `deepen` names experts,
      `spawn` names layers (the parent there is the expert with the lowest mean update on the
-     domain). A named expert that the base calibration never chose (idle) deepens in place
-     (in fp32 bundles: quantized experts are frozen); any other is cloned into a free spare
-     slot of its layer (its parent is never changed; a quantized parent's clone starts from
-     its dequantized weights, the fp32 copy the deepening programs hold).
+     domain). A named expert is cloned into a free spare slot of its layer (its parent is
+     never changed; a quantized parent's clone starts from its dequantized weights, the
+     fp32 copy the deepening programs hold); one that the base calibration never chose
+     (idle) deepens in place when its layer has no free slot left (fp32 bundles only:
+     quantized experts are frozen).
   2. a working copy (`Runtime.working_copy`: a runtime on a copy of the engine's weight
      file in `state/`, sized once); clones get their parent's weights and router row there,
      a router bias `BIAS` (the clone wins the tie with its parent, so the domain reaches it
@@ -25,8 +26,8 @@
      windows; Adam on the changed experts only (the bundle's `adam` program), written
      into the working copy in place. Programs that read their expert weights at every
      run (`Bundle.live`: ONNX Runtime) see them at once; ExecuTorch's are reloaded after
-     each step. A non-finite update or energy beyond
-     `EXPLODE` x the first step's is discarded and ends the slice.
+     each step. A non-finite update or energy beyond `EXPLODE` x the first step's is
+     discarded and ends the slice.
   5. guard: on held-out domain replay (every `HOLDOUT`-th sequence, never trained on) the NLL
      must fall, and on the base guard text (the second half of the bundle's calibration
      tokens) the perplexity must not rise by more than `GUARD_BASE`; else nothing is kept.
@@ -77,7 +78,8 @@ class Limits:
     router_steps: int = 0  # hinge steps on the clones' router rows (off: it forgot more)
     router_lr: float = 0.1
     strict: bool = False  # the strict PC schedule (bundles exported with --strict-steps)
-    place: str = "auto"  # "auto": idle experts in place, others cloned; "inplace": all in place
+    place: str = "auto"  # "auto": cloned (idle experts in place when no slot is free);
+    # "inplace": all in place
 
 
 def _windows(seqs: list[np.ndarray], context: int) -> list[np.ndarray]:
@@ -123,11 +125,13 @@ def plan(rt, verdict: dict, domain: str, seen: dict, limits: Limits) -> list[dic
         if (layer, parent) in clones:  # a later slice deepens the domain's clone further
             out.append({"layer": layer, "parent": parent, "slot": clones[layer, parent],
                         "how": "clone"})
-        elif (idle or limits.place == "inplace") and not frozen:
+        elif limits.place == "inplace" and not frozen:
             out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
-        elif free.get(layer):
+        elif free.get(layer):  # behind the domain's gate: no other text reaches it
             out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
                         "how": "spawn"})
+        elif idle and not frozen:  # no slot left: base text never reaches it, others may
+            out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
         else:
             spare = rt.bundle.config.get("spare_experts", 0)
             raise GrowthError(f"no free expert slot in layer {layer} to clone expert {parent} "
@@ -397,9 +401,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     layers = sorted({s["layer"] for s in steps})
     # every layer's updates from one sweep (one forward, one backward); strict PC: one
     # program per planned layer
-    sweep = not limits.strict
-    report["programs"] = (["sweep"] if sweep else
-                          [f"{'strict' if limits.strict else 'deepen'}{lay}" for lay in layers])
+    report["programs"] = [f"strict{lay}" for lay in layers] if limits.strict else ["sweep"]
     live = work.live(set(report["programs"]))
     order = [w for _ in range(limits.passes) for w in train]
     total = min(limits.steps, -(-len(order) // limits.batch))
@@ -413,7 +415,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
         grads = {key: [np.zeros_like(w) for w in ws] for key, ws in params.items()}
         energy = 0.0
         for w in batch:
-            for layer, d in _updates(work.rt, w, layers, sweep, limits.strict):
+            for layer, d in _updates(work.rt, w, layers, limits.strict):
                 for (lay, slot), g in grads.items():
                     if lay == layer:
                         for acc, name in zip(g, ("dwg", "dwu", "dwd"), strict=True):
@@ -453,16 +455,16 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     return None
 
 
-def _updates(rt, window: np.ndarray, layers: list[int], sweep: bool, strict: bool):
+def _updates(rt, window: np.ndarray, layers: list[int], strict: bool):
     """(layer, that layer's deepening outputs) for each of `layers` on one window: from one
-    `sweep` of every layer, or from each layer's own program."""
-    if sweep:
+    `sweep` of every layer, or (strict PC) from each layer's own program."""
+    if strict:
+        for layer in layers:
+            yield layer, rt.deepen(layer, window, strict)
+    else:
         d = rt.sweep(window)
         for layer in layers:
             yield layer, {k: d[k][layer] for k in ("dwg", "dwu", "dwd", "energy")}
-    else:
-        for layer in layers:
-            yield layer, rt.deepen(layer, window, strict)
 
 
 def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> None:

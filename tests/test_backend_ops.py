@@ -89,7 +89,8 @@ class Case:
         if name not in self.engines:
             self.engines[name] = backends.load(name, self.bundle.programs(name),
                                                self.bundle.weights(name), threads=1,
-                                               initializers=self.bundle.initializers(name))
+                                               initializers=self.bundle.initializers(name),
+                                               live=self.bundle.live(name))
         return self.engines[name]
 
 

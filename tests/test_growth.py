@@ -237,12 +237,21 @@ def test_a_second_slice_deepens_the_same_clone(grown, tmp_path):
 
 
 def test_no_free_slot_is_a_clear_answer(grown):
+    """A named expert is cloned while its layer has a free slot, also one the base never
+    chose (idle: it deepens in place only once no slot is left); a used one with no free
+    slot is a clear error."""
     _, after, r = grown
     rt = runtime.open(after, "onnxruntime")
-    for row in rt.bundle.manifest["experts"]["table"]:
-        row["kind"] = "spawned" if row.get("kind") == "spare" else row.get("kind")
     layer, parent = r["plan"][0]["layer"], r["plan"][0]["parent"]
     verdict = {"verdict": "deepen", "experts": [[layer, parent]], "layers": {}}
+    experts_ = rt.bundle.manifest["calibration"]["layers"][layer]["experts"]
+    experts_[parent]["count"] = 0  # as if the base never chose it
+    assert growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits())[0]["how"] == "spawn"
+    for row in rt.bundle.manifest["experts"]["table"]:
+        row["kind"] = "spawned" if row.get("kind") == "spare" else row.get("kind")
+    assert growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits()) == [
+        {"layer": layer, "parent": parent, "slot": parent, "how": "inplace"}]
+    experts_[parent]["count"] = 1
     with pytest.raises(growth.GrowthError, match="no free expert slot"):
         growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits())  # no clone for fr
 
@@ -254,6 +263,8 @@ def test_idle_with_nothing_to_grow_and_bad_bundles(tiny_bundle, capsys, tmp_path
     assert code == 0 and '"committed": false' in out and "nothing to grow" in out
     code, _, err = run_cli(capsys, "idle", str(tmp_path / "missing"))
     assert code == 2 and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "idle", str(path), "--passes", "0")
+    assert code == 2 and "--passes" in err and err.count("\n") == 1
 
 
 COMMIT = """

@@ -130,7 +130,8 @@ def bench_model(out: Path, seed: int) -> None:
               help="Training tokens: the first N of [BOS] + the training text.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for report.md, results.json and the plots.")
-@click.option("--passes", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--passes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Passes over the training tokens, for every method (pc: one slice).")
 @click.option("--locus", help="locus-bp's experts as LAYER:E,E;LAYER:E (default: the parents "
               "pc chose when pc ran first, else per layer the 2 experts the router picks most "
               "on the training tokens).")

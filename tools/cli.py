@@ -354,6 +354,8 @@ def forget(bundle_dir: str) -> None:
               show_default=True, help="Replay tokens of the domain to learn from.")
 @click.option("--steps", type=click.IntRange(min=1), default=growth.Limits.steps,
               show_default=True, help="At most this many PC update steps.")
+@click.option("--passes", type=click.IntRange(min=1), default=growth.Limits.passes,
+              show_default=True, help="Passes over the replay tokens (4 windows a step).")
 @click.option("--strict", is_flag=True, help="The strict PC schedule (bundles exported with "
               "--strict-steps).")
 @click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
@@ -361,13 +363,14 @@ def forget(bundle_dir: str) -> None:
               "sweeps are 2-4x faster than ExecuTorch's here); the commit serves both.")
 @click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
 def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps: int,
-         strict: bool, backend: str, as_json: bool) -> None:
-    """One idle slice of growth on BUNDLE: from the error map's verdict, deepen idle experts
-    in place or clone the named ones into spare slots, run bounded PC steps on the domain's
+         passes: int, strict: bool, backend: str, as_json: bool) -> None:
+    """One idle slice of growth on BUNDLE: from the error map's verdict, clone the named
+    experts into spare slots behind the domain's gate (an expert the base never chose
+    deepens in place once its layer has no free slot), run bounded PC steps on the domain's
     replay text, and commit a new weights version only if the guard passes (held-out domain
     text improves, base text does not worsen by more than 0.5%)."""
     rt = runtime.open(bundle_dir, backend)
-    r = rt.idle(seconds, domain, tokens=tokens, steps=steps, strict=strict)
+    r = rt.idle(seconds, domain, tokens=tokens, steps=steps, passes=passes, strict=strict)
     what = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
                      + (f"->e{s['slot']}" if s["how"] == "spawn" else "") for s in r["plan"])
     guard = r["guard"] or {}
