@@ -315,13 +315,14 @@ class Adam(nn.Module):
     optimizer as a program (DESIGN rule 1: the device's math runs in the engines).
 
     Inputs: the expert's gate, up [F, C], down [C, F]; the gradients summed over the step's
-    tokens, in the same shapes; the first and the second moments of each; and `hyper` [4]
-    = (lr, 1 / (1 - beta1^t), 1 / (1 - beta2^t), 1 / tokens). Outputs: the new weights,
-    then the new first and second moments (`outputs`)."""
+    tokens, in the same shapes; the first and the second moments of each; and `hyper` [5]
+    = (lr, 1 / (1 - beta1^t), 1 / (1 - beta2^t), 1 / tokens, eps). Outputs: the new weights,
+    then the new first and second moments (`outputs`). eps is an input because torch's ONNX
+    exporter drops a constant `+ 1e-8` (a slot no token reached then stepped to 0 / 0)."""
 
     outputs = ("gate", "up", "down", "m_gate", "m_up", "m_down", "v_gate", "v_up", "v_down")
     quantize = False  # no weights: plain fp32 arithmetic in every bundle
-    betas, eps = (0.9, 0.999), 1e-8
+    betas = (0.9, 0.999)
 
     def __init__(self, model: layers.CausalLM):
         super().__init__()
@@ -336,10 +337,10 @@ class Adam(nn.Module):
             gi = gi * hyper[3]
             mi = b1 * mi + (1 - b1) * gi
             vi = b2 * vi + (1 - b2) * gi * gi
-            ws.append(wi - hyper[0] * (mi * hyper[1]) / (torch.sqrt(vi * hyper[2]) + self.eps))
+            ws.append(wi - hyper[0] * (mi * hyper[1]) / (torch.sqrt(vi * hyper[2]) + hyper[4]))
             ms.append(mi)
             vs.append(vi)
         return (*ws, *ms, *vs)
 
     def example(self) -> tuple[tuple[torch.Tensor, ...], None]:
-        return (*[torch.zeros(s) for s in self.shapes * 4], torch.ones(4)), None
+        return (*[torch.zeros(s) for s in self.shapes * 4], torch.ones(5)), None

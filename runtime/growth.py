@@ -58,7 +58,7 @@ EXPLODE = 10.0  # energy above this many times the first step's: the update is d
 SMOOTH = 200.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
 GATE_LLR = float(np.log(100))  # a clone opens where its domain is >= 100x likelier
 GATE_MIN = 8  # tokens a context needs before it can open a clone (export/programs.py)
-BETAS = (0.9, 0.999)  # Adam's, as the bundle's `adam` program has them (export/pc.py)
+BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's (the betas as the `adam` program has them)
 
 
 class GrowthError(ValueError):
@@ -437,7 +437,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
             float((g * g).sum()) for gs in grads.values() for g in gs))) / max(tokens, 1))
         t = step + 1
         hyper = np.array([limits.lr, 1 / (1 - BETAS[0] ** t), 1 / (1 - BETAS[1] ** t),
-                          1 / max(tokens, 1)], np.float32)
+                          1 / max(tokens, 1), EPS], np.float32)
         for key, ws in params.items():
             out = work.rt.adam(ws, grads[key], *moments[key], hyper)
             params[key], moments[key] = out[:3], (out[3:6], out[6:])

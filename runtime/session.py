@@ -228,8 +228,8 @@ class Runtime:
              second: list[np.ndarray], hyper: np.ndarray) -> list[np.ndarray]:
         """One Adam step on one expert through the bundle's `adam` program (`export/pc.py`):
         [gate, up, down] of its weights, of the gradients summed over the step's tokens and
-        of the two moments, and hyper [4] = (lr, 1 / (1 - beta1^t), 1 / (1 - beta2^t),
-        1 / tokens) -> the new weights, first and second moments (3 arrays each)."""
+        of the two moments, and hyper [5] = (lr, 1 / (1 - beta1^t), 1 / (1 - beta2^t),
+        1 / tokens, eps) -> the new weights, first and second moments (3 arrays each)."""
         return self.engine.run("adam", [*weights, *grads, *first, *second, hyper])
 
     def idle(self, seconds: float, domain: str | None = None, progress=None,

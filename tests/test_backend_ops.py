@@ -73,13 +73,15 @@ class Case:
         self.inputs = {"prefill": [tokens, np.arange(T), cache, cache.copy(), self.slots],
                        "score": [tokens, self.slots], "observe": [tokens, self.slots],
                        "sweep": [window, valid, self.slots]}
-        _, f, width = layout.dims(config)  # an Adam step from random state at step 3
-        shapes = [(f, width), (f, width), (width, f)] * 4
+        _, f, width = layout.dims(config)  # an Adam step from random state at step 3,
+        shapes = [(f, width), (f, width), (width, f)] * 4  # and rows no token reached
         state = [rng.standard_normal(s).astype(np.float32) for s in shapes]
         for second in state[9:]:
             np.abs(second, out=second)
+        for g in state[3:]:
+            g[0] = 0  # zero gradient and moments: the step is 0, not 0 / 0
         self.inputs["adam"] = [*state, np.array([1e-3, 1 / (1 - 0.9**3), 1 / (1 - 0.999**3),
-                                                 1 / 7], np.float32)]
+                                                 1 / 7, 1e-8], np.float32)]
         prefill = "prefill_gated" if spare else "prefill"  # the scores of the open slot
         _, k, v, novelty = self.ref.run(prefill, self.inputs["prefill"])
         self.inputs["decode"] = [self.tokens[:, T:], np.array([T]), k, v, self.slots, novelty]
@@ -142,7 +144,7 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
         w, g, m, v, hyper = inputs[0:3], inputs[3:6], inputs[6:9], inputs[9:12], inputs[12]
         m = [0.9 * a + 0.1 * b * hyper[3] for a, b in zip(m, g, strict=True)]
         v = [0.999 * a + 0.001 * (b * hyper[3]) ** 2 for a, b in zip(v, g, strict=True)]
-        w = [a - hyper[0] * b * hyper[1] / (np.sqrt(c * hyper[2]) + 1e-8)
+        w = [a - hyper[0] * b * hyper[1] / (np.sqrt(c * hyper[2]) + hyper[4])
              for a, b, c in zip(w, m, v, strict=True)]
         return got, [*w, *m, *v], c.ref.program(name).outputs
     if name == "sweep":  # against autograd layer by layer, stacked

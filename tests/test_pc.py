@@ -80,7 +80,7 @@ def test_the_adam_program_steps_as_torch_adam(model):
         b1, b2 = program.betas
         with torch.no_grad():
             out = program(*w, *summed, *m, *v,
-                          torch.tensor([1e-3, 1 / (1 - b1**t), 1 / (1 - b2**t), 1 / 7]))
+                          torch.tensor([1e-3, 1 / (1 - b1**t), 1 / (1 - b2**t), 1 / 7, 1e-8]))
         w, m, v = list(out[:3]), list(out[3:6]), list(out[6:])
     for got, want in zip(w, params, strict=True):
         torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-6)
