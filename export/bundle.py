@@ -7,8 +7,9 @@ Layout (format version 2):
     tokenizer.model
     programs/model.pte       ExecuTorch: methods prefill, decode, score, observe (and with
                              spare slots their `_gated` forms: `PROGRAMS`),
-                             in fp32 bundles sweep (every layer's local updates; and
-                             strict0.. with --strict-steps: `pc.py`); no weights
+                             in fp32 bundles sweep (every layer's local updates) and
+                             adam (growth's optimizer step; strict0.. with
+                             --strict-steps: `pc.py`); no weights
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
     weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
     weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
@@ -145,10 +146,9 @@ def _lower(engine: str, model: layers.CausalLM, swept: layers.CausalLM, tmp: Pat
         program = pc.Adam(swept)
         methods["adam"] = (program, *program.example())
     for layer in range(model.args.num_hidden_layers if strict_steps else 0):
-        if strict_steps:
-            program = pc.Strict(swept, layer, model.args.max_position_embeddings,
-                                strict_steps, STRICT_ETA)
-            methods[f"strict{layer}"] = (program, *program.example())
+        program = pc.Strict(swept, layer, model.args.max_position_embeddings, strict_steps,
+                            STRICT_ETA)
+        methods[f"strict{layer}"] = (program, *program.example())
     if engine == "executorch":
         pte, data = tmp / "programs" / "model.pte", tmp / "weights" / "v1.ptd"
         quantize.to_pte(methods, pte, data, bits=bits)
