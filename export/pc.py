@@ -318,7 +318,8 @@ class Adam(nn.Module):
     tokens, in the same shapes; the first and the second moments of each; and `hyper` [5]
     = (lr, 1 / (1 - beta1^t), 1 / (1 - beta2^t), 1 / tokens, eps). Outputs: the new weights,
     then the new first and second moments (`outputs`). eps is an input because torch's ONNX
-    exporter drops a constant `+ 1e-8` (a slot no token reached then stepped to 0 / 0)."""
+    exporter drops an added constant of 1e-8 (1e-7 and more it keeps): a slot no token
+    reached then stepped to 0 / 0."""
 
     outputs = ("gate", "up", "down", "m_gate", "m_up", "m_down", "v_gate", "v_up", "v_down")
     quantize = False  # no weights: plain fp32 arithmetic in every bundle
