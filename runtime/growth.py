@@ -296,8 +296,8 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     deadline = start + min(seconds, limits.seconds)
     say = progress or (lambda _m: None)
     b = rt.bundle
-    if not {"sweep", "deepen0"} & set(b.programs(rt.backend)) or not b.manifest[
-            "experts"]["layout"]:
+    programs = set(b.programs(rt.backend))
+    if not programs & {"sweep", "deepen0"} or not b.manifest["experts"]["layout"]:
         raise GrowthError(f"{b.path}: this {b.manifest['bits']}-bit bundle cannot grow: it has "
                           "no deepening programs or no spare slots; export it with --deepen "
                           "(the default at 32 bits)")
@@ -310,10 +310,10 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     if not b.manifest["experts"]["domains"]:
         raise GrowthError(f"{b.path}: no spare expert slots (exported with --spare 0): "
                           "nothing to grow into")
-    if not {"sweep", "adam"} <= set(b.programs(rt.backend)):
+    if not {"sweep", "adam"} <= programs:
         raise GrowthError(f"{b.path}: exported before the one-sweep deepening and the Adam "
                           "program (2026-12-02): export it again to grow")
-    if limits.strict and "strict0" not in b.programs(rt.backend):
+    if limits.strict and "strict0" not in programs:
         raise GrowthError(f"{b.path}: no strict PC programs (export with --strict-steps N)")
     report: dict[str, Any] = {"domain": domain, "verdict": None, "plan": [], "tokens": 0,
                               "steps": 0, "energy": [], "update_norm": [], "guard": None,
@@ -403,6 +403,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     # program per planned layer
     report["programs"] = [f"strict{lay}" for lay in layers] if limits.strict else ["sweep"]
     live = work.live(set(report["programs"]))
+    grads = {key: [np.zeros_like(w) for w in ws] for key, ws in params.items()}  # per step
     order = [w for _ in range(limits.passes) for w in train]
     total = min(limits.steps, -(-len(order) // limits.batch))
     first, used = None, []
@@ -412,7 +413,8 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
                 return "the time limit ended the slice before a step"
             break
         batch = order[step * limits.batch:(step + 1) * limits.batch]
-        grads = {key: [np.zeros_like(w) for w in ws] for key, ws in params.items()}
+        for g in (g for gs in grads.values() for g in gs):
+            g.fill(0)
         energy = 0.0
         for w in batch:
             for layer, d in _updates(work.rt, w, layers, limits.strict):
