@@ -29,6 +29,19 @@ def synthetic_text(entries: int, seed: int = 0) -> str:
     return "\n\n".join(out) + "\n\n"
 
 
+DE_SUBJECTS = ["der parser", "ein kleines modell", "die tastatur", "jedes modul", "unser nutzer"]
+DE_VERBS = ["liest", "schreibt", "lernt", "prüft", "speichert"]
+DE_OBJECTS = ["das nächste wort", "eine liste", "die fehlerkarte", "den text", "die letzte zeile"]
+
+
+def german(entries: int, seed: int = 0) -> str:
+    """A new domain for the tiny model: German-like sentences it never saw."""
+    rng = random.Random(seed)
+    return "\n\n".join(" ".join(f"{rng.choice(DE_SUBJECTS).capitalize()} {rng.choice(DE_VERBS)} "
+                                f"{rng.choice(DE_OBJECTS)}." for _ in range(3))
+                       for _ in range(entries))
+
+
 def random_moe(args):
     """A Mixtral-layout model of `args` with seeded random weights (std 0.2), in eval mode."""
     from moegrow.export import pretrain

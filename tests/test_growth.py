@@ -13,22 +13,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import exported, run_cli
+from conftest import exported, german, run_cli
 from moegrow import runtime
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import experts, growth, versions
-
-SUBJECTS = ["der parser", "ein kleines modell", "die tastatur", "jedes modul", "unser nutzer"]
-VERBS = ["liest", "schreibt", "lernt", "prüft", "speichert"]
-OBJECTS = ["das nächste wort", "eine liste", "die fehlerkarte", "den text", "die letzte zeile"]
-
-
-def german(entries: int, seed: int = 0) -> str:
-    """A new domain for the tiny model: German-like sentences it never saw."""
-    rng = random.Random(seed)
-    return "\n\n".join(" ".join(f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} "
-                                f"{rng.choice(OBJECTS)}." for _ in range(3))
-                       for _ in range(entries))
 
 
 @pytest.fixture(scope="module")

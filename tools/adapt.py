@@ -227,11 +227,18 @@ def prepare(model: layers.CausalLM, method: str, train_ids: np.ndarray,
 def train(model: layers.CausalLM, method: str, train_ids: np.ndarray, passes: int,
           locus: dict[int, list[int]] | None = None,
           evals: dict[str, np.ndarray | None] | None = None,
-          progress: Progress | None = None) -> dict:
+          progress: Progress | None = None, params: list[nn.Parameter] | None = None) -> dict:
     """Adapt `model` in place with a torch method; with `evals`, score before and after and
-    the held-out curve. Returns the child-contract dict (without ppl/curve if no evals)."""
+    the held-out curve. Returns the child-contract dict (without ppl/curve if no evals).
+    `params`: go on training these (an adapter an earlier call added) instead of preparing
+    the method's own."""
     say, a = progress or (lambda m: None), model.args
-    params, finish, locus, share = prepare(model, method, train_ids, locus)
+    if params is None:
+        params, finish, locus, share = prepare(model, method, train_ids, locus)
+    else:
+        finish, share = lambda: None, None
+        for p in params:
+            p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=LR[method], weight_decay=0.0)
     batches = train_windows(train_ids, a.max_position_embeddings)
     steps = passes * len(batches)
@@ -307,9 +314,10 @@ def child(workdir: Path) -> int:
     return 1 if "error" in result else 0
 
 
-def spawn(workdir: Path, progress: Progress) -> dict:
-    """Run `child(workdir)` in a fresh interpreter, passing its output lines to `progress`."""
-    cmd = [sys.executable, "-m", "moegrow.tools.adapt", str(workdir)]
+def spawn(workdir: Path, progress: Progress, module: str = "moegrow.tools.adapt") -> dict:
+    """Run `module`'s child on `workdir` in a fresh interpreter (`python -m module WORKDIR`,
+    result.json out), passing its output lines to `progress`."""
+    cmd = [sys.executable, "-m", module, str(workdir)]
     last = ""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
         for line in filter(str.strip, p.stdout):

@@ -51,6 +51,23 @@ def flops_per_token(args, layer: int, experts: list[int], sweeps: int) -> float:
         args, "locus-bp", {layer: experts}, shares)
 
 
+def grow(rt, train_ids: np.ndarray, domain: str, passes: int, progress,
+         **mode) -> tuple[dict, float, float]:
+    """Observe the training ids under `domain` (the error map and replay buffer a user's
+    typing would have built), then one slice over them -> (its report, its wall seconds,
+    the observing seconds)."""
+    t = time.perf_counter()
+    window = rt.bundle.context
+    for i in range(0, len(train_ids) - 1, window):
+        rt.observe(rt.sp.decode(train_ids[i + (i == 0):i + window].tolist()), domain)
+    observe_s = time.perf_counter() - t
+    progress(f"observed {len(train_ids)} tokens in {observe_s:.1f} s")
+    t = time.perf_counter()
+    r = rt.idle(1e9, domain, progress=progress, tokens=len(train_ids), passes=passes,
+                steps=10**6, **mode)
+    return r, time.perf_counter() - t, observe_s
+
+
 def run(method: str, job: dict, train_ids: np.ndarray, workdir: Path, progress) -> dict:
     """The child contract of `tools/adapt.py` for one PC method."""
     bundle, passes, evals = job["bundle"], job["passes"], adapt.eval_ids(workdir)
@@ -58,16 +75,7 @@ def run(method: str, job: dict, train_ids: np.ndarray, workdir: Path, progress) 
     shutil.copytree(bundle, path, ignore=shutil.ignore_patterns("state"))
     rt = runtime.open(path, "onnxruntime", job["threads"])
     before = {k: perplexity(rt, ids) if ids is not None else None for k, ids in evals.items()}
-    t = time.perf_counter()
-    window = rt.bundle.context
-    for i in range(0, len(train_ids) - 1, window):
-        rt.observe(rt.sp.decode(train_ids[i + (i == 0):i + window].tolist()), "user")
-    observe_s = time.perf_counter() - t
-    progress(f"observed {len(train_ids)} tokens in {observe_s:.1f} s")
-    t = time.perf_counter()
-    r = rt.idle(1e9, "user", progress=progress, tokens=len(train_ids), passes=passes,
-                steps=10**6, **MODES[method])
-    wall = time.perf_counter() - t
+    r, wall, observe_s = grow(rt, train_ids, "user", passes, progress, **MODES[method])
     after = {k: perplexity(rt, ids) if ids is not None else None for k, ids in evals.items()}
     layers = {}
     for s in r["plan"]:

@@ -158,3 +158,46 @@ def bench_adapt(base: str, train_file: Path, heldout: Path, old: Path, other: Pa
     except adapt_lib.AdaptError as e:
         fail(str(e))
     emit(result, as_json, (out / "report.md").read_text())
+
+
+@bench.command("sequence")
+@click.option("--base", required=True, help="Checkpoint folder to adapt, or `default`.")
+@click.option("--domain", "domains", multiple=True, required=True,
+              metavar="NAME=TRAIN_FILE,HELDOUT_FILE",
+              help="A domain to learn, in order (repeat): its name, its training text (the "
+                   "first --tokens tokens) and its held-out text.")
+@click.option("--old", required=True, type=click.Path(path_type=Path),
+              help="Held-out text of the base corpus (forgetting on the base).")
+@click.option("--tokens", type=click.IntRange(min=2), required=True,
+              help="Training tokens per domain: the first N of [BOS] + its training text.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md, results.json and matrix.png.")
+@click.option("--methods", default="pc,lora,lora-tag,full", show_default=True,
+              help="Comma-separated: pc (growth on one bundle), lora (one adapter trained "
+                   "on each domain in turn), lora-tag (one adapter per domain, switched by "
+                   "the domain tag), full (full fine-tuning in turn).")
+@click.option("--passes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Passes over each domain's tokens, for every method (pc: one slice).")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
+              help="pc's bundle: BASE exported at 32 bits; pc grows a copy of it.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_sequence(base: str, domains: tuple[str, ...], old: Path, tokens: int, out: Path,
+                   methods: str, passes: int, bundle_dir: Path | None, seed: int,
+                   threads: int, as_json: bool) -> None:
+    """Learn several domains one after another with each method (each in its own process)
+    and, after each stage, score every domain seen so far and the base: the forgetting
+    matrix, each domain's gain, the largest forgetting of an earlier domain and of the base,
+    and the smallest gain against LoRA's."""
+    from moegrow.tools import adapt as adapt_lib
+    from moegrow.tools import sequence
+
+    try:
+        result = sequence.bench_sequence(
+            base, [sequence.parse_domain(d) for d in domains], old, out, methods.split(","),
+            tokens, passes=passes, seed=seed, threads=threads, bundle=bundle_dir,
+            progress=_say)
+    except adapt_lib.AdaptError as e:
+        fail(str(e))
+    emit(result, as_json, (out / "report.md").read_text())
