@@ -66,6 +66,7 @@ def check_methods(names: list[str]) -> list[str]:
 
 def run_pc(job: dict, data: dict, workdir: Path, say: Progress) -> dict:
     from moegrow import runtime
+    from moegrow.runtime.growth import GrowthError
     from moegrow.tools import adapt_pc
 
     path = workdir / "bundle"
@@ -77,11 +78,18 @@ def run_pc(job: dict, data: dict, workdir: Path, say: Progress) -> dict:
                "base": adapt_pc.perplexity(rt, data["old"])}]
     for i, name in enumerate(names):
         say(f"stage {i + 1}/{len(names)}: {name}")
-        r, wall, observe_s = adapt_pc.grow(rt, data["train"][i], name, job["passes"], say)
+        try:
+            r, wall, observe_s = adapt_pc.grow(rt, data["train"][i], name, job["passes"], say)
+        except GrowthError as e:  # this domain cannot grow (e.g. no free slot): go on
+            say(str(e))
+            r, wall, observe_s = {"committed": False, "reason": str(e), "verdict": None,
+                                  "plan": [], "skipped": []}, 0.0, None
         stages.append({
             "after": name, "wall_s": wall, "observe_s": observe_s, "committed": r["committed"],
-            "reason": r["reason"], "verdict": r["verdict"], "version": r["version"],
+            "reason": r["reason"], "verdict": r["verdict"],
+            "version": rt.bundle.manifest["weights"]["version"],
             "plan": [f"{s['how']} L{s['layer']} e{s['parent']}" for s in r["plan"]],
+            "skipped": r["skipped"],
             "ppl": {n: adapt_pc.perplexity(rt, data["heldout"][j])
                     for j, n in enumerate(names[:i + 1])},
             "base": adapt_pc.perplexity(rt, data["old"])})
