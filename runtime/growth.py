@@ -2,8 +2,8 @@
 
 `idle(rt, seconds)` (also `Runtime.idle`):
   1. domain and plan, from the error map's verdicts (`verdicts.judge`): `deepen` names experts,
-     `spawn` names layers (the parent there is the expert with the lowest mean update on the
-     domain). A named expert is cloned into a free spare slot of its layer (its parent is
+     `spawn` names layers (the parent there is the expert the domain's tokens pick most).
+     A named expert is cloned into a free spare slot of its layer (its parent is
      never changed; a quantized parent's clone starts from its dequantized weights, the
      fp32 copy the deepening programs hold); one that the base calibration never chose
      (idle) deepens in place when its layer has no free slot left (fp32 bundles only:
@@ -90,23 +90,27 @@ def _windows(seqs: list[np.ndarray], context: int) -> list[np.ndarray]:
             if len(s[i:i + context]) >= 2]
 
 
-def plan(rt, verdict: dict, domain: str, seen: dict, limits: Limits) -> list[dict]:
-    """[{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}] for one domain's
-    verdict ("clone": the domain's existing clone of that parent, deepened further); raises
-    GrowthError when a new clone has no free slot."""
+def plan(rt, verdict: dict, domain: str, seen: dict,
+         limits: Limits) -> tuple[list[dict], list[list[int]]]:
+    """([{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}], skipped) for one
+    domain's verdict ("clone": the domain's existing clone of that parent, deepened
+    further). A named expert whose clone finds no free slot in its layer (other domains took
+    them) is skipped, [layer, parent]; GrowthError when that leaves nothing to do."""
     cal = rt.bundle.manifest["calibration"]["layers"]
     k = limits.experts or rt.bundle.config["num_experts_per_tok"]
     named = [tuple(p) for p in verdict["experts"]]
-    if verdict["verdict"] == "spawn":
-        means: dict[tuple[int, int], float] = {}
-        for layer, expert, d, count, total, *_ in seen["stats"]:
+    if verdict["verdict"] == "spawn":  # per named layer the expert the domain routes to most:
+        # its clone takes that expert's share of the domain's tokens (issue 13: the experts
+        # with the lowest mean update were ones German rarely picks, 0.02-27% reach)
+        counts: dict[tuple[int, int], float] = {}
+        for layer, expert, d, count, *_ in seen["stats"]:
             if d == domain and count:
-                means[layer, expert] = total / count
+                counts[layer, expert] = count
         for layer, x in verdict["layers"].items():
             if x["named"]:
-                mine = {e: m for (lay, e), m in means.items() if lay == int(layer)}
+                mine = {e: c for (lay, e), c in counts.items() if lay == int(layer)}
                 if mine:
-                    named.append((int(layer), min(mine, key=mine.get)))
+                    named.append((int(layer), max(mine, key=mine.get)))
     if limits.place not in ("auto", "inplace"):
         raise GrowthError(f"place must be 'auto' or 'inplace', got {limits.place!r}")
     frozen = rt.bundle.manifest["bits"] != 32  # quantized base experts: clones only
@@ -119,11 +123,10 @@ def plan(rt, verdict: dict, domain: str, seen: dict, limits: Limits) -> list[dic
             free.setdefault(row["layer"], []).append(row["slot"])
         elif row.get("kind") == "spawned" and row.get("domain") == domain:
             clones[row["layer"], row["parent"]] = row["slot"]
-    out, per_layer = [], {}
+    out, per_layer, skipped = [], {}, []
     for layer, parent in named:
         if per_layer.get(layer, 0) >= k:
             continue
-        per_layer[layer] = per_layer.get(layer, 0) + 1
         idle = cal[layer]["experts"][parent]["count"] == 0
         if (layer, parent) in clones:  # a later slice deepens the domain's clone further
             out.append({"layer": layer, "parent": parent, "slot": clones[layer, parent],
@@ -136,11 +139,16 @@ def plan(rt, verdict: dict, domain: str, seen: dict, limits: Limits) -> list[dic
         elif idle and not frozen:  # no slot left: base text never reaches it, others may
             out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
         else:
-            spare = rt.bundle.config.get("spare_experts", 0)
-            raise GrowthError(f"no free expert slot in layer {layer} to clone expert {parent} "
-                              f"into (the bundle has {spare} spare slots per layer, none left); "
-                              "nothing was changed")
-    return out
+            skipped.append([layer, parent])
+            continue
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    if skipped and not out:
+        layer, parent = skipped[0]
+        spare = rt.bundle.config.get("spare_experts", 0)
+        raise GrowthError(f"no free expert slot in layer {layer} to clone expert {parent} "
+                          f"into (the bundle has {spare} spare slots per layer, none left); "
+                          "nothing was changed")
+    return out, skipped
 
 
 class Work:
@@ -279,8 +287,9 @@ def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
 def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(),
          progress=None) -> dict[str, Any]:
     """One growth slice of at most `seconds` (see the module docstring); returns what it
-    did: {"domain", "verdict", "plan", "tokens", "steps", "energy" and "update_norm" (per
-    step and token: the changed experts' energy, the norm of their update), "router",
+    did: {"domain", "verdict", "plan", "skipped" (named experts with no free slot left),
+    "tokens", "steps", "energy" and "update_norm" (per step and token: the changed experts'
+    energy, the norm of their update), "router",
     "guard" (before/after NLL and reach on held-out domain and base text), "committed",
     "version", "reason" (why nothing was committed), "bytes" (learning state: the changed
     experts, gradients, Adam moments), "work_file_bytes" (the working copy), "seconds",
@@ -318,9 +327,9 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
                           "program (2026-12-02): export it again to grow")
     if limits.strict and "strict0" not in programs:
         raise GrowthError(f"{b.path}: no strict PC programs (export with --strict-steps N)")
-    report: dict[str, Any] = {"domain": domain, "verdict": None, "plan": [], "tokens": 0,
-                              "steps": 0, "energy": [], "update_norm": [], "guard": None,
-                              "committed": False,
+    report: dict[str, Any] = {"domain": domain, "verdict": None, "plan": [], "skipped": [],
+                              "tokens": 0, "steps": 0, "energy": [], "update_norm": [],
+                              "guard": None, "committed": False,
                               "version": b.manifest["weights"]["version"], "reason": None}
     store = errormap.Store(b.path)
     seen = store.read()
@@ -336,7 +345,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
                                  f"{judged.get(domain, {}).get('verdict', 'not observed')}")
         return report
     report["verdict"] = growing[domain]["verdict"]
-    steps = plan(rt, growing[domain], domain, seen, limits)
+    steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
     report["plan"] = steps
     seqs = store.replay(domain)
     held = _windows(seqs[HOLDOUT - 1::HOLDOUT], b.context)
@@ -353,7 +362,8 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
                                                                          b.context)
     changed = {(s["layer"], s["slot"]) for s in steps}
     say(f"{domain}: {report['verdict']}; " + ", ".join(
-        f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps))
+        f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps) + "".join(
+        f"; no free slot for L{layer} e{parent}" for layer, parent in report["skipped"]))
     work = Work(rt)
     try:
         before = {"domain": _measure(work.rt, held, changed),

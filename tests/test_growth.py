@@ -227,19 +227,24 @@ def test_a_second_slice_deepens_the_same_clone(grown, tmp_path):
 def test_no_free_slot_is_a_clear_answer(grown):
     """A named expert is cloned while its layer has a free slot, also one the base never
     chose (idle: it deepens in place only once no slot is left); a used one with no free
-    slot is a clear error."""
+    slot is skipped while others can grow, and a clear error when nothing can."""
     _, after, r = grown
     rt = runtime.open(after, "onnxruntime")
     layer, parent = r["plan"][0]["layer"], r["plan"][0]["parent"]
     verdict = {"verdict": "deepen", "experts": [[layer, parent]], "layers": {}}
     experts_ = rt.bundle.manifest["calibration"]["layers"][layer]["experts"]
     experts_[parent]["count"] = 0  # as if the base never chose it
-    assert growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits())[0]["how"] == "spawn"
+    assert growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits())[0][0]["how"] == "spawn"
     for row in rt.bundle.manifest["experts"]["table"]:
         row["kind"] = "spawned" if row.get("kind") == "spare" else row.get("kind")
-    assert growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits()) == [
-        {"layer": layer, "parent": parent, "slot": parent, "how": "inplace"}]
-    experts_[parent]["count"] = 1
+    assert growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits()) == ([
+        {"layer": layer, "parent": parent, "slot": parent, "how": "inplace"}], [])
+    other = next(e for e, x in enumerate(experts_) if e != parent)
+    experts_[parent]["count"], experts_[other]["count"] = 1, 0  # used; idle
+    verdict["experts"].append([layer, other])
+    assert growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits()) == ([
+        {"layer": layer, "parent": other, "slot": other, "how": "inplace"}], [[layer, parent]])
+    experts_[other]["count"] = 1
     with pytest.raises(growth.GrowthError, match="no free expert slot"):
         growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits())  # no clone for fr
 

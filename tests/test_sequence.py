@@ -76,6 +76,7 @@ def test_bench_sequence_end_to_end(capsys, tiny_ckpt, tiny_bundle, texts, tmp_pa
     assert [s["committed"] for s in pc["stages"][1:]] == [True, True], pc["stages"]
     assert [s["version"] for s in pc["stages"][1:]] == [2, 3]
     assert all(p.startswith("spawn") for s in pc["stages"][1:] for p in s["plan"])
+    assert all(max(s["reach"]["domain"]) > 0.05 for s in pc["stages"][1:])
     assert pc["gain"]["de"] > 0.02 and pc["gain"]["es"] > 0.02
     assert pc["max_forget_base"] < 0.05
     assert snapshot(tiny_bundle) == before  # pc grew a copy

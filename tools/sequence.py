@@ -10,7 +10,11 @@ old.npy in, result.json out), so its peak RSS is its own.
 Methods (the torch ones fp32, one window per AdamW step, `passes` passes per domain):
 pc        a copy of --bundle grows on each domain in turn: observe its training tokens under
           the domain's name, then one idle slice for that domain (`adapt_pc.grow`, the pc of
-          bench adapt: verdict, clones behind the domain gate, guard, commit).
+          bench adapt: verdict, clones behind the domain gate, guard, commit). Its stages
+          also record the slice: committed, reason, verdict, version, plan, skipped (named
+          experts with no free slot left), reach (per layer, the share of the domain's and
+          the base's held-out replay reaching a changed expert); a stage that cannot grow
+          is recorded and the sequence goes on.
 lora      one LoRA adapter (bench adapt's: PEFT, rank 8) trained on each domain in turn, a
           fresh AdamW per stage.
 lora-tag  a fresh adapter per domain, switched by a domain tag: each domain is scored with its
@@ -66,6 +70,7 @@ def check_methods(names: list[str]) -> list[str]:
 
 def run_pc(job: dict, data: dict, workdir: Path, say: Progress) -> dict:
     from moegrow import runtime
+    from moegrow.runtime.growth import GrowthError
     from moegrow.tools import adapt_pc
 
     path = workdir / "bundle"
@@ -77,11 +82,19 @@ def run_pc(job: dict, data: dict, workdir: Path, say: Progress) -> dict:
                "base": adapt_pc.perplexity(rt, data["old"])}]
     for i, name in enumerate(names):
         say(f"stage {i + 1}/{len(names)}: {name}")
-        r, wall, observe_s = adapt_pc.grow(rt, data["train"][i], name, job["passes"], say)
+        try:
+            r, wall, observe_s = adapt_pc.grow(rt, data["train"][i], name, job["passes"], say)
+        except GrowthError as e:  # this domain cannot grow (e.g. no free slot): go on
+            say(str(e))
+            r, wall, observe_s = {"committed": False, "reason": str(e), "verdict": None,
+                                  "plan": [], "skipped": []}, 0.0, None
         stages.append({
             "after": name, "wall_s": wall, "observe_s": observe_s, "committed": r["committed"],
-            "reason": r["reason"], "verdict": r["verdict"], "version": r["version"],
+            "reason": r["reason"], "verdict": r["verdict"],
+            "version": rt.bundle.manifest["weights"]["version"],
             "plan": [f"{s['how']} L{s['layer']} e{s['parent']}" for s in r["plan"]],
+            "skipped": r["skipped"], "reach": r.get("guard") and {
+                k: r["guard"]["after"][k]["reach"] for k in ("domain", "base")},
             "ppl": {n: adapt_pc.perplexity(rt, data["heldout"][j])
                     for j, n in enumerate(names[:i + 1])},
             "base": adapt_pc.perplexity(rt, data["old"])})
