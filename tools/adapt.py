@@ -286,8 +286,21 @@ def run_torch(method: str, base: str, train_ids: np.ndarray, passes: int, workdi
     return train(model, method, train_ids, passes, locus, eval_ids(workdir), progress)
 
 
-def child(workdir: Path) -> int:
-    """One method in this process: job.json in, result.json out (see the module docstring)."""
+def adapt_one(job: dict, workdir: Path, say: Progress) -> dict:
+    """bench adapt's method `job["method"]` on workdir's train.npy (the child contract)."""
+    method, train_ids = job["method"], np.load(workdir / "train.npy")
+    if method in PC_METHODS:
+        from moegrow.tools import adapt_pc
+
+        return adapt_pc.run(method, job, train_ids, workdir, say)
+    locus = job["locus"] and {int(x): ids for x, ids in job["locus"].items()}
+    return run_torch(method, job["base"], train_ids, job["passes"], workdir, say, locus)
+
+
+def child(workdir: Path, work: Callable[[dict, Path, Progress], dict] = adapt_one) -> int:
+    """One method in this process: job.json in, `work(job, workdir, say)`'s result plus
+    peak_rss_mb out as result.json (see the module docstring); an exception is reported as
+    {"error": message}."""
     job = json.loads((workdir / "job.json").read_text())
     method = job["method"]
     torch.set_num_threads(job["threads"])
@@ -296,16 +309,8 @@ def child(workdir: Path) -> int:
     def say(message: str) -> None:
         print(f"{method}: {message}", file=sys.stderr, flush=True)
 
-    train_ids = np.load(workdir / "train.npy")
     try:
-        if method in PC_METHODS:
-            from moegrow.tools import adapt_pc
-
-            result = adapt_pc.run(method, job, train_ids, workdir, say)
-        else:
-            locus = job["locus"] and {int(x): ids for x, ids in job["locus"].items()}
-            result = run_torch(method, job["base"], train_ids, job["passes"], workdir, say,
-                               locus)
+        result = work(job, workdir, say)
     except Exception as e:  # reported in the results; the other methods still run
         result = {"error": f"{type(e).__name__}: {e}"}
         say(result["error"])

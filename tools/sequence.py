@@ -35,7 +35,6 @@ min_gain_vs_lora    min over domains of gain / lora's gain (None without lora or
 from __future__ import annotations
 
 import json
-import resource
 import shlex
 import shutil
 import sys
@@ -43,7 +42,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from moegrow.export import checkpoint
 from moegrow.tools import adapt
 from moegrow.tools.adapt import EVAL_CAP, AdaptError, Progress
@@ -127,29 +125,13 @@ def run_torch(job: dict, data: dict, say: Progress) -> dict:
     return {"stages": stages}
 
 
-def child(workdir: Path) -> int:
-    """Every stage of one method in this process (see the module docstring)."""
-    job = json.loads((workdir / "job.json").read_text())
-    method = job["method"]
-    torch.set_num_threads(job["threads"])
-    torch.manual_seed(job["seed"])
-
-    def say(message: str) -> None:
-        print(f"{method}: {message}", file=sys.stderr, flush=True)
-
+def stages(job: dict, workdir: Path, say: Progress) -> dict:
+    """Every stage of one method (`adapt.child`'s work; see the module docstring)."""
     k = range(len(job["domains"]))
     data = {"train": [np.load(workdir / f"train-{i}.npy") for i in k],
             "heldout": [np.load(workdir / f"heldout-{i}.npy") for i in k],
             "old": np.load(workdir / "old.npy")}
-    try:
-        result = (run_pc(job, data, workdir, say) if method == "pc"
-                  else run_torch(job, data, say))
-    except Exception as e:  # reported in the results; the other methods still run
-        result = {"error": f"{type(e).__name__}: {e}"}
-        say(result["error"])
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (workdir / "result.json").write_text(json.dumps(result))
-    return 1 if "error" in result else 0
+    return run_pc(job, data, workdir, say) if job["method"] == "pc" else run_torch(job, data, say)
 
 
 def summarize(r: dict, names: list[str], lora: dict | None) -> dict:
@@ -303,4 +285,4 @@ def plot(r: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(child(Path(sys.argv[1])))
+    sys.exit(adapt.child(Path(sys.argv[1]), stages))
