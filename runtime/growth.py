@@ -2,12 +2,14 @@
 
 `idle(rt, seconds)` (also `Runtime.idle`):
   1. domain and plan, from the error map's verdicts (`verdicts.judge`): `deepen` names experts,
-     `spawn` names layers (the parent there is the expert the domain's tokens pick most).
-     A named expert is cloned into a free spare slot of its layer (its parent is
-     never changed; a quantized parent's clone starts from its dequantized weights, the
-     fp32 copy the deepening programs hold); one that the base calibration never chose
-     (idle) deepens in place when its layer has no free slot left (fp32 bundles only:
-     quantized experts are frozen).
+     `spawn` names layers (the parent there is the expert the domain's tokens pick most);
+     with a domain's first clones (its class), other domains' clones that its tokens reach
+     now are cloned for it too (`TAKEOVER`). A named expert is cloned into a free spare
+     slot of its layer (its parent is never changed; a quantized parent's clone starts from
+     its dequantized weights, the fp32 copy the deepening programs hold); one that the base
+     calibration never chose (idle) deepens in place when its layer has no free slot left
+     (fp32 bundles only: quantized experts are frozen); one with no free slot otherwise is
+     skipped.
   2. a working copy (`Runtime.working_copy`: a runtime on a copy of the engine's weight
      file in `state/`, sized once); clones get their parent's weights and router row there,
      a router bias `BIAS` (the clone wins the tie with its parent, so the domain reaches it
@@ -54,6 +56,8 @@ MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
 HOLDOUT = 5  # every HOLDOUT-th replay sequence of the domain is held out for the guard
 GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
 BASE_OPEN = 0.01  # at most this share of base replay positions may open a clone's gate
+TAKEOVER = 0.1  # another domain's clone that this share of a new domain's tokens reach is
+# cloned for it too (see `plan`)
 EXPLODE = 100.0  # energy per routed token above this many times the first step's: the
 # update is discarded (a window's energy is heavy-tailed: on the tiny model one batch of
 # 4 windows read 30x the one before it without any update going wrong; the strict schedule's
@@ -117,12 +121,25 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
     if frozen and limits.place == "inplace":
         raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
                           "are quantized and frozen: it grows clones only (place 'auto')")
-    free, clones = {}, {}
+    free, clones, others = {}, {}, set()
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
             free.setdefault(row["layer"], []).append(row["slot"])
         elif row.get("kind") == "spawned" and row.get("domain") == domain:
             clones[row["layer"], row["parent"]] = row["slot"]
+        elif row.get("kind") == "spawned":
+            others.add((row["layer"], row["slot"]))
+    if not clones and limits.place == "auto":  # the domain's first clones bring its class:
+        # where it wins, other domains' gates close, so the domain's tokens leave the other
+        # clones they reach now; those are cloned too (after the named ones), so it keeps
+        # what they gave it (a work slice that cloned layer 0 only lost science's clones in
+        # layers 1-3 and made work 40% worse: docs/benchmarks.md)
+        tokens = max(seen.get("domains", {}).get(domain, {}).get("tokens", 0), 1)
+        reached = sorted((-count, layer, expert) for layer, expert, d, count, *_ in seen["stats"]
+                         if d == domain and (layer, expert) in others
+                         and count >= TAKEOVER * tokens)
+        named += [(layer, expert) for _, layer, expert in reached]
+    named = list(dict.fromkeys(named))
     out, per_layer, skipped = [], {}, []
     for layer, parent in named:
         if per_layer.get(layer, 0) >= k:
