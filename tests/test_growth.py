@@ -249,6 +249,29 @@ def test_no_free_slot_is_a_clear_answer(grown):
         growth.plan(rt, verdict, "fr", {"stats": []}, growth.Limits())  # no clone for fr
 
 
+def test_a_new_domain_takes_along_the_other_domains_clones_its_tokens_reach(grown):
+    """A domain's first clones bring its class, which closes other domains' gates where it
+    wins: the other clones that at least TAKEOVER of its tokens reach now are cloned for it
+    too (after the verdict's experts); a domain that has clones already does not."""
+    _, after, r = grown
+    rt = runtime.open(after, "onnxruntime")
+    de = r["plan"][0]  # a German clone (one per layer: its layer has a free slot left)
+    layer = de["layer"]
+    verdict = {"verdict": "deepen", "experts": [], "layers": {}}
+    much, little = growth.TAKEOVER * 100, growth.TAKEOVER * 100 / 2
+
+    def seen(count: float, domain: str = "fr") -> dict:
+        return {"stats": [(layer, de["slot"], domain, count, 0.0, 0.0)],
+                "domains": {domain: {"tokens": 100}}}
+    steps, _ = growth.plan(rt, verdict, "fr", seen(much), growth.Limits())
+    assert steps == [{"layer": layer, "parent": de["slot"], "slot": steps[0]["slot"],
+                      "how": "spawn"}] and steps[0]["slot"] != de["slot"]
+    assert growth.plan(rt, verdict, "fr", seen(little), growth.Limits()) == ([], [])
+    verdict["experts"] = [[layer, de["parent"]]]
+    steps, _ = growth.plan(rt, verdict, "de", seen(much, "de"), growth.Limits())
+    assert [(s["parent"], s["how"]) for s in steps] == [(de["parent"], "clone")]
+
+
 def test_idle_with_nothing_to_grow_and_bad_bundles(tiny_bundle, capsys, tmp_path):
     path = tmp_path / "b"
     shutil.copytree(tiny_bundle, path)

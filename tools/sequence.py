@@ -275,9 +275,10 @@ def plot(r: dict, out: Path) -> None:
         ax.plot(range(len(st)), [s["base"] / st[0]["base"] for s in st], "k--", marker="s",
                 label="base")
         ax.axhline(1, color="k", linewidth=0.5)
+        ax.set_yscale("log")
         ax.set_xticks(range(len(ticks)), ticks, rotation=30)
         ax.set(title=m, xlabel="after stage")
-    axes[0][0].set_ylabel("perplexity / before")
+    axes[0][0].set_ylabel("perplexity / before (log)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "matrix.png", dpi=100)
