@@ -271,8 +271,10 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},
+            # "gate": how the programs score a class (`programs.scores`; bundles without
+            # the key score it against the best other class of all)
             "experts": {"layout": where, "routers": routers, "domains": domains,
-                        "table": _table(model, config, bits, live)},
+                        "gate": "base-and-argmax", "table": _table(model, config, bits, live)},
             "budget": {"bytes": used if budget is None else budget, "experts": used},
             "calibration": baseline,
             "deepening": {"strict_steps": strict_steps, "strict_eta": STRICT_ETA}}

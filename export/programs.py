@@ -10,9 +10,10 @@ Expert slots: every program takes `slots` [L, 4, E + S], the state of each exper
 and a clone opens only where the context reads as its own domain (`gate`): the table
 `domains` [V, D] holds a unigram log-probability per token for the base (class 0) and for
 each grown domain, the context's score for a class is its summed log-likelihood minus the
-best other class's (a naive-Bayes sequential test: it falls on base text and on the other
-grown domains' text, it rises on the domain's own), and a clone of class c opens where that
-score reaches its threshold. The table is data in the weight file that growth writes;
+base's where it is the likeliest grown class (a naive-Bayes sequential test against the
+base, an argmax among grown domains: it falls on base text, it is closed on the other grown
+domains' text, it rises on the domain's own), and a clone of class c opens where that score
+reaches its threshold. The table is data in the weight file that growth writes;
 computing the gate costs a gather and a cumulative sum. `prefill` returns the last
 position's scores, which `decode` keeps. docs/growth.md. The spare slots cost their share of
 the dense experts and are not needed before a clone exists: every program built with
@@ -117,13 +118,19 @@ def slot_state(model: layers.CausalLM) -> torch.Tensor:
 def scores(domains: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """The context score of every class at every position of tokens [1, T] -> [T, D]: the
     summed log-probability of the tokens seen so far (that one included) under the class
-    minus the best other class's; -MASKED before GATE_MIN tokens."""
+    minus the base's (class 0), where the class is the likeliest of the grown ones (1..D-1),
+    else -MASKED; -MASKED before GATE_MIN tokens. Against the base a clone needs its
+    threshold's evidence; among grown domains the likeliest wins, so two similar grown
+    domains never close each other's gates on text far from the base (with the best other
+    class of all as the yardstick they did: docs/growth.md)."""
     summed = torch.cumsum(F.embedding(tokens[0], domains), 0)  # [T, D]
-    best, which = torch.topk(summed, 2, dim=-1)  # [T, 2]
+    grown = torch.cat([torch.full_like(summed[:, :1], -1e30), summed[:, 1:]], 1)
+    best, which = torch.topk(grown, 2, dim=-1)  # [T, 2]
     first = torch.arange(domains.shape[1])[None] == which[:, :1]
-    other = torch.where(first, best[:, 1:], best[:, :1])
+    other = torch.where(first, best[:, 1:], best[:, :1])  # the best other grown class
     t = torch.arange(tokens.shape[1])[:, None]
-    return torch.where(t + 1 >= GATE_MIN, summed - other, -MASKED)
+    return torch.where((t + 1 >= GATE_MIN) & (summed >= other), summed - summed[:, :1],
+                       -MASKED)
 
 
 def classes(model: layers.CausalLM) -> int:

@@ -282,13 +282,22 @@ def _domain_class(work: Work, domain: str, train: list[np.ndarray],
     return free[0]
 
 
-def scores(table: np.ndarray, ids: np.ndarray, cls: int) -> np.ndarray:
+def scores(table: np.ndarray, ids: np.ndarray, cls: int, gate: str = "base-and-argmax"
+           ) -> np.ndarray:
     """Class `cls`'s gate score at every position of one window `ids` (the programs'
     `export/programs.py` `scores`, in numpy for calibration): the summed log-probability
-    of the tokens so far under the class minus the best other class's; -1e4 before
-    GATE_MIN tokens."""
+    of the tokens so far under the class minus the base's where the class is the likeliest
+    grown one (-1e4 elsewhere); -1e4 before GATE_MIN tokens. `gate`: the bundle's
+    `manifest["experts"]["gate"]`; None (bundles exported before 2026-12-02 evening): minus
+    the best other class's, wherever."""
     summed = np.cumsum(table[ids].astype(np.float64), 0)  # [T, D]
-    out = summed[:, cls] - np.delete(summed, cls, 1).max(1)
+    others = np.delete(summed, cls, 1)
+    if gate is None:
+        out = summed[:, cls] - others.max(1)
+    else:
+        grown = others[:, 1:] if cls else others[:, :0]
+        best = grown.max(1) if grown.shape[1] else np.full(len(ids), -np.inf)
+        out = np.where(summed[:, cls] >= best, summed[:, cls] - summed[:, 0], -1e4)
     out[:GATE_MIN - 1] = -1e4
     return out
 
@@ -297,7 +306,8 @@ def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
     """A clone's threshold on its class's score: `GATE_LLR`, and at least the base
     replay's 99th percentile of that score (so at most ~1% of base positions open it)."""
     table = experts.domains(work.rt.bundle, work.rt.backend, work.buf)
-    score = np.concatenate([scores(table, w, cls)[:len(w) - 1] for w in base])
+    gate = work.rt.bundle.manifest["experts"].get("gate")
+    score = np.concatenate([scores(table, w, cls, gate)[:len(w) - 1] for w in base])
     return float(max(GATE_LLR, np.quantile(score, 1 - BASE_OPEN)))
 
 

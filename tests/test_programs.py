@@ -194,17 +194,23 @@ def test_one_pass_programs_equal_the_gated_ones_until_a_clone_exists(model):
             np.testing.assert_array_equal(a, b)
 
 
-def test_the_gate_scores_each_class_against_the_best_other():
-    """`programs.scores`: summed log-probability minus the best other class's, closed
-    before GATE_MIN tokens; a class that wins on one text loses on another's."""
-    table = torch.log(torch.tensor([[0.7, 0.1, 0.2], [0.2, 0.8, 0.1], [0.1, 0.1, 0.7]]))
+def test_the_gate_scores_each_class_against_the_base_where_it_is_the_likeliest_grown():
+    """`programs.scores`: summed log-probability minus the base's (class 0) where the class
+    is the likeliest grown one, else closed; closed before GATE_MIN tokens; a class that
+    wins on one text loses on another's, and on base text neither reaches a threshold."""
+    table = torch.log(torch.tensor([[0.7, 0.1, 0.2], [0.2, 0.8, 0.1], [0.1, 0.1, 0.7],
+                                    [0.8, 0.1, 0.1]]))
     tokens = torch.tensor([[1] * 10 + [2] * 30])
     got = programs.scores(table, tokens)
     summed = torch.cumsum(table[tokens[0]], 0)
-    for c in range(3):
-        others = torch.cat([summed[:, :c], summed[:, c + 1:]], 1).amax(1)
-        want = torch.where(torch.arange(40) + 1 >= programs.GATE_MIN, summed[:, c] - others,
+    for c in (1, 2):
+        other = summed[:, 3 - c]  # the other grown class
+        want = torch.where((torch.arange(40) + 1 >= programs.GATE_MIN)
+                           & (summed[:, c] >= other), summed[:, c] - summed[:, 0],
                            -programs.MASKED)
         torch.testing.assert_close(got[:, c], want)
-    assert got[9, 1] > 0 > got[9, 2] and got[39, 2] > 0 > got[39, 1]
+    assert got[9, 1] > 0 and got[9, 2] == -programs.MASKED
+    assert got[39, 2] > 0 and got[39, 1] == -programs.MASKED
+    base = programs.scores(table, torch.tensor([[3] * 40]))
+    assert (base[:, 1:] < 0).all()  # base text: below any threshold >= 0
     assert (got[:programs.GATE_MIN - 1] == -programs.MASKED).all()
