@@ -295,7 +295,7 @@ def scores(table: np.ndarray, ids: np.ndarray, cls: int, gate: str = "base-and-a
     if gate is None:
         out = summed[:, cls] - others.max(1)
     else:
-        grown = others[:, 1:] if cls else others[:, :0]
+        grown = others[:, 1:] if cls else others  # the grown classes but cls
         best = grown.max(1) if grown.shape[1] else np.full(len(ids), -np.inf)
         out = np.where(summed[:, cls] >= best, summed[:, cls] - summed[:, 0], -1e4)
     out[:GATE_MIN - 1] = -1e4

@@ -213,4 +213,19 @@ def test_the_gate_scores_each_class_against_the_base_where_it_is_the_likeliest_g
     assert got[39, 2] > 0 and got[39, 1] == -programs.MASKED
     base = programs.scores(table, torch.tensor([[3] * 40]))
     assert (base[:, 1:] < 0).all()  # base text: below any threshold >= 0
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_growths_numpy_scores_mirror_the_programs(classes):
+    """`growth.scores` (the threshold's calibration) equals `programs.scores` for every
+    class, the base's included."""
+    from moegrow.runtime import growth
+
+    rng = np.random.default_rng(classes)
+    table = np.log(rng.dirichlet(np.full(classes, 0.5), size=50)).astype(np.float32)
+    ids = rng.integers(0, 50, 60)
+    got = programs.scores(torch.from_numpy(table), torch.from_numpy(ids)[None]).numpy()
+    for c in range(classes):
+        np.testing.assert_allclose(growth.scores(table, ids, c), got[:, c], rtol=1e-4,
+                                   atol=1e-3)
     assert (got[:programs.GATE_MIN - 1] == -programs.MASKED).all()
