@@ -140,15 +140,20 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                          and count >= TAKEOVER * tokens)
         named += [(layer, expert) for _, layer, expert in reached]
     named = list(dict.fromkeys(named))
-    out, per_layer, skipped = [], {}, []
+    own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
+    out, per_layer, skipped, taken = [], {}, [], set()
     for layer, parent in named:
-        if per_layer.get(layer, 0) >= k:
+        parent = own.get((layer, parent), parent)  # a clone of its own, named: its parent
+        if per_layer.get(layer, 0) >= k or (layer, parent) in taken:
             continue
-        idle = cal[layer]["experts"][parent]["count"] == 0
+        taken.add((layer, parent))
+        # an expert base text never reaches; never another domain's clone (their gates
+        # keep other text from them: only their own domain may change them)
+        idle = (layer, parent) not in others and cal[layer]["experts"][parent]["count"] == 0
         if (layer, parent) in clones:  # a later slice deepens the domain's clone further
             out.append({"layer": layer, "parent": parent, "slot": clones[layer, parent],
                         "how": "clone"})
-        elif limits.place == "inplace" and not frozen:
+        elif limits.place == "inplace" and not frozen and (layer, parent) not in others:
             out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
         elif free.get(layer):  # behind the domain's gate: no other text reaches it
             out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),

@@ -252,7 +252,8 @@ def test_no_free_slot_is_a_clear_answer(grown):
 def test_a_new_domain_takes_along_the_other_domains_clones_its_tokens_reach(grown):
     """A domain's first clones bring its class, which closes other domains' gates where it
     wins: the other clones that at least TAKEOVER of its tokens reach now are cloned for it
-    too (after the verdict's experts); a domain that has clones already does not."""
+    too (after the verdict's experts), never changed in place; a domain that has clones
+    already deepens them (named by parent or by slot: once)."""
     _, after, r = grown
     rt = runtime.open(after, "onnxruntime")
     de = r["plan"][0]  # a German clone (one per layer: its layer has a free slot left)
@@ -267,9 +268,15 @@ def test_a_new_domain_takes_along_the_other_domains_clones_its_tokens_reach(grow
     assert steps == [{"layer": layer, "parent": de["slot"], "slot": steps[0]["slot"],
                       "how": "spawn"}] and steps[0]["slot"] != de["slot"]
     assert growth.plan(rt, verdict, "fr", seen(little), growth.Limits()) == ([], [])
-    verdict["experts"] = [[layer, de["parent"]]]
+    table = rt.bundle.manifest["experts"]["table"]
+    for row in table:  # no free slot left: never deepened in place (it is German's)
+        row["kind"] = "spawned" if row.get("kind") == "spare" else row.get("kind")
+    with pytest.raises(growth.GrowthError, match="no free expert slot"):
+        growth.plan(rt, verdict, "fr", seen(much), growth.Limits())
+    verdict["experts"] = [[layer, de["parent"]], [layer, de["slot"]]]  # parent, clone
     steps, _ = growth.plan(rt, verdict, "de", seen(much, "de"), growth.Limits())
-    assert [(s["parent"], s["how"]) for s in steps] == [(de["parent"], "clone")]
+    assert steps == [{"layer": layer, "parent": de["parent"], "slot": de["slot"],
+                      "how": "clone"}]  # its own clone, once
 
 
 def test_idle_with_nothing_to_grow_and_bad_bundles(tiny_bundle, capsys, tmp_path):
