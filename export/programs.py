@@ -77,7 +77,7 @@ def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
     """A copy of `model` with `spare` empty expert slots per layer after its E experts:
     zero router rows, closed to routing until spawned (`slot_state`), and the gate's class
     table `domains` [V, 1 + L * S] (the base's class, uniform until growth writes it, and
-    one per possible clone, unused: log-probability `UNUSED`). Their
+    one per possible clone, unused: log-probability `UNUSED` - class). Their
     weights are small seeded noise, not zeros: the programs hold the spare slots in tensors
     of their own (`DenseMoE`), and the engines store equal tensors once, so all-zero gate,
     up and down tensors would share one buffer that growth could not write one of."""
@@ -96,7 +96,12 @@ def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
     out.spare = spare
     if spare:
         classes = 1 + model.args.num_hidden_layers * spare
-        table = torch.randn(model.args.vocab_size, classes, generator=noise) * 1e-4 + UNUSED
+        # class c unused: UNUSED - c a token (the noise keeps the columns apart as data;
+        # the offsets make one of them the likeliest grown class by a clear margin: the
+        # gate's argmax among grown classes must not be decided by noise, which the
+        # engines' rounding can flip)
+        table = (torch.randn(model.args.vocab_size, classes, generator=noise) * 1e-4 + UNUSED
+                 - torch.arange(classes, dtype=torch.float32))
         table[:, 0] += -math.log(model.args.vocab_size) - UNUSED  # the base: uniform so far
         out.domains = nn.Parameter(table, requires_grad=False)
     return out.eval()
