@@ -73,12 +73,12 @@ class AdaptError(ValueError):
     """Bad arguments for the adaptation benchmark (methods, locus, too little text)."""
 
 
-def check_methods(names: list[str]) -> list[str]:
+def check_methods(names: list[str], choices: tuple[str, ...] = METHODS) -> list[str]:
     """The methods in order, once each; an unknown name (or none) is an AdaptError."""
     names = [m.strip() for m in names if m.strip()]
-    unknown = [m for m in names if m not in METHODS] or ([] if names else [""])
+    unknown = [m for m in names if m not in choices] or ([] if names else [""])
     if unknown:
-        raise AdaptError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+        raise AdaptError(f"unknown method {unknown[0]!r} (choose from {', '.join(choices)})")
     return list(dict.fromkeys(names))
 
 

@@ -58,14 +58,6 @@ def parse_domain(spec: str) -> tuple[str, Path, Path]:
     return name.strip(), Path(paths[0].strip()), Path(paths[1].strip())
 
 
-def check_methods(names: list[str]) -> list[str]:
-    names = [m.strip() for m in names if m.strip()]
-    unknown = [m for m in names if m not in METHODS] or ([] if names else [""])
-    if unknown:
-        raise AdaptError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
-    return list(dict.fromkeys(names))
-
-
 def run_pc(job: dict, data: dict, workdir: Path, say: Progress) -> dict:
     from moegrow import runtime
     from moegrow.runtime.growth import GrowthError
@@ -159,7 +151,7 @@ def bench_sequence(base: str, domains: list[tuple[str, Path, Path]], old: Path, 
     """Every method learns the domains in the order given, each method in its own process;
     write results.json, report.md and matrix.png into `out`."""
     say = progress or (lambda m: None)
-    methods = check_methods(methods)
+    methods = adapt.check_methods(methods, METHODS)
     names = [n for n, _, _ in domains]
     if not names:
         raise AdaptError("give at least one --domain NAME=TRAIN_FILE,HELDOUT_FILE")
