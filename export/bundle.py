@@ -86,7 +86,7 @@ def expert_bytes(config: dict, bits: int) -> int:
 def locate(model: layers.CausalLM, data: Path,
            base: bool = True) -> tuple[list[dict], list[dict], dict | None]:
     """Find every form of every layer's expert tensors (the base experts', and the spare
-    slots' apart: `programs.Slots`), every layer's router weight and the gate's class table
+    slots' apart: `moe.Slots`), every layer's router weight and the gate's class table
     (`programs.with_spare`) in the weight file `data` -> (expert entries, router entries,
     {"offset", "shape"} of the table or None without spare slots). `base` False: the
     base experts are found where the file has them in fp32 (the deepening programs' copy

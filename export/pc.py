@@ -17,7 +17,7 @@ leaves (fully overwritten) becomes `zeros`, which ExecuTorch accepts.
 Inputs: tokens [1, W] and valid [W] (1 where position t's next token is a real target; a
 window shorter than W is padded at the end, which causal attention never lets earlier
 positions see). Outputs, for the E experts and S spare slots of the layer (the program
-differentiates both sets of linears, `programs.Slots`, and stacks them): dwg, dwu
+differentiates both sets of linears, `moe.Slots`, and stacks them): dwg, dwu
 [E + S, F, C], dwd [E + S, C, F] (d nll_sum / dW: step against them), count [E + S] (valid
 tokens routed to each), nll [W], and energy [E + S] = sum over its tokens of |g_k eps|^2,
 eps the error at the layer's output.
@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import programs
+from . import moe, programs
 from .models import layers
 
 OUTPUTS = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")
 
 
-class FixedRouteMoE(programs.DenseMoE):
+class FixedRouteMoE(moe.DenseMoE):
     """`DenseMoE` whose gates are constants for the gradient (the router is held fixed)."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,9 +47,9 @@ class FixedRouteMoE(programs.DenseMoE):
         return self.combine(x, gates)[0].reshape(shape), logits
 
 
-def expert_weights(mlp: programs.DenseMoE) -> list[str]:
+def expert_weights(mlp: moe.DenseMoE) -> list[str]:
     """The names, inside a MoE block, of the weights of its experts: the base experts'
-    gate, up, down, then the spare slots' (`programs.Slots`)."""
+    gate, up, down, then the spare slots' (`moe.Slots`)."""
     names = ["gate_proj", "up_proj", "down_proj"]
     return [f"{n}.weight" for n in names + ["spare_gate", "spare_up", "spare_down"] * bool(
         mlp.spare)]

@@ -34,7 +34,7 @@ exporter writes 2-D linears (the MoE ones) as `Gemm(x, W, transB=1)`; they are f
 rewritten as `MatMul(x, W.T)`. `dynamic_int8=True` selects `quantize_dynamic` for int8.
 
 Programs that read a weight directly, not through a linear, get its dequantized values on
-both engines: `programs.weight` (ExecuTorch: plain ops over the torchao tensor's codes) and
+both engines: `moe.weight` (ExecuTorch: plain ops over the torchao tensor's codes) and
 the head's initializer rewritten here (ONNX). `dequantized(model, bits)` is the model with
 those values everywhere: the torch reference of a quantized bundle, and what its deepening
 programs (`pc.Deepen`, `quantizable` False) are built on.
@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import programs
+from . import moe, programs
 
 BITS = (8, 4)
 GROUP_SIZE = 32
@@ -74,8 +74,8 @@ def dense(program: nn.Module) -> nn.Module:
     """
     out = copy.deepcopy(program)
     for block in out.model.model.layers:
-        if isinstance(block.mlp, programs.GatherMoE):
-            block.mlp = programs.DenseMoE(block.mlp.source[0], block.mlp.gated)
+        if isinstance(block.mlp, moe.GatherMoE):
+            block.mlp = moe.DenseMoE(block.mlp.source[0], block.mlp.gated)
     return out.eval()
 
 
@@ -137,7 +137,7 @@ def dequantized(model: nn.Module, bits: int) -> nn.Module:
     _check_bits(bits)
     from torchao.quantization import quantize_
 
-    stacked = programs.with_moe(model, programs.DenseMoE)
+    stacked = programs.with_moe(model, moe.DenseMoE)
     with torch.no_grad():
         quantize_(stacked, torchao_config(bits), filter_fn=_quantized)
         quantize_(stacked, torchao_config(8), filter_fn=_head)
@@ -146,7 +146,7 @@ def dequantized(model: nn.Module, bits: int) -> nn.Module:
         for name, module in stacked.named_modules():
             if not (_quantized(module, name) or _head(module, name)):
                 continue
-            w = programs.weight(module)
+            w = moe.weight(module)
             if ".mlp." not in name:
                 out.get_submodule(name).weight = nn.Parameter(w, requires_grad=False)
                 continue
@@ -161,7 +161,7 @@ def dequantized(model: nn.Module, bits: int) -> nn.Module:
     return out.eval()
 
 
-# ONNX initializer name endings: the router and the spare slots (`programs.Slots`), which
+# ONNX initializer name endings: the router and the spare slots (`moe.Slots`), which
 # growth rewrites in the weight file as they are stored
 KEEP_FP32 = ("mlp.gate.weight", "mlp.spare_gate.weight", "mlp.spare_up.weight",
              "mlp.spare_down.weight")

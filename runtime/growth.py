@@ -14,12 +14,12 @@
      file in `state/`, sized once); clones get their parent's weights and router row there,
      a router bias `BIAS` (the clone wins the tie with its parent, so the domain reaches it
      wherever it reached the parent), the domain's class in the gate's table (a unigram
-     model of its training replay, smoothed toward the base's, `SMOOTH`; the base's from
-     the first half of the calibration text) and a threshold: at least `GATE_LLR`, and at
-     least the base replay's 99th percentile of the class's score (`BASE_OPEN`). The clone
-     is reachable only where the context is that much likelier under its domain's class
-     than under the base's and every other grown domain's (`export/programs.py`, inside
-     every program).
+     model of its training replay, smoothed toward the base's, `gate.SMOOTH`; the base's
+     from the first half of the calibration text) and a threshold: at least
+     `gate.GATE_LLR`, and at least the base replay's 99th percentile of its class's score
+     (`gate.threshold`). The clone is reachable only where the context is that much
+     likelier under its domain's class than under the base's and every other grown
+     domain's (`export/programs.py`, inside every program).
   3. optionally (`Limits.router_steps`, off by default: it forgot more, docs/growth.md) hinge
      updates of the new router rows that push them below the k-th logit on replayed base
      positions that open the gate;
@@ -49,22 +49,18 @@ from typing import Any
 
 import numpy as np
 
-from . import errormap, experts, state, verdicts, versions
+from . import errormap, experts, gate, state, verdicts, versions
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
 HOLDOUT = 5  # every HOLDOUT-th replay sequence of the domain is held out for the guard
 GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
-BASE_OPEN = 0.01  # at most this share of base replay positions may open a clone's gate
 TAKEOVER = 0.1  # another domain's clone that this share of a new domain's tokens reach is
 # cloned for it too (see `plan`)
 EXPLODE = 100.0  # energy per routed token above this many times the first step's: the
 # update is discarded (a window's energy is heavy-tailed: on the tiny model one batch of
 # 4 windows read 30x the one before it without any update going wrong; the strict schedule's
 # divergence reached 2,400x)
-SMOOTH = 200.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
-GATE_LLR = float(np.log(100))  # a clone opens where its domain is >= 100x likelier
-GATE_MIN = 8  # tokens a context needs before it can open a clone (export/programs.py)
 BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's (the betas as the `adam` program has them)
 
 
@@ -237,9 +233,9 @@ def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits
             for _ in range(limits.router_steps):
                 gw, gb, total, bad = np.zeros_like(w_row), 0.0, 0, 0
                 for x, nov in sets:
-                    gate = work.rt.slots[layer]
-                    open_ = nov[:, gate[3].astype(int)] * gate[1] >= gate[2]
-                    logits = x @ rows.T.astype(np.float64) + gate[0]
+                    st = work.rt.slots[layer]  # bias, gated, threshold, class per slot
+                    open_ = nov[:, st[3].astype(int)] * st[1] >= st[2]
+                    logits = x @ rows.T.astype(np.float64) + st[0]
                     logits[:, clone] = x @ w_row + bias
                     logits = np.where(open_, logits, -np.inf)
                     kth = -np.sort(-np.delete(logits, clone, axis=1), axis=1)[:, k - 1]
@@ -259,15 +255,6 @@ def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits
     return out
 
 
-def _unigram(seqs: list[np.ndarray], vocab: int, prior: np.ndarray | None = None) -> np.ndarray:
-    """Log-probabilities [V] of a unigram model of `seqs`: add-1/2 smoothed, or smoothed
-    toward `prior` (probabilities) with `SMOOTH` pseudo-tokens."""
-    counts = np.bincount(np.concatenate(seqs), minlength=vocab).astype(np.float64)
-    if prior is None:
-        return np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab))
-    return np.log((counts + SMOOTH * prior) / (counts.sum() + SMOOTH))
-
-
 def _domain_class(work: Work, domain: str, train: list[np.ndarray],
                   base: list[np.ndarray]) -> int:
     """The gate's class of `domain`: its clones' class if it has some, else a free column
@@ -278,42 +265,17 @@ def _domain_class(work: Work, domain: str, train: list[np.ndarray],
     mine = [c for c, d in used.items() if d == domain]
     if mine:
         return mine[0]
-    free = [c for c in range(1, table.shape[1]) if c not in used]
-    if not free:
+    cls = gate.new_class(table, set(used), train, base)
+    if cls is None:
         raise GrowthError(f"the domain gate has no free class for {domain!r} (it holds "
                           f"{table.shape[1] - 1}); nothing was changed")
-    table[:, 0] = _unigram(base, table.shape[0])
-    table[:, free[0]] = _unigram(train, table.shape[0], np.exp(table[:, 0].astype(np.float64)))
-    return free[0]
-
-
-def scores(table: np.ndarray, ids: np.ndarray, cls: int, gate: str = "base-and-argmax"
-           ) -> np.ndarray:
-    """Class `cls`'s gate score at every position of one window `ids` (the programs'
-    `export/programs.py` `scores`, in numpy for calibration): the summed log-probability
-    of the tokens so far under the class minus the base's where the class is the likeliest
-    grown one (-1e4 elsewhere); -1e4 before GATE_MIN tokens. `gate`: the bundle's
-    `manifest["experts"]["gate"]`; None (bundles exported before 2026-12-02 evening): minus
-    the best other class's, wherever."""
-    summed = np.cumsum(table[ids].astype(np.float64), 0)  # [T, D]
-    others = np.delete(summed, cls, 1)
-    if gate is None:
-        out = summed[:, cls] - others.max(1)
-    else:
-        grown = others[:, 1:] if cls else others  # the grown classes but cls
-        best = grown.max(1) if grown.shape[1] else np.full(len(ids), -np.inf)
-        out = np.where(summed[:, cls] >= best, summed[:, cls] - summed[:, 0], -1e4)
-    out[:GATE_MIN - 1] = -1e4
-    return out
+    return cls
 
 
 def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
-    """A clone's threshold on its class's score: `GATE_LLR`, and at least the base
-    replay's 99th percentile of that score (so at most ~1% of base positions open it)."""
-    table = experts.domains(work.rt.bundle, work.rt.backend, work.buf)
-    gate = work.rt.bundle.manifest["experts"].get("gate")
-    score = np.concatenate([scores(table, w, cls, gate)[:len(w) - 1] for w in base])
-    return float(max(GATE_LLR, np.quantile(score, 1 - BASE_OPEN)))
+    """`gate.threshold` on the working copy's table."""
+    return gate.threshold(experts.domains(work.rt.bundle, work.rt.backend, work.buf),
+                          work.rt.bundle.manifest["experts"].get("gate"), base, cls)
 
 
 def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(),

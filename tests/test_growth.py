@@ -16,7 +16,7 @@ import pytest
 from conftest import exported, german, run_cli
 from moegrow import runtime
 from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime import experts, growth, versions
+from moegrow.runtime import experts, gate, growth, versions
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     assert g["after"]["domain"]["nll"] < g["before"]["domain"]["nll"]
     assert max(g["after"]["domain"]["reach"]) > 0.05  # domain tokens reach the clone
     assert max(g["after"]["base"]["reach"]) < 0.01  # base tokens (almost) never do
-    assert r["threshold"] >= growth.GATE_LLR and r["class"] == 1  # the first domain's class
+    assert r["threshold"] >= gate.GATE_LLR and r["class"] == 1  # the first domain's class
     weights = bundle_format.load(before).weights("onnxruntime").stat().st_size
     assert r["accounted_bytes"] == weights + r["work_file_bytes"] + r["bytes"]
     assert r["work_file_bytes"] == weights and r["peak_rss_mb"] > 0
@@ -97,7 +97,7 @@ def test_the_domain_gate_holds_the_domains_class_and_opens_for_it_alone(grown, t
         ids = np.array([1] + work.sp.encode(text)[:work.bundle.context - 1])
         score = work.deepen(0, ids, False)["novelty"][:len(ids) - 1, 1]
         # growth's numpy mirror of the programs' scores (its threshold's calibration)
-        mirror = growth.scores(experts.domains(work.bundle, "onnxruntime", np.memmap(
+        mirror = gate.scores(experts.domains(work.bundle, "onnxruntime", np.memmap(
             work.weights, np.uint8, mode="r")), ids, 1)[:len(ids) - 1]
         np.testing.assert_allclose(score, mirror, rtol=1e-4, atol=1e-3)
         return float((score >= r["threshold"]).mean())
@@ -108,7 +108,7 @@ def test_the_domain_gate_holds_the_domains_class_and_opens_for_it_alone(grown, t
     buf = np.memmap(work.weights, np.uint8, mode="r+")
     cols = experts.domains(new, "onnxruntime", buf)
     ids = [np.array(work.sp.encode(french), np.int64)]
-    cols[:, 2] = growth._unigram(ids, len(cols), np.exp(cols[:, 0].astype(np.float64)))
+    cols[:, 2] = gate.unigram(ids, len(cols), np.exp(cols[:, 0].astype(np.float64)))
     buf.flush()
     work.reload()
     assert opens(work, french) < 0.05 and opens(work, german(40, seed=9)) > 0.8
@@ -173,7 +173,7 @@ def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
             exported(exports["mixtral", 4]), engine).run("observe", tokens)
         reach = np.mean([np.isin(got[2][layer], [s for lay, s in clones if lay == layer])
                          .any(-1).mean() for layer in range(got[2].shape[0])])
-        assert reach <= growth.BASE_OPEN * 2, (engine, reach)
+        assert reach <= gate.BASE_OPEN * 2, (engine, reach)
         assert abs(got[0].mean() / want[0].mean() - 1) <= growth.GUARD_BASE * 2, engine
     with pytest.raises(experts.ExpertError, match="frozen"):
         experts.check(new, {(0, 0): experts.read(new, 0, 0)}, {})

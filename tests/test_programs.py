@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from moegrow.export import moe as moes
 from moegrow.export import pretrain, programs, reference
 from moegrow.export.models import layers, mixtral
 
@@ -58,14 +59,14 @@ def test_moe_formulations_match_eager(model):
     with torch.no_grad():
         want, want_logits = moe(x)
         assert (moe.reference(x) - want).abs().max() < 1e-5  # the eager path itself
-        for cls in (programs.DenseMoE, programs.GatherMoE):
+        for cls in (moes.DenseMoE, moes.GatherMoE):
             got, logits = cls(moe)(x)
             assert (got - want).abs().max() < 1e-5, cls.__name__
             assert torch.equal(logits, want_logits)
 
 
 def test_moe_formulations_split_base_experts_and_spare_slots(model):
-    """With spare slots the programs hold them in linears of their own (`programs.Slots`):
+    """With spare slots the programs hold them in linears of their own (`moes.Slots`):
     every slot open, the same math as the eager MoE over all E + S; a one-pass program's
     MoE never routes to a spare slot (the eager MoE without them)."""
     spare = programs.with_spare(model, 2)
@@ -77,7 +78,7 @@ def test_moe_formulations_split_base_experts_and_spare_slots(model):
         x = torch.randn(9, ARGS.hidden_size)
         assert (moe.route(x)[2] >= ARGS.num_local_experts).any()
         want, base = moe(x)[0], model.model.layers[0].mlp(x)[0]
-        for cls in (programs.DenseMoE, programs.GatherMoE):
+        for cls in (moes.DenseMoE, moes.GatherMoE):
             assert (cls(moe)(x)[0] - want).abs().max() < 1e-5, cls.__name__
             assert (cls(moe, gated=False)(x)[0] - base).abs().max() < 1e-5, cls.__name__
 
@@ -216,16 +217,16 @@ def test_the_gate_scores_each_class_against_the_base_where_it_is_the_likeliest_g
 
 
 @pytest.mark.parametrize("classes", [2, 3, 5])
-def test_growths_numpy_scores_mirror_the_programs(classes):
-    """`growth.scores` (the threshold's calibration) equals `programs.scores` for every
+def test_the_runtimes_numpy_gate_scores_mirror_the_programs(classes):
+    """`runtime.gate.scores` (the threshold's calibration) equals `programs.scores` for every
     class, the base's included."""
-    from moegrow.runtime import growth
+    from moegrow.runtime import gate
 
     rng = np.random.default_rng(classes)
     table = np.log(rng.dirichlet(np.full(classes, 0.5), size=50)).astype(np.float32)
     ids = rng.integers(0, 50, 60)
     got = programs.scores(torch.from_numpy(table), torch.from_numpy(ids)[None]).numpy()
     for c in range(classes):
-        np.testing.assert_allclose(growth.scores(table, ids, c), got[:, c], rtol=1e-4,
+        np.testing.assert_allclose(gate.scores(table, ids, c), got[:, c], rtol=1e-4,
                                    atol=1e-3)
     assert (got[:programs.GATE_MIN - 1] == -programs.MASKED).all()

@@ -1,0 +1,216 @@
+"""The MoE blocks and norms every program swaps into its copy of the model (`programs.
+with_moe`): `DenseMoE` (all experts, constant-weight GEMMs), `GatherMoE` (the chosen
+experts' weights gathered), what both share (`Slots`: the router over the open slots, the
+spare slots), and `MeanNorm`.
+
+MoE formulation, measured on the small shapes (C 192, F 384, 4 layers, E 8, K 2, V 4096,
+S 256): tokens/s at 1 thread, medians of 15 interleaved rounds (CPU time; runs on the loaded
+machine gave the same order). Eager torch: decode 332, 32-token prefill 2854.
+
+    program        MoE      XNNPACK .pte   ONNX Runtime
+    decode         gather        300            533
+    decode         dense         314            423
+    prefill T=32   dense        2306           3315
+    prefill T=32   gather        385            718
+
+- `prefill`, `score`: `DenseMoE`. Two constant-weight GEMMs over all experts beat gathering
+  K weight copies per token by 6x (XNNPACK) and 4.6x (ORT) at T=32.
+- `decode`: `GatherMoE`. It ties with dense on XNNPACK (the gather copy and the bmm's weight
+  packing cost what dense wastes) and wins 1.26x on ORT; it reads K/E of the expert weights,
+  so it gains as experts grow (C 512, F 1024: XNNPACK 108 vs 99, ORT 179 vs 115).
+- `torch.cond` per expert (constant-weight linears, only the chosen run) is fastest on ORT
+  (655 vs 576 for gather in one run) but does not lower to XNNPACK in ExecuTorch 1.5: linears
+  inside cond branches are neither delegated nor decomposed.
+
+XNNPACK partitions. Every op XNNPACK does not take splits the graph: the op runs as a
+portable kernel and the delegate is re-entered after it. Three formulations keep the default
+model's decode at 17 delegate calls (was 37; prefill 39, was 55): the cached attention in
+`layers.attend` folds the query heads that share a kv head into the time axis and uses 3-D
+bmm (SDPA's GQA expands the whole cache per layer, outside XNNPACK); `MeanNorm` computes the
+norm's mean of squares as a linear; `GatherMoE` sums its K outputs with a bmm. What is left
+outside: the cache `index_copy`, top-k, the expert-weight gather and the mask. Fp32 decode on
+ExecuTorch went from 0.90x to 1.26x torch eager (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import layers
+
+MASKED = 1e4  # subtracted from the router logit of a slot that is closed at a position
+
+
+def route(moe: nn.Module, x: torch.Tensor):
+    """`layers.MoE.route` over the slots open at each position (`set_gates`) and never over
+    the spare slots of a one-pass program (`closed`); softmax in fp32."""
+    logits = moe.gate(x)
+    if hasattr(moe, "slot_open"):  # set_gates was called (every program does)
+        logits = logits + moe.slot_bias + (moe.slot_open - 1.0) * MASKED
+    if getattr(moe, "closed", None) is not None:
+        logits = logits + moe.closed
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, moe.top_k, dim=-1)
+    if moe.norm_topk:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return logits, weights.to(x.dtype), ids
+
+
+def weight(linear: nn.Linear) -> torch.Tensor:
+    """A linear's weight as fp32 for code that reads it directly (the taps read the head;
+    `quantize.dequantized` reads every quantized linear back for the deepening sweeps):
+    dequantized where a quantizer has replaced it with a quantized tensor (torchao's,
+    `quantize.quantize_for_pte`), so every program works on quantized modules."""
+    w = linear.weight
+    if not hasattr(w, "qdata"):
+        return w.float()
+    # torchao's IntxUnpackedToInt8Tensor: int8 codes, scale and zero point per block of
+    # `block_size`; dequantized in plain ops (its `dequantize` is a custom op ExecuTorch lacks)
+    q, (rows, cols) = w.qdata.float(), w.qdata.shape
+    blocks = cols // w.block_size[1]
+    scale = w.scale.float().reshape(rows, blocks, 1)
+    zero = w.zero_point.float().reshape(rows, blocks, 1)
+    return ((q.reshape(rows, blocks, -1) - zero) * scale).reshape(rows, cols)
+
+
+def _linear(w: torch.Tensor) -> nn.Linear:
+    """A bias-free linear holding `w` [out, in] as a constant of the program."""
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    linear.weight = nn.Parameter(w.contiguous().clone(), requires_grad=False)
+    return linear
+
+
+class Slots(nn.Module):
+    """What both MoE formulations share: the router, the split of the slots into E base
+    experts and S spare ones (`with_spare`), and with `gated` off (the one-pass programs) a
+    constant `closed` that keeps the spare slots out of routing, so they are never
+    computed. The spare slots' weights are linears of their own, `spare_gate`, `spare_up`
+    ([S*F, C]) and `spare_down` ([C, S*F]), left in fp32 by the quantizers (which take
+    `gate_proj`, `up_proj`, `down_proj`): a program without them reads no byte of them."""
+
+    def __init__(self, moe: layers.MoE, gated: bool = True):
+        super().__init__()
+        self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
+        slots, f, c = moe.experts.gate_proj.shape
+        spare = getattr(moe, "spare", 0)
+        self.live, self.hidden, self.gated = slots - spare, f, gated
+        self.spare = spare if gated else 0  # the spare slots this program computes
+        if spare and not gated:
+            self.register_buffer("closed", torch.cat([torch.zeros(self.live),
+                                                      torch.full((spare,), -MASKED)]))
+        else:
+            self.closed = None
+        if self.spare:
+            ex = moe.experts
+            self.spare_gate = _linear(ex.gate_proj.detach()[self.live:].reshape(-1, c))
+            self.spare_up = _linear(ex.up_proj.detach()[self.live:].reshape(-1, c))
+            self.spare_down = _linear(ex.down_proj.detach()[self.live:].permute(1, 0, 2)
+                                      .reshape(c, -1))
+
+    def route(self, x: torch.Tensor):
+        return route(self, x)
+
+    def spare_out(self, x: torch.Tensor, gates: torch.Tensor):
+        """The spare slots on x [N, C] with gates [N, E + S] -> (output [N, C], hidden
+        [N, S, F])."""
+        h = (F.silu(self.spare_gate(x)) * self.spare_up(x)).reshape(-1, self.spare, self.hidden)
+        out = self.spare_down((h * gates[:, self.live:, None]).reshape(-1, self.spare *
+                                                                        self.hidden))
+        return out, h
+
+
+class DenseMoE(Slots):
+    """All experts on every token, weighted by a [N, E + S] gate matrix that is zero off the
+    top-k.
+
+    The E base experts are three `nn.Linear`s ([E*F, C], [E*F, C], [C, E*F]) whose weights
+    are constants of the program: XNNPACK runs each as one GEMM, and quantizers that swap
+    linears (export/quantize.py) see them; the spare slots, when the program computes them,
+    three more (`Slots`).
+    """
+
+    def __init__(self, moe: layers.MoE, gated: bool = True):
+        super().__init__(moe, gated)
+        ex, live = moe.experts, self.live
+        c = ex.gate_proj.shape[2]
+        self.gate_proj = _linear(ex.gate_proj.detach()[:live].reshape(-1, c))
+        self.up_proj = _linear(ex.up_proj.detach()[:live].reshape(-1, c))
+        self.down_proj = _linear(ex.down_proj.detach()[:live].permute(1, 0, 2).reshape(c, -1))
+
+    def combine(self, x: torch.Tensor, gates: torch.Tensor):
+        """x [N, C] and gates [N, E + S] -> (the experts' weighted sum [N, C], every
+        computed expert's hidden activation [N, E (+ S), F])."""
+        h = (F.silu(self.gate_proj(x)) * self.up_proj(x)).reshape(-1, self.live, self.hidden)
+        out = self.down_proj((h * gates[:, :self.live, None]).reshape(-1, self.live *
+                                                                       self.hidden))
+        if self.spare:
+            more, hs = self.spare_out(x, gates)
+            out, h = out + more, torch.cat([h, hs], 1)
+        return out, h
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weights, ids = self.route(x)
+        gates = torch.zeros_like(logits).scatter(1, ids, weights)  # [N, E + S]
+        out, h = self.combine(x, gates)
+        self.last = (ids, weights, h)  # for `Observe`'s error taps; dead code elsewhere
+        return out.reshape(shape), logits
+
+
+class GatherMoE(Slots):
+    """Only the K chosen experts per token: their stacked weights are gathered, then bmm.
+    Gathers read the base experts only; the spare slots, when the program computes them
+    (`gated`), run densely beside (`Slots.spare_out`)."""
+
+    def __init__(self, moe: layers.MoE, gated: bool = True):
+        super().__init__(moe, gated)
+        self.source = (moe,)  # for `quantize.dense`; not a submodule: not this program's weights
+        ex = moe.experts
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, nn.Parameter(getattr(ex, name).detach()[:self.live].clone(),
+                                             requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weights, ids = route(self, x)
+        flat = ids.reshape(-1)  # [N*K]
+        if self.spare:  # a chosen spare slot gathers expert 0 with weight 0, and runs densely
+            gates = torch.zeros_like(logits).scatter(1, ids, weights)
+            more, _ = self.spare_out(x, gates)
+            weights = weights * (ids < self.live).to(weights.dtype)
+            flat = torch.where(flat < self.live, flat, 0)
+        xs = x.repeat_interleave(self.top_k, dim=0)[:, :, None]  # [N*K, C, 1]
+        h = F.silu(torch.bmm(self.gate_proj[flat], xs)) * torch.bmm(self.up_proj[flat], xs)
+        y = torch.bmm(self.down_proj[flat], h).reshape(-1, self.top_k, shape[-1])  # [N, K, C]
+        out = torch.bmm(weights[:, None, :].to(y.dtype), y)[:, 0]  # gate-weighted sum over K
+        if self.spare:
+            out = out + more
+        return out.reshape(shape), logits
+
+
+class MeanNorm(nn.Module):
+    """`layers.RMSNorm` whose mean of squares is a matmul with a constant [1/C]*C row: XNNPACK
+    delegates linears but not a mean over the last axis, so the eager norm splits every layer
+    into several delegate partitions with portable kernels between them."""
+
+    def __init__(self, norm: layers.RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+        self.register_buffer("average", torch.full((1, norm.weight.shape[0]),
+                                                   1.0 / norm.weight.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(F.linear(xf * xf, self.average) + self.eps)
+                              ).to(x.dtype)
+
+    def vjp(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The error `e` at the norm's output brought back to its input x (J^T e):
+        r w e - r^3 x mean(w e x), with r = rsqrt(mean(x^2) + eps)."""
+        r = torch.rsqrt(F.linear(x * x, self.average) + self.eps)
+        we = self.weight * e
+        return r * we - r * r * r * x * F.linear(we * x, self.average)

@@ -1,0 +1,69 @@
+"""The domain gate's arithmetic in numpy: a grown domain's class and its clones' threshold.
+
+Every program computes the gate itself (`export/programs.py` `scores`, `gate`): the table
+`domains` [V, D] in the weight file holds a unigram log-probability per token for the base
+(class 0) and each grown domain, and a clone of class c opens where the context's summed
+log-likelihood under c, minus the base's, reaches its threshold while c is the likeliest
+grown class. Growth fills a new class's column (`new_class`) and calibrates the threshold
+on base replay (`threshold`) here, without running a program: `scores` mirrors the
+programs' score (tests/test_programs.py holds the two equal).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SMOOTH = 200.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
+GATE_LLR = float(np.log(100))  # a clone opens where its domain is >= 100x likelier
+GATE_MIN = 8  # tokens a context needs before it can open a clone (export/programs.py)
+BASE_OPEN = 0.01  # at most this share of base replay positions may open a clone's gate
+CLOSED = -1e4  # the score where a class cannot open (export/programs.py MASKED)
+
+
+def unigram(seqs: list[np.ndarray], vocab: int, prior: np.ndarray | None = None) -> np.ndarray:
+    """Log-probabilities [V] of a unigram model of `seqs`: add-1/2 smoothed, or smoothed
+    toward `prior` (probabilities) with `SMOOTH` pseudo-tokens."""
+    counts = np.bincount(np.concatenate(seqs), minlength=vocab).astype(np.float64)
+    if prior is None:
+        return np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab))
+    return np.log((counts + SMOOTH * prior) / (counts.sum() + SMOOTH))
+
+
+def new_class(table: np.ndarray, used: set[int], train: list[np.ndarray],
+              base: list[np.ndarray]) -> int | None:
+    """A free class (a column of `table` that no class in `used` holds) for a domain with
+    training replay `train`, written into `table` in place with the base's column (a
+    unigram model of `base`); None when every class is used."""
+    free = [c for c in range(1, table.shape[1]) if c not in used]
+    if not free:
+        return None
+    table[:, 0] = unigram(base, table.shape[0])
+    table[:, free[0]] = unigram(train, table.shape[0], np.exp(table[:, 0].astype(np.float64)))
+    return free[0]
+
+
+def scores(table: np.ndarray, ids: np.ndarray, cls: int, gate: str | None = "base-and-argmax"
+           ) -> np.ndarray:
+    """Class `cls`'s gate score at every position of one window `ids` (the programs'
+    `export/programs.py` `scores`): the summed log-probability of the tokens so far under
+    the class minus the base's where the class is the likeliest grown one (`CLOSED`
+    elsewhere); `CLOSED` before GATE_MIN tokens. `gate`: the bundle's
+    `manifest["experts"]["gate"]`; None (bundles exported before 2026-12-02 evening): minus
+    the best other class's, wherever."""
+    summed = np.cumsum(table[ids].astype(np.float64), 0)  # [T, D]
+    others = np.delete(summed, cls, 1)
+    if gate is None:
+        out = summed[:, cls] - others.max(1)
+    else:
+        grown = others[:, 1:] if cls else others  # the grown classes but cls
+        best = grown.max(1) if grown.shape[1] else np.full(len(ids), -np.inf)
+        out = np.where(summed[:, cls] >= best, summed[:, cls] - summed[:, 0], CLOSED)
+    out[:GATE_MIN - 1] = CLOSED
+    return out
+
+
+def threshold(table: np.ndarray, gate: str | None, base: list[np.ndarray], cls: int) -> float:
+    """A clone's threshold on its class's score: `GATE_LLR`, and at least the base
+    replay's 99th percentile of that score (so at most ~1% of base positions open it)."""
+    score = np.concatenate([scores(table, w, cls, gate)[:len(w) - 1] for w in base])
+    return float(max(GATE_LLR, np.quantile(score, 1 - BASE_OPEN)))
