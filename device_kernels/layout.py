@@ -16,6 +16,13 @@ S spare slots in tensors of their own, so a program can read the one without the
 entries without the two keys hold every slot). `view` turns one into a writable numpy view
 of one expert, so reading or replacing an expert is plain array indexing on the file's
 bytes.
+
+A quantized bundle's base experts are frozen and have no fp32 form: their entries (form
+`q4` or `q8`, with `scales` and `group`) locate the codes of the linear its programs hold
+([E*F, C] for gate and up, [C, E*F] for down, quantized along its input dimension in groups
+of `group`: ONNX Runtime's `MatMulNBits` layout, uint8 codes with an implicit zero point of
+2^(bits-1), 4-bit ones two to a byte, low nibble first; fp32 scales, one per group).
+`dequantized` reads one expert back as fp32 (a clone's starting weights).
 """
 
 from __future__ import annotations
@@ -82,9 +89,31 @@ def views(buf: np.ndarray, entries: list[dict], layer: int, slot: int,
     """Every copy of expert (layer, slot) in `buf`: {proj: [view per form]}."""
     out: dict[str, list[np.ndarray]] = {p: [] for p in PROJS}
     for entry in entries:
-        if entry["layer"] == layer and holds(entry, slot, dims_[0]):
+        if (entry["layer"] == layer and entry["form"] in ("stacked", "dense")
+                and holds(entry, slot, dims_[0])):
             out[entry["proj"]].append(view(buf, entry, slot, dims_))
     return out
+
+
+def dequantized(buf: np.ndarray, entry: dict, slot: int,
+                dims_: tuple[int, int, int]) -> np.ndarray:
+    """Expert `slot`'s fp32 [out, in] weight from a quantized entry (form `q4` / `q8`) that
+    holds it: a new array."""
+    slots, hidden, width = dims_
+    experts, bits, group = entry.get("count", slots), int(entry["form"][1:]), entry["group"]
+    slot -= entry.get("first", 0)
+    out, in_ = shape(entry["proj"], hidden, width)
+    down = entry["proj"] == "down_proj"
+    rows, cols = (out, experts * in_) if down else (experts * out, in_)
+    blocks = rows * cols // group
+    codes = buf[entry["offset"]:entry["offset"] + blocks * group * bits // 8]
+    codes = codes.reshape(rows, cols // group, group * bits // 8)
+    if bits == 4:
+        codes = np.stack([codes & 15, codes >> 4], -1).reshape(rows, cols // group, group)
+    scales = buf[entry["scales"]:entry["scales"] + blocks * 4].view(np.float32)
+    w = ((codes.astype(np.float32) - (1 << (bits - 1))) * scales.reshape(rows, -1, 1))
+    w = w.reshape(rows, cols)
+    return (w[:, slot * in_:(slot + 1) * in_] if down else w[slot * out:(slot + 1) * out]).copy()
 
 
 def router(buf: np.ndarray, entry: dict, dims_: tuple[int, int, int]) -> np.ndarray:

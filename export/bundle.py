@@ -84,13 +84,14 @@ def expert_bytes(config: dict, bits: int) -> int:
 
 
 def locate(model: layers.CausalLM, data: Path,
-           base: bool = True) -> tuple[list[dict], list[dict], dict | None]:
+           bits: int = 32) -> tuple[list[dict], list[dict], dict | None]:
     """Find every form of every layer's expert tensors (the base experts', and the spare
     slots' apart: `moe.Slots`), every layer's router weight and the gate's class table
     (`programs.with_spare`) in the weight file `data` -> (expert entries, router entries,
-    {"offset", "shape"} of the table or None without spare slots). `base` False: the
-    base experts are found where the file has them in fp32 (the deepening programs' copy
-    of the dequantized weights: `model` is that dequantized model), the rest must be."""
+    {"offset", "shape"} of the table or None without spare slots). `bits` < 32: the base
+    experts are quantized, found as the codes and scales the serving and deepening programs
+    hold (`_frozen`), where the file has them."""
+    base = bits == 32
     raw = data.read_bytes()
     found, routers = [], []
     spare = getattr(model, "spare", 0)
@@ -112,6 +113,8 @@ def locate(model: layers.CausalLM, data: Path,
                                   f"{first + count - 1}) not found in the weight file (the "
                                   "engine changed how it stores weights)")
             found += hits
+        if not base:
+            found += _frozen(raw, block.mlp.experts, i, slots - spare, bits)
         router = block.mlp.gate.weight.detach().float().numpy().tobytes()
         at = raw.find(router)
         if at < 0 or raw.find(router, at + 1) >= 0:
@@ -132,22 +135,40 @@ def locate(model: layers.CausalLM, data: Path,
     return found, routers, domains
 
 
-def _lower(engine: str, model: layers.CausalLM, swept: layers.CausalLM, tmp: Path, bits: int,
-           deepen: bool, strict_steps: int = 0) -> tuple[dict, Path]:
+def _frozen(raw: bytes, experts: layers.Experts, layer: int, live: int, bits: int) -> list[dict]:
+    """Layout entries of a quantized layer's base experts: per projection the `quantize.
+    packed` codes and scales of the linear the programs hold ([E*F, C] for gate and up,
+    [C, E*F] for down), where `raw` has both (form "q4" / "q8"; none where it does not)."""
+    found = []
+    for proj in layout.PROJS:
+        stacked = getattr(experts, proj).detach().float()[:live]
+        w = (stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1) if proj == "down_proj"
+             else stacked.reshape(-1, stacked.shape[2]))
+        codes, scales = quantize.packed(w, bits)
+        at, where = raw.find(codes.tobytes()), raw.find(scales.tobytes())
+        if at >= 0 and where >= 0:
+            found.append({"layer": layer, "proj": proj, "form": f"q{bits}", "offset": at,
+                          "scales": where, "group": quantize.GROUP_SIZE, "first": 0,
+                          "count": live})
+    return found
+
+
+def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bool,
+           strict_steps: int = 0) -> tuple[dict, Path]:
     """Lower every program for `engine` -> ({program: file entry}, weight file); the
-    deepening sweeps on `swept` (the model, or of a quantized bundle its dequantized copy)."""
+    deepening programs of a quantized bundle on its frozen quantized linears (`pc`)."""
     methods = {}
     for name in serving(model.spare):
         program = PROGRAMS[name](model)
         methods[name] = (program, *program.example(model.args.max_position_embeddings))
     if deepen:  # every layer's updates from one forward and one backward; growth's Adam
-        program = pc.Sweep(swept, model.args.max_position_embeddings)
+        program = pc.Sweep(model, model.args.max_position_embeddings, bits)
         methods["sweep"] = (program, *program.example())
-        program = pc.Adam(swept)
+        program = pc.Adam(model)
         methods["adam"] = (program, *program.example())
     for layer in range(model.args.num_hidden_layers if strict_steps else 0):
-        program = pc.Strict(swept, layer, model.args.max_position_embeddings, strict_steps,
-                            STRICT_ETA)
+        program = pc.Strict(model, layer, model.args.max_position_embeddings, strict_steps,
+                            STRICT_ETA, bits)
         methods[f"strict{layer}"] = (program, *program.example())
     if engine == "executorch":
         pte, data = tmp / "programs" / "model.pte", tmp / "weights" / "v1.ptd"
@@ -185,16 +206,20 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     `calibration`: held-out base text for the error map's baseline (default: the
     checkpoint's own `calibration.txt` if it has one; without any, no verdicts).
     `deepen`: lower the growth programs `sweep` and `adam` (default: at 32 bits only). A
-    quantized bundle's sweep runs on its dequantized weights (`quantize.dequantized`), an fp32
-    copy of them in the weight files, so they are opt-in there. `strict_steps` > 0 adds
-    strict-PC ones `strict{l}` with that many relaxation steps (their size and export time
-    grow with the steps). `spare`: empty expert slots per layer for spawning (default SPARE
-    where the bundle has deepening programs, else 0), fp32 whatever the bits (a quantized
-    bundle grows clones of its frozen quantized experts there); counted in the budget."""
+    quantized bundle's sweep runs on its frozen quantized weights as the serving programs
+    hold them (`quantize.Frozen`) and trains its spare slots, which it needs.
+    `strict_steps` > 0 adds strict-PC ones `strict{l}` with that many relaxation steps
+    (their size and export time grow with the steps). `spare`: empty expert slots per
+    layer for spawning (default SPARE where the bundle has deepening programs, else 0),
+    fp32 whatever the bits (a quantized bundle grows clones of its frozen quantized experts
+    there); counted in the budget."""
     deepen = bits == 32 if deepen is None else deepen
     spare = (SPARE if deepen else 0) if spare is None else spare
     if spare < 0:
         raise BundleError(f"spare expert slots must be >= 0 (got {spare})")
+    if deepen and bits != 32 and not spare:
+        raise BundleError("a quantized bundle's deepening programs train its spare slots "
+                          "only (its experts are frozen): give --spare > 0 with --deepen")
     if strict_steps < 0 or (strict_steps and not deepen):
         raise BundleError(f"strict PC steps must be >= 0, and need the deepening programs "
                           f"(got {strict_steps} steps, deepening {'on' if deepen else 'off'})")
@@ -229,9 +254,6 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             layer["experts"] += [{"count": 0, "mean": 0.0}] * spare
     live = experts - spare
     model = programs.with_spare(model, spare)
-    # the sweeps of a quantized bundle run on the values its quantized programs serve
-    # (its spare slots stay fp32), and its experts are located in that fp32 copy
-    swept = model if bits == 32 or not deepen else quantize.dequantized(model, bits)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -249,7 +271,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                 progress(f"lowering {', '.join(serving(spare))}{', deepen' * deepen} to "
                          f"{engine}")
             try:
-                entries, data = _lower(engine, model, swept, tmp, bits, deepen, strict_steps)
+                entries, data = _lower(engine, model, tmp, bits, deepen, strict_steps)
             except ValueError as e:  # a shape the quantized format cannot take
                 raise BundleError(f"{target}: {e}") from None
             except Exception as e:  # an engine's exporter failing: one line, not its traceback
@@ -260,7 +282,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                 table.setdefault(name, {})[engine] = entry
             weights[engine] = manifest.file_entry(tmp, data)
             if bits == 32 or spare:  # quantized experts only where the sweeps hold them
-                where[engine], routers[engine], found = locate(swept, data, base=bits == 32)
+                where[engine], routers[engine], found = locate(model, data, bits)
                 if found:
                     domains[engine] = found
         written = {

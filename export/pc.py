@@ -21,6 +21,11 @@ differentiates both sets of linears, `moe.Slots`, and stacks them): dwg, dwu
 [E + S, F, C], dwd [E + S, C, F] (d nll_sum / dW: step against them), count [E + S] (valid
 tokens routed to each), nll [W], and energy [E + S] = sum over its tokens of |g_k eps|^2,
 eps the error at the layer's output.
+
+A quantized bundle's programs (`bits` 8 or 4) run its frozen linears as the serving programs
+hold them (`quantize.Frozen`: their codes and scales, dequantized in the graph; no fp32 copy
+of them in the weight file) and differentiate only the spare slots: dwg, dwu, dwd cover the
+last S slots ([S, F, C], [S, C, F]), the rest of the outputs every slot.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import moe, programs
+from . import moe, programs, quantize
 from .models import layers
 
 OUTPUTS = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")
@@ -48,11 +53,19 @@ class FixedRouteMoE(moe.DenseMoE):
 
 
 def expert_weights(mlp: moe.DenseMoE) -> list[str]:
-    """The names, inside a MoE block, of the weights of its experts: the base experts'
-    gate, up, down, then the spare slots' (`moe.Slots`)."""
-    names = ["gate_proj", "up_proj", "down_proj"]
+    """The names, inside a MoE block, of the weights of its trainable experts: the base
+    experts' gate, up, down (unless `quantize.Frozen`: a quantized bundle's), then the spare
+    slots' (`moe.Slots`)."""
+    names = ["gate_proj", "up_proj", "down_proj"] * isinstance(mlp.gate_proj, nn.Linear)
     return [f"{n}.weight" for n in names + ["spare_gate", "spare_up", "spare_down"] * bool(
         mlp.spare)]
+
+
+def _model(model: layers.CausalLM, bits: int) -> layers.CausalLM:
+    """The deepening programs' copy of `model`: `FixedRouteMoE` blocks, and at `bits` < 32
+    the quantized bundle's frozen linears (`quantize.freeze`)."""
+    out = programs.with_moe(model, FixedRouteMoE)
+    return out if bits == 32 else quantize.freeze(out, bits)
 
 
 def stack(f: int, grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -74,11 +87,12 @@ class Loss(nn.Module):
     """(tokens [1, W], valid [W], probe [N, W, C], slots) -> (summed NLL, (nll [W], gates
     [N, W, E], the gate's class scores [W, D] ("novelty"), the router inputs [N, W, C])) for
     the N layers `at`; probe n is added to layer at[n]'s output, so d loss / d probe is the
-    error arriving there. The gates are set as in every program (`programs.gate`)."""
+    error arriving there. The gates are set as in every program (`programs.gate`). `bits`:
+    the bundle's (`_model`)."""
 
-    def __init__(self, model: layers.CausalLM, at: list[int]):
+    def __init__(self, model: layers.CausalLM, at: list[int], bits: int = 32):
         super().__init__()
-        self.model = programs.with_moe(model, FixedRouteMoE)
+        self.model = _model(model, bits)
         self.at = at
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, probe: torch.Tensor,
@@ -137,12 +151,12 @@ class Deepen(nn.Module):
     fold_weights = False  # ONNX: keep the weights' transposes as ops (lower.to_onnx)
     quantize = False  # of a quantized bundle: built on `quantize.dequantized`, lowered as is
 
-    def __init__(self, model: layers.CausalLM, layer: int, length: int):
+    def __init__(self, model: layers.CausalLM, layer: int, length: int, bits: int = 32):
         super().__init__()
-        self._build(model, [layer], length)
+        self._build(model, [layer], length, bits)
 
-    def _build(self, model: layers.CausalLM, at: list[int], length: int) -> None:
-        targets, names, buffers = self._setup(Loss(model, at), at, length)
+    def _build(self, model: layers.CausalLM, at: list[int], length: int, bits: int) -> None:
+        targets, names, buffers = self._setup(Loss(model, at, bits), at, length)
         width = model.args.hidden_size
 
         def sweep(params, bufs, tokens, valid, slots):
@@ -198,9 +212,9 @@ class Sweep(Deepen):
     updates, as `deepen{l}` gives one layer's. Outputs as `Deepen`'s with a leading layer
     axis [L, ...] on dwg, dwu, dwd, count, energy and x (nll [W], novelty [W, D] once)."""
 
-    def __init__(self, model: layers.CausalLM, length: int):
+    def __init__(self, model: layers.CausalLM, length: int, bits: int = 32):
         nn.Module.__init__(self)
-        self._build(model, list(range(model.args.num_hidden_layers)), length)
+        self._build(model, list(range(model.args.num_hidden_layers)), length, bits)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
@@ -225,9 +239,9 @@ class Energy(nn.Module):
     `forward(tokens, valid, nodes, gates, base)` -> F = sum over valid positions of
     1/2 |v - mu(parent)|^2 over the nodes plus the NLL of the head on the top node."""
 
-    def __init__(self, model: layers.CausalLM, layer: int):
+    def __init__(self, model: layers.CausalLM, layer: int, bits: int = 32):
         super().__init__()
-        self.model = programs.with_moe(model, FixedRouteMoE)
+        self.model = _model(model, bits)
         self.layer = layer
 
     def _attention(self, block, x, rope):
@@ -277,9 +291,9 @@ class Strict(Deepen):
     outputs = (*OUTPUTS, "free_energy", "steps_used")
 
     def __init__(self, model: layers.CausalLM, layer: int, length: int, steps: int,
-                 eta: float = 0.1):
+                 eta: float = 0.1, bits: int = 32):
         nn.Module.__init__(self)
-        targets, names, buffers = self._setup(Energy(model, layer), [layer], length)
+        targets, names, buffers = self._setup(Energy(model, layer, bits), [layer], length)
 
         def relax(params, bufs, tokens, valid, slots):
             state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))

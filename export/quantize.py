@@ -265,10 +265,65 @@ def codes(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w.qdata, scale
 
 
+def packed(weight: torch.Tensor, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """`MatMulNBits`' B and scales for a linear weight [N, K]: `codes` made unsigned
+    (signed + 2^(bits-1), the op's implicit zero point) in blocks of GROUP_SIZE along K,
+    4-bit ones two to a byte (low nibble first) -> uint8 [N, K / 32, 32 * bits / 8], fp32
+    [N * K / 32]. The serving programs of ONNX Runtime and the deepening programs of every
+    quantized bundle (`Frozen`) hold these bytes."""
+    n, k = weight.shape
+    q, scale = codes(weight, bits)
+    u = (q.numpy().astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    u = u.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    if bits == 4:
+        u = u[..., 0::2] | (u[..., 1::2] << 4)
+    return np.ascontiguousarray(u), np.ascontiguousarray(scale.numpy().reshape(-1))
+
+
+class Frozen(nn.Module):
+    """A frozen int`bits` linear of a quantized bundle's deepening programs: it holds the
+    serving programs' bytes (`packed`) and dequantizes them in plain ops (Cast, Div, Floor,
+    Sub, Mul) at every run, so a sweep differentiates the values the bundle serves without
+    an fp32 copy of them: ONNX Runtime's weight file stores equal tensors once, and these
+    are equal to `MatMulNBits`' own."""
+
+    def __init__(self, linear: nn.Linear, bits: int):
+        super().__init__()
+        self.bits, (self.out_features, self.in_features) = bits, linear.weight.shape
+        self.bias = linear.bias  # fp32, as the serving programs add it
+        u, scales = packed(linear.weight.detach().float(), bits)
+        self.register_buffer("codes", torch.from_numpy(u))
+        self.register_buffer("scales", torch.from_numpy(scales))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        q = self.codes.float()  # [N, K / 32, 32 * bits / 8]
+        if self.bits == 4:
+            high = torch.floor(q / 16)
+            q = torch.stack([q - 16 * high, high], -1).reshape(*q.shape[:2], -1)
+        w = (q - (1 << (self.bits - 1))) * self.scales.reshape(*q.shape[:2], 1)
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def freeze(model: nn.Module, bits: int) -> nn.Module:
+    """`model` (a `programs.with_moe` copy) with every linear a quantized bundle serves at
+    `bits` (attention, the base experts' stacked linears; the head at 8) made `Frozen`, in
+    place: the spare slots, the router, the norms and the embedding stay as they are."""
+    _check_bits(bits)
+    for name, module in list(model.named_modules()):
+        if _quantized(module, name) or _head(module, name):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf,
+                    Frozen(module, 8 if _head(module, name) else bits))
+    return model
+
+
 def _matmul_nbits(model, node, bits: int) -> None:
-    """Rewrite `MatMul(x, B)` (B a constant [K, N]) in place as `MatMulNBits` over `codes` of
-    B.T: unsigned codes (signed + 2^(bits-1), the op's implicit zero point) in blocks of
-    GROUP_SIZE, 4-bit ones two to a byte (low nibble first), fp32 scales."""
+    """Rewrite `MatMul(x, B)` (B a constant [K, N]) in place as `MatMulNBits` over `packed`
+    B.T, fp32 scales."""
     import onnx
     from onnx import numpy_helper
 
@@ -277,14 +332,9 @@ def _matmul_nbits(model, node, bits: int) -> None:
     name = f"{node.input[1]}.q{bits}"
     if name not in inits:  # once per weight, however many nodes use it (the gate's two passes)
         b = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]]).copy())
-        q, scale = codes(b.T, bits)
-        u = (q.numpy().astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
-        u = u.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
-        if bits == 4:
-            u = u[..., 0::2] | (u[..., 1::2] << 4)
-        model.graph.initializer.extend([
-            numpy_helper.from_array(np.ascontiguousarray(u), name),
-            numpy_helper.from_array(scale.numpy().reshape(-1), f"{name}.scales")])
+        u, scales = packed(b.T, bits)
+        model.graph.initializer.extend([numpy_helper.from_array(u, name),
+                                        numpy_helper.from_array(scales, f"{name}.scales")])
     node.op_type, node.domain = "MatMulNBits", "com.microsoft"
     node.input[:] = [node.input[0], name, f"{name}.scales"]
     node.attribute.extend([onnx.helper.make_attribute(a, v) for a, v in dict(

@@ -4,10 +4,10 @@
 observe, sweep, adam, deepen{l}, strict{l}) in eager torch on numpy arrays and returns numpy
 arrays, as `runtime.backends.ExecuTorch` / `OnnxRuntime` run the lowered ones: the same
 modules (`bundle.PROGRAMS`, `pc.Sweep`, `pc.Adam`, `pc.Deepen`, `pc.Strict`) before
-lowering. At 8 or
-4 bits the model is `quantize.dequantized(model, bits)`: the weight values the quantized
-programs serve, with fp32 activations (the engines also quantize activations to int8, the
-rest of their error).
+lowering. At 8 or 4 bits the model is `quantize.dequantized(model, bits)`: the weight
+values the quantized programs serve, with fp32 activations (the engines also quantize
+activations to int8, the rest of their error); the deepening programs are built as the
+bundle's are, on its frozen quantized linears (`pc`), which hold the same values.
 
 The runtime never imports this module (DESIGN.md: no torch on the device); tools and tests
 hand it to `runtime.Runtime(..., engine=...)` or call `run` directly. `load` builds the
@@ -32,6 +32,7 @@ class Reference:
     def __init__(self, model: layers.CausalLM, bits: int = 32, strict_steps: int = 0,
                  eta: float = bundle.STRICT_ETA):
         self.model = model.eval() if bits == 32 else quantize.dequantized(model, bits)
+        self.source = model.eval()  # the deepening programs' (`pc`: frozen at `bits`)
         self.bits, self.strict_steps, self.eta = bits, strict_steps, eta
         self.context = model.args.max_position_embeddings
         self.programs: dict[str, nn.Module] = {}
@@ -39,19 +40,21 @@ class Reference:
     def program(self, name: str) -> nn.Module:
         """The module behind program `name` (built on first use: a sweep is traced)."""
         if name not in self.programs:
+            bits = self.bits
             layer = name.removeprefix("deepen").removeprefix("strict")
             if name in bundle.PROGRAMS:
                 self.programs[name] = bundle.PROGRAMS[name](self.model)
             elif name == "sweep":
-                self.programs[name] = pc.Sweep(self.model, self.context)
+                self.programs[name] = pc.Sweep(self.source, self.context, bits)
             elif name == "adam":
                 self.programs[name] = pc.Adam(self.model)
             elif layer.isdigit() and int(layer) < self.model.args.num_hidden_layers:
                 if name.startswith("deepen"):
-                    self.programs[name] = pc.Deepen(self.model, int(layer), self.context)
+                    self.programs[name] = pc.Deepen(self.source, int(layer), self.context,
+                                                    bits)
                 elif self.strict_steps:
-                    self.programs[name] = pc.Strict(self.model, int(layer), self.context,
-                                                    self.strict_steps, self.eta)
+                    self.programs[name] = pc.Strict(self.source, int(layer), self.context,
+                                                    self.strict_steps, self.eta, bits)
             if name not in self.programs:
                 raise KeyError(f"the reference has no program {name!r}")
         return self.programs[name]

@@ -51,16 +51,21 @@ def _check_slot(bundle: bundle_format.Bundle, layer: int, slot: int) -> None:
 def read(bundle: bundle_format.Bundle, layer: int, slot: int, engine: str | None = None,
          path: Path | None = None) -> list[np.ndarray]:
     """Expert `slot` of `layer` as fp32 [gate [F, C], up [F, C], down [C, F]] copies, from
-    the engine's weight file (or `path`, a working copy of it)."""
+    the engine's weight file (or `path`, a working copy of it); a quantized expert's
+    dequantized values."""
     _check_slot(bundle, layer, slot)
     engine = engine or bundle.engines()[0]
     buf = np.memmap(path or bundle.weights(engine), np.uint8, mode="r")
-    copies = layout.views(buf, _layout(bundle, engine), layer, slot, layout.dims(bundle.config))
-    if not all(copies.values()):
+    where, dims = _layout(bundle, engine), layout.dims(bundle.config)
+    copies = layout.views(buf, where, layer, slot, dims)
+    if all(copies.values()):
+        return [np.array(copies[p][0]) for p in layout.PROJS]
+    frozen = {e["proj"]: e for e in where if e["layer"] == layer and e["form"][0] == "q"
+              and layout.holds(e, slot, dims[0])}
+    if len(frozen) != len(layout.PROJS):
         raise ExpertError(f"expert ({layer}, {slot}) is quantized and the {engine} weight file "
-                          "has no fp32 copy of it (the deepening programs' one: export with "
-                          "--deepen)")
-    return [np.array(copies[p][0]) for p in layout.PROJS]
+                          "does not locate it (export with --deepen)")
+    return [layout.dequantized(buf, frozen[p], slot, dims) for p in layout.PROJS]
 
 
 def write_in_place(buf: np.ndarray, bundle: bundle_format.Bundle, engine: str, layer: int,

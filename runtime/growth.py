@@ -426,9 +426,11 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
         for w in batch:
             for layer, d in _updates(work.rt, w, layers, limits.strict):
                 for (lay, slot), g in grads.items():
+                    if lay == layer and slot < d["first"]:  # never planned (`plan`)
+                        raise GrowthError(f"expert ({lay}, {slot}) is frozen (quantized)")
                     if lay == layer:
                         for acc, name in zip(g, ("dwg", "dwu", "dwd"), strict=True):
-                            acc += d[name][slot]
+                            acc += d[name][slot - d["first"]]
                 energy += float(sum(d["energy"][s] for lay, s in params if lay == layer))
                 routed += float(sum(d["count"][s] for lay, s in params if lay == layer))
                 if limits.strict:
@@ -477,7 +479,8 @@ def _updates(rt, window: np.ndarray, layers: list[int], strict: bool):
     else:
         d = rt.sweep(window)
         for layer in layers:
-            yield layer, {k: d[k][layer] for k in ("dwg", "dwu", "dwd", "count", "energy")}
+            yield layer, {k: d[k][layer] for k in ("dwg", "dwu", "dwd", "count", "energy")
+                          } | {"first": d["first"]}
 
 
 def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> None:

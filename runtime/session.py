@@ -194,18 +194,20 @@ class Runtime:
     def deepen(self, layer: int, ids: np.ndarray, strict: bool = False) -> dict[str, np.ndarray]:
         """The default PC schedule's local updates for `layer`'s experts on one window of
         token ids ([BOS] + text, 2 to context tokens): {"dwg", "dwu" [E, F, C], "dwd"
-        [E, C, F] (d nll / dW: step against them), "count" [E], "nll" [W], "energy" [E],
-        "novelty" [W, D], "x" [W, C]} (export/pc.py), layer `layer`'s part of the bundle's
+        [E, C, F] (d nll / dW: step against them; a quantized bundle's cover its spare slots
+        only, from slot "first" on), "count" [E], "nll" [W], "energy" [E], "novelty" [W, D],
+        "x" [W, C], "first"} (export/pc.py), layer `layer`'s part of the bundle's
         `sweep` (bundles exported before 2026-12-02: their `deepen{layer}` program).
         `strict`: the strict PC schedule (`strict{layer}`, bundles exported with
         --strict-steps), which adds "free_energy" [steps + 1] and "steps_used" [1]."""
         name = f"{'strict' if strict else 'deepen'}{layer}"
         if strict or name in self.bundle.manifest["programs"]:
-            out = self.run(name, *self._window(ids))
-            return dict(zip(DEEPEN + ("free_energy", "steps_used") * strict, out, strict=True))
+            out = dict(zip(DEEPEN + ("free_energy", "steps_used") * strict,
+                           self.run(name, *self._window(ids)), strict=True))
+            return out | {"first": out["count"].shape[-1] - out["dwg"].shape[-3]}
         if not 0 <= layer < self.bundle.config["num_hidden_layers"]:
             raise InputError(f"layer {layer} is not a layer of this model")
-        return {k: v if k in ("nll", "novelty") else v[layer]
+        return {k: v if k in ("nll", "novelty", "first") else v[layer]
                 for k, v in self.sweep(ids).items()}
 
     def _window(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,8 +223,11 @@ class Runtime:
         """Every layer's local updates at once on one window: one forward pass and one
         top-down transport (the bundle's `sweep` program, bundles exported since
         2026-12-02), as `deepen`'s for each layer with a leading layer axis on "dwg",
-        "dwu", "dwd", "count", "energy" and "x" ("nll" and "novelty" once)."""
-        return dict(zip(DEEPEN, self.run("sweep", *self._window(ids)), strict=True))
+        "dwu", "dwd", "count", "energy" and "x" ("nll" and "novelty" once), and "first":
+        the first slot the gradients cover (0; a quantized bundle's cover its spare slots
+        only: dwg[..., s - first, :, :] is slot s's)."""
+        out = dict(zip(DEEPEN, self.run("sweep", *self._window(ids)), strict=True))
+        return out | {"first": out["count"].shape[-1] - out["dwg"].shape[-3]}
 
     def adam(self, weights: list[np.ndarray], grads: list[np.ndarray], first: list[np.ndarray],
              second: list[np.ndarray], hyper: np.ndarray) -> list[np.ndarray]:

@@ -151,8 +151,9 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
         window, valid = (torch.from_numpy(a) for a in inputs[:2])
         want = [deepen_autograd(c.ref.model, i, window, valid, torch.from_numpy(slots))[:3]
                 for i in range(len(got[0]))]
-        return got[:3], [torch.stack(w).numpy() for w in zip(*want, strict=True)], (
-            "dwg", "dwu", "dwd")
+        trained = got[0].shape[1]  # a quantized bundle's sweep trains its spare slots only
+        return got[:3], [torch.stack(w)[:, -trained:].numpy() for w in zip(*want, strict=True)
+                         ], ("dwg", "dwu", "dwd")
     with torch.no_grad():
         logits = model(tokens)[0].float()  # [T + 1, V]
     if name == "prefill":

@@ -168,6 +168,9 @@ def test_export_refuses_bad_requests_and_writes_nothing(capsys, tiny_ckpt, tiny_
     code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "n"),
                        "--no-deepen", "--strict-steps", "2")
     assert code == 2 and "need the deepening programs" in err
+    code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "n"),
+                       "--bits", "4", "--deepen", "--spare", "0")
+    assert code == 2 and "give --spare > 0 with --deepen" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import exported, snapshot
 from conftest import run_cli as run
-from conftest import snapshot
 from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.export import checkpoint, reference
@@ -165,3 +165,23 @@ def test_expert_table_and_budget(tiny_bundle, tiny_ckpt, tmp_path, capsys):
                        "--budget-mb", "0.01")
     assert code == 2 and "too small: the experts take" in err
     assert not (tmp_path / "n").exists()
+
+
+def test_a_quantized_bundle_reads_its_frozen_experts_as_served(exports):
+    """An int4 bundle with the growth programs holds no fp32 copy of its base experts: each
+    engine's weight file locates their codes (form "q4"), and `experts.read` dequantizes
+    them to exactly the values the programs serve (`quantize.dequantized`)."""
+    from moegrow.export import programs, quantize
+
+    path, ckpt = exported(exports["mixtral", 4]), exports["mixtral", 4].result()[1]
+    b = bundle_format.load(path)
+    model = programs.with_spare(checkpoint.load(ckpt), b.config["spare_experts"])
+    ex = quantize.dequantized(model, 4).model.layers
+    for engine in ENGINES:
+        forms = {e["form"] for e in b.manifest["experts"]["layout"][engine]}
+        assert forms == {"q4", "stacked", "dense"}, forms  # q4: base; fp32: spare slots
+        for layer, slot in ((0, 0), (1, 3)):
+            got = experts.read(b, layer, slot, engine)
+            want = [getattr(ex[layer].mlp.experts, p)[slot].detach().numpy() for p in PROJS]
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w)

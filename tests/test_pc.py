@@ -62,6 +62,44 @@ def test_one_sweep_gives_every_layers_updates(model):
                 torch.testing.assert_close(a_, b_, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits):
+    """A quantized bundle's sweep holds its frozen linears as the serving programs' codes
+    (`quantize.Frozen`: no fp32 copy of them) and gives the spare slots' updates that
+    autograd gives on the dequantized model, the rest of its outputs as well."""
+    from moegrow.export import quantize
+
+    args = mixtral.ModelArgs(vocab_size=97, hidden_size=64, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4,
+                             num_experts_per_tok=2, max_position_embeddings=32)
+    model = programs.with_spare(random_moe(args), 2)
+    with torch.no_grad():  # spare slots with router rows, open everywhere: the domain's
+        for block in model.model.layers:
+            block.mlp.gate.weight[4:] = torch.randn(2, 64, generator=torch.Generator()
+                                                    .manual_seed(5))
+            block.mlp.experts.gate_proj[4:] = block.mlp.experts.gate_proj[:2] * 1.1
+    slots = programs.slot_state(model)
+    slots[:, 2] = 0.0
+    tokens, valid = _tokens(seed=4), torch.ones(W)
+    valid[-1] = 0
+    frozen = pc.Sweep(model, W, bits)
+    names = [n for n, _ in frozen.loss.named_parameters()]
+    assert not any(n.endswith(("mlp.gate_proj.weight", "q_proj.weight", "lm_head.weight"))
+                   for n in names)  # nothing quantized is held in fp32
+    codes = {t.numpy().tobytes() for t in frozen.loss.buffers() if t.dtype == torch.uint8}
+    w = model.model.layers[1].mlp.experts.down_proj.detach()[:4]
+    assert quantize.packed(w.permute(1, 0, 2).reshape(64, -1), bits)[0].tobytes() in codes
+    with torch.no_grad():
+        got = frozen(tokens, valid, slots)
+        want = pc.Sweep(quantize.dequantized(model, bits), W)(tokens, valid, slots)
+    assert got[0].shape[1] == 2 and want[0].shape[1] == 6  # the spare slots only
+    assert got[3][:, 4:].sum() > 0  # tokens reached them
+    for name, a, b in zip(pc.OUTPUTS, got, want, strict=True):
+        b = b[:, 4:] if name in ("dwg", "dwu", "dwd") else b
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_the_adam_program_steps_as_torch_adam(model):
     """`pc.Adam` (growth's optimizer, a program): three steps equal torch.optim.Adam's on
     the summed gradients over the step's tokens."""
@@ -185,6 +223,7 @@ def test_strict_programs_through_the_runtime(exports, tiny_ckpt):
     with torch.no_grad():
         want = pc.Strict(model, 1, window, steps=2, eta=0.1)(
             padded, (torch.arange(window) < n - 1).float(), programs.slot_state(model))
+    assert strict.pop("first") == 0  # an fp32 bundle's gradients cover every slot
     for name, a, b in zip(pc.Strict.outputs, strict.values(), want, strict=True):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                    err_msg=name)

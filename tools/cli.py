@@ -233,8 +233,8 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
                    "model has one). Without any, `errormap` gives no verdicts.")
 @click.option("--deepen/--no-deepen", default=None,
               help="Lower the predictive-coding deepening programs (default: at 32 bits only; "
-                   "a quantized bundle's run on an fp32 copy of its dequantized weights, and "
-                   "with them it grows clones of its frozen quantized experts).")
+                   "a quantized bundle's run through its frozen quantized weights and train "
+                   "its spare slots: it grows clones of its quantized experts there).")
 @click.option("--strict-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also lower strict predictive-coding deepening programs with this many "
                    "relaxation steps (needs the deepening programs; export time grows with "
