@@ -122,7 +122,7 @@ def test_a_failing_method_is_reported_not_raised(tmp_path):
         {"method": "lora", "base": str(tmp_path / "nowhere"), "passes": 1, "seed": 0,
          "threads": 1, "locus": None}))
     np.save(tmp_path / "train.npy", _ids(10))
-    assert adapt.child(tmp_path) == 1
+    assert adapt.child(tmp_path, adapt.adapt_one) == 1
     r = json.loads((tmp_path / "result.json").read_text())
     assert "not a checkpoint folder" in r["error"] and r["peak_rss_mb"] > 0
 

@@ -126,6 +126,22 @@ def test_usage_errors_exit_2(capsys):
     assert code == 2 and "klingon" in err
 
 
+def test_the_device_side_of_the_cli_loads_no_torch(tmp_path):
+    """The CLI and the device runtime import no torch until a desktop command needs it (a
+    device-side command's memory is the device's), and the pretrain presets it offers are
+    pretrain's."""
+    import subprocess
+    import sys
+
+    from moegrow.export import pretrain
+    from moegrow.tools import cli
+
+    code = ("import sys; import moegrow.tools.cli, moegrow.tools.adapt_pc, moegrow.runtime; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    assert set(cli.PRESETS) == set(pretrain.PRESETS)
+
+
 def test_help_explains_every_command(capsys):
     for cmd in ("corpus", "pretrain", "eval", "generate", "demo"):
         code, out, _ = run(capsys, cmd, "--help")

@@ -65,6 +65,7 @@ def test_bench_sequence_end_to_end(capsys, tiny_ckpt, tiny_bundle, texts, tmp_pa
                                                          for s in st[1:]))
         assert m["gain"]["es"] == pytest.approx(1 - st[2]["ppl"]["es"] / st[0]["ppl"]["es"])
         assert m["wall_s"] > 0 and m["peak_rss_mb"] > 0
+        assert m["torch_loaded"] == (name != "pc")  # pc: the device runtime alone
     lora, tag, pc = (r["methods"][m] for m in ("lora", "lora-tag", "pc"))
     assert lora["gain"]["de"] > 0 and lora["gain"]["es"] > 0
     assert lora["min_gain_vs_lora"] == pytest.approx(1.0)

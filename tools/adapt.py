@@ -2,21 +2,24 @@
 what it costs (time, memory, FLOPs), on the same tokens, in one run.
 
 The parent (`bench_adapt`) tokenizes once: the first N ids of [BOS] + encode(train), and of
-each held-out text the first EVAL_CAP predicted tokens. Each method runs in its own process,
-`python -m moegrow.tools.adapt WORKDIR`, so its peak RSS (`ru_maxrss`) is its own. WORKDIR
-holds job.json ({"method", "base", "passes", "seed", "threads", "locus"}), train.npy and the
-eval ids heldout.npy, old.npy (other.npy with --other; `eval_ids` reads them); the child
-writes result.json, and its stderr lines reach the parent's `progress`.
+each held-out text the first EVAL_CAP predicted tokens. Each method runs in its own process
+(`tools/child.py`), `python -m moegrow.tools.adapt WORKDIR` for the torch methods and
+`python -m moegrow.tools.adapt_pc WORKDIR` for the PC ones (the device runtime, no torch), so
+its peak RSS (`ru_maxrss`) is its own. WORKDIR holds job.json ({"method", "base", "passes",
+"seed", "threads", "locus", "bundle"}), train.npy and the eval ids heldout.npy, old.npy
+(other.npy with --other; `child.eval_ids` reads them); the child writes result.json, and
+its stderr lines reach the parent's `progress`.
 
 Child contract: `run_torch` and `adapt_pc.run` (the PC methods, `tools/adapt_pc.py`)
 return {"ppl": {"heldout": [before, after], "old": [b, a], "other": [b, a] or None},
 "curve": [[tokens_seen, heldout_ppl], ...] (start, CURVE_POINTS inside, end), "wall_s"
 (adaptation alone: no evaluation, no locus choice), "accounted_bytes" (held for learning),
-"flops" (analytic, below)}, plus any keys of their own. Perplexity is per token over the
-runtime's half-overlapping windows of the context (`session.windows`). The child adds
-peak_rss_mb; the parent adds gain = 1 - after/before (held-out), forget_base/forget_other =
-after/before - 1 (None without --other) and wall_ratio_vs_lora (None without lora). A method
-that raises gets {"error": message} and the run goes on.
+"flops" (analytic, below; the parent's for the PC methods, `pc_flops`)}, plus any keys of
+their own. Perplexity is per token over the runtime's half-overlapping windows of the
+context (`session.windows`). The child adds peak_rss_mb and torch_loaded; the parent adds
+gain = 1 - after/before (held-out), forget_base/forget_other = after/before - 1 (None
+without --other) and wall_ratio_vs_lora (None without lora). A method that raises gets
+{"error": message} and the run goes on.
 
 Torch methods (fp32): the N ids cut into consecutive windows of W + 1 (context W; inputs and
 shifted targets), one window per AdamW step (weight decay 0), in order, `passes` times;
@@ -41,13 +44,10 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ from moegrow.export import checkpoint
 from moegrow.export.models import layers
 from moegrow.export.tokenizer import BOS, TextError
 from moegrow.runtime.session import windows
+from moegrow.tools.child import Progress, child, eval_ids, spawn
 from torch import nn
 
 METHODS = ("pc", "pc-strict", "pc-inplace", "locus-bp", "lora", "full")
@@ -66,7 +67,6 @@ CURVE_POINTS = 4  # held-out evaluations inside training, besides start and end
 LR = {"full": 1e-4, "lora": 1e-3, "locus-bp": 1e-4}
 RANK, ALPHA = 8, 16
 LOCUS_TOP = 2
-Progress = Callable[[str], None]
 
 
 class AdaptError(ValueError):
@@ -118,12 +118,6 @@ def perplexity(model: layers.CausalLM, ids: np.ndarray) -> float:
         nll += F.cross_entropy(logits, x[1:][new], reduction="sum").item()
         n += logits.shape[0]
     return math.exp(nll / n)
-
-
-def eval_ids(workdir: Path) -> dict[str, np.ndarray | None]:
-    """The eval ids a child scores: heldout, old, other (None without --other)."""
-    return {k: np.load(workdir / f"{k}.npy") if (workdir / f"{k}.npy").exists() else None
-            for k in ("heldout", "old", "other")}
 
 
 def train_windows(ids: np.ndarray, window: int) -> list[torch.Tensor]:
@@ -210,6 +204,26 @@ def flops_per_token(args, method: str, locus: dict[int, list[int]] | None = None
     return float(fwd + head + (args.num_hidden_layers - 1 - low) * layer + grads)
 
 
+def pc_flops(args, method: str, r: dict) -> float:
+    """A PC method's FLOPs from its child's result (tokens trained, plan, sweeps): pc and
+    pc-inplace run one `sweep` per trained token (a forward and a backward over every layer
+    with every layer's expert weight gradients): full fine-tuning's estimate, an upper
+    bound (the sweep takes no attention weight gradients). pc-strict, per layer in the
+    plan: one feed-forward pass, then locus-bp's forward-and-backward for that layer's
+    experts `sweeps` times (the unrolled program computes every step; shares: a balanced
+    router)."""
+    if method != "pc-strict":
+        return flops_per_token(args, "full") * r["tokens"]
+    shares = np.full((args.num_hidden_layers, args.experts),
+                     args.num_experts_per_tok / args.experts)
+    layers_: dict[int, list[int]] = {}
+    for s in r["plan"]:
+        layers_.setdefault(s["layer"], []).append(s["parent"])
+    return r["tokens"] * sum(
+        flops_per_token(args, "full") / 3 + r["sweeps"] * flops_per_token(
+            args, "locus-bp", {layer: ids}, shares) for layer, ids in layers_.items())
+
+
 def prepare(model: layers.CausalLM, method: str, train_ids: np.ndarray,
             locus: dict[int, list[int]] | None):
     """-> trainable parameters, finish(), the locus and routed shares (locus-bp only)."""
@@ -288,50 +302,11 @@ def run_torch(method: str, base: str, train_ids: np.ndarray, passes: int, workdi
 
 def adapt_one(job: dict, workdir: Path, say: Progress) -> dict:
     """bench adapt's method `job["method"]` on workdir's train.npy (the child contract)."""
-    method, train_ids = job["method"], np.load(workdir / "train.npy")
-    if method in PC_METHODS:
-        from moegrow.tools import adapt_pc
-
-        return adapt_pc.run(method, job, train_ids, workdir, say)
-    locus = job["locus"] and {int(x): ids for x, ids in job["locus"].items()}
-    return run_torch(method, job["base"], train_ids, job["passes"], workdir, say, locus)
-
-
-def child(workdir: Path, work: Callable[[dict, Path, Progress], dict] = adapt_one) -> int:
-    """One method in this process: job.json in, `work(job, workdir, say)`'s result plus
-    peak_rss_mb out as result.json (see the module docstring); an exception is reported as
-    {"error": message}."""
-    job = json.loads((workdir / "job.json").read_text())
-    method = job["method"]
     torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])
-
-    def say(message: str) -> None:
-        print(f"{method}: {message}", file=sys.stderr, flush=True)
-
-    try:
-        result = work(job, workdir, say)
-    except Exception as e:  # reported in the results; the other methods still run
-        result = {"error": f"{type(e).__name__}: {e}"}
-        say(result["error"])
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (workdir / "result.json").write_text(json.dumps(result))
-    return 1 if "error" in result else 0
-
-
-def spawn(workdir: Path, progress: Progress, module: str = "moegrow.tools.adapt") -> dict:
-    """Run `module`'s child on `workdir` in a fresh interpreter (`python -m module WORKDIR`,
-    result.json out), passing its output lines to `progress`."""
-    cmd = [sys.executable, "-m", module, str(workdir)]
-    last = ""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
-        for line in filter(str.strip, p.stdout):
-            last = line.rstrip()
-            progress(last)
-    file = workdir / "result.json"
-    if file.exists():
-        return json.loads(file.read_text())
-    return {"error": f"child exited with {p.returncode}: {last}"}
+    method, train_ids = job["method"], np.load(workdir / "train.npy")
+    locus = job["locus"] and {int(x): ids for x, ids in job["locus"].items()}
+    return run_torch(method, job["base"], train_ids, job["passes"], workdir, say, locus)
 
 
 def read(path: Path) -> str:
@@ -386,7 +361,10 @@ def bench_adapt(base: str, train: Path, heldout: Path, old: Path, out: Path,
                    "threads": threads, "locus": spot, "bundle": bundle and str(bundle)}
             (workdir / "job.json").write_text(json.dumps(job))
             say(f"{m}: adapting on {tokens} tokens x {passes} passes")
-            results[m] = spawn(workdir, say)
+            results[m] = spawn(workdir, say, "moegrow.tools.adapt_pc" if m in PC_METHODS
+                               else "moegrow.tools.adapt")
+            if m in PC_METHODS and "error" not in results[m]:
+                results[m]["flops"] = pc_flops(a, m, results[m])
             if m == "pc" and spot is None and results[m].get("plan"):  # locus-bp: same experts
                 spot = {}
                 for s in results[m]["plan"]:
@@ -485,4 +463,4 @@ def plot(r: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(child(Path(sys.argv[1])))
+    sys.exit(child(Path(sys.argv[1]), adapt_one))

@@ -1,4 +1,6 @@
-"""The predictive-coding methods of `moegrow bench adapt`, on the device runtime.
+"""The predictive-coding methods of `moegrow bench adapt` and bench sequence's pc, on the
+device runtime alone: `python -m moegrow.tools.adapt_pc WORKDIR` (`tools/child.py`) imports
+numpy and the runtime, never torch, so a method's peak RSS is what the device would hold.
 
 pc          one growth slice (`runtime/growth.py`): the error map's verdict picks the
             layers and parents; idle experts deepen in place, used ones are cloned into spare
@@ -10,25 +12,24 @@ The runtime first observes the training tokens (the error map and replay buffer 
 typing would have built; not counted in wall_s, reported as observe_s), then one slice runs
 over them for `passes` passes on ONNX Runtime. The slice holds every HOLDOUT-th replay
 sequence out for its guard, so it learns from ~80% of the tokens the torch methods see.
-The curve has the start and the end only (a slice commits once).
-FLOPs per trained token: pc and pc-inplace run one `sweep` (a forward and a backward over
-every layer with every layer's expert weight gradients): full fine-tuning's estimate, an
-upper bound (the sweep takes no attention weight gradients). pc-strict, per layer in the
-plan: one feed-forward pass, then locus-bp's forward-and-backward for that layer's experts
-steps + 2 times (the unrolled program computes every step).
+The curve has the start and the end only (a slice commits once). The parent adds the
+FLOPs (`adapt.pc_flops`) from the tokens trained, the plan and "sweeps".
+
+`sequence` is bench sequence's pc (`tools/sequence.py`): the domains in turn.
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from moegrow import runtime
-from moegrow.export import checkpoint
-from moegrow.tools import adapt
+from moegrow.runtime.growth import GrowthError
+from moegrow.tools import child
 
 MODES = {"pc": {}, "pc-strict": {"strict": True}, "pc-inplace": {"place": "inplace"}}
 
@@ -40,15 +41,6 @@ def perplexity(rt, ids: np.ndarray) -> float:
         nll += float(rt.run("score", chunk[None])[0][new].astype(np.float64).sum())
         n += new.stop - new.start
     return math.exp(nll / n)
-
-
-def flops_per_token(args, layer: int, experts: list[int], sweeps: int) -> float:
-    """One strict program per trained token: a feed-forward pass, then `sweeps`
-    forward-and-backward passes for the layer's experts (shares: a balanced router)."""
-    shares = np.full((args.num_hidden_layers, args.experts),
-                     args.num_experts_per_tok / args.experts)
-    return adapt.flops_per_token(args, "full", None) / 3 + sweeps * adapt.flops_per_token(
-        args, "locus-bp", {layer: experts}, shares)
 
 
 def grow(rt, train_ids: np.ndarray, domain: str, passes: int, progress,
@@ -68,32 +60,72 @@ def grow(rt, train_ids: np.ndarray, domain: str, passes: int, progress,
     return r, time.perf_counter() - t, observe_s
 
 
-def run(method: str, job: dict, train_ids: np.ndarray, workdir: Path, progress) -> dict:
-    """The child contract of `tools/adapt.py` for one PC method."""
-    bundle, passes, evals = job["bundle"], job["passes"], adapt.eval_ids(workdir)
+def _open(job: dict, workdir: Path):
     path = workdir / "bundle"
-    shutil.copytree(bundle, path, ignore=shutil.ignore_patterns("state"))
-    rt = runtime.open(path, "onnxruntime", job["threads"])
+    shutil.copytree(job["bundle"], path, ignore=shutil.ignore_patterns("state"))
+    return runtime.open(path, "onnxruntime", job["threads"])
+
+
+def run(job: dict, workdir: Path, progress) -> dict:
+    """The child contract of `tools/adapt.py` for one PC method."""
+    method, evals = job["method"], child.eval_ids(workdir)
+    rt = _open(job, workdir)
     before = {k: perplexity(rt, ids) if ids is not None else None for k, ids in evals.items()}
-    r, wall, observe_s = grow(rt, train_ids, "user", passes, progress, **MODES[method])
+    r, wall, observe_s = grow(rt, np.load(workdir / "train.npy"), "user", job["passes"],
+                              progress, **MODES[method])
     after = {k: perplexity(rt, ids) if ids is not None else None for k, ids in evals.items()}
-    layers = {}
-    for s in r["plan"]:
-        layers.setdefault(s["layer"], []).append(s["parent"])
-    # a strict program computes every unrolled step (halting is a mask): steps + 1
-    # evaluations of F and its gradient over the span, then dF/dW
-    sweeps = rt.bundle.manifest["deepening"]["strict_steps"] + 2
-    args = checkpoint.load(job["base"]).args
-    per_token = (sum(flops_per_token(args, layer, ids, sweeps) for layer, ids in layers.items())
-                 if method == "pc-strict" else adapt.flops_per_token(args, "full"))
     return {"ppl": {k: [before[k], after[k]] if before[k] else None for k in evals},
             "curve": [[0, before["heldout"]], [r["tokens"], after["heldout"]]],
             "wall_s": wall, "observe_s": observe_s, "accounted_bytes": r.get("bytes"),
-            "work_file_bytes": r.get("work_file_bytes"),
-            "flops": per_token * r["tokens"], "plan": r["plan"], "committed": r["committed"],
+            "work_file_bytes": r.get("work_file_bytes"), "tokens": r["tokens"],
+            # a strict program computes every unrolled step (halting is a mask): steps + 1
+            # evaluations of F and its gradient over the span, then dF/dW
+            "sweeps": rt.bundle.manifest["deepening"]["strict_steps"] + 2,
+            "plan": r["plan"], "committed": r["committed"],
             "reason": r["reason"], "guard": r["guard"] and {
                 k: r["guard"][k] for k in ("domain_gain", "base_rise", "passed")},
             "reach": r["guard"] and {k: r["guard"]["after"][k]["reach"]
                                      for k in ("domain", "base")},
             "steps": r["steps"], "strict_steps_used": r.get("strict_steps_used"),
             "threshold": r.get("threshold")}
+
+
+def sequence(job: dict, workdir: Path, say) -> dict:
+    """bench sequence's pc: a copy of the bundle grows on each domain in turn (one slice
+    each); after each stage every domain seen so far and the base are scored."""
+    k = range(len(job["domains"]))
+    heldout = [np.load(workdir / f"heldout-{i}.npy") for i in k]
+    train = [np.load(workdir / f"train-{i}.npy") for i in k]
+    old = np.load(workdir / "old.npy")
+    rt = _open(job, workdir)
+    names = job["domains"]
+    stages = [{"after": None, "ppl": {n: perplexity(rt, h)
+                                      for n, h in zip(names, heldout, strict=True)},
+               "base": perplexity(rt, old)}]
+    for i, name in enumerate(names):
+        say(f"stage {i + 1}/{len(names)}: {name}")
+        try:
+            r, wall, observe_s = grow(rt, train[i], name, job["passes"], say)
+        except GrowthError as e:  # this domain cannot grow (e.g. no free slot): go on
+            say(str(e))
+            r, wall, observe_s = {"committed": False, "reason": str(e), "verdict": None,
+                                  "plan": [], "skipped": []}, 0.0, None
+        stages.append({
+            "after": name, "wall_s": wall, "observe_s": observe_s, "committed": r["committed"],
+            "reason": r["reason"], "verdict": r["verdict"],
+            "version": rt.bundle.manifest["weights"]["version"],
+            "plan": [f"{s['how']} L{s['layer']} e{s['parent']}" for s in r["plan"]],
+            "skipped": r["skipped"], "reach": r.get("guard") and {
+                k: r["guard"]["after"][k]["reach"] for k in ("domain", "base")},
+            "ppl": {n: perplexity(rt, heldout[j]) for j, n in enumerate(names[:i + 1])},
+            "base": perplexity(rt, old)})
+    return {"stages": stages}
+
+
+def work(job: dict, workdir: Path, say) -> dict:
+    """bench sequence's job (it names "domains") or bench adapt's."""
+    return sequence(job, workdir, say) if "domains" in job else run(job, workdir, say)
+
+
+if __name__ == "__main__":
+    sys.exit(child.child(Path(sys.argv[1]), work))

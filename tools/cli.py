@@ -14,20 +14,29 @@ import click
 import numpy as np
 from moegrow import runtime
 from moegrow.device_kernels import layout
-from moegrow.export import bundle as bundle_lib
-from moegrow.export import checkpoint, evaluate, tokenizer
-from moegrow.export import generate as generate_lib
-from moegrow.export import pretrain as pretrain_lib
+from moegrow.export import tokenizer
 from moegrow.runtime import backends, errormap, experts, growth, session, state, verdicts, versions
 from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
-from moegrow.tools import llama as llama_lib
 
-ERRORS = (checkpoint.CheckpointError, tokenizer.TokenizerError, tokenizer.TextError,
-          pretrain_lib.PretrainError, corpus_lib.CorpusError, bundle_format.BundleError,
-          bundle_lib.BundleError, backends.BackendError, session.InputError,
-          experts.ExpertError, llama_lib.GGUFError, state.StateError, growth.GrowthError,
-          versions.VersionError)
+# The desktop side (export/, tools/llama.py) loads torch: its modules are imported by the
+# commands that use them, so a device-side command (observe, idle, errormap, versions,
+# rollback, forget, eval/generate on a bundle) runs and is measured without torch, as on
+# the device. `errors()` adds their error types once they are loaded.
+ERRORS = (tokenizer.TokenizerError, tokenizer.TextError, corpus_lib.CorpusError,
+          bundle_format.BundleError, backends.BackendError, session.InputError,
+          experts.ExpertError, state.StateError, growth.GrowthError, versions.VersionError)
+DESKTOP_ERRORS = {"moegrow.export.checkpoint": "CheckpointError",
+                  "moegrow.export.pretrain": "PretrainError",
+                  "moegrow.export.bundle": "BundleError", "moegrow.tools.llama": "GGUFError"}
+PRESETS = ("tiny", "small")  # export/pretrain.py PRESETS (tests/test_cli.py holds them equal)
+
+
+def errors() -> tuple[type[Exception], ...]:
+    """The error types the CLI reports in one line (exit 2): the runtime's, and those of
+    the desktop modules loaded so far."""
+    return ERRORS + tuple(getattr(sys.modules[m], name) for m, name in DESKTOP_ERRORS.items()
+                          if m in sys.modules)
 BACKENDS = ["torch", *backends.ENGINES]
 BACKEND_HELP = ("Engine: torch for checkpoint folders; executorch (default) or onnxruntime "
                 "for bundles.")
@@ -90,6 +99,8 @@ def text_chunks(path: Path, size: int = 1 << 20) -> Iterator[str]:
 
 
 def open_target(target: str):
+    from moegrow.export import checkpoint
+
     model = checkpoint.load(target)
     return model, checkpoint.load_tokenizer(target, model.args.vocab_size)
 
@@ -143,7 +154,7 @@ def corpus_fetch(names: tuple[str, ...], out: Path, as_json: bool) -> None:
               help="Folder holding train.txt (and heldout.txt), e.g. data/corpus/base.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Checkpoint folder to write; an unfinished run there is resumed.")
-@click.option("--preset", type=click.Choice(list(pretrain_lib.PRESETS)), default="tiny",
+@click.option("--preset", type=click.Choice(PRESETS), default="tiny",
               show_default=True, help="tiny: ~1.4M params, minutes; small: ~9M, the default.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Optimizer steps (default: the preset's).")
@@ -152,6 +163,8 @@ def corpus_fetch(names: tuple[str, ...], out: Path, as_json: bool) -> None:
 def pretrain(corpus_dir: Path, out: Path, preset: str, steps: int | None, seed: int,
              as_json: bool) -> None:
     """Train a SentencePiece tokenizer and an MoE from scratch into an HF-format folder."""
+    from moegrow.export import pretrain as pretrain_lib
+
     total = steps or pretrain_lib.PRESETS[preset]["steps"]
     with click.progressbar(length=total, label="pretraining", file=sys.stderr,
                            item_show_func=lambda p: p and f"loss {p.loss:.3f} "
@@ -186,6 +199,8 @@ def eval_(target: str, text_file: Path, backend: str | None, as_json: bool) -> N
 
 
 def _eval_torch(target: str, text: str) -> dict:
+    from moegrow.export import evaluate
+
     model, tok = open_target(target)
     with progressbar(1, "scoring") as bar:
         def progress(done: int, total: int) -> None:
@@ -206,6 +221,8 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
     if rt is not None:
         pieces = rt.generate(prompt, max_new=max_new)
     else:
+        from moegrow.export import generate as generate_lib
+
         model, tok = open_target(target)
         pieces = generate_lib.generate(model, tok, prompt, max_new=max_new)
     first = next(pieces, "")  # errors (prompt too long) surface before anything is printed
@@ -250,6 +267,8 @@ def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | 
     """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device: the
     programs prefill, decode, score, observe (and the deepening sweeps) for each engine, the
     weight files they load, and the error map's baseline."""
+    from moegrow.export import bundle as bundle_lib
+
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
     budget = None if budget_mb is None else int(budget_mb * 1e6)
     calibration = None if calibration_file is None else read_text(calibration_file)
@@ -420,6 +439,8 @@ DEMO_PREFIXES = ["The function returns", "To install the package, run", "import 
 @cli.command()
 def demo() -> None:
     """Show what moegrow does on the embedded default model, offline."""
+    from moegrow.export import generate as generate_lib
+
     model, tok = open_target("default")
     a = model.args
     params = sum(p.numel() for p in model.parameters())
@@ -449,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("aborted")
     except click.ClickException as e:
         fail(e.format_message())
-    except ERRORS as e:
+    except errors() as e:
         fail(str(e))
     except OSError as e:
         fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))

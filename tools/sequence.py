@@ -4,12 +4,13 @@ stage every domain seen so far and the base are scored (a forgetting matrix).
 The parent tokenizes once, as `bench adapt` does (`tools/adapt.py`): per domain the first N
 ids of [BOS] + encode(train) and the first EVAL_CAP predicted tokens of its held-out text,
 and the base's held-out text (--old) likewise. Each method runs every stage in its own
-process (`python -m moegrow.tools.sequence WORKDIR`: job.json, train-K.npy, heldout-K.npy and
-old.npy in, result.json out), so its peak RSS is its own.
+process (`tools/child.py`: `python -m moegrow.tools.sequence WORKDIR`, pc's `python -m
+moegrow.tools.adapt_pc WORKDIR`, the device runtime without torch; job.json, train-K.npy,
+heldout-K.npy and old.npy in, result.json out), so its peak RSS is its own.
 
 Methods (the torch ones fp32, one window per AdamW step, `passes` passes per domain):
 pc        a copy of --bundle grows on each domain in turn: observe its training tokens under
-          the domain's name, then one idle slice for that domain (`adapt_pc.grow`, the pc of
+          the domain's name, then one idle slice for that domain (`adapt_pc.sequence`, the pc of
           bench adapt: verdict, clones behind the domain gate, guard, commit). Its stages
           also record the slice: committed, reason, verdict, version, plan, skipped (named
           experts with no free slot left), reach (per layer, the share of the domain's and
@@ -36,14 +37,13 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from moegrow.export import checkpoint
-from moegrow.tools import adapt
+from moegrow.tools import adapt, child
 from moegrow.tools.adapt import EVAL_CAP, AdaptError, Progress
 
 METHODS = ("pc", "lora", "lora-tag", "full")
@@ -56,39 +56,6 @@ def parse_domain(spec: str) -> tuple[str, Path, Path]:
     if not name.strip() or len(paths) != 2 or not all(p.strip() for p in paths):
         raise AdaptError(f"--domain {spec!r}: expected NAME=TRAIN_FILE,HELDOUT_FILE")
     return name.strip(), Path(paths[0].strip()), Path(paths[1].strip())
-
-
-def run_pc(job: dict, data: dict, workdir: Path, say: Progress) -> dict:
-    from moegrow import runtime
-    from moegrow.runtime.growth import GrowthError
-    from moegrow.tools import adapt_pc
-
-    path = workdir / "bundle"
-    shutil.copytree(job["bundle"], path, ignore=shutil.ignore_patterns("state"))
-    rt = runtime.open(path, "onnxruntime", job["threads"])
-    names = job["domains"]
-    stages = [{"after": None, "ppl": {n: adapt_pc.perplexity(rt, h)
-                                      for n, h in zip(names, data["heldout"], strict=True)},
-               "base": adapt_pc.perplexity(rt, data["old"])}]
-    for i, name in enumerate(names):
-        say(f"stage {i + 1}/{len(names)}: {name}")
-        try:
-            r, wall, observe_s = adapt_pc.grow(rt, data["train"][i], name, job["passes"], say)
-        except GrowthError as e:  # this domain cannot grow (e.g. no free slot): go on
-            say(str(e))
-            r, wall, observe_s = {"committed": False, "reason": str(e), "verdict": None,
-                                  "plan": [], "skipped": []}, 0.0, None
-        stages.append({
-            "after": name, "wall_s": wall, "observe_s": observe_s, "committed": r["committed"],
-            "reason": r["reason"], "verdict": r["verdict"],
-            "version": rt.bundle.manifest["weights"]["version"],
-            "plan": [f"{s['how']} L{s['layer']} e{s['parent']}" for s in r["plan"]],
-            "skipped": r["skipped"], "reach": r.get("guard") and {
-                k: r["guard"]["after"][k]["reach"] for k in ("domain", "base")},
-            "ppl": {n: adapt_pc.perplexity(rt, data["heldout"][j])
-                    for j, n in enumerate(names[:i + 1])},
-            "base": adapt_pc.perplexity(rt, data["old"])})
-    return {"stages": stages}
 
 
 def run_torch(job: dict, data: dict, say: Progress) -> dict:
@@ -118,12 +85,12 @@ def run_torch(job: dict, data: dict, say: Progress) -> dict:
 
 
 def stages(job: dict, workdir: Path, say: Progress) -> dict:
-    """Every stage of one method (`adapt.child`'s work; see the module docstring)."""
+    """Every stage of one torch method (`child.child`'s work; see the module docstring)."""
     k = range(len(job["domains"]))
     data = {"train": [np.load(workdir / f"train-{i}.npy") for i in k],
             "heldout": [np.load(workdir / f"heldout-{i}.npy") for i in k],
             "old": np.load(workdir / "old.npy")}
-    return run_pc(job, data, workdir, say) if job["method"] == "pc" else run_torch(job, data, say)
+    return run_torch(job, data, say)
 
 
 def summarize(r: dict, names: list[str], lora: dict | None) -> dict:
@@ -189,7 +156,8 @@ def bench_sequence(base: str, domains: list[tuple[str, Path, Path]], old: Path, 
                    "seed": seed, "threads": threads, "bundle": bundle and str(bundle)}
             (workdir / "job.json").write_text(json.dumps(job))
             say(f"{m}: {len(names)} domains x {tokens} tokens x {passes} passes")
-            results[m] = adapt.spawn(workdir, say, module="moegrow.tools.sequence")
+            results[m] = child.spawn(workdir, say, "moegrow.tools.adapt_pc" if m == "pc"
+                                     else "moegrow.tools.sequence")
     lora = summarize(results["lora"], names, None) if "lora" in results else None
     argv = [*(f"--domain={n}={t},{h}" for n, t, h in domains),
             *(f"--{k}={v}" for k, v in {"base": base, "old": old, "methods": ",".join(methods),
@@ -278,4 +246,4 @@ def plot(r: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(adapt.child(Path(sys.argv[1]), stages))
+    sys.exit(child.child(Path(sys.argv[1]), stages))
