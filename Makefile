@@ -18,5 +18,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# the house (STYLE.md): ruff, and no Python file over MAX_LINES lines
+MAX_LINES ?= 520
 lint: install
 	$(BIN)/ruff check .
+	@long=$$(find runtime export tools device_kernels tests apps -name '*.py' 2>/dev/null \
+	  | xargs wc -l | awk '$$2 != "total" && $$1 > $(MAX_LINES) {print $$2 " (" $$1 ")"}'); \
+	  if [ -n "$$long" ]; then echo "over $(MAX_LINES) lines: $$long"; exit 1; fi

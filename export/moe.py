@@ -60,7 +60,7 @@ def route(moe: nn.Module, x: torch.Tensor):
 
 def weight(linear: nn.Linear) -> torch.Tensor:
     """A linear's weight as fp32 for code that reads it directly (the taps read the head;
-    `quantize.dequantized` reads every quantized linear back for the deepening sweeps):
+    `quantize.dequantized` reads every quantized linear back for the torch reference):
     dequantized where a quantizer has replaced it with a quantized tensor (torchao's,
     `quantize.quantize_for_pte`), so every program works on quantized modules."""
     w = linear.weight

@@ -36,8 +36,9 @@ rewritten as `MatMul(x, W.T)`. `dynamic_int8=True` selects `quantize_dynamic` fo
 Programs that read a weight directly, not through a linear, get its dequantized values on
 both engines: `moe.weight` (ExecuTorch: plain ops over the torchao tensor's codes) and
 the head's initializer rewritten here (ONNX). `dequantized(model, bits)` is the model with
-those values everywhere: the torch reference of a quantized bundle, and what its deepening
-programs (`pc.Deepen`, `quantizable` False) are built on.
+those values everywhere: the torch reference of a quantized bundle. Its deepening programs
+(`pc`, `quantizable` False) hold the linears as `Frozen`: the ONNX programs' own codes
+(`packed`), dequantized in the graph.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def dense(program: nn.Module) -> nn.Module:
 
 def quantizable(program: nn.Module) -> bool:
     """Whether `program` gets its linears quantized when lowered: the serving programs do; a
-    deepening program (`pc.Deepen`, traced from `dequantized(model, bits)`) is lowered as
-    it is (its gradient needs the weights as values, not as quantized kernels)."""
+    deepening program (`pc.Deepen`, its quantized linears `Frozen`) is lowered as it is
+    (its gradient needs the weights as values, not as quantized kernels)."""
     return getattr(program, "quantize", True)
 
 
@@ -132,8 +133,8 @@ def dequantized(model: nn.Module, bits: int) -> nn.Module:
     int`bits` programs serve: torchao's quantization (`quantize_for_pte`) and back, the
     experts quantized as the programs stack them (`DenseMoE`: int8 scales per row of the
     stacked [C, E*F] down projection span all experts). The torch reference of a quantized
-    bundle (`reference.py`) and the deepening programs of one (`pc.Deepen` on this model,
-    lowered as they are) run on it; ONNX Runtime serves the same values (`codes`)."""
+    bundle (`reference.py`) runs on it; ONNX Runtime serves the same values (`codes`), and
+    the deepening programs' `Frozen` linears hold them."""
     _check_bits(bits)
     from torchao.quantization import quantize_
 
