@@ -300,10 +300,15 @@ def run_torch(method: str, base: str, train_ids: np.ndarray, passes: int, workdi
     return train(model, method, train_ids, passes, locus, eval_ids(workdir), progress)
 
 
-def adapt_one(job: dict, workdir: Path, say: Progress) -> dict:
-    """bench adapt's method `job["method"]` on workdir's train.npy (the child contract)."""
+def setup(job: dict) -> None:
+    """A torch method's child: the job's threads and seed."""
     torch.set_num_threads(job["threads"])
     torch.manual_seed(job["seed"])
+
+
+def adapt_one(job: dict, workdir: Path, say: Progress) -> dict:
+    """bench adapt's method `job["method"]` on workdir's train.npy (the child contract)."""
+    setup(job)
     method, train_ids = job["method"], np.load(workdir / "train.npy")
     locus = job["locus"] and {int(x): ids for x, ids in job["locus"].items()}
     return run_torch(method, job["base"], train_ids, job["passes"], workdir, say, locus)

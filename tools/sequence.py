@@ -86,6 +86,7 @@ def run_torch(job: dict, data: dict, say: Progress) -> dict:
 
 def stages(job: dict, workdir: Path, say: Progress) -> dict:
     """Every stage of one torch method (`child.child`'s work; see the module docstring)."""
+    adapt.setup(job)
     k = range(len(job["domains"]))
     data = {"train": [np.load(workdir / f"train-{i}.npy") for i in k],
             "heldout": [np.load(workdir / f"heldout-{i}.npy") for i in k],
