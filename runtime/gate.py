@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SMOOTH = 200.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
+SMOOTH = 1000.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
 GATE_LLR = float(np.log(100))  # a clone opens where its domain is >= 100x likelier
 GATE_MIN = 8  # tokens a context needs before it can open a clone (export/programs.py)
 BASE_OPEN = 0.01  # at most this share of base replay positions may open a clone's gate
@@ -67,3 +67,13 @@ def threshold(table: np.ndarray, gate: str | None, base: list[np.ndarray], cls: 
     replay's 99th percentile of that score (so at most ~1% of base positions open it)."""
     score = np.concatenate([scores(table, w, cls, gate)[:len(w) - 1] for w in base])
     return float(max(GATE_LLR, np.quantile(score, 1 - BASE_OPEN)))
+
+
+def parent_row(threshold: float, cls: int) -> tuple[float, float, float, float]:
+    """The slot row (bias, a, t, class) of a base expert whose clone replaces it: open where
+    the clone's class scores at most the clone's threshold (a * s >= t with a = -1, t =
+    -threshold), closed where the clone opens. A token that reached the parent then reaches
+    the clone instead and keeps its other expert; with both open, a clone and its parent
+    (equal router rows) took a token's top two wherever the parent was first and pushed its
+    second expert out (near registers: docs/growth.md)."""
+    return (0.0, -1.0, -threshold, float(cls))

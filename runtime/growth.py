@@ -13,9 +13,11 @@
   2. a working copy (`Runtime.working_copy`: a runtime on a copy of the engine's weight
      file in `state/`, sized once); clones get their parent's weights and router row there,
      a router bias `BIAS` (the clone wins the tie with its parent, so the domain reaches it
-     wherever it reached the parent), the domain's class in the gate's table (a unigram
-     model of its training replay, smoothed toward the base's, `gate.SMOOTH`; the base's
-     from the first half of the calibration text) and a threshold: at least
+     wherever it reached the parent; the parent, unless an earlier clone closed it already,
+     closes where the clone opens: `gate.parent_row`), the domain's class in the gate's
+     table (a unigram model of its training replay, smoothed toward the base's,
+     `gate.SMOOTH`; the base's from the first half of the calibration text) and a
+     threshold: at least
      `gate.GATE_LLR`, and at least the base replay's 99th percentile of its class's score
      (`gate.threshold`). The clone is reachable only where the context is that much
      likelier under its domain's class than under the base's and every other grown
@@ -30,9 +32,10 @@
      run (`Bundle.live`: ONNX Runtime) see them at once; ExecuTorch's are reloaded after
      each step. A non-finite update, or an energy per token reaching the changed experts
      beyond `EXPLODE` x the first step's, is discarded and ends the slice.
-  5. guard: on held-out domain replay (every `HOLDOUT`-th sequence, never trained on) the NLL
-     must fall, and on the base guard text (the second half of the bundle's calibration
-     tokens) the perplexity must not rise by more than `GUARD_BASE`; else nothing is kept.
+  5. guard: on held-out domain replay (the replay packed into windows, `_windows`; every
+     `HOLDOUT`-th window, never trained on) the NLL must fall, and on the base guard text
+     (the second half of the bundle's calibration tokens) the perplexity must not rise by
+     more than `GUARD_BASE`; else nothing is kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
      rows (`versions.commit`, which logs it), and the runtime reloads it.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
@@ -53,7 +56,7 @@ from . import errormap, experts, gate, state, verdicts, versions
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
-HOLDOUT = 5  # every HOLDOUT-th replay sequence of the domain is held out for the guard
+HOLDOUT = 5  # every HOLDOUT-th replay window of the domain is held out for the guard
 GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
 TAKEOVER = 0.1  # another domain's clone that this share of a new domain's tokens reach is
 # cloned for it too (see `plan`)
@@ -86,8 +89,14 @@ class Limits:
 
 
 def _windows(seqs: list[np.ndarray], context: int) -> list[np.ndarray]:
-    return [s[i:i + context] for s in seqs for i in range(0, max(len(s) - 1, 1), context)
-            if len(s[i:i + context]) >= 2]
+    """The sequences packed into one stream (each observed text starts with BOS, which
+    separates them) and cut into windows of `context` tokens, each starting on the last
+    token of the one before: every token after the first is a target once. Cut one by one,
+    an observed text of 258 tokens left a window of 2 (a step of its own, a guard window of
+    one target: on GPL-3, 6 of 30 training windows; docs/growth.md, near registers)."""
+    stream = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+    step = max(context - 1, 1)
+    return [stream[i:i + context] for i in range(0, max(len(stream) - 1, 0), step)]
 
 
 def plan(rt, verdict: dict, domain: str, seen: dict,
@@ -341,9 +350,9 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     report["verdict"] = growing[domain]["verdict"]
     steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
     report["plan"] = steps
-    seqs = store.replay(domain)
-    held = _windows(seqs[HOLDOUT - 1::HOLDOUT], b.context)
-    train = _windows([s for i, s in enumerate(seqs) if i % HOLDOUT != HOLDOUT - 1], b.context)
+    windows = _windows(store.replay(domain), b.context)
+    held = windows[HOLDOUT - 1::HOLDOUT]
+    train = [w for i, w in enumerate(windows) if i % HOLDOUT != HOLDOUT - 1]
     if not steps or not held or not train:
         report["reason"] = "not enough replay text of the domain (observe more of it)"
         return report
@@ -395,6 +404,10 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
                 work.set_expert(s["layer"], s["slot"], work.rt.expert(s["layer"], s["parent"]))
                 work.router(s["layer"])[s["slot"]] = work.router(s["layer"])[s["parent"]]
                 work.rt.slots[s["layer"], :, s["slot"]] = (BIAS, 1.0, threshold, cls)
+                if not work.rt.slots[s["layer"], :, s["parent"]].any():  # the first clone
+                    # of that expert replaces it where its gate opens (`gate.parent_row`)
+                    work.rt.slots[s["layer"], :, s["parent"]] = gate.parent_row(threshold, cls)
+                    s["replaces"] = True
     work.reload()
     if any(s["how"] == "spawn" for s in steps) and limits.router_steps:
         say("training the new router rows")
@@ -494,7 +507,7 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
             bias, _, threshold, cls = work.rt.slots[s["layer"], :, s["slot"]]
             rows[key] = {"kind": "spawned", "parent": s["parent"], "domain": domain,
                          "bias": float(bias), "threshold": float(threshold),
-                         "class": int(cls)}
+                         "class": int(cls), "replaces": bool(s.get("replaces"))}
     summary = {k: v for k, v in report.items() if k not in ("guard", "energy", "update_norm")}
     summary |= {"committed": True, "energy": report["energy"][-1:],
                 "guard": {k: report["guard"][k] for k in ("domain_gain", "base_rise")}}

@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 from moegrow.device_kernels import layout
 
-from . import backends, errormap, experts, growth, learnable, versions
+from . import backends, errormap, experts, gate, growth, learnable, versions
 from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
@@ -276,9 +276,10 @@ def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:
     """The programs' `slots` input [L, 4, slots] from the manifest's expert table
     (`export.programs.slot_state`): per slot a router bias, a gate coefficient, a threshold
     and a class of the domain gate; base experts (0, 0, 0, 0) always open, spare slots
-    (0, 0, 1, 0) never, spawned ones (bias, 1, threshold, class). Bundles exported before the
-    domain gate (no `experts.domains` in the manifest) take [L, 3, slots]: their spawned
-    slots are (bias, 1, threshold) on the novelty of their own programs."""
+    (0, 0, 1, 0) never, spawned ones (bias, 1, threshold, class), and the parent a clone
+    `replaces` (0, -1, -threshold, class): closed where the clone opens. Bundles exported
+    before the domain gate (no `experts.domains` in the manifest) take [L, 3, slots]: their
+    spawned slots are (bias, 1, threshold) on the novelty of their own programs."""
     experts_, _, _ = layout.dims(bundle.config)
     rows = 4 if "domains" in bundle.manifest["experts"] else 3
     state = np.zeros((bundle.config["num_hidden_layers"], rows, experts_), np.float32)
@@ -289,6 +290,10 @@ def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:
         elif kind == "spawned":
             values = (row["bias"], 1.0, row["threshold"], row.get("class", 0))
             state[row["layer"], :, row["slot"]] = values[:rows]
+    for row in bundle.manifest["experts"]["table"]:  # clones that replace their parent
+        if row.get("replaces"):
+            state[row["layer"], :, row["parent"]] = gate.parent_row(row["threshold"],
+                                                                    row["class"])
     return state
 
 

@@ -17,6 +17,7 @@ from conftest import exported, german, run_cli
 from moegrow import runtime
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import experts, gate, growth, versions
+from moegrow.runtime.session import OBSERVE
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,18 @@ def grown(tiny_bundle, tmp_path_factory):
     shutil.copytree(before, after)
     report = runtime.open(after, "onnxruntime").idle(600, tokens=4096, steps=8)
     return before, after, report
+
+
+def test_replay_packs_into_windows_that_predict_every_token_once():
+    rng = np.random.default_rng(0)
+    seqs = [np.concatenate([[1], rng.integers(2, 99, n)]) for n in (257, 1, 40, 300, 12)]
+    stream = np.concatenate(seqs)
+    windows = growth._windows(seqs, 64)
+    assert all(2 <= len(w) <= 64 for w in windows)
+    assert sum(len(w) < 64 for w in windows) == 1  # only the last is short
+    targets = np.concatenate([w[1:] for w in windows])  # each window's predicted tokens
+    assert np.array_equal(targets, stream[1:])
+    assert growth._windows([], 64) == [] and growth._windows([np.array([1])], 64) == []
 
 
 def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
@@ -112,6 +125,36 @@ def test_the_domain_gate_holds_the_domains_class_and_opens_for_it_alone(grown, t
     buf.flush()
     work.reload()
     assert opens(work, french) < 0.05 and opens(work, german(40, seed=9)) > 0.8
+
+
+def test_a_clone_replaces_its_parent_where_its_gate_opens(grown):
+    """The parent's slot row closes where its clone's opens: no position routes to both
+    (both open, with equal router rows they took a token's top two wherever the parent was
+    first and pushed its second expert out); where the gate stays shut (base text) the
+    parent serves as before."""
+    before, after, r = grown
+    rt, old = runtime.open(after, "onnxruntime"), runtime.open(before, "onnxruntime")
+    clones = [row for row in rt.bundle.manifest["experts"]["table"]
+              if row.get("kind") == "spawned"]
+    assert clones and all(row["replaces"] for row in clones)
+    for row in clones:
+        assert list(rt.slots[row["layer"], :, row["parent"]]) == pytest.approx(
+            gate.parent_row(row["threshold"], row["class"]))
+    guard = np.fromfile(rt.bundle.path / rt.bundle.manifest["calibration"]["guard"]["file"],
+                        np.int32)
+    base = np.concatenate([[1], guard[len(guard) // 2:][:rt.bundle.context - 1]])
+    text = np.array([1] + rt.sp.encode(german(40, seed=9))[:rt.bundle.context - 1])
+    routed = {name: dict(zip(OBSERVE, rt.run("observe", ids[None]), strict=True))["ids"]
+              for name, ids in (("german", text), ("base", base))}
+    old_base = dict(zip(OBSERVE, old.run("observe", base[None]), strict=True))["ids"]
+    for row in clones:
+        layer = routed["german"][row["layer"]]  # [T, K]
+        clone, parent = (layer == row["slot"]).any(-1), (layer == row["parent"]).any(-1)
+        assert clone.sum() > 0 and not (clone & parent).any()
+        b = routed["base"][row["layer"]]
+        assert not (b == row["slot"]).any()
+        assert np.array_equal((b == row["parent"]).any(-1),
+                              (old_base[row["layer"]] == row["parent"]).any(-1))
 
 
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
