@@ -17,11 +17,10 @@
      closes where the clone opens: `gate.parent_row`), the domain's class in the gate's
      table (a unigram model of its training replay, smoothed toward the base's,
      `gate.SMOOTH`; the base's from the first half of the calibration text) and a
-     threshold: at least
-     `gate.GATE_LLR`, and at least the base replay's 99th percentile of its class's score
-     (`gate.threshold`). The clone is reachable only where the context is that much
-     likelier under its domain's class than under the base's and every other grown
-     domain's (`export/programs.py`, inside every program).
+     threshold: at least `gate.GATE_LLR`, and at least the base replay's 99th percentile of
+     its class's score (`gate.threshold`). The clone is reachable only where the context
+     is that much likelier under its domain's class than under the base's and every other
+     grown domain's (`export/programs.py`, inside every program).
   3. optionally (`Limits.router_steps`, off by default: it forgot more, docs/growth.md) hinge
      updates of the new router rows that push them below the k-th logit on replayed base
      positions that open the gate;
