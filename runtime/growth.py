@@ -33,8 +33,9 @@
      beyond `EXPLODE` x the first step's, is discarded and ends the slice.
   5. guard: on held-out domain replay (the replay packed into windows, `_windows`; every
      `HOLDOUT`-th window, never trained on) the NLL must fall, and on the base guard text
-     (the second half of the bundle's calibration tokens) the perplexity must not rise by
-     more than `GUARD_BASE`; else nothing is kept.
+     (the second half of the bundle's calibration tokens, in `Runtime.windows` as `eval`
+     scores it) the perplexity must not rise by more than `GUARD_BASE`; else nothing is
+     kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
      rows (`versions.commit`, which logs it), and the runtime reloads it.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
@@ -206,15 +207,15 @@ class Work:
         path.unlink(missing_ok=True)
 
 
-def _measure(work, windows: list[np.ndarray], changed: set) -> dict:
-    """NLL of the windows' tokens (every token after each window's first) under the runtime
-    `work`, and the share of them that reach a changed expert in each layer."""
+def _measure(work, windows: list[tuple[np.ndarray, slice]], changed: set) -> dict:
+    """NLL of the windows' new tokens (window, the slice of its positions counted) under
+    the runtime `work`, and the share of them that reach a changed expert in each layer."""
     nll, n, reach = 0.0, 0, np.zeros(work.slots.shape[0])
-    for w in windows:
+    for w, new in windows:
         out = work.run("observe", w[None])
-        nll += float(out[0][:len(w) - 1].astype(np.float64).sum())
-        n += len(w) - 1
-        ids = out[2][:, :len(w) - 1]  # [L, T, K]
+        nll += float(out[0][new].astype(np.float64).sum())
+        n += len(out[0][new])
+        ids = out[2][:, new]  # [L, T, K]
         for layer in range(ids.shape[0]):
             mine = [s for lay, s in changed if lay == layer]
             reach[layer] += np.isin(ids[layer], mine).any(-1).sum()
@@ -360,14 +361,16 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
     ids = ids.astype(np.int64)
     half = len(ids) // 2
-    base_router, base_guard = _windows([ids[:half]], b.context), _windows([ids[half:]],
-                                                                         b.context)
+    # the base guard text as `eval` scores it: no window's first tokens without context
+    # (one that began in odd pieces opened German's gate: docs/growth.md, "What it cost")
+    base_router, base_guard = _windows([ids[:half]], b.context), list(rt.windows(ids[half:]))
     changed = {(s["layer"], s["slot"]) for s in steps}
     say(f"{domain}: {report['verdict']}; " + ", ".join(
         f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps) + "".join(
         f"; no free slot for L{layer} e{parent}" for layer, parent in report["skipped"]))
     work = Work(rt)
     try:
+        held = [(w, slice(0, len(w) - 1)) for w in held]
         before = {"domain": _measure(work.rt, held, changed),
                   "base": _measure(work.rt, base_guard, changed)}
         report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,

@@ -55,6 +55,14 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     assert g["after"]["domain"]["nll"] < g["before"]["domain"]["nll"]
     assert max(g["after"]["domain"]["reach"]) > 0.05  # domain tokens reach the clone
     assert max(g["after"]["base"]["reach"]) < 0.01  # base tokens (almost) never do
+    old = runtime.open(before, "onnxruntime")  # the base guard text scored as `eval` does
+    guard = np.fromfile(old.bundle.path / old.bundle.manifest["calibration"]["guard"]["file"],
+                        np.int32).astype(np.int64)
+    ids = guard[len(guard) // 2:]
+    nll = sum(float(old.run("score", w[None])[0][new].astype(np.float64).sum())
+              for w, new in old.windows(ids))
+    assert g["before"]["base"]["tokens"] == len(ids) - 1
+    assert g["before"]["base"]["nll"] == pytest.approx(nll / (len(ids) - 1), abs=1e-5)
     assert r["threshold"] >= gate.GATE_LLR and r["class"] == 1  # the first domain's class
     weights = bundle_format.load(before).weights("onnxruntime").stat().st_size
     assert r["accounted_bytes"] == weights + r["work_file_bytes"] + r["bytes"]
