@@ -31,11 +31,11 @@
      run (`Bundle.live`: ONNX Runtime) see them at once; ExecuTorch's are reloaded after
      each step. A non-finite update, or an energy per token reaching the changed experts
      beyond `EXPLODE` x the first step's, is discarded and ends the slice.
-  5. guard: on held-out domain replay (the replay packed into windows, `_windows`; every
-     `HOLDOUT`-th window, never trained on) the NLL must fall, and on the base guard text
-     (the second half of the bundle's calibration tokens, in `Runtime.windows` as `eval`
-     scores it) the perplexity must not rise by more than `GUARD_BASE`; else nothing is
-     kept.
+  5. guard (`guard.py`): on held-out domain replay (the replay packed into windows; every
+     `guard.HOLDOUT`-th window, never trained on) the NLL must fall, and on the base guard
+     text (the second half of the bundle's calibration tokens, in `Runtime.windows` as
+     `eval` scores it) the perplexity must not rise by more than `guard.GUARD_BASE`; else
+     nothing is kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
      rows (`versions.commit`, which logs it), and the runtime reloads it.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
@@ -52,12 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from . import errormap, experts, gate, state, verdicts, versions
+from . import errormap, experts, gate, guard, state, verdicts, versions
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
-HOLDOUT = 5  # every HOLDOUT-th replay window of the domain is held out for the guard
-GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
 TAKEOVER = 0.1  # another domain's clone that this share of a new domain's tokens reach is
 # cloned for it too (see `plan`)
 EXPLODE = 100.0  # energy per routed token above this many times the first step's: the
@@ -86,17 +84,6 @@ class Limits:
     strict: bool = False  # the strict PC schedule (bundles exported with --strict-steps)
     place: str = "auto"  # "auto": cloned (idle experts in place when no slot is free);
     # "inplace": all in place
-
-
-def _windows(seqs: list[np.ndarray], context: int) -> list[np.ndarray]:
-    """The sequences packed into one stream (each observed text starts with BOS, which
-    separates them) and cut into windows of `context` tokens, each starting on the last
-    token of the one before: every token after the first is a target once. Cut one by one,
-    an observed text of 258 tokens left a window of 2 (a step of its own, a guard window of
-    one target: on GPL-3, 6 of 30 training windows; docs/growth.md, near registers)."""
-    stream = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
-    step = max(context - 1, 1)
-    return [stream[i:i + context] for i in range(0, max(len(stream) - 1, 0), step)]
 
 
 def plan(rt, verdict: dict, domain: str, seen: dict,
@@ -205,21 +192,6 @@ class Work:
         path = self.rt.weights
         del self.buf, self.rt
         path.unlink(missing_ok=True)
-
-
-def _measure(work, windows: list[tuple[np.ndarray, slice]], changed: set) -> dict:
-    """NLL of the windows' new tokens (window, the slice of its positions counted) under
-    the runtime `work`, and the share of them that reach a changed expert in each layer."""
-    nll, n, reach = 0.0, 0, np.zeros(work.slots.shape[0])
-    for w, new in windows:
-        out = work.run("observe", w[None])
-        nll += float(out[0][new].astype(np.float64).sum())
-        n += len(out[0][new])
-        ids = out[2][:, new]  # [L, T, K]
-        for layer in range(ids.shape[0]):
-            mine = [s for lay, s in changed if lay == layer]
-            reach[layer] += np.isin(ids[layer], mine).any(-1).sum()
-    return {"nll": nll / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist()}
 
 
 def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits: Limits,
@@ -350,9 +322,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     report["verdict"] = growing[domain]["verdict"]
     steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
     report["plan"] = steps
-    windows = _windows(store.replay(domain), b.context)
-    held = windows[HOLDOUT - 1::HOLDOUT]
-    train = [w for i, w in enumerate(windows) if i % HOLDOUT != HOLDOUT - 1]
+    train, held = guard.split(store.replay(domain), b.context)
     if not steps or not held or not train:
         report["reason"] = "not enough replay text of the domain (observe more of it)"
         return report
@@ -363,29 +333,26 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
     half = len(ids) // 2
     # the base guard text as `eval` scores it: no window's first tokens without context
     # (one that began in odd pieces opened German's gate: docs/growth.md, "What it cost")
-    base_router, base_guard = _windows([ids[:half]], b.context), list(rt.windows(ids[half:]))
+    base_router = guard.windows([ids[:half]], b.context)
+    base_guard = list(rt.windows(ids[half:]))
     changed = {(s["layer"], s["slot"]) for s in steps}
     say(f"{domain}: {report['verdict']}; " + ", ".join(
         f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps) + "".join(
         f"; no free slot for L{layer} e{parent}" for layer, parent in report["skipped"]))
     work = Work(rt)
     try:
-        held = [(w, slice(0, len(w) - 1)) for w in held]
-        before = {"domain": _measure(work.rt, held, changed),
-                  "base": _measure(work.rt, base_guard, changed)}
+        before = {"domain": guard.measure(work.rt, held, changed),
+                  "base": guard.measure(work.rt, base_guard, changed)}
         report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,
                                  report, say, domain)
         if report["reason"] is None:
-            after = {"domain": _measure(work.rt, held, changed),
-                     "base": _measure(work.rt, base_guard, changed)}
-            rise = float(np.exp(after["base"]["nll"] - before["base"]["nll"]) - 1)
-            gain = float(1 - np.exp(after["domain"]["nll"] - before["domain"]["nll"]))
-            ok = gain > 0 and rise <= GUARD_BASE
-            report["guard"] = {"before": before, "after": after, "domain_gain": gain,
-                               "base_rise": rise, "bound": GUARD_BASE, "passed": ok}
-            if not ok:
-                report["reason"] = (f"guard: domain perplexity gain {gain:.2%}, base rise "
-                                    f"{rise:.2%} (bound {GUARD_BASE:.1%}); nothing committed")
+            after = {"domain": guard.measure(work.rt, held, changed),
+                     "base": guard.measure(work.rt, base_guard, changed)}
+            report["guard"] = g = guard.verdict(before, after)
+            if not g["passed"]:
+                report["reason"] = (f"guard: domain perplexity gain {g['domain_gain']:.2%}, "
+                                    f"base rise {g['base_rise']:.2%} (bound {g['bound']:.1%}); "
+                                    "nothing committed")
             else:
                 _commit(rt, work, steps, domain, report)
     finally:

@@ -16,7 +16,7 @@ import pytest
 from conftest import exported, german, run_cli
 from moegrow import runtime
 from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime import experts, gate, growth, versions
+from moegrow.runtime import experts, gate, growth, guard, versions
 from moegrow.runtime.session import OBSERVE
 
 
@@ -37,12 +37,12 @@ def test_replay_packs_into_windows_that_predict_every_token_once():
     rng = np.random.default_rng(0)
     seqs = [np.concatenate([[1], rng.integers(2, 99, n)]) for n in (257, 1, 40, 300, 12)]
     stream = np.concatenate(seqs)
-    windows = growth._windows(seqs, 64)
+    windows = guard.windows(seqs, 64)
     assert all(2 <= len(w) <= 64 for w in windows)
     assert sum(len(w) < 64 for w in windows) == 1  # only the last is short
     targets = np.concatenate([w[1:] for w in windows])  # each window's predicted tokens
     assert np.array_equal(targets, stream[1:])
-    assert growth._windows([], 64) == [] and growth._windows([np.array([1])], 64) == []
+    assert guard.windows([], 64) == [] and guard.windows([np.array([1])], 64) == []
 
 
 def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
@@ -51,14 +51,14 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     assert all(s["how"] == "spawn" for s in r["plan"])
     assert r["steps"] == 8 and r["tokens"] > 0 and np.isfinite(r["energy"]).all()
     g = r["guard"]
-    assert g["domain_gain"] > 0.02 and g["base_rise"] <= growth.GUARD_BASE
+    assert g["domain_gain"] > 0.02 and g["base_rise"] <= guard.GUARD_BASE
     assert g["after"]["domain"]["nll"] < g["before"]["domain"]["nll"]
     assert max(g["after"]["domain"]["reach"]) > 0.05  # domain tokens reach the clone
     assert max(g["after"]["base"]["reach"]) < 0.01  # base tokens (almost) never do
     old = runtime.open(before, "onnxruntime")  # the base guard text scored as `eval` does
-    guard = np.fromfile(old.bundle.path / old.bundle.manifest["calibration"]["guard"]["file"],
-                        np.int32).astype(np.int64)
-    ids = guard[len(guard) // 2:]
+    cal = np.fromfile(old.bundle.path / old.bundle.manifest["calibration"]["guard"]["file"],
+                      np.int32).astype(np.int64)
+    ids = cal[len(cal) // 2:]
     nll = sum(float(old.run("score", w[None])[0][new].astype(np.float64).sum())
               for w, new in old.windows(ids))
     assert g["before"]["base"]["tokens"] == len(ids) - 1
@@ -148,9 +148,9 @@ def test_a_clone_replaces_its_parent_where_its_gate_opens(grown):
     for row in clones:
         assert list(rt.slots[row["layer"], :, row["parent"]]) == pytest.approx(
             gate.parent_row(row["threshold"], row["class"]))
-    guard = np.fromfile(rt.bundle.path / rt.bundle.manifest["calibration"]["guard"]["file"],
-                        np.int32)
-    base = np.concatenate([[1], guard[len(guard) // 2:][:rt.bundle.context - 1]])
+    cal = np.fromfile(rt.bundle.path / rt.bundle.manifest["calibration"]["guard"]["file"],
+                      np.int32)
+    base = np.concatenate([[1], cal[len(cal) // 2:][:rt.bundle.context - 1]])
     text = np.array([1] + rt.sp.encode(german(40, seed=9))[:rt.bundle.context - 1])
     routed = {name: dict(zip(OBSERVE, rt.run("observe", ids[None]), strict=True))["ids"]
               for name, ids in (("german", text), ("base", base))}
@@ -225,7 +225,7 @@ def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
         reach = np.mean([np.isin(got[2][layer], [s for lay, s in clones if lay == layer])
                          .any(-1).mean() for layer in range(got[2].shape[0])])
         assert reach <= gate.BASE_OPEN * 2, (engine, reach)
-        assert abs(got[0].mean() / want[0].mean() - 1) <= growth.GUARD_BASE * 2, engine
+        assert abs(got[0].mean() / want[0].mean() - 1) <= guard.GUARD_BASE * 2, engine
     with pytest.raises(experts.ExpertError, match="frozen"):
         experts.check(new, {(0, 0): experts.read(new, 0, 0)}, {})
 

@@ -1,0 +1,55 @@
+"""A growth slice's guard (`growth.py`, step 5): the domain's replay split into training
+windows and held-out ones, and the NLL of held-out domain text and of base text measured
+before and after the slice; the slice is kept only where the domain's NLL fell and the base
+perplexity rose by at most `GUARD_BASE`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+HOLDOUT = 5  # every HOLDOUT-th replay window of the domain is held out for the guard
+GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
+
+Window = tuple[np.ndarray, slice]  # a window and the positions of it that are counted
+
+
+def windows(seqs: list[np.ndarray], context: int) -> list[np.ndarray]:
+    """The sequences packed into one stream (each observed text starts with BOS, which
+    separates them) and cut into windows of `context` tokens, each starting on the last
+    token of the one before: every token after the first is a target once. Cut one by one,
+    an observed text of 258 tokens left a window of 2 (a step of its own, a guard window of
+    one target: on GPL-3, 6 of 30 training windows; docs/growth.md, near registers)."""
+    stream = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+    step = max(context - 1, 1)
+    return [stream[i:i + context] for i in range(0, max(len(stream) - 1, 0), step)]
+
+
+def split(replay: list[np.ndarray], context: int) -> tuple[list[np.ndarray], list[Window]]:
+    """(training windows, held-out windows with every target counted) of a domain's replay:
+    every `HOLDOUT`-th window is held out, never trained on."""
+    cut = windows(replay, context)
+    held = [(w, slice(0, len(w) - 1)) for w in cut[HOLDOUT - 1::HOLDOUT]]
+    return [w for i, w in enumerate(cut) if i % HOLDOUT != HOLDOUT - 1], held
+
+
+def measure(rt, windows_: list[Window], changed: set) -> dict:
+    """NLL of the windows' counted tokens under the runtime `rt`, and the share of them
+    that reach a changed expert ((layer, slot) in `changed`) in each layer."""
+    nll, n, reach = 0.0, 0, np.zeros(rt.slots.shape[0])
+    for w, new in windows_:
+        out = rt.run("observe", w[None])
+        nll += float(out[0][new].astype(np.float64).sum())
+        n += len(out[0][new])
+        ids = out[2][:, new]  # [L, T, K]
+        for layer in range(ids.shape[0]):
+            mine = [s for lay, s in changed if lay == layer]
+            reach[layer] += np.isin(ids[layer], mine).any(-1).sum()
+    return {"nll": nll / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist()}
+
+
+def verdict(before: dict, after: dict) -> dict:
+    """The guard's report from `measure`'s {"domain", "base"} before and after a slice."""
+    rise = float(np.exp(after["base"]["nll"] - before["base"]["nll"]) - 1)
+    gain = float(1 - np.exp(after["domain"]["nll"] - before["domain"]["nll"]))
+    return {"before": before, "after": after, "domain_gain": gain, "base_rise": rise,
+            "bound": GUARD_BASE, "passed": gain > 0 and rise <= GUARD_BASE}
