@@ -23,6 +23,12 @@ A quantized bundle's base experts are frozen and have no fp32 form: their entrie
 of `group`: ONNX Runtime's `MatMulNBits` layout, uint8 codes with an implicit zero point of
 2^(bits-1), 4-bit ones two to a byte, low nibble first; fp32 scales, one per group).
 `dequantized` reads one expert back as fp32 (a clone's starting weights).
+
+A bundle exported with a *pool* (`--pool N`) has N more slots per layer after the spare
+ones, held in that same layout at the pool's bits in every gated program (entries with
+`first` = E + S): growth moves a converged clone there (`runtime.compress`), and
+`quantize_into` writes one expert's codes and scales (`packed`, the numpy reference of the
+format) in place, so a bit width changes on the device without an export.
 """
 
 from __future__ import annotations
@@ -36,11 +42,20 @@ PROJS = ("gate_proj", "up_proj", "down_proj")
 
 def dims(config: dict) -> tuple[int, int, int]:
     """(expert slots, expert hidden F, model width C) of a Hugging Face MoE config; the slots
-    are its E experts plus the `spare_experts` a bundle's config adds (spawn headroom)."""
+    are its E experts plus the `spare_experts` a bundle's config adds (spawn headroom) and
+    its `pool_experts` (quantized slots for converged clones)."""
     experts = (config.get("num_local_experts") or config["num_experts"]) + \
-        config.get("spare_experts", 0)
+        config.get("spare_experts", 0) + config.get("pool_experts", 0)
     hidden = config.get("moe_intermediate_size") or config["intermediate_size"]
     return experts, hidden, config["hidden_size"]
+
+
+def expert_bytes(config: dict, bits: int, group: int = 32) -> int:
+    """Bytes one expert takes at `bits` in the weight files: fp32, or (8, 4) the `q8`/`q4`
+    codes plus an fp32 scale per `group` (what the budget counts; `runtime.compress`)."""
+    _, hidden, width = dims(config)
+    n = 3 * hidden * width
+    return n * 4 if bits == 32 else n * bits // 8 + n // group * 4
 
 
 def shape(proj: str, hidden: int, width: int) -> tuple[int, int]:
@@ -49,9 +64,10 @@ def shape(proj: str, hidden: int, width: int) -> tuple[int, int]:
 
 
 def forms(proj: str, stacked: np.ndarray) -> dict[str, np.ndarray]:
-    """The contiguous arrays whose bytes an engine may hold for a stacked [E, out, in] weight."""
+    """The contiguous arrays whose bytes an engine may hold for a stacked [E, out, in] weight
+    (one expert's down_proj has one: its dense form is the same bytes, stored once)."""
     out = {"stacked": np.ascontiguousarray(stacked, np.float32)}
-    if proj == "down_proj":
+    if proj == "down_proj" and len(stacked) > 1:
         e, c, f = stacked.shape
         out["dense"] = np.ascontiguousarray(stacked.transpose(1, 0, 2).reshape(c, e * f),
                                             np.float32)
@@ -114,6 +130,71 @@ def dequantized(buf: np.ndarray, entry: dict, slot: int,
     w = ((codes.astype(np.float32) - (1 << (bits - 1))) * scales.reshape(rows, -1, 1))
     w = w.reshape(rows, cols)
     return (w[:, slot * in_:(slot + 1) * in_] if down else w[slot * out:(slot + 1) * out]).copy()
+
+
+def packed(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """A weight [N, K] in the `q4` / `q8` layout: symmetric codes per group of `group`
+    along K (scale = max |w| / (2^(bits-1) - 1), code = round(w / scale) + 2^(bits-1)),
+    4-bit ones two to a byte, low nibble first -> (uint8 [N, K / group, group * bits / 8],
+    fp32 scales [N * K / group]). Every value is within scale / 2 of `w`."""
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    if bits not in (4, 8) or k % group:
+        raise ValueError(f"a q{bits} weight needs bits 4 or 8 and K divisible by {group}")
+    g = w.reshape(n, k // group, group)
+    qmax = (1 << (bits - 1)) - 1
+    scale = (np.abs(g).max(-1) / qmax).astype(np.float32)  # [N, K / group]
+    safe = np.where(scale > 0, scale, 1.0)[..., None]
+    q = (np.clip(np.rint(g / safe), -qmax, qmax) + (1 << (bits - 1))).astype(np.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return np.ascontiguousarray(q), np.ascontiguousarray(scale.reshape(-1))
+
+
+def quantize_into(buf: np.ndarray, entry: dict, slot: int, dims_: tuple[int, int, int],
+                  w: np.ndarray) -> np.ndarray:
+    """Expert `slot`'s fp32 [out, in] weight `w` quantized (`packed`) into a quantized
+    entry (form `q4` / `q8`) that holds it, in place in `buf`; returns the values it now
+    serves (`dequantized`). Each expert's groups are its own (gate and up: its rows of
+    [P*F, C]; down: its F columns of [C, P*F], F a multiple of the group), so the other
+    experts' bytes are untouched."""
+    slots, hidden, width = dims_
+    experts, bits, group = entry.get("count", slots), int(entry["form"][1:]), entry["group"]
+    local = slot - entry.get("first", 0)
+    out, in_ = shape(entry["proj"], hidden, width)
+    down = entry["proj"] == "down_proj"
+    rows, cols = (out, experts * in_) if down else (experts * out, in_)
+    per = group * bits // 8
+    codes = buf[entry["offset"]:entry["offset"] + rows * cols // group * per]
+    codes = codes.reshape(rows, cols // group, per)
+    scales = buf[entry["scales"]:entry["scales"] + rows * cols // group * 4].view(np.float32)
+    scales = scales.reshape(rows, cols // group)
+    q, s = packed(w, bits, group)
+    if down:
+        if in_ % group:
+            raise ValueError(f"an expert of hidden size {in_} does not fill whole groups "
+                             f"of {group}")
+        cut = slice(local * in_ // group, (local + 1) * in_ // group)
+        codes[:, cut], scales[:, cut] = q, s.reshape(rows, -1)
+    else:
+        cut = slice(local * out, (local + 1) * out)
+        codes[cut], scales[cut] = q, s.reshape(out, -1)
+    return dequantized(buf, entry, slot, dims_)
+
+
+def values(buf: np.ndarray, entries: list[dict], layer: int, slot: int,
+           dims_: tuple[int, int, int]) -> list[np.ndarray] | None:
+    """Expert (layer, slot)'s fp32 [gate, up, down] from its fp32 copies (the first form
+    of each), else from its quantized entries (`dequantized`); None where `entries` do not
+    locate all three."""
+    copies = views(buf, entries, layer, slot, dims_)
+    if all(copies.values()):
+        return [np.array(copies[p][0]) for p in PROJS]
+    frozen = {e["proj"]: e for e in entries if e["layer"] == layer and e["form"][0] == "q"
+              and holds(e, slot, dims_[0])}
+    if len(frozen) != len(PROJS):
+        return None
+    return [dequantized(buf, frozen[p], slot, dims_) for p in PROJS]
 
 
 def router(buf: np.ndarray, entry: dict, dims_: tuple[int, int, int]) -> np.ndarray:

@@ -40,11 +40,10 @@ from pathlib import Path
 
 import numpy as np
 from moegrow.device_kernels import layout, manifest
-from moegrow.device_kernels.formats import Format
 from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
 from moegrow.runtime.session import BOS
 
-from . import calibrate, checkpoint, lower, pc, programs, quantize
+from . import calibrate, checkpoint, lower, moe, pc, programs, quantize
 from .models import layers
 
 
@@ -75,12 +74,10 @@ SPARE = 2  # spare expert slots per layer of an fp32 bundle: room for one domain
 
 
 def expert_bytes(config: dict, bits: int) -> int:
-    """Bytes one expert takes at `bits` (int8/int4: codes plus a float16 scale per 32)."""
-    _, hidden, width = layout.dims(config)
-    if bits == 32:
-        return 3 * hidden * width * 4
-    fmt = Format(bits, quantize.GROUP_SIZE)
-    return sum(fmt.nbytes(*layout.shape(p, hidden, width)) for p in layout.PROJS)
+    """Bytes one expert takes at `bits` in the weight files (`layout.expert_bytes`: int8 and
+    int4 codes plus an fp32 scale per group of 32; before 2026-12-03 this counted float16
+    scales, which no engine stores)."""
+    return layout.expert_bytes(config, bits, quantize.GROUP_SIZE)
 
 
 def locate(model: layers.CausalLM, data: Path,
@@ -94,10 +91,11 @@ def locate(model: layers.CausalLM, data: Path,
     base = bits == 32
     raw = data.read_bytes()
     found, routers = [], []
-    spare = getattr(model, "spare", 0)
+    spare, pool = getattr(model, "spare", 0), getattr(model, "pool", 0)
     for i, block in enumerate(model.model.layers):
         slots = block.mlp.experts.gate_proj.shape[0]
-        parts = [(0, slots - spare)] + [(slots - spare, spare)] * bool(spare)
+        live = slots - spare - pool
+        parts = [(0, live)] + [(live, spare)] * bool(spare)
         for proj, (first, count) in ((p, part) for p in layout.PROJS for part in parts):
             stacked = getattr(block.mlp.experts, proj).detach().float().numpy()
             hits = []
@@ -114,7 +112,17 @@ def locate(model: layers.CausalLM, data: Path,
                                   "engine changed how it stores weights)")
             found += hits
         if not base:
-            found += _frozen(raw, block.mlp.experts, i, slots - spare, bits)
+            found += _frozen(raw, block.mlp.experts, i, (0, live), bits, quantize.packed)
+        first = live + spare
+        for pool_bits, n in moe.runs(block.mlp.pool_bits) if pool else []:  # the pool's
+            # codes and scales (`moe.Pooled`): every gated program has them
+            pooled = _frozen(raw, block.mlp.experts, i, (first, n), pool_bits,
+                             lambda w, b: layout.packed(w.numpy(), b, moe.POOL_GROUP))
+            if len(pooled) != len(layout.PROJS):
+                raise BundleError(f"{data.name}: layer {i}'s int{pool_bits} pool slots not "
+                                  "found in the weight file")
+            found += pooled
+            first += n
         router = block.mlp.gate.weight.detach().float().numpy().tobytes()
         at = raw.find(router)
         if at < 0 or raw.find(router, at + 1) >= 0:
@@ -135,21 +143,24 @@ def locate(model: layers.CausalLM, data: Path,
     return found, routers, domains
 
 
-def _frozen(raw: bytes, experts: layers.Experts, layer: int, live: int, bits: int) -> list[dict]:
-    """Layout entries of a quantized layer's base experts: per projection the `quantize.
-    packed` codes and scales of the linear the programs hold ([E*F, C] for gate and up,
-    [C, E*F] for down), where `raw` has both (form "q4" / "q8"; none where it does not)."""
-    found = []
+def _frozen(raw: bytes, experts: layers.Experts, layer: int, part: tuple[int, int],
+            bits: int, pack: Callable) -> list[dict]:
+    """Layout entries of quantized slots `part` (first, count) of a layer (a quantized
+    bundle's base experts, `quantize.packed`; a pool's, `layout.packed`): per projection
+    the codes and scales `pack` makes of the linear the programs hold ([n*F, C] for gate
+    and up, [C, n*F] for down), where `raw` has both (form "q4" / "q8"; none where it does
+    not)."""
+    found, (first, count) = [], part
     for proj in layout.PROJS:
-        stacked = getattr(experts, proj).detach().float()[:live]
+        stacked = getattr(experts, proj).detach().float()[first:first + count]
         w = (stacked.permute(1, 0, 2).reshape(stacked.shape[1], -1) if proj == "down_proj"
              else stacked.reshape(-1, stacked.shape[2]))
-        codes, scales = quantize.packed(w, bits)
+        codes, scales = pack(w, bits)
         at, where = raw.find(codes.tobytes()), raw.find(scales.tobytes())
         if at >= 0 and where >= 0:
             found.append({"layer": layer, "proj": proj, "form": f"q{bits}", "offset": at,
-                          "scales": where, "group": quantize.GROUP_SIZE, "first": 0,
-                          "count": live})
+                          "scales": where, "group": quantize.GROUP_SIZE, "first": first,
+                          "count": count})
     return found
 
 
@@ -199,7 +210,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
            progress: Callable[[str], None] | None = None, bits: int = 32,
            budget: int | None = None, calibration: str | None = None,
            strict_steps: int = 0, spare: int | None = None,
-           deepen: bool | None = None) -> dict:
+           deepen: bool | None = None, pool: int = 0,
+           pool_bits: tuple[int, ...] = (4,)) -> dict:
     """Write the bundle; returns its manifest. `bits` 8 or 4 quantizes the attention and
     expert weights, and the head to int8 (router, norms and embedding stay fp32). `budget`:
     bytes allowed for expert weights (default: exactly what the experts take now).
@@ -212,7 +224,10 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     (their size and export time grow with the steps). `spare`: empty expert slots per
     layer for spawning (default SPARE where the bundle has deepening programs, else 0),
     fp32 whatever the bits (a quantized bundle grows clones of its frozen quantized experts
-    there); counted in the budget."""
+    there); counted in the budget. `pool`: slots per layer and bit width of `pool_bits`
+    (8 and/or 4) after the spare ones, which every gated program holds at that width:
+    where `runtime.compress` moves converged clones, freeing their spare slots; counted in
+    the budget."""
     deepen = bits == 32 if deepen is None else deepen
     spare = (SPARE if deepen else 0) if spare is None else spare
     if spare < 0:
@@ -223,6 +238,12 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     if strict_steps < 0 or (strict_steps and not deepen):
         raise BundleError(f"strict PC steps must be >= 0, and need the deepening programs "
                           f"(got {strict_steps} steps, deepening {'on' if deepen else 'off'})")
+    pool_bits = tuple(pool_bits)
+    if pool < 0 or (pool and not spare) or not pool_bits or \
+            not set(pool_bits) <= set(quantize.BITS) or len(set(pool_bits)) < len(pool_bits):
+        raise BundleError(f"a pool needs spare slots (its clones come from them) and bits "
+                          f"8 and/or 4 (got --pool {pool} at bits {pool_bits}, --spare {spare})")
+    slot_bits = [b for b in sorted(pool_bits, reverse=True) for _ in range(pool)]
     if bits not in (32, *quantize.BITS):
         raise BundleError(f"bits must be 32, 8 or 4, got {bits}")
     unknown = [e for e in engines if e not in ENGINES]
@@ -233,10 +254,12 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     if out.exists():
         raise BundleError(f"{out}: already exists (choose a new folder)")
     model = checkpoint.load(target)
-    config = model.args.to_hf() | {"spare_experts": spare}
+    config = model.args.to_hf() | {"spare_experts": spare} | (
+        {"pool_experts": len(slot_bits), "pool_bits": slot_bits} if pool else {})
     experts, _, _ = layout.dims(config)
-    used = model.args.num_hidden_layers * ((experts - spare) * expert_bytes(config, bits)
-                                           + spare * expert_bytes(config, 32))
+    used = model.args.num_hidden_layers * (
+        (experts - spare - len(slot_bits)) * expert_bytes(config, bits)
+        + spare * expert_bytes(config, 32) + sum(expert_bytes(config, b) for b in slot_bits))
     if budget is not None and budget < used:
         raise BundleError(f"budget of {budget} bytes is too small: the experts take {used}")
     tok = checkpoint.load_tokenizer(target, model.args.vocab_size)
@@ -251,9 +274,9 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
         except calibrate.CalibrationError as e:
             raise BundleError(str(e)) from None
         for layer in baseline["layers"]:  # spare slots: never chosen by the base
-            layer["experts"] += [{"count": 0, "mean": 0.0}] * spare
-    live = experts - spare
-    model = programs.with_spare(model, spare)
+            layer["experts"] += [{"count": 0, "mean": 0.0}] * (spare + len(slot_bits))
+    live = experts - spare - len(slot_bits)
+    model = programs.with_spare(model, spare, tuple(slot_bits))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -296,7 +319,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             # "gate": how the programs score a class (`programs.scores`; bundles without
             # the key score it against the best other class of all)
             "experts": {"layout": where, "routers": routers, "domains": domains,
-                        "gate": "base-and-argmax", "table": _table(model, config, bits, live)},
+                        "gate": "base-and-argmax",
+                        "table": _table(model, config, bits, live, live + spare, slot_bits)},
             "budget": {"bytes": used if budget is None else budget, "experts": used},
             "calibration": baseline,
             "deepening": {"strict_steps": strict_steps, "strict_eta": STRICT_ETA}}
@@ -308,18 +332,22 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     return written
 
 
-def _table(model: layers.CausalLM, config: dict, bits: int, live: int) -> list[dict]:
+def _table(model: layers.CausalLM, config: dict, bits: int, live: int, pooled: int,
+           pool_bits: list[int]) -> list[dict]:
     """The expert table: one row per (layer, slot), all at version 1: the base experts at
-    `bits`, the slots from `live` on spare and fp32 (`runtime.growth` spawns into them);
+    `bits`, the slots from `live` on spare and fp32 (`runtime.growth` spawns into them),
+    from `pooled` on the pool's, at `pool_bits` (one per pool slot: `runtime.compress`
+    moves clones there);
     `sha256` of the fp32 weights (None for quantized experts)."""
     rows = []
     for i, block in enumerate(model.model.layers):
         ex = block.mlp.experts
         for slot in range(ex.gate_proj.shape[0]):
             weights = [getattr(ex, p)[slot].detach().float().numpy() for p in layout.PROJS]
-            b = bits if slot < live else 32
+            b = bits if slot < live else 32 if slot < pooled else pool_bits[slot - pooled]
+            kind = "base" if slot < live else "spare" if slot < pooled else "pool"
             rows.append({"layer": i, "slot": slot, "version": 1, "bits": b,
                          "bytes": expert_bytes(config, b),
                          "sha256": layout.sha256(weights) if b == 32 else None,
-                         "kind": "base" if slot < live else "spare"})
+                         "kind": kind})
     return rows

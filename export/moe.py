@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from moegrow.device_kernels import layout
 from torch import nn
 
 from .models import layers
@@ -82,43 +83,108 @@ def _linear(w: torch.Tensor) -> nn.Linear:
     return linear
 
 
+def dequant(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: int,
+            in_: int) -> torch.Tensor:
+    """A [out, in] weight from its `q4` / `q8` codes [out, in / 32, 32 * bits / 8] (uint8)
+    and fp32 scales (`device_kernels.layout`), in plain ops (Cast, Div, Floor, Sub, Mul) that
+    both engines run."""
+    q = codes.float()
+    if bits == 4:
+        high = torch.floor(q / 16)
+        q = torch.stack([q - 16 * high, high], -1).reshape(*q.shape[:2], -1)
+    w = (q - (1 << (bits - 1))) * scales.reshape(*q.shape[:2], 1)
+    return w.reshape(out, in_)
+
+
+class Pooled(nn.Module):
+    """A linear of the pool's slots (`programs.with_spare`), held as the codes and scales
+    that `runtime.compress` writes (`layout.packed`), dequantized at every run."""
+
+    def __init__(self, w: torch.Tensor, bits: int):
+        super().__init__()
+        self.bits, (self.out_features, self.in_features) = bits, w.shape
+        codes, scales = layout.packed(w.detach().float().numpy(), bits, POOL_GROUP)
+        self.register_buffer("codes", torch.from_numpy(codes))
+        self.register_buffer("scales", torch.from_numpy(scales))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequant(self.codes, self.scales, self.bits, self.out_features,
+                                   self.in_features))
+
+
+POOL_GROUP = 32  # the pool's quantization group along each linear's input
+
+
+def runs(bits: list[int]) -> list[tuple[int, int]]:
+    """A pool's slot bit widths in order -> [(bits, slots)] of consecutive equal ones: each
+    run is one set of linears (`Slots`), one layout entry per projection."""
+    out: list[tuple[int, int]] = []
+    for b in bits:
+        if out and out[-1][0] == b:
+            out[-1] = (b, out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
 class Slots(nn.Module):
     """What both MoE formulations share: the router, the split of the slots into E base
     experts and S spare ones (`with_spare`), and with `gated` off (the one-pass programs) a
     constant `closed` that keeps the spare slots out of routing, so they are never
     computed. The spare slots' weights are linears of their own, `spare_gate`, `spare_up`
     ([S*F, C]) and `spare_down` ([C, S*F]), left in fp32 by the quantizers (which take
-    `gate_proj`, `up_proj`, `down_proj`): a program without them reads no byte of them."""
+    `gate_proj`, `up_proj`, `down_proj`): a program without them reads no byte of them.
+    The P pool slots after them (a bundle exported with a pool) are, per run of slots of
+    equal bits, `pool{i}_gate`, `pool{i}_up` ([n*F, C]) and `pool{i}_down` ([C, n*F]) at
+    those bits (`Pooled`), kept out of routing like the spare ones in a one-pass
+    program."""
 
     def __init__(self, moe: layers.MoE, gated: bool = True):
         super().__init__()
         self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
         slots, f, c = moe.experts.gate_proj.shape
-        spare = getattr(moe, "spare", 0)
-        self.live, self.hidden, self.gated = slots - spare, f, gated
+        spare, pool = getattr(moe, "spare", 0), getattr(moe, "pool", 0)
+        self.live, self.hidden, self.gated = slots - spare - pool, f, gated
         self.spare = spare if gated else 0  # the spare slots this program computes
-        if spare and not gated:
+        self.pool = pool if gated else 0  # and the pool's
+        if (spare or pool) and not gated:
             self.register_buffer("closed", torch.cat([torch.zeros(self.live),
-                                                      torch.full((spare,), -MASKED)]))
+                                                      torch.full((spare + pool,), -MASKED)]))
         else:
             self.closed = None
+        ex = moe.experts
         if self.spare:
-            ex = moe.experts
-            self.spare_gate = _linear(ex.gate_proj.detach()[self.live:].reshape(-1, c))
-            self.spare_up = _linear(ex.up_proj.detach()[self.live:].reshape(-1, c))
-            self.spare_down = _linear(ex.down_proj.detach()[self.live:].permute(1, 0, 2)
+            part = slice(self.live, self.live + spare)
+            self.spare_gate = _linear(ex.gate_proj.detach()[part].reshape(-1, c))
+            self.spare_up = _linear(ex.up_proj.detach()[part].reshape(-1, c))
+            self.spare_down = _linear(ex.down_proj.detach()[part].permute(1, 0, 2)
                                       .reshape(c, -1))
+        self.groups = [(self.spare, "spare")] * bool(self.spare)  # (slots, prefix) in order
+        first = self.live + spare
+        for i, (bits, n) in enumerate(runs(moe.pool_bits) if self.pool else []):
+            part = slice(first, first + n)
+            setattr(self, f"pool{i}_gate", Pooled(ex.gate_proj.detach()[part].reshape(-1, c),
+                                                  bits))
+            setattr(self, f"pool{i}_up", Pooled(ex.up_proj.detach()[part].reshape(-1, c), bits))
+            setattr(self, f"pool{i}_down", Pooled(ex.down_proj.detach()[part].permute(1, 0, 2)
+                                                  .reshape(c, -1), bits))
+            self.groups.append((n, f"pool{i}"))
+            first += n
 
     def route(self, x: torch.Tensor):
         return route(self, x)
 
     def spare_out(self, x: torch.Tensor, gates: torch.Tensor):
-        """The spare slots on x [N, C] with gates [N, E + S] -> (output [N, C], hidden
-        [N, S, F])."""
-        h = (F.silu(self.spare_gate(x)) * self.spare_up(x)).reshape(-1, self.spare, self.hidden)
-        out = self.spare_down((h * gates[:, self.live:, None]).reshape(-1, self.spare *
-                                                                        self.hidden))
-        return out, h
+        """The spare and pool slots on x [N, C] with gates [N, E + S + P] -> (output
+        [N, C], hidden [N, S + P, F])."""
+        out, hs, first = 0, [], self.live
+        for n, name in self.groups:
+            g, u, d = (getattr(self, f"{name}_{p}") for p in ("gate", "up", "down"))
+            h = (F.silu(g(x)) * u(x)).reshape(-1, n, self.hidden)
+            out = out + d((h * gates[:, first:first + n, None]).reshape(-1, n * self.hidden))
+            hs.append(h)
+            first += n
+        return out, torch.cat(hs, 1)
 
 
 class DenseMoE(Slots):
@@ -145,7 +211,7 @@ class DenseMoE(Slots):
         h = (F.silu(self.gate_proj(x)) * self.up_proj(x)).reshape(-1, self.live, self.hidden)
         out = self.down_proj((h * gates[:, :self.live, None]).reshape(-1, self.live *
                                                                        self.hidden))
-        if self.spare:
+        if self.spare or self.pool:
             more, hs = self.spare_out(x, gates)
             out, h = out + more, torch.cat([h, hs], 1)
         return out, h
@@ -178,7 +244,8 @@ class GatherMoE(Slots):
         x = x.reshape(-1, shape[-1])
         logits, weights, ids = route(self, x)
         flat = ids.reshape(-1)  # [N*K]
-        if self.spare:  # a chosen spare slot gathers expert 0 with weight 0, and runs densely
+        if self.spare or self.pool:  # a chosen spare (pool) slot gathers expert 0 with
+            # weight 0, and runs densely
             gates = torch.zeros_like(logits).scatter(1, ids, weights)
             more, _ = self.spare_out(x, gates)
             weights = weights * (ids < self.live).to(weights.dtype)
@@ -187,7 +254,7 @@ class GatherMoE(Slots):
         h = F.silu(torch.bmm(self.gate_proj[flat], xs)) * torch.bmm(self.up_proj[flat], xs)
         y = torch.bmm(self.down_proj[flat], h).reshape(-1, self.top_k, shape[-1])  # [N, K, C]
         out = torch.bmm(weights[:, None, :].to(y.dtype), y)[:, 0]  # gate-weighted sum over K
-        if self.spare:
+        if self.spare or self.pool:
             out = out + more
         return out.reshape(shape), logits
 

@@ -48,9 +48,13 @@ GATE_MIN = 8  # tokens a context needs before it can open a spawned expert
 UNUSED = -100.0  # log-probability of every token under a class no clone uses
 
 
-def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
-    """A copy of `model` with `spare` empty expert slots per layer after its E experts:
-    zero router rows, closed to routing until spawned (`slot_state`), and the gate's class
+def with_spare(model: layers.CausalLM, spare: int,
+               pool: tuple[int, ...] = ()) -> layers.CausalLM:
+    """A copy of `model` with `spare` empty expert slots per layer after its E experts, and
+    one more after those per entry of `pool`, which the programs hold at that many bits
+    (`moe.Pooled`: growth moves converged clones there, `runtime.compress`): zero router
+    rows, closed to routing
+    until spawned (`slot_state`), and the gate's class
     table `domains` [V, 1 + L * S] (the base's class, uniform until growth writes it, and
     one per possible clone, unused: log-probability `UNUSED` - class). Their
     weights are small seeded noise, not zeros: the programs hold the spare slots in tensors
@@ -62,13 +66,15 @@ def with_spare(model: layers.CausalLM, spare: int) -> layers.CausalLM:
         mlp, ex = block.mlp, block.mlp.experts
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(ex, name).detach()
-            filler = torch.randn(spare, *w.shape[1:], generator=noise, dtype=w.dtype) * 1e-4
+            filler = torch.randn(spare + len(pool), *w.shape[1:], generator=noise,
+                                 dtype=w.dtype) * 1e-4
             setattr(ex, name, nn.Parameter(torch.cat([w, filler])))
-        gate = nn.Linear(mlp.gate.in_features, mlp.gate.out_features + spare, bias=False)
+        extra = spare + len(pool)
+        gate = nn.Linear(mlp.gate.in_features, mlp.gate.out_features + extra, bias=False)
         gate.weight = nn.Parameter(torch.cat([mlp.gate.weight.detach(),
-                                              mlp.gate.weight.new_zeros(spare, gate.in_features)]))
-        mlp.gate, mlp.spare = gate, spare
-    out.spare = spare
+                                              mlp.gate.weight.new_zeros(extra, gate.in_features)]))
+        mlp.gate, mlp.spare, mlp.pool, mlp.pool_bits = gate, spare, len(pool), list(pool)
+    out.spare, out.pool = spare, len(pool)
     if spare:
         classes = 1 + model.args.num_hidden_layers * spare
         # class c unused: UNUSED - c a token (the noise keeps the columns apart as data;
@@ -89,9 +95,9 @@ def slot_state(model: layers.CausalLM) -> torch.Tensor:
     always open, spare slots (0, 0, 1, 0) never; a spawned expert is (bias, 1, threshold,
     its domain's class)."""
     slots = model.model.layers[0].mlp.gate.out_features
-    spare = getattr(model, "spare", 0)
+    closed = getattr(model, "spare", 0) + getattr(model, "pool", 0)  # spare and pool slots
     state = torch.zeros(model.args.num_hidden_layers, 4, slots)
-    state[:, 2, slots - spare:] = 1.0
+    state[:, 2, slots - closed:] = 1.0
     return state
 
 

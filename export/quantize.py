@@ -298,12 +298,8 @@ class Frozen(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        q = self.codes.float()  # [N, K / 32, 32 * bits / 8]
-        if self.bits == 4:
-            high = torch.floor(q / 16)
-            q = torch.stack([q - 16 * high, high], -1).reshape(*q.shape[:2], -1)
-        w = (q - (1 << (self.bits - 1))) * self.scales.reshape(*q.shape[:2], 1)
-        return w.reshape(self.out_features, self.in_features)
+        return moe.dequant(self.codes, self.scales, self.bits, self.out_features,
+                           self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, self.bias)

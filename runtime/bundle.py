@@ -122,11 +122,13 @@ def _verify_experts(bundle: Bundle) -> None:
     for engine, where in experts["layout"].items():
         buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
         for row in experts["table"]:
-            if row.get("sha256") is None:  # a quantized expert: no fp32 bytes to check
+            if row.get("sha256") is None:  # a quantized base expert: not checked
                 continue
             copies = layout.views(buf, where, row["layer"], row["slot"], dims)
-            agree = all(copies[p] and all(np.array_equal(w, copies[p][0]) for w in copies[p])
+            agree = all(all(np.array_equal(w, copies[p][0]) for w in copies[p])
                         for p in layout.PROJS)  # both forms of down_proj hold the same
-            if not agree or layout.sha256([copies[p][0] for p in layout.PROJS]) != row["sha256"]:
+            served = layout.values(buf, where, row["layer"], row["slot"], dims)  # a pool
+            # slot's: its dequantized codes
+            if not agree or served is None or layout.sha256(served) != row["sha256"]:
                 raise BundleError(f"{bundle.weights(engine)}: expert ({row['layer']}, "
                                   f"{row['slot']}) does not match its checksum")

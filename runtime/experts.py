@@ -56,26 +56,39 @@ def read(bundle: bundle_format.Bundle, layer: int, slot: int, engine: str | None
     _check_slot(bundle, layer, slot)
     engine = engine or bundle.engines()[0]
     buf = np.memmap(path or bundle.weights(engine), np.uint8, mode="r")
-    where, dims = _layout(bundle, engine), layout.dims(bundle.config)
-    copies = layout.views(buf, where, layer, slot, dims)
-    if all(copies.values()):
-        return [np.array(copies[p][0]) for p in layout.PROJS]
-    frozen = {e["proj"]: e for e in where if e["layer"] == layer and e["form"][0] == "q"
-              and layout.holds(e, slot, dims[0])}
-    if len(frozen) != len(layout.PROJS):
+    out = layout.values(buf, _layout(bundle, engine), layer, slot, layout.dims(bundle.config))
+    if out is None:
         raise ExpertError(f"expert ({layer}, {slot}) is quantized and the {engine} weight file "
                           "does not locate it (export with --deepen)")
-    return [layout.dequantized(buf, frozen[p], slot, dims) for p in layout.PROJS]
+    return out
+
+
+def _pooled(bundle: bundle_format.Bundle, slot: int) -> bool:
+    """Whether `slot` is one of the pool's (quantized slots after the spare ones)."""
+    slots, _, _ = layout.dims(bundle.config)
+    return slot >= slots - bundle.config.get("pool_experts", 0)
 
 
 def write_in_place(buf: np.ndarray, bundle: bundle_format.Bundle, engine: str, layer: int,
-                   slot: int, weights: list[np.ndarray]) -> None:
+                   slot: int, weights: list[np.ndarray]) -> list[np.ndarray]:
     """Expert `slot` of `layer` overwritten in `buf`, a writable map of a working copy of the
-    engine's weight file (growth's; a version's own files are never written in place)."""
-    copies = layout.views(buf, _layout(bundle, engine), layer, slot, layout.dims(bundle.config))
+    engine's weight file (growth's; a version's own files are never written in place), or
+    a version's new file before it is named; returns the values it now serves (a pool
+    slot's are quantized: `layout.quantize_into`)."""
+    where, dims = _layout(bundle, engine), layout.dims(bundle.config)
+    if _pooled(bundle, slot):
+        entries = {e["proj"]: e for e in where if e["layer"] == layer
+                   and e["form"][0] == "q" and layout.holds(e, slot, dims[0])}
+        if len(entries) != len(layout.PROJS):
+            raise ExpertError(f"pool slot ({layer}, {slot}) is not located in the {engine} "
+                              "weight file")
+        return [layout.quantize_into(buf, entries[p], slot, dims, w)
+                for p, w in zip(layout.PROJS, weights, strict=True)]
+    copies = layout.views(buf, where, layer, slot, dims)
     for p, w in zip(layout.PROJS, weights, strict=True):
         for view in copies[p]:
             view[...] = w
+    return [np.asarray(w, np.float32) for w in weights]
 
 
 def router_entry(manifest: dict, engine: str, layer: int) -> dict:
@@ -118,7 +131,7 @@ def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
     out = {}
     for (layer, slot), weights in changes.items():
         _check_slot(bundle, layer, slot)
-        if bits.get((layer, slot), 32) != 32:
+        if bits.get((layer, slot), 32) != 32 and not _pooled(bundle, slot):
             raise ExpertError(f"expert ({layer}, {slot}) is int{bits[layer, slot]} and frozen: "
                               "a quantized bundle grows clones in its fp32 spare slots")
         if len(weights) != len(layout.PROJS):
@@ -186,22 +199,21 @@ def write(bundle: bundle_format.Bundle, changes: dict, routers: dict, rows: dict
     """Write version `version` with the (checked) experts in `changes`, router rows in
     `routers` and the domain gate's `table` (if given) replaced in every engine's weight
     file, and the expert table's rows updated
-    with `rows` ({(layer, slot): fields}); returns the reloaded bundle. `record(manifest)`
+    with `rows` ({(layer, slot): fields; a field None is removed}); returns the reloaded
+    bundle. A pool slot's weights are quantized (`write_in_place`), its checksum is of the
+    values it serves. `record(manifest)`
     runs once the new files are on disk and before the manifest names them (the version
     log's transaction); if it raises, nothing is committed. Only `versions.commit` calls
     this: it checks first and logs every version."""
     manifest = json.loads(json.dumps(bundle.manifest))
     dims = layout.dims(bundle.config)
-    written = []
+    written, served = [], {}
     try:
         for engine in bundle.engines():
             current = bundle.weights(engine)
             buf = np.fromfile(current, np.uint8)
             for (layer, slot), weights in changes.items():
-                copies = layout.views(buf, _layout(bundle, engine), layer, slot, dims)
-                for proj, new in zip(layout.PROJS, weights, strict=True):
-                    for w in copies[proj]:
-                        w[...] = new
+                served[layer, slot] = write_in_place(buf, bundle, engine, layer, slot, weights)
             for (layer, slot), row in routers.items():
                 layout.router(buf, router_entry(bundle.manifest, engine, layer), dims)[slot] = row
             if table is not None:
@@ -214,8 +226,12 @@ def write(bundle: bundle_format.Bundle, changes: dict, routers: dict, rows: dict
         for row in manifest["experts"]["table"]:
             key = (row["layer"], row["slot"])
             if key in changes:
-                row.update(version=version, sha256=layout.sha256(changes[key]))
-            row.update(rows.get(key, {}))
+                row.update(version=version, sha256=layout.sha256(served[key]))
+            for field, value in rows.get(key, {}).items():  # None: the field is dropped
+                if value is None:
+                    row.pop(field, None)
+                else:
+                    row[field] = value
         record(manifest)
         write_atomic(bundle.path / MANIFEST,
                      np.frombuffer((json.dumps(manifest, indent=2) + "\n").encode(), np.uint8))

@@ -70,6 +70,15 @@ class GrowthError(ValueError):
     a plan it cannot carry out."""
 
 
+class NoSlotError(GrowthError):
+    """Every expert a plan for `domain` named needs a free spare slot and its layer has
+    none left."""
+
+    def __init__(self, message: str, domain: str):
+        super().__init__(message)
+        self.domain = domain
+
+
 @dataclass(frozen=True)
 class Limits:
     experts: int | None = None  # per layer; default the router's top-k
@@ -113,12 +122,14 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
     if frozen and limits.place == "inplace":
         raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
                           "are quantized and frozen: it grows clones only (place 'auto')")
-    free, clones, others = {}, {}, set()
+    free, clones, others, done = {}, {}, set(), set()
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
             free.setdefault(row["layer"], []).append(row["slot"])
         elif row.get("kind") == "spawned" and row.get("domain") == domain:
             clones[row["layer"], row["parent"]] = row["slot"]
+            if row.get("bits", 32) != 32:  # compressed into the pool: converged, frozen
+                done.add((row["layer"], row["parent"]))
         elif row.get("kind") == "spawned":
             others.add((row["layer"], row["slot"]))
     if not clones and limits.place == "auto":  # the domain's first clones bring its class:
@@ -138,6 +149,9 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
         parent = own.get((layer, parent), parent)  # a clone of its own, named: its parent
         if per_layer.get(layer, 0) >= k or (layer, parent) in taken:
             continue
+        if (layer, parent) in done:
+            skipped.append([layer, parent])
+            continue
         taken.add((layer, parent))
         # an expert base text never reaches; never another domain's clone (their gates
         # keep other text from them: only their own domain may change them)
@@ -156,12 +170,15 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
             skipped.append([layer, parent])
             continue
         per_layer[layer] = per_layer.get(layer, 0) + 1
+    if skipped and not out and all(tuple(x) in done for x in skipped):
+        raise GrowthError(f"{domain!r}: its clones are compressed into the pool (converged): "
+                          "nothing left to grow; nothing was changed")
     if skipped and not out:
         layer, parent = skipped[0]
         spare = rt.bundle.config.get("spare_experts", 0)
-        raise GrowthError(f"no free expert slot in layer {layer} to clone expert {parent} "
+        raise NoSlotError(f"no free expert slot in layer {layer} to clone expert {parent} "
                           f"into (the bundle has {spare} spare slots per layer, none left); "
-                          "nothing was changed")
+                          "nothing was changed", domain)
     return out, skipped
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 from moegrow.device_kernels import layout
 
-from . import backends, errormap, experts, gate, growth, learnable, versions
+from . import backends, compress, errormap, experts, gate, growth, learnable, versions
 from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
@@ -204,7 +204,7 @@ class Runtime:
         if strict or name in self.bundle.manifest["programs"]:
             out = dict(zip(DEEPEN + ("free_energy", "steps_used") * strict,
                            self.run(name, *self._window(ids)), strict=True))
-            return out | {"first": out["count"].shape[-1] - out["dwg"].shape[-3]}
+            return out | {"first": self._first(out)}
         if not 0 <= layer < self.bundle.config["num_hidden_layers"]:
             raise InputError(f"layer {layer} is not a layer of this model")
         return {k: v if k in ("nll", "novelty", "first") else v[layer]
@@ -225,9 +225,15 @@ class Runtime:
         2026-12-02), as `deepen`'s for each layer with a leading layer axis on "dwg",
         "dwu", "dwd", "count", "energy" and "x" ("nll" and "novelty" once), and "first":
         the first slot the gradients cover (0; a quantized bundle's cover its spare slots
-        only: dwg[..., s - first, :, :] is slot s's)."""
+        only: dwg[..., s - first, :, :] is slot s's; none covers a pool slot)."""
         out = dict(zip(DEEPEN, self.run("sweep", *self._window(ids)), strict=True))
-        return out | {"first": out["count"].shape[-1] - out["dwg"].shape[-3]}
+        return out | {"first": self._first(out)}
+
+    def _first(self, out: dict) -> int:
+        """The first slot a deepening program's gradients cover: they end at the pool's
+        slots (never trained: `compress`), the counts cover every slot."""
+        pool = self.bundle.config.get("pool_experts", 0)
+        return out["count"].shape[-1] - pool - out["dwg"].shape[-3]
 
     def adam(self, weights: list[np.ndarray], grads: list[np.ndarray], first: list[np.ndarray],
              second: list[np.ndarray], hyper: np.ndarray) -> list[np.ndarray]:
@@ -241,8 +247,21 @@ class Runtime:
              **limits) -> dict:
         """One growth slice of at most `seconds` for `domain` (default: the observed domain
         the error map most wants grown); `limits`: fields of `growth.Limits`; `progress`
-        gets a line per stage. Returns what it did (`growth.idle`)."""
-        return growth.idle(self, seconds, domain, growth.Limits(**limits), progress)
+        gets a line per stage. Returns what it did (`growth.idle`). When the plan finds no
+        free spare slot and the bundle has a pool, the other domains' clones are compressed
+        into it first (`compress.compress`, guarded; "reclaimed": their reports) and the
+        slice is planned again."""
+        try:
+            return growth.idle(self, seconds, domain, growth.Limits(**limits), progress)
+        except growth.NoSlotError as e:
+            found = compress.candidates(self.bundle) if self.bundle.config.get(
+                "pool_experts") else {}
+            reclaimed = [compress.compress(self, d, progress) for d in sorted(found)
+                         if d != e.domain]
+            if not any(r["committed"] for r in reclaimed):
+                raise
+        report = growth.idle(self, seconds, domain, growth.Limits(**limits), progress)
+        return report | {"reclaimed": reclaimed}
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)
@@ -285,7 +304,7 @@ def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:
     state = np.zeros((bundle.config["num_hidden_layers"], rows, experts_), np.float32)
     for row in bundle.manifest["experts"]["table"]:
         kind = row.get("kind", "base")
-        if kind == "spare":
+        if kind in ("spare", "pool"):  # free slots: closed
             state[row["layer"], 2, row["slot"]] = 1.0
         elif kind == "spawned":
             values = (row["bias"], 1.0, row["threshold"], row.get("class", 0))

@@ -142,7 +142,10 @@ def exports(tiny_ckpt, corpus_dir, tmp_path_factory):
             # engines lower alike, as the deepen ones, which the matrix runs on both); no
             # spare slots: also the gate benchmark's peer of `tiny_bundle`
             ("mixtral", "strict"): ["--engines", "onnxruntime", "--strict-steps", "2",
-                                    "--spare", "0"]}
+                                    "--spare", "0"],
+            # one spare slot and an int4 pool of two per layer: compression (test_compress)
+            ("mixtral", "pool"): ["--calibration", str(corpus_dir / "heldout.txt"),
+                                  "--spare", "1", "--pool", "2"]}
     # the others without spare slots, and the quantized ones as `moegrow export --bits N`
     # makes them by default, without the deepening programs (`DEEPENING`): the gate and the
     # quantized sweeps are the same code for every architecture and bit width, and their

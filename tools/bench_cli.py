@@ -201,3 +201,35 @@ def bench_sequence(base: str, domains: tuple[str, ...], old: Path, tokens: int, 
     except adapt_lib.AdaptError as e:
         fail(str(e))
     emit(result, as_json, (out / "report.md").read_text())
+
+
+@bench.command("quant")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
+              help="Held-out text of the grown domain (the first --tokens tokens are scored).")
+@click.option("--train", "train_file", type=click.Path(path_type=Path),
+              help="Grow the domain from this text first (observe it, one idle slice with "
+                   "the default limits) on a copy of BUNDLE; without it BUNDLE must hold the "
+                   "domain's fp32 clones.")
+@click.option("--domain", default=None, help="The domain's tag (default: the grown one).")
+@click.option("--tokens", type=click.IntRange(min=2), default=20000, show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md, results.json and quant.png.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_quant(bundle_dir: str, text_file: Path, train_file: Path | None, domain: str | None,
+                tokens: int, out: Path, seed: int, as_json: bool) -> None:
+    """Compress a grown domain's clones into BUNDLE's quantized pool (export with --pool N
+    --pool-bits 8,4) with each strategy (uniform int8 and int4; the allocator within
+    uniform int8's bytes; at half int8 / half int4 bytes the allocator, importance only,
+    converged only and random) and at the allocator's operating point, through the engine;
+    the domain's held-out perplexity and the base text's against the grown bundle, and each
+    clone's routing mass, distance from converged and quantization cost."""
+    from moegrow.tools import quant
+
+    read_text(text_file)  # one clear line for a missing, empty or non-UTF-8 file
+    if train_file is not None:
+        read_text(train_file)
+    result = quant.bench_quant(bundle_dir, out, text_file, train_file, domain, tokens,
+                               seed=seed, progress=_say)
+    emit(result, as_json, (out / "report.md").read_text())

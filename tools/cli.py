@@ -15,7 +15,17 @@ import numpy as np
 from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.export import tokenizer
-from moegrow.runtime import backends, errormap, experts, growth, session, state, verdicts, versions
+from moegrow.runtime import (
+    backends,
+    compress,
+    errormap,
+    experts,
+    growth,
+    session,
+    state,
+    verdicts,
+    versions,
+)
 from moegrow.runtime import bundle as bundle_format
 from moegrow.tools import corpus as corpus_lib
 
@@ -25,7 +35,8 @@ from moegrow.tools import corpus as corpus_lib
 # the device. `errors()` adds their error types once they are loaded.
 ERRORS = (tokenizer.TokenizerError, tokenizer.TextError, corpus_lib.CorpusError,
           bundle_format.BundleError, backends.BackendError, session.InputError,
-          experts.ExpertError, state.StateError, growth.GrowthError, versions.VersionError)
+          experts.ExpertError, state.StateError, growth.GrowthError, versions.VersionError,
+          compress.CompressError)
 DESKTOP_ERRORS = {"moegrow.export.checkpoint": "CheckpointError",
                   "moegrow.export.pretrain": "PretrainError",
                   "moegrow.export.bundle": "BundleError", "moegrow.tools.llama": "GGUFError"}
@@ -260,10 +271,16 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
               help="Empty fp32 expert slots per layer that growth can spawn into (counted in "
                    "the budget; read only once something is spawned); default 2 with the "
                    "deepening programs, else 0.")
+@click.option("--pool", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Quantized expert slots per layer and pool width after the spare ones, "
+                   "where `compress` moves converged clones (freeing their fp32 spare slots "
+                   "for the next spawn); needs spare slots.")
+@click.option("--pool-bits", default="4", show_default=True,
+              help="The pool's widths, comma-separated: 8, 4 or 8,4 (--pool slots each).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | None,
             calibration_file: Path | None, deepen: bool | None, strict_steps: int,
-            spare: int | None, as_json: bool) -> None:
+            spare: int | None, pool: int, pool_bits: str, as_json: bool) -> None:
     """Lower TARGET (a checkpoint folder or `default`) into a bundle for the device: the
     programs prefill, decode, score, observe (and the deepening sweeps) for each engine, the
     weight files they load, and the error map's baseline."""
@@ -274,13 +291,22 @@ def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | 
     calibration = None if calibration_file is None else read_text(calibration_file)
     manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True),
                                  bits=int(bits), budget=budget, calibration=calibration,
-                                 strict_steps=strict_steps, spare=spare, deepen=deepen)
+                                 strict_steps=strict_steps, spare=spare, deepen=deepen,
+                                 pool=pool, pool_bits=_bits(pool_bits))
     files = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
     weights = sum(e["bytes"] for e in manifest["weights"]["files"].values())
     emit(manifest, as_json, f"{out}: {len(files)} program files "
          f"{sum(files.values()) / 1e6:.1f} MB, weight files {weights / 1e6:.1f} MB; experts "
          f"{manifest['budget']['experts'] / 1e6:.1f} of {manifest['budget']['bytes'] / 1e6:.1f} "
          "MB budget")
+
+
+def _bits(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"--pool-bits: {text!r} is not a list of bit widths "
+                                 "(8, 4 or 8,4)") from None
 
 
 @cli.command()
@@ -399,6 +425,10 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
                f"{guard['base_rise']:+.2%}" if guard else "")
             + (f"; committed version {r['version']}" if r["committed"] else
                f"; not committed: {r['reason']}"))
+    for c in r.get("reclaimed", []):  # no free slot: other domains' clones compressed first
+        text = (f"{c['domain']}: compressed {len(c['moves'])} clones, reclaimed "
+                f"{c['reclaimed_bytes'] / 1e6:.2f} MB" if c["committed"] else
+                f"{c['domain']}: not compressed: {c['reason']}") + "\n" + text
     emit(r, as_json, text)
 
 
@@ -417,6 +447,9 @@ def versions_(bundle_dir: str, as_json: bool) -> None:
 def _describe(report: dict) -> str:
     if report.get("what") == "export":
         return "export"
+    if report.get("what") == "compress":
+        return f"{report.get('domain')}: compress " + ", ".join(
+            f"L{m['layer']} e{m['from']}->e{m['to']} int{m['bits']}" for m in report["moves"])
     plan = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}" for s in report.get("plan", []))
     return f"{report.get('domain')}: {plan}"
 
@@ -462,8 +495,12 @@ def demo() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from moegrow.tools.bench_cli import bench
+    from moegrow.tools.budget_cli import budget
+    from moegrow.tools.budget_cli import compress as compress_cmd
 
     cli.add_command(bench)
+    cli.add_command(budget)
+    cli.add_command(compress_cmd)
     try:
         cli.main(argv, prog_name="moegrow", standalone_mode=False)
     except click.exceptions.Abort:
