@@ -108,6 +108,12 @@ class Pooled(nn.Module):
         self.register_buffer("scales", torch.from_numpy(scales))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():  # ONNX Runtime's kernel on the same bytes
+            return torch.onnx.ops.symbolic(
+                "com.microsoft::MatMulNBits", (x, self.codes, self.scales),
+                {"K": self.in_features, "N": self.out_features, "bits": self.bits,
+                 "block_size": POOL_GROUP, "accuracy_level": 0},
+                dtype=x.dtype, shape=(*x.shape[:-1], self.out_features), version=1)
         return F.linear(x, dequant(self.codes, self.scales, self.bits, self.out_features,
                                    self.in_features))
 
