@@ -9,7 +9,7 @@ one domain's clones there:
   1. candidates: the domain's spawned experts still in fp32 spare slots (a clone in the
      pool is converged: growth no longer deepens it, `growth.plan`), each with a free pool
      slot in its layer;
-  2. a working copy (`growth.Work`): each clone's weights are quantized into its pool slot
+  2. a working copy (`work.Work`): each clone's weights are quantized into its pool slot
      (`device_kernels.layout.quantize_into`, the numpy reference of the pool's format,
      which the programs dequantize), its router row and gate state (bias, threshold,
      class) move there, and its spare slot is closed and freed for the next spawn;
@@ -17,7 +17,8 @@ one domain's clones there:
      `DOMAIN_RISE`, on the base guard text by at most `guard.GUARD_BASE` (measured as a
      growth slice measures them); else nothing is kept;
   4. commit: one new weights version (`versions.commit`: atomic, logged, rolled back like
-     any other); experts outside the move are bit-identical.
+     any other); experts outside the move are bit-identical. The error map's statistics of
+     the moved experts follow them to their new slots.
 
 What it reclaims: each moved clone's fp32 bytes less its pool bytes (`budget`).
 """
@@ -30,7 +31,8 @@ from typing import Any
 import numpy as np
 from moegrow.device_kernels import layout
 
-from . import errormap, growth, guard, versions
+from . import errormap, guard, versions
+from .work import Work
 
 DOMAIN_RISE = 0.01  # largest relative perplexity rise on the domain's held-out replay
 FIELDS = ("parent", "domain", "bias", "threshold", "class", "replaces")  # a clone's own
@@ -147,7 +149,7 @@ def compress(rt, domain: str | None = None, progress=None,
                                   f"(int{m['bits']})" for m in report["moves"]))
     changed = {(r["layer"], to) for r, to, _ in moves} | {(r["layer"], r["slot"])
                                                           for r, _, _ in moves}
-    work = growth.Work(rt)
+    work = Work(rt)
     try:
         before = {"domain": guard.measure(work.rt, held, changed),
                   "base": guard.measure(work.rt, base, changed)}
@@ -190,6 +192,9 @@ def compress(rt, domain: str | None = None, progress=None,
                        "reclaimed_bytes": report["reclaimed_bytes"],
                        "guard": {k: g[k] for k in ("domain_rise", "base_rise")}}
             new = versions.commit(b, weights, routers, rows, summary)
+            # the error map's statistics follow the experts (a plan names experts by slot;
+            # a crash before this leaves them on freed slots, which `growth.plan` skips)
+            errormap.Store(b.path).move([(r["layer"], r["slot"], to) for r, to, _ in moves])
             rt.reload(new)
             report["committed"], report["version"] = True, new.manifest["weights"]["version"]
     finally:

@@ -79,6 +79,15 @@ class Store:
                        "OVER (ORDER BY id DESC) AS newer FROM replay) WHERE newer > ?)",
                        (capacity,))
 
+    def move(self, moves: list[tuple[int, int, int]]) -> None:
+        """The error statistics of experts that moved slots (`compress`: (layer, from, to))
+        follow them, in one transaction: whatever the target slot had is dropped."""
+        with state.connection(self.bundle_dir, write=True) as db:
+            for layer, old, new in moves:
+                db.execute("DELETE FROM stats WHERE layer = ? AND expert = ?", (layer, new))
+                db.execute("UPDATE stats SET expert = ? WHERE layer = ? AND expert = ?",
+                           (new, layer, old))
+
     def read(self, domain: str | None = None) -> dict:
         """{"domains": {tag: {"tokens", "nll", "nll_sd", "probe"}}, "stats": [(layer, expert,
         domain, count, sum, sumsq, ema, last_seen)], "replay_tokens": n}; empty when nothing

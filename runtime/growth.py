@@ -38,6 +38,9 @@
      nothing is kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
      rows (`versions.commit`, which logs it), and the runtime reloads it.
+Reclaim: with a `reclaim(domain)` callback (`Runtime.idle` passes one for a bundle with a
+quantized pool), a plan that finds no free slot for an expert it names first has the other
+domains' clones compressed into the pool (`compress.py`), then is made again.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
 `steps` steps and `seconds`; memory: the working copy plus Adam state for the changed
 experts, allocated once per slice.
@@ -52,7 +55,8 @@ from typing import Any
 
 import numpy as np
 
-from . import errormap, experts, gate, guard, state, verdicts, versions
+from . import errormap, experts, gate, guard, verdicts, versions
+from .work import Work
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
@@ -142,7 +146,9 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                          if d == domain and (layer, expert) in others
                          and count >= TAKEOVER * tokens)
         named += [(layer, expert) for _, layer, expert in reached]
-    named = list(dict.fromkeys(named))
+    vacant = {(r["layer"], r["slot"]) for r in rt.bundle.manifest["experts"]["table"]
+              if r.get("kind") in ("spare", "pool")}  # stale statistics (`compress`)
+    named = [x for x in dict.fromkeys(named) if x not in vacant]
     own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
     out, per_layer, skipped, taken = [], {}, [], set()
     for layer, parent in named:
@@ -180,35 +186,6 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                           f"into (the bundle has {spare} spare slots per layer, none left); "
                           "nothing was changed", domain)
     return out, skipped
-
-
-class Work:
-    """The slice's working copy: a Runtime on a copy of the engine's weight file (in
-    `state/`, sized once) and a writable map of that file; `set_expert`/`router` change its
-    bytes in place, `reload` serves them."""
-
-    def __init__(self, rt):
-        self.rt = rt.working_copy(state.folder(rt.bundle.path) / f"work.{rt.backend}")
-        self.buf = np.memmap(self.rt.weights, np.uint8, mode="r+")
-
-    def set_expert(self, layer: int, slot: int, weights: list[np.ndarray]) -> None:
-        experts.write_in_place(self.buf, self.rt.bundle, self.rt.backend, layer, slot, weights)
-
-    def router(self, layer: int) -> np.ndarray:
-        return experts.router(self.rt.bundle, layer, self.rt.backend, self.buf)
-
-    def reload(self) -> None:
-        self.buf.flush()
-        self.rt.reload()
-
-    def live(self, programs: set[str]) -> bool:
-        """Whether all of `programs` see the working copy's bytes without a reload."""
-        return programs <= getattr(self.rt.engine, "live", set())
-
-    def close(self) -> None:
-        path = self.rt.weights
-        del self.buf, self.rt
-        path.unlink(missing_ok=True)
 
 
 def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits: Limits,
@@ -277,7 +254,7 @@ def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
 
 
 def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(),
-         progress=None) -> dict[str, Any]:
+         progress=None, reclaim=None) -> dict[str, Any]:
     """One growth slice of at most `seconds` (see the module docstring); returns what it
     did: {"domain", "verdict", "plan", "skipped" (named experts with no free slot left),
     "tokens", "steps", "energy" and "update_norm" (per step and token: the changed experts'
@@ -288,14 +265,15 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
     "peak_rss_mb" (the process's peak resident memory so far), "accounted_bytes" (what the
     runtime accounts for: the served weight file, the working copy and the learning
     state)}."""
-    report = _slice(rt, seconds, domain, limits, progress)
+    report = _slice(rt, seconds, domain, limits, progress, reclaim)
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["accounted_bytes"] = (rt.weights.stat().st_size + report.get("work_file_bytes", 0)
                                  + report.get("bytes", 0))
     return report
 
 
-def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> dict[str, Any]:
+def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
+           reclaim) -> dict[str, Any]:
     start = time.monotonic()
     deadline = start + min(seconds, limits.seconds)
     say = progress or (lambda _m: None)
@@ -337,7 +315,21 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress) -> 
                                  f"{judged.get(domain, {}).get('verdict', 'not observed')}")
         return report
     report["verdict"] = growing[domain]["verdict"]
-    steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
+    try:
+        steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
+    except NoSlotError:
+        if reclaim is None:
+            raise
+        steps, report["skipped"] = [], None
+    own = {(r["layer"], r["parent"]) for r in b.manifest["experts"]["table"]
+           if r.get("kind") == "spawned" and r.get("domain") == domain
+           and r.get("bits", 32) != 32}  # compressed (converged): no slot wanted for them
+    if report["skipped"] is None or (reclaim is not None and any(
+            tuple(x) not in own for x in report["skipped"])):
+        # named experts found no free slot: other domains' clones leave theirs first
+        report["reclaimed"] = reclaim(domain)
+        b, seen = rt.bundle, store.read()  # new versions; statistics moved with the clones
+        steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
     report["plan"] = steps
     train, held = guard.split(store.replay(domain), b.context)
     if not steps or not held or not train:

@@ -247,21 +247,16 @@ class Runtime:
              **limits) -> dict:
         """One growth slice of at most `seconds` for `domain` (default: the observed domain
         the error map most wants grown); `limits`: fields of `growth.Limits`; `progress`
-        gets a line per stage. Returns what it did (`growth.idle`). When the plan finds no
-        free spare slot and the bundle has a pool, the other domains' clones are compressed
-        into it first (`compress.compress`, guarded; "reclaimed": their reports) and the
-        slice is planned again."""
-        try:
-            return growth.idle(self, seconds, domain, growth.Limits(**limits), progress)
-        except growth.NoSlotError as e:
-            found = compress.candidates(self.bundle) if self.bundle.config.get(
-                "pool_experts") else {}
-            reclaimed = [compress.compress(self, d, progress) for d in sorted(found)
-                         if d != e.domain]
-            if not any(r["committed"] for r in reclaimed):
-                raise
-        report = growth.idle(self, seconds, domain, growth.Limits(**limits), progress)
-        return report | {"reclaimed": reclaimed}
+        gets a line per stage. Returns what it did (`growth.idle`). In a bundle with a
+        quantized pool, a plan that finds no free spare slot for an expert it names first
+        has the other domains' clones compressed into the pool (`compress.compress`, each
+        guarded; "reclaimed": their reports)."""
+        def reclaim(growing: str) -> list[dict]:
+            found = compress.candidates(self.bundle)
+            return [compress.compress(self, d, progress) for d in sorted(found) if d != growing]
+        pool = self.bundle.config.get("pool_experts")
+        return growth.idle(self, seconds, domain, growth.Limits(**limits), progress,
+                           reclaim if pool else None)
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)

@@ -14,7 +14,7 @@ from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.export import moe
 from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime import compress, experts, versions
+from moegrow.runtime import compress, errormap, experts, versions
 
 ENGINES = ("executorch", "onnxruntime")
 
@@ -112,6 +112,7 @@ def test_a_clone_moves_into_the_pool_on_both_engines(grown, tmp_path):
     text = np.array([1] + rt.sp.encode(german(40, seed=9))[:old.context - 1])
     before = {e: runtime.open(path, e).run("observe", text[None]) for e in ENGINES}
     free = compress.budget(old)["reclaimable_bytes"]
+    rt.observe(german(40, seed=11), "de")  # the clones now have error statistics
     c = compress.compress(rt)
     assert c["committed"] and c["version"] == 3 and c["domain"] == "de", c["reason"]
     clones = {(s["layer"], s["slot"]) for s in r["plan"]}
@@ -122,6 +123,9 @@ def test_a_clone_moves_into_the_pool_on_both_engines(grown, tmp_path):
     assert c["guard"]["domain_rise"] <= compress.DOMAIN_RISE
     new = rt.bundle
     rows = {(x["layer"], x["slot"]): x for x in new.manifest["experts"]["table"]}
+    stats = {(layer, e) for layer, e, d, *_ in errormap.Store(path).read()["stats"] if d == "de"}
+    for m in c["moves"]:  # the error map's statistics followed the clones
+        assert (m["layer"], m["to"]) in stats and (m["layer"], m["from"]) not in stats
     moved = {(m["layer"], m["to"]) for m in c["moves"]}
     for m in c["moves"]:
         was = {(x["layer"], x["slot"]): x for x in old.manifest["experts"]["table"]}[

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 from moegrow import runtime
 from moegrow.device_kernels import layout
-from moegrow.runtime import compress, errormap, growth, guard
+from moegrow.runtime import compress, errormap, guard
+from moegrow.runtime.work import Work
 
 WIDTHS = (32, 8, 4)
 
@@ -68,7 +69,7 @@ def measure(rt, clones: list[tuple[int, int]], held: list, say) -> dict:
             g = [d[k][layer][slot - d["first"]].astype(np.float64) for k in ("dwg", "dwu", "dwd")]
             sums[layer, slot] = g if sums[layer, slot] is None else \
                 [a + b for a, b in zip(sums[layer, slot], g, strict=True)]
-    work = growth.Work(rt)
+    work = Work(rt)
     try:
         before = guard.measure(work.rt, held, set())["nll"]
         for c in clones:
