@@ -115,11 +115,29 @@ def candidates(bundle, domain: str | None = None, bits: dict | int | None = None
 def compress(rt, domain: str | None = None, progress=None,
              bits: dict | int | None = None, guarded: bool = True) -> dict[str, Any]:
     """Move one domain's fp32 clones into the pool (the module docstring; `bits` as in
-    `candidates`: the narrowest free slot by default; `guarded` off commits whatever the
+    `candidates`: by default the narrowest free width, and where the guard refuses it the
+    next wider one: "refused" lists the widths refused; `guarded` off commits whatever the
     guard measures: `moegrow bench quant` only); returns
     {"domain", "moves" [{"layer", "from", "to", "bits"}], "guard" {"domain_rise",
     "base_rise", "domain_bound", "base_bound", "before", "after"}, "reclaimed_bytes",
-    "committed", "version", "reason", "seconds"}."""
+    "committed", "version", "reason", "seconds", "refused"}."""
+    report = _compress(rt, domain, progress, bits, guarded)
+    report["refused"] = []
+    widths = sorted({r.get("bits") for r in rt.bundle.manifest["experts"]["table"]
+                     if r.get("kind") == "pool"})
+    while bits is None and report["guard"] and not report["committed"]:
+        report["refused"].append(max(m["bits"] for m in report["moves"]))
+        wider = [w for w in widths if w > report["refused"][-1]]
+        if not wider:
+            break
+        refused = report["refused"]
+        report = _compress(rt, report["domain"], progress, wider[0], guarded) | {
+            "refused": refused}
+    return report
+
+
+def _compress(rt, domain: str | None, progress, bits: dict | int | None,
+              guarded: bool) -> dict[str, Any]:
     start = time.monotonic()
     b = rt.bundle
     say = progress or (lambda _m: None)
@@ -171,6 +189,7 @@ def compress(rt, domain: str | None = None, progress=None,
              "domain_bound": DOMAIN_RISE, "base_bound": guard.GUARD_BASE,
              "before": before, "after": after}
         report["guard"] = g
+        say(f"guard: domain perplexity {g['domain_rise']:+.2%}, base {g['base_rise']:+.2%}")
         if guarded and (g["domain_rise"] > DOMAIN_RISE or g["base_rise"] > guard.GUARD_BASE):
             report["reason"] = (f"guard: domain perplexity rise {g['domain_rise']:.2%} (bound "
                                 f"{DOMAIN_RISE:.1%}), base rise {g['base_rise']:.2%} (bound "

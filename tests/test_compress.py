@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import exported, german, run_cli
+from conftest import exported, german, run_cli, snapshot
 from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.export import moe
@@ -237,3 +237,16 @@ def test_bench_quant_reports_each_strategy(grown, capsys, tmp_path):
     assert s["operating"]["domain_ppl_rise"] <= 3 * compress.DOMAIN_RISE
     assert (tmp_path / "q" / "report.md").is_file() and (tmp_path / "q" / "quant.png").is_file()
     assert bundle_format.load(src).manifest["weights"]["version"] == before
+
+
+def test_a_refused_compression_changes_nothing(grown, tmp_path, monkeypatch):
+    """Where the guard refuses the narrowest width and no wider one is free, nothing on disk
+    changes (the bundle, its versions and its error map)."""
+    src, _ = grown
+    path = tmp_path / "b"
+    shutil.copytree(src, path)
+    before = snapshot(path)
+    monkeypatch.setattr(compress, "DOMAIN_RISE", -1.0)  # no rise is small enough
+    c = compress.compress(runtime.open(path, "onnxruntime"))
+    assert not c["committed"] and c["refused"] == [4] and c["reason"].startswith("guard")
+    assert snapshot(path) == before

@@ -115,7 +115,12 @@ def sequence(job: dict, workdir: Path, say) -> dict:
             "reason": r["reason"], "verdict": r["verdict"],
             "version": rt.bundle.manifest["weights"]["version"],
             "plan": [f"{s['how']} L{s['layer']} e{s['parent']}" for s in r["plan"]],
-            "skipped": r["skipped"], "reach": r.get("guard") and {
+            "skipped": r["skipped"], "reclaimed": [  # other domains compressed first
+                {k: c[k] for k in ("domain", "moves", "committed", "reason",
+                                   "reclaimed_bytes")} | {"guard": c["guard"] and {
+                    k: c["guard"][k] for k in ("domain_rise", "base_rise")}}
+                for c in r.get("reclaimed", [])],
+            "reach": r.get("guard") and {
                 k: r["guard"]["after"][k]["reach"] for k in ("domain", "base")},
             "ppl": {n: perplexity(rt, heldout[j]) for j, n in enumerate(names[:i + 1])},
             "base": perplexity(rt, old)})

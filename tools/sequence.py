@@ -13,9 +13,10 @@ pc        a copy of --bundle grows on each domain in turn: observe its training 
           the domain's name, then one idle slice for that domain (`adapt_pc.sequence`, the pc of
           bench adapt: verdict, clones behind the domain gate, guard, commit). Its stages
           also record the slice: committed, reason, verdict, version, plan, skipped (named
-          experts with no free slot left), reach (per layer, the share of the domain's and
-          the base's held-out replay reaching a changed expert); a stage that cannot grow
-          is recorded and the sequence goes on.
+          experts with no free slot left), reclaimed (other domains' clones compressed
+          first), reach (per layer, the share of the domain's and the base's held-out
+          replay reaching a changed expert); a stage that cannot grow is recorded and the
+          sequence goes on.
 lora      one LoRA adapter (bench adapt's: PEFT, rank 8) trained on each domain in turn, a
           fresh AdamW per stage.
 lora-tag  a fresh adapter per domain, switched by a domain tag: each domain is scored with its
