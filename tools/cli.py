@@ -421,7 +421,7 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
     guard = r["guard"] or {}
     text = (f"{r['domain']}: {r['verdict'] or 'nothing'}; {what or 'no change planned'}; "
             f"{r['steps']} steps on {r['tokens']} tokens"
-            + (f"; domain ppl -{guard['domain_gain']:.2%}, base ppl "
+            + (f"; domain ppl {-guard['domain_gain']:+.2%}, base ppl "
                f"{guard['base_rise']:+.2%}" if guard else "")
             + (f"; committed version {r['version']}" if r["committed"] else
                f"; not committed: {r['reason']}"))
