@@ -111,25 +111,45 @@ def views(buf: np.ndarray, entries: list[dict], layer: int, slot: int,
     return out
 
 
+def _coded(buf: np.ndarray, entry: dict, dims_: tuple[int, int, int]):
+    """A quantized entry's codes [rows, cols / group, group * bits / 8] and scales [rows,
+    cols / group] as views of `buf` (the linear the programs hold: [n*F, C] for gate and
+    up, [C, n*F] for down), with (bits, out, in) of one expert."""
+    slots, hidden, width = dims_
+    experts, bits, group = entry.get("count", slots), int(entry["form"][1:]), entry["group"]
+    out, in_ = shape(entry["proj"], hidden, width)
+    rows, cols = (out, experts * in_) if entry["proj"] == "down_proj" else (experts * out, in_)
+    blocks = rows * cols // group
+    codes = buf[entry["offset"]:entry["offset"] + blocks * group * bits // 8]
+    scales = buf[entry["scales"]:entry["scales"] + blocks * 4].view(np.float32)
+    return (codes.reshape(rows, cols // group, -1), scales.reshape(rows, cols // group),
+            bits, out, in_)
+
+
+def unpack(codes: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    """Codes [N, G, group * bits / 8] and scales [N, G] (the `q4` / `q8` layout) -> fp32
+    [N, G * group]."""
+    if bits == 4:
+        codes = np.stack([codes & 15, codes >> 4], -1).reshape(*codes.shape[:2], -1)
+    w = (codes.astype(np.float32) - (1 << (bits - 1))) * scales.reshape(*codes.shape[:2], 1)
+    return w.reshape(len(w), -1)
+
+
+def _cut(entry: dict, slot: int, out: int, in_: int, group: int = 1) -> tuple[slice, slice]:
+    """Expert `slot`'s (rows, columns) of the linear of `entry`, columns in units of
+    `group`: gate and up its rows, down its columns."""
+    local = slot - entry.get("first", 0)
+    if entry["proj"] == "down_proj":
+        return slice(None), slice(local * in_ // group, (local + 1) * in_ // group)
+    return slice(local * out, (local + 1) * out), slice(None)
+
+
 def dequantized(buf: np.ndarray, entry: dict, slot: int,
                 dims_: tuple[int, int, int]) -> np.ndarray:
     """Expert `slot`'s fp32 [out, in] weight from a quantized entry (form `q4` / `q8`) that
     holds it: a new array."""
-    slots, hidden, width = dims_
-    experts, bits, group = entry.get("count", slots), int(entry["form"][1:]), entry["group"]
-    slot -= entry.get("first", 0)
-    out, in_ = shape(entry["proj"], hidden, width)
-    down = entry["proj"] == "down_proj"
-    rows, cols = (out, experts * in_) if down else (experts * out, in_)
-    blocks = rows * cols // group
-    codes = buf[entry["offset"]:entry["offset"] + blocks * group * bits // 8]
-    codes = codes.reshape(rows, cols // group, group * bits // 8)
-    if bits == 4:
-        codes = np.stack([codes & 15, codes >> 4], -1).reshape(rows, cols // group, group)
-    scales = buf[entry["scales"]:entry["scales"] + blocks * 4].view(np.float32)
-    w = ((codes.astype(np.float32) - (1 << (bits - 1))) * scales.reshape(rows, -1, 1))
-    w = w.reshape(rows, cols)
-    return (w[:, slot * in_:(slot + 1) * in_] if down else w[slot * out:(slot + 1) * out]).copy()
+    codes, scales, bits, out, in_ = _coded(buf, entry, dims_)
+    return unpack(codes, scales, bits)[_cut(entry, slot, out, in_)].copy()
 
 
 def packed(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,27 +178,13 @@ def quantize_into(buf: np.ndarray, entry: dict, slot: int, dims_: tuple[int, int
     serves (`dequantized`). Each expert's groups are its own (gate and up: its rows of
     [P*F, C]; down: its F columns of [C, P*F], F a multiple of the group), so the other
     experts' bytes are untouched."""
-    slots, hidden, width = dims_
-    experts, bits, group = entry.get("count", slots), int(entry["form"][1:]), entry["group"]
-    local = slot - entry.get("first", 0)
-    out, in_ = shape(entry["proj"], hidden, width)
-    down = entry["proj"] == "down_proj"
-    rows, cols = (out, experts * in_) if down else (experts * out, in_)
-    per = group * bits // 8
-    codes = buf[entry["offset"]:entry["offset"] + rows * cols // group * per]
-    codes = codes.reshape(rows, cols // group, per)
-    scales = buf[entry["scales"]:entry["scales"] + rows * cols // group * 4].view(np.float32)
-    scales = scales.reshape(rows, cols // group)
-    q, s = packed(w, bits, group)
-    if down:
-        if in_ % group:
-            raise ValueError(f"an expert of hidden size {in_} does not fill whole groups "
-                             f"of {group}")
-        cut = slice(local * in_ // group, (local + 1) * in_ // group)
-        codes[:, cut], scales[:, cut] = q, s.reshape(rows, -1)
-    else:
-        cut = slice(local * out, (local + 1) * out)
-        codes[cut], scales[cut] = q, s.reshape(out, -1)
+    codes, scales, bits, out, in_ = _coded(buf, entry, dims_)
+    if entry["proj"] == "down_proj" and in_ % entry["group"]:
+        raise ValueError(f"an expert of hidden size {in_} does not fill whole groups of "
+                         f"{entry['group']}")
+    q, s = packed(w, bits, entry["group"])
+    cut = _cut(entry, slot, out, in_, entry["group"])
+    codes[cut], scales[cut] = q, s.reshape(len(q), -1)
     return dequantized(buf, entry, slot, dims_)
 
 

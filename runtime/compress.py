@@ -73,8 +73,7 @@ def budget(bundle) -> dict[str, Any]:
     reclaim = sum(layout.expert_bytes(config, 32) - layout.expert_bytes(config, row["bits"])
                   for rows in candidates(bundle).values() for _, row in rows)
     used = sum(p["used_bytes"] for p in pools.values())
-    _, hidden, width = layout.dims(config)
-    total = len(experts) // config["num_hidden_layers"]
+    total, hidden, width = layout.dims(config)
     stored = {}  # every located copy: fp32 bundles hold down_proj twice (stacked and dense)
     for engine, where in bundle.manifest["experts"]["layout"].items():
         stored[engine] = 0

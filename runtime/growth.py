@@ -99,6 +99,14 @@ class Limits:
     # "inplace": all in place
 
 
+def compressed(bundle, domain: str) -> set[tuple[int, int]]:
+    """(layer, parent) of the domain's clones compressed into the pool (`compress.py`):
+    converged and frozen, growth no longer deepens them."""
+    return {(r["layer"], r["parent"]) for r in bundle.manifest["experts"]["table"]
+            if r.get("kind") == "spawned" and r.get("domain") == domain
+            and r.get("bits", 32) != 32}
+
+
 def plan(rt, verdict: dict, domain: str, seen: dict,
          limits: Limits) -> tuple[list[dict], list[list[int]]]:
     """([{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}], skipped) for one
@@ -126,14 +134,13 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
     if frozen and limits.place == "inplace":
         raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
                           "are quantized and frozen: it grows clones only (place 'auto')")
-    free, clones, others, done = {}, {}, set(), set()
+    free, clones, others = {}, {}, set()
+    done = compressed(rt.bundle, domain)
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
             free.setdefault(row["layer"], []).append(row["slot"])
         elif row.get("kind") == "spawned" and row.get("domain") == domain:
             clones[row["layer"], row["parent"]] = row["slot"]
-            if row.get("bits", 32) != 32:  # compressed into the pool: converged, frozen
-                done.add((row["layer"], row["parent"]))
         elif row.get("kind") == "spawned":
             others.add((row["layer"], row["slot"]))
     if not clones and limits.place == "auto":  # the domain's first clones bring its class:
@@ -321,11 +328,9 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
         if reclaim is None:
             raise
         steps, report["skipped"] = [], None
-    own = {(r["layer"], r["parent"]) for r in b.manifest["experts"]["table"]
-           if r.get("kind") == "spawned" and r.get("domain") == domain
-           and r.get("bits", 32) != 32}  # compressed (converged): no slot wanted for them
+    done = compressed(b, domain)  # skipped, but wanting no slot
     if report["skipped"] is None or (reclaim is not None and any(
-            tuple(x) not in own for x in report["skipped"])):
+            tuple(x) not in done for x in report["skipped"])):
         # named experts found no free slot: other domains' clones leave theirs first
         report["reclaimed"] = reclaim(domain)
         b, seen = rt.bundle, store.read()  # new versions; statistics moved with the clones

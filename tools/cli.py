@@ -387,84 +387,6 @@ def forget(bundle_dir: str) -> None:
     click.echo(f"{bundle_dir}: error map and replay buffer cleared")
 
 
-@cli.command()
-@click.argument("bundle_dir", metavar="BUNDLE")
-@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=600,
-              show_default=True, help="Time limit of the slice.")
-@click.option("--domain", default=None,
-              help="Grow for this observed domain (default: of those not judged `nothing`, "
-                   "the one with the most to win: the learnability probe's saved NLL over all "
-                   "its observed tokens).")
-@click.option("--tokens", type=click.IntRange(min=1), default=growth.Limits.tokens,
-              show_default=True, help="Replay tokens of the domain to learn from.")
-@click.option("--steps", type=click.IntRange(min=1), default=growth.Limits.steps,
-              show_default=True, help="At most this many PC update steps.")
-@click.option("--passes", type=click.IntRange(min=1), default=growth.Limits.passes,
-              show_default=True, help="Passes over the replay tokens (4 windows a step).")
-@click.option("--strict", is_flag=True, help="The strict PC schedule (bundles exported with "
-              "--strict-steps).")
-@click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
-              show_default=True, help="The engine that runs the PC programs (ONNX Runtime's "
-              "sweeps are 2-4x faster than ExecuTorch's here); the commit serves both.")
-@click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
-def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps: int,
-         passes: int, strict: bool, backend: str, as_json: bool) -> None:
-    """One idle slice of growth on BUNDLE: from the error map's verdict, clone the named
-    experts into spare slots behind the domain's gate (an expert the base never chose
-    deepens in place once its layer has no free slot), run bounded PC steps on the domain's
-    replay text, and commit a new weights version only if the guard passes (held-out domain
-    text improves, base text does not worsen by more than 0.5%)."""
-    rt = runtime.open(bundle_dir, backend)
-    r = rt.idle(seconds, domain, tokens=tokens, steps=steps, passes=passes, strict=strict)
-    what = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
-                     + (f"->e{s['slot']}" if s["how"] == "spawn" else "") for s in r["plan"])
-    guard = r["guard"] or {}
-    text = (f"{r['domain']}: {r['verdict'] or 'nothing'}; {what or 'no change planned'}; "
-            f"{r['steps']} steps on {r['tokens']} tokens"
-            + (f"; domain ppl {-guard['domain_gain']:+.2%}, base ppl "
-               f"{guard['base_rise']:+.2%}" if guard else "")
-            + (f"; committed version {r['version']}" if r["committed"] else
-               f"; not committed: {r['reason']}"))
-    for c in r.get("reclaimed", []):  # no free slot: other domains' clones compressed first
-        text = (f"{c['domain']}: compressed {len(c['moves'])} clones, reclaimed "
-                f"{c['reclaimed_bytes'] / 1e6:.2f} MB" if c["committed"] else
-                f"{c['domain']}: not compressed: {c['reason']}") + "\n" + text
-    emit(r, as_json, text)
-
-
-@cli.command("versions")
-@click.argument("bundle_dir", metavar="BUNDLE")
-@click.option("--json", "as_json", is_flag=True, help="Print the log as JSON.")
-def versions_(bundle_dir: str, as_json: bool) -> None:
-    """BUNDLE's weights versions, oldest first; * marks the current one."""
-    log = versions.log(bundle_format.load(bundle_dir))
-    lines = [f"{'*' if v['current'] else ' '} v{v['version']}  "
-             f"{_describe(v['report'])}{'' if v['files_present'] else '  (files missing)'}"
-             for v in log]
-    emit({"versions": log}, as_json, "\n".join(lines))
-
-
-def _describe(report: dict) -> str:
-    if report.get("what") == "export":
-        return "export"
-    if report.get("what") == "compress":
-        return f"{report.get('domain')}: compress " + ", ".join(
-            f"L{m['layer']} e{m['from']}->e{m['to']} int{m['bits']}" for m in report["moves"])
-    plan = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}" for s in report.get("plan", []))
-    return f"{report.get('domain')}: {plan}"
-
-
-@cli.command()
-@click.argument("bundle_dir", metavar="BUNDLE")
-@click.option("--to", "to", type=int, default=None,
-              help="The version to make current (default: the one before the current).")
-def rollback(bundle_dir: str, to: int | None) -> None:
-    """Make an earlier weights version of BUNDLE current again (its files are verified
-    first; later versions stay in the log and can be rolled forward to with --to)."""
-    b = versions.rollback(bundle_format.load(bundle_dir), to)
-    click.echo(f"{bundle_dir}: version {b.manifest['weights']['version']} is current")
-
-
 DEMO_PREFIXES = ["The function returns", "To install the package, run", "import os\nimport",
                  "This module provides", "The default value of the"]
 
@@ -494,13 +416,13 @@ def demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from moegrow.tools import grow_cli
     from moegrow.tools.bench_cli import bench
-    from moegrow.tools.budget_cli import budget
-    from moegrow.tools.budget_cli import compress as compress_cmd
 
     cli.add_command(bench)
-    cli.add_command(budget)
-    cli.add_command(compress_cmd)
+    for command in (grow_cli.idle, grow_cli.versions_, grow_cli.rollback, grow_cli.compress,
+                    grow_cli.budget):
+        cli.add_command(command)
     try:
         cli.main(argv, prog_name="moegrow", standalone_mode=False)
     except click.exceptions.Abort:

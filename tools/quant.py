@@ -39,12 +39,8 @@ WIDTHS = (32, 8, 4)
 
 
 def _roundtrip(w: np.ndarray, bits: int) -> np.ndarray:
-    """`w` [out, in] as the pool serves it at `bits` (`layout.packed`, dequantized)."""
-    codes, scales = layout.packed(w, bits, 32)
-    q = codes.astype(np.float32)
-    if bits == 4:
-        q = np.stack([q % 16, q // 16], -1).reshape(*q.shape[:2], -1)
-    return ((q - (1 << (bits - 1))) * scales.reshape(*q.shape[:2], 1)).reshape(w.shape)
+    """`w` [out, in] as the pool serves it at `bits` (`layout.packed`, then `unpack`)."""
+    return layout.unpack(*layout.packed(w, bits, 32), bits)
 
 
 def _nll(rt, ids: np.ndarray) -> float:

@@ -1,0 +1,139 @@
+"""The growth commands: `moegrow idle` (a growth slice), `versions` and `rollback` (the
+weights versions), `compress` (converged clones moved into the quantized pool,
+`runtime/compress.py`) and `budget` (a bundle's expert bytes); registered on the CLI by
+`tools/cli.py`."""
+
+from __future__ import annotations
+
+import click
+from moegrow import runtime
+from moegrow.runtime import backends, growth, versions
+from moegrow.runtime import bundle as bundle_format
+from moegrow.runtime import compress as compress_lib
+
+from .cli import emit
+
+
+@click.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--json", "as_json", is_flag=True, help="Print the accounting as JSON.")
+def budget(bundle_dir: str, as_json: bool) -> None:
+    """BUNDLE's expert bytes: per pool (base experts, fp32 spare slots for growth, the
+    quantized pool) the bit width, slots used and bytes; what is free, and what compressing
+    every fp32 clone into a free pool slot would reclaim. Bytes are those of the weight
+    files' expert tensors (codes and fp32 scales for quantized ones)."""
+    r = compress_lib.budget(bundle_format.load(bundle_dir))
+    lines = [f"{'pool':6} {'bits':>4} {'slots':>9} {'MB':>8}"]
+    for name, p in r["pools"].items():
+        lines.append(f"{name:6} {p['bits']:>4} {p['used']:>4}/{p['slots']:<4} "
+                     f"{p['used_bytes'] / 1e6:>8.3f} of {p['bytes'] / 1e6:.3f}")
+    lines.append(f"used {r['used_bytes'] / 1e6:.3f} MB, free {r['free_bytes'] / 1e6:.3f} MB "
+                 f"(budget {r['budget_bytes'] / 1e6:.3f} MB); reclaimable by compress "
+                 f"{r['reclaimable_bytes'] / 1e6:.3f} MB")
+    lines += [f"  L{e['layer']} e{e['slot']}: {e['domain']} int{e['bits']} "
+              f"{e['bytes'] / 1e6:.3f} MB" for e in r["experts"] if e["kind"] == "spawned"]
+    emit(r, as_json, "\n".join(lines))
+
+
+@click.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--domain", default=None, help="The domain whose clones to compress (default: "
+              "the first, by name, that has fp32 clones).")
+@click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
+              show_default=True, help="The engine that runs the guard; the commit serves both.")
+@click.option("--json", "as_json", is_flag=True, help="Print what it did as JSON.")
+def compress(bundle_dir: str, domain: str | None, backend: str, as_json: bool) -> None:
+    """Move one domain's clones from BUNDLE's fp32 spare slots into its quantized pool
+    (export with --pool N): quantized on the device to the narrowest free width, their
+    router rows and gates moved, their spare slots freed for the next spawn. Committed as a
+    new weights version only if the domain's held-out perplexity rises by at most 1% and
+    the base text's by at most 0.5%; where it does not, the next wider width is tried."""
+    rt = runtime.open(bundle_dir, backend)
+    r = compress_lib.compress(rt, domain, progress=lambda m: click.echo(m, err=True))
+    g = r["guard"] or {}
+    moves = ", ".join(f"L{m['layer']} e{m['from']}->e{m['to']} int{m['bits']}"
+                      for m in r["moves"])
+    text = (f"{r['domain']}: {moves or 'nothing to move'}"
+            + (f"; domain ppl {g['domain_rise']:+.2%}, base ppl {g['base_rise']:+.2%}"
+               if g else "")
+            + (f"; reclaimed {r['reclaimed_bytes'] / 1e6:.3f} MB, committed version "
+               f"{r['version']}" if r["committed"] else f"; not committed: {r['reason']}"))
+    emit(r, as_json, text)
+
+
+@click.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=600,
+              show_default=True, help="Time limit of the slice.")
+@click.option("--domain", default=None,
+              help="Grow for this observed domain (default: of those not judged `nothing`, "
+                   "the one with the most to win: the learnability probe's saved NLL over all "
+                   "its observed tokens).")
+@click.option("--tokens", type=click.IntRange(min=1), default=growth.Limits.tokens,
+              show_default=True, help="Replay tokens of the domain to learn from.")
+@click.option("--steps", type=click.IntRange(min=1), default=growth.Limits.steps,
+              show_default=True, help="At most this many PC update steps.")
+@click.option("--passes", type=click.IntRange(min=1), default=growth.Limits.passes,
+              show_default=True, help="Passes over the replay tokens (4 windows a step).")
+@click.option("--strict", is_flag=True, help="The strict PC schedule (bundles exported with "
+              "--strict-steps).")
+@click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
+              show_default=True, help="The engine that runs the PC programs (ONNX Runtime's "
+              "sweeps are 2-4x faster than ExecuTorch's here); the commit serves both.")
+@click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
+def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps: int,
+         passes: int, strict: bool, backend: str, as_json: bool) -> None:
+    """One idle slice of growth on BUNDLE: from the error map's verdict, clone the named
+    experts into spare slots behind the domain's gate (an expert the base never chose
+    deepens in place once its layer has no free slot), run bounded PC steps on the domain's
+    replay text, and commit a new weights version only if the guard passes (held-out domain
+    text improves, base text does not worsen by more than 0.5%)."""
+    rt = runtime.open(bundle_dir, backend)
+    r = rt.idle(seconds, domain, tokens=tokens, steps=steps, passes=passes, strict=strict)
+    what = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
+                     + (f"->e{s['slot']}" if s["how"] == "spawn" else "") for s in r["plan"])
+    guard = r["guard"] or {}
+    text = (f"{r['domain']}: {r['verdict'] or 'nothing'}; {what or 'no change planned'}; "
+            f"{r['steps']} steps on {r['tokens']} tokens"
+            + (f"; domain ppl {-guard['domain_gain']:+.2%}, base ppl "
+               f"{guard['base_rise']:+.2%}" if guard else "")
+            + (f"; committed version {r['version']}" if r["committed"] else
+               f"; not committed: {r['reason']}"))
+    for c in r.get("reclaimed", []):  # no free slot: other domains' clones compressed first
+        text = (f"{c['domain']}: compressed {len(c['moves'])} clones, reclaimed "
+                f"{c['reclaimed_bytes'] / 1e6:.2f} MB" if c["committed"] else
+                f"{c['domain']}: not compressed: {c['reason']}") + "\n" + text
+    emit(r, as_json, text)
+
+
+@click.command("versions")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--json", "as_json", is_flag=True, help="Print the log as JSON.")
+def versions_(bundle_dir: str, as_json: bool) -> None:
+    """BUNDLE's weights versions, oldest first; * marks the current one."""
+    log = versions.log(bundle_format.load(bundle_dir))
+    lines = [f"{'*' if v['current'] else ' '} v{v['version']}  "
+             f"{_describe(v['report'])}{'' if v['files_present'] else '  (files missing)'}"
+             for v in log]
+    emit({"versions": log}, as_json, "\n".join(lines))
+
+
+def _describe(report: dict) -> str:
+    if report.get("what") == "export":
+        return "export"
+    if report.get("what") == "compress":
+        return f"{report.get('domain')}: compress " + ", ".join(
+            f"L{m['layer']} e{m['from']}->e{m['to']} int{m['bits']}" for m in report["moves"])
+    plan = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}" for s in report.get("plan", []))
+    return f"{report.get('domain')}: {plan}"
+
+
+@click.command()
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--to", "to", type=int, default=None,
+              help="The version to make current (default: the one before the current).")
+def rollback(bundle_dir: str, to: int | None) -> None:
+    """Make an earlier weights version of BUNDLE current again (its files are verified
+    first; later versions stay in the log and can be rolled forward to with --to)."""
+    b = versions.rollback(bundle_format.load(bundle_dir), to)
+    click.echo(f"{bundle_dir}: version {b.manifest['weights']['version']} is current")
