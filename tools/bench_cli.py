@@ -205,8 +205,10 @@ def bench_sequence(base: str, domains: tuple[str, ...], old: Path, tokens: int, 
 
 @bench.command("quant")
 @click.argument("bundle_dir", metavar="BUNDLE")
-@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
-              help="Held-out text of the grown domain (the first --tokens tokens are scored).")
+@click.option("--text", "text_file", type=click.Path(path_type=Path),
+              help="Held-out text of the grown domain (the first --tokens tokens are scored); "
+                   "default: the domain's held-out replay, which the allocator also measures "
+                   "on (an independent text is the fairer judge).")
 @click.option("--train", "train_file", type=click.Path(path_type=Path),
               help="Grow the domain from this text first (observe it, one idle slice with "
                    "the default limits) on a copy of BUNDLE; without it BUNDLE must hold the "
@@ -217,8 +219,8 @@ def bench_sequence(base: str, domains: tuple[str, ...], old: Path, tokens: int, 
               help="Folder for report.md, results.json and quant.png.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_quant(bundle_dir: str, text_file: Path, train_file: Path | None, domain: str | None,
-                tokens: int, out: Path, seed: int, as_json: bool) -> None:
+def bench_quant(bundle_dir: str, text_file: Path | None, train_file: Path | None,
+                domain: str | None, tokens: int, out: Path, seed: int, as_json: bool) -> None:
     """Compress a grown domain's clones into BUNDLE's quantized pool (export with --pool N
     --pool-bits 8,4) with each strategy (uniform int8 and int4; the allocator within
     uniform int8's bytes; at half int8 / half int4 bytes the allocator, importance only,
@@ -227,9 +229,9 @@ def bench_quant(bundle_dir: str, text_file: Path, train_file: Path | None, domai
     clone's routing mass, distance from converged and quantization cost."""
     from moegrow.tools import quant
 
-    read_text(text_file)  # one clear line for a missing, empty or non-UTF-8 file
-    if train_file is not None:
-        read_text(train_file)
+    for path in (text_file, train_file):  # one clear line for a missing, empty or bad file
+        if path is not None:
+            read_text(path)
     result = quant.bench_quant(bundle_dir, out, text_file, train_file, domain, tokens,
                                seed=seed, progress=_say)
     emit(result, as_json, (out / "report.md").read_text())

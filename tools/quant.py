@@ -128,7 +128,7 @@ def plans(stats: dict, config: dict, capacity: dict, seed: int = 0) -> dict[str,
     return out
 
 
-def bench_quant(bundle_dir: str, out: Path, text: Path, train: Path | None = None,
+def bench_quant(bundle_dir: str, out: Path, text: Path | None, train: Path | None = None,
                 domain: str | None = None, tokens: int = 20000, backend: str = "onnxruntime",
                 seed: int = 0, progress=None) -> dict:
     say = progress or (lambda _m: None)
@@ -158,7 +158,10 @@ def bench_quant(bundle_dir: str, out: Path, text: Path, train: Path | None = Non
         if r.get("kind") == "pool":
             capacity[r["layer"], r["bits"]] = capacity.get((r["layer"], r["bits"]), 0) + 1
     _, held = guard.split(errormap.Store(b.path).replay(domain), b.context)
-    ids = np.array([1] + rt.sp.encode(text.read_text(encoding="utf-8"))[:tokens], np.int64)
+    if text is not None:
+        ids = np.array([1] + rt.sp.encode(text.read_text(encoding="utf-8"))[:tokens], np.int64)
+    else:  # the held-out replay (the allocator's own data: an independent text is better)
+        ids = np.concatenate([held[0][0]] + [w[1:] for w, _ in held[1:]])[:tokens + 1]
     guard_ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
     base_ids = guard_ids[len(guard_ids) // 2:].astype(np.int64)
     say(f"{domain}: {len(clones)} clones; measuring each on {len(held)} held-out replay windows")
@@ -202,7 +205,8 @@ def bench_quant(bundle_dir: str, out: Path, text: Path, train: Path | None = Non
                    for k in ("importance_mid", "converged_mid", "random_mid")},
                "budget_violations": int(violations), "domain": domain,
                "clones": {f"{k[0]}/{k[1]}": v for k, v in stats.items()},
-               "strategies": results, "bytes_added": added, "tokens": len(ids) - 1}
+               "strategies": results, "bytes_added": added, "tokens": len(ids) - 1,
+               "text": str(text) if text is not None else "held-out replay"}
     grads = [stats[k]["grad"] for k in clones]
     rises = [stats[k]["rise"][4] / max(stats[k]["mass"], 1e-9) for k in clones]
     summary["converged_rank_correlation"] = _spearman(grads, rises)
@@ -221,7 +225,7 @@ def _spearman(a: list[float], b: list[float]) -> float | None:
 def _report(out: Path, s: dict) -> None:
     lines = [f"# bench quant: {s['domain']}", "",
              f"{len(s['clones'])} clones, {s['bytes_added'] / 1e6:.3f} MB added by growth; "
-             f"held-out domain text {s['tokens']} tokens.", "",
+             f"domain text scored: {s['text']}, {s['tokens']} tokens.", "",
              "| strategy | plan | reclaimed | domain ppl | base ppl | predicted |",
              "|---|---|---|---|---|---|"]
     for name, r in s["strategies"].items():
