@@ -55,8 +55,9 @@ def with_spare(model: layers.CausalLM, spare: int,
     (`moe.Pooled`: growth moves converged clones there, `runtime.compress`): zero router
     rows, closed to routing
     until spawned (`slot_state`), and the gate's class
-    table `domains` [V, 1 + L * S] (the base's class, uniform until growth writes it, and
-    one per possible clone, unused: log-probability `UNUSED` - class). Their
+    table `domains` [V, 1 + L * (S + P)] (the base's class, uniform until growth writes it,
+    and one per slot a clone can hold, spare or pool, unused: log-probability `UNUSED` -
+    class). Their
     weights are small seeded noise, not zeros: the programs hold the spare slots in tensors
     of their own (`DenseMoE`), and the engines store equal tensors once, so all-zero gate,
     up and down tensors would share one buffer that growth could not write one of."""
@@ -76,7 +77,7 @@ def with_spare(model: layers.CausalLM, spare: int,
         mlp.gate, mlp.spare, mlp.pool, mlp.pool_bits = gate, spare, len(pool), list(pool)
     out.spare, out.pool = spare, len(pool)
     if spare:
-        classes = 1 + model.args.num_hidden_layers * spare
+        classes = 1 + model.args.num_hidden_layers * extra
         # class c unused: UNUSED - c a token (the noise keeps the columns apart as data;
         # the offsets make one of them the likeliest grown class by a clear margin: the
         # gate's argmax among grown classes must not be decided by noise, which the

@@ -31,11 +31,13 @@ from typing import Any
 import numpy as np
 from moegrow.device_kernels import layout
 
-from . import errormap, guard, versions
+from . import errormap, gate, guard, versions
 from .work import Work
 
 DOMAIN_RISE = 0.01  # largest relative perplexity rise on the domain's held-out replay
 FIELDS = ("parent", "domain", "bias", "threshold", "class", "replaces")  # a clone's own
+CLOSED = (0.0, 0.0, 1.0, 0.0)  # a free slot's gate state (`session.slot_state`)
+RETIRE_TRIES = 3  # experts measured per layer before a full layer is the answer
 
 
 class CompressError(ValueError):
@@ -156,8 +158,6 @@ def _compress(rt, domain: str | None, progress, bits: dict | int | None,
     report["moves"] = [{"layer": r["layer"], "from": r["slot"], "to": to, "bits": width}
                        for r, to, width in moves]
     _, held = guard.split(errormap.Store(b.path).replay(domain), b.context)
-    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
-    base = list(rt.windows(ids[len(ids) // 2:].astype(np.int64)))
     if not held:
         report["reason"] = f"no held-out replay of {domain!r} to guard the move (observe more)"
         report["seconds"] = time.monotonic() - start
@@ -166,19 +166,160 @@ def _compress(rt, domain: str | None, progress, bits: dict | int | None,
                                   f"(int{m['bits']})" for m in report["moves"]))
     changed = {(r["layer"], to) for r, to, _ in moves} | {(r["layer"], r["slot"])
                                                           for r, _, _ in moves}
+
+    def edit(work: Work) -> None:
+        for row, to, _ in moves:
+            layer, old = row["layer"], row["slot"]
+            work.set_expert(layer, to, work.rt.expert(layer, old))
+            router = work.router(layer)
+            router[to], router[old] = router[old], 0.0
+            work.rt.slots[layer, :, to] = work.rt.slots[layer, :, old]
+            work.rt.slots[layer, :, old] = CLOSED[:work.rt.slots.shape[1]]
+
+    def commit(work: Work):
+        weights, routers, rows = {}, {}, {}
+        for row, to, width in moves:
+            layer, old = row["layer"], row["slot"]
+            weights[layer, to] = work.rt.expert(layer, old)  # its fp32 weights: quantized
+            routers[layer, to] = np.array(work.router(layer)[to])  # by `experts.write`
+            routers[layer, old] = np.zeros_like(routers[layer, to])
+            rows[layer, to] = {f: row[f] for f in FIELDS if f in row} | {
+                "kind": "spawned", "bits": width,
+                "bytes": layout.expert_bytes(b.config, width), "from_slot": old}
+            rows[layer, old] = dict.fromkeys(FIELDS) | {"kind": "spare"}
+        report["reclaimed_bytes"] = sum(layout.expert_bytes(b.config, 32)
+                                        - layout.expert_bytes(b.config, width)
+                                        for _, _, width in moves)
+        summary = {"what": "compress", "domain": domain, "moves": report["moves"],
+                   "reclaimed_bytes": report["reclaimed_bytes"],
+                   "guard": {k: report["guard"][k] for k in ("domain_rise", "base_rise")}}
+        new = versions.commit(b, weights, routers, rows, summary)
+        # the error map's statistics follow the experts (a plan names experts by slot; a
+        # crash before this leaves them on freed slots, which `growth.plan` skips)
+        errormap.Store(b.path).move([(r["layer"], r["slot"], to) for r, to, _ in moves])
+        return new
+
+    _guarded(rt, domain, held, changed, edit, commit, report, say, guarded)
+    report["seconds"] = time.monotonic() - start
+    return report
+
+
+def earning(bundle, seen: dict) -> list[dict]:
+    """Every spawned expert with what it earns for its bytes: {"layer", "slot", "domain",
+    "bits", "bytes", "share" (of its domain's observed tokens that it routed, from the
+    error map), "per_mb" (share per MB)}, the least earning first (`retire`'s order)."""
+    tokens = {d: max(x["tokens"], 1) for d, x in seen["domains"].items()}
+    counts = {(layer, e, d): c for layer, e, d, c, *_ in seen["stats"]}
+    out = []
+    for row in bundle.manifest["experts"]["table"]:
+        if row.get("kind") == "spawned":
+            d, size = row.get("domain"), layout.expert_bytes(bundle.config, row.get("bits", 32))
+            share = counts.get((row["layer"], row["slot"], d), 0) / tokens.get(d, 1)
+            out.append({"layer": row["layer"], "slot": row["slot"], "domain": d,
+                        "bits": row.get("bits", 32), "bytes": size, "share": share,
+                        "per_mb": share / (size / 1e6)})
+    return sorted(out, key=lambda x: (x["per_mb"], x["layer"], x["slot"]))
+
+
+def retire(rt, layers: list[int], keep: str | None = None, progress=None) -> list[dict]:
+    """Free a spare slot in each of `layers` that has none by retiring spawned experts of
+    domains other than `keep` that stopped earning their bytes: the least earning first
+    (`earning`), each guarded like a compression (its domain's held-out replay may rise by
+    at most `DOMAIN_RISE` without it, the base text by `guard.GUARD_BASE`) and committed as
+    its own version; a retired pool clone's slot takes another domain's fp32 clone of that
+    layer (`compress`), which frees the spare slot. At most `RETIRE_TRIES` experts
+    measured per layer. Returns the reports (`_retire`'s and `compress`'s)."""
+    say = progress or (lambda _m: None)
+    out: list[dict] = []
+    for layer in layers:
+        tried: set[int] = set()
+        while len(tried) < RETIRE_TRIES and not _free(rt.bundle, layer, "spare"):
+            seen = errormap.Store(rt.bundle.path).read()
+            left = [x for x in earning(rt.bundle, seen) if x["layer"] == layer
+                    and x["domain"] != keep and x["slot"] not in tried]
+            if not left:
+                break
+            tried.add(left[0]["slot"])
+            r = _retire(rt, left[0], say)
+            out.append(r)
+            if r["committed"] and left[0]["bits"] != 32:  # a pool slot: an fp32 clone moves in
+                found = candidates(rt.bundle)
+                out += [compress(rt, d, progress) for d in sorted(found) if d != keep
+                        and any(row["layer"] == layer for row, _ in found[d])]
+    return out
+
+
+def _free(bundle, layer: int, kind: str) -> bool:
+    return any(r["layer"] == layer and r.get("kind") == kind
+               for r in bundle.manifest["experts"]["table"])
+
+
+def _retire(rt, expert: dict, say) -> dict[str, Any]:
+    """Retire one spawned expert (an `earning` row): its router row zeroed, its gate closed,
+    its slot free again; the parent it replaced serves where it served (or is replaced by
+    another domain's clone of it). {"what": "retire", "domain", "layer", "slot", "bits",
+    "share", "guard", "reclaimed_bytes", "committed", "version", "reason", "seconds"}."""
+    start = time.monotonic()
+    b = rt.bundle
+    layer, slot, domain = expert["layer"], expert["slot"], expert["domain"]
+    rows = {(r["layer"], r["slot"]): r for r in b.manifest["experts"]["table"]}
+    row = rows[layer, slot]
+    report: dict[str, Any] = {"what": "retire", "domain": domain, "layer": layer, "slot": slot,
+                              "bits": expert["bits"], "share": expert["share"], "guard": None,
+                              "reclaimed_bytes": 0, "committed": False,
+                              "version": b.manifest["weights"]["version"], "reason": None}
+    _, held = guard.split(errormap.Store(b.path).replay(domain), b.context)
+    if not held:
+        report["reason"] = (f"no held-out replay of {domain!r} left to measure what retiring "
+                            f"L{layer} e{slot} costs it; kept")
+        report["seconds"] = time.monotonic() - start
+        return report
+    heir = [r for r in rows.values() if r is not row and r.get("kind") == "spawned"
+            and r["layer"] == layer and r.get("parent") == row.get("parent")]
+    heir = heir[0] if row.get("replaces") and heir else None
+    say(f"retire {domain}'s L{layer} e{slot} (routes {expert['share']:.1%} of its tokens)")
+
+    def edit(work: Work) -> None:
+        work.router(layer)[slot] = 0.0
+        work.rt.slots[layer, :, slot] = CLOSED[:work.rt.slots.shape[1]]
+        if row.get("replaces"):  # the parent opens again, or closes for its other clone
+            work.rt.slots[layer, :, row["parent"]] = (
+                gate.parent_row(heir["threshold"], heir["class"]) if heir else 0.0)
+
+    def commit(work: Work):
+        routers = {(layer, slot): np.zeros_like(work.router(layer)[slot])}
+        change = {(layer, slot): dict.fromkeys((*FIELDS, "from_slot")) | {
+            "kind": "spare" if expert["bits"] == 32 else "pool"}}
+        if heir:
+            change[layer, heir["slot"]] = {"replaces": True}
+        report["reclaimed_bytes"] = expert["bytes"]
+        new = versions.commit(b, {}, routers, change, {
+            "what": "retire", "domain": domain, "layer": layer, "slot": slot,
+            "reclaimed_bytes": expert["bytes"],
+            "guard": {k: report["guard"][k] for k in ("domain_rise", "base_rise")}})
+        errormap.Store(b.path).drop([(layer, slot)])
+        return new
+
+    _guarded(rt, domain, held, {(layer, slot), (layer, row["parent"])}, edit, commit, report,
+             say)
+    report["seconds"] = time.monotonic() - start
+    return report
+
+
+def _guarded(rt, domain: str, held: list, changed: set, edit, commit, report: dict, say,
+             guarded: bool = True) -> None:
+    """On a working copy: measure the domain's held-out replay `held` and the base guard
+    text, `edit(work)`, measure again; within `DOMAIN_RISE` and `guard.GUARD_BASE` (or not
+    `guarded`) `commit(work)` makes the new version and the runtime serves it. Fills
+    `report`'s "guard", "committed", "version" and "reason"."""
+    b = rt.bundle
+    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
+    base = list(rt.windows(ids[len(ids) // 2:].astype(np.int64)))
     work = Work(rt)
     try:
         before = {"domain": guard.measure(work.rt, held, changed),
                   "base": guard.measure(work.rt, base, changed)}
-        weights = {}
-        for row, to, _ in moves:
-            layer, old = row["layer"], row["slot"]
-            weights[layer, to] = work.rt.expert(layer, old)
-            work.set_expert(layer, to, weights[layer, to])
-            router = work.router(layer)
-            router[to], router[old] = router[old], 0.0
-            work.rt.slots[layer, :, to] = work.rt.slots[layer, :, old]
-            work.rt.slots[layer, :, old] = (0.0, 0.0, 1.0, 0.0)[:work.rt.slots.shape[1]]
+        edit(work)
         work.reload()
         say("guard: held-out domain replay and base text")
         after = {"domain": guard.measure(work.rt, held, changed),
@@ -194,28 +335,8 @@ def _compress(rt, domain: str | None, progress, bits: dict | int | None,
                                 f"{DOMAIN_RISE:.1%}), base rise {g['base_rise']:.2%} (bound "
                                 f"{guard.GUARD_BASE:.1%}); nothing committed")
         else:
-            routers, rows = {}, {}
-            for row, to, width in moves:
-                layer, old = row["layer"], row["slot"]
-                routers[layer, to] = np.array(work.router(layer)[to])
-                routers[layer, old] = np.zeros_like(routers[layer, to])
-                rows[layer, to] = {f: row[f] for f in FIELDS if f in row} | {
-                    "kind": "spawned", "bits": width,
-                    "bytes": layout.expert_bytes(b.config, width), "from_slot": old}
-                rows[layer, old] = dict.fromkeys(FIELDS) | {"kind": "spare"}
-            report["reclaimed_bytes"] = sum(layout.expert_bytes(b.config, 32)
-                                            - layout.expert_bytes(b.config, width)
-                                            for _, _, width in moves)
-            summary = {"what": "compress", "domain": domain, "moves": report["moves"],
-                       "reclaimed_bytes": report["reclaimed_bytes"],
-                       "guard": {k: g[k] for k in ("domain_rise", "base_rise")}}
-            new = versions.commit(b, weights, routers, rows, summary)
-            # the error map's statistics follow the experts (a plan names experts by slot;
-            # a crash before this leaves them on freed slots, which `growth.plan` skips)
-            errormap.Store(b.path).move([(r["layer"], r["slot"], to) for r, to, _ in moves])
+            new = commit(work)
             rt.reload(new)
             report["committed"], report["version"] = True, new.manifest["weights"]["version"]
     finally:
         work.close()
-    report["seconds"] = time.monotonic() - start
-    return report

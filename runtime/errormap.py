@@ -65,7 +65,8 @@ class Store:
                 "count = count + excluded.count, sum = sum + excluded.sum, "
                 f"sumsq = sumsq + excluded.sumsq, ema = ema + {EMA} * (excluded.ema - ema), "
                 "last_seen = excluded.last_seen", rows)
-            db.execute("INSERT INTO domains VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain) DO "
+            db.execute("INSERT INTO domains (domain, tokens, nll_sum, last_seen, nll_sq) "
+                       "VALUES (?, ?, ?, ?, ?) ON CONFLICT (domain) DO "
                        "UPDATE SET tokens = tokens + excluded.tokens, "
                        "nll_sum = nll_sum + excluded.nll_sum, last_seen = excluded.last_seen, "
                        "nll_sq = nll_sq + excluded.nll_sq", (domain, tokens, nll_sum, now, nll_sq))
@@ -88,27 +89,41 @@ class Store:
                 db.execute("UPDATE stats SET expert = ? WHERE layer = ? AND expert = ?",
                            (new, layer, old))
 
+    def outcome(self, domain: str, committed: bool) -> None:
+        """Record how the domain's growth slice ended (`growth.choose` waits for new text
+        after a refusal)."""
+        with state.connection(self.bundle_dir, write=True) as db:
+            db.execute("UPDATE domains SET refused_at = CASE WHEN ? THEN NULL ELSE tokens END "
+                       "WHERE domain = ?", (committed, domain))
+
+    def drop(self, experts_: list[tuple[int, int]]) -> None:
+        """Forget the error statistics of retired experts ((layer, slot), `compress.retire`)."""
+        with state.connection(self.bundle_dir, write=True) as db:
+            db.executemany("DELETE FROM stats WHERE layer = ? AND expert = ?", experts_)
+
     def read(self, domain: str | None = None) -> dict:
-        """{"domains": {tag: {"tokens", "nll", "nll_sd", "probe"}}, "stats": [(layer, expert,
-        domain, count, sum, sumsq, ema, last_seen)], "replay_tokens": n}; empty when nothing
+        """{"domains": {tag: {"tokens", "nll", "nll_sd", "probe", "refused_at"}}, "stats":
+        [(layer, expert, domain, count, sum, sumsq, ema, last_seen)], "replay_tokens": n};
+        empty when nothing
         was observed. nll is the mean per-token NLL, nll_sd its standard deviation over
         tokens; probe {"tokens", "saved": [sum per cache weight], "saved_sq": [...]} (tokens
-        0 for a domain observed before the probe existed)."""
+        0 for a domain observed before the probe existed); refused_at the domain's tokens when
+        its last growth slice was refused (None: committed, or none ran)."""
         if not state.exists(self.bundle_dir):
             return {"domains": {}, "stats": [], "replay_tokens": 0}
         with state.connection(self.bundle_dir) as db:
             where, args = ("WHERE domain = ?", (domain,)) if domain is not None else ("", ())
             stats = db.execute(f"SELECT * FROM stats {where} ORDER BY layer, expert, domain",
                                args).fetchall()
-            rows = db.execute(f"SELECT domain, tokens, nll_sum, nll_sq FROM domains {where}",
-                              args).fetchall()
+            rows = db.execute(f"SELECT domain, tokens, nll_sum, nll_sq, refused_at FROM domains "
+                              f"{where}", args).fetchall()
             replay = db.execute("SELECT COALESCE(SUM(length), 0) FROM replay").fetchone()[0]
             probe = db.execute(f"SELECT domain, lam, tokens, saved, saved_sq FROM learnable "
                                f"{where} ORDER BY domain, lam", args).fetchall()
         domains = {d: {"tokens": n, "nll": s / max(n, 1),
                        "nll_sd": float(np.sqrt(max(q / max(n, 1) - (s / max(n, 1)) ** 2, 0))),
-                       "probe": {"tokens": 0, "saved": [], "saved_sq": []}}
-                   for d, n, s, q in rows}
+                       "probe": {"tokens": 0, "saved": [], "saved_sq": []}, "refused_at": r}
+                   for d, n, s, q, r in rows}
         for d, _lam, n, total, squares in probe:
             if d in domains:
                 p = domains[d]["probe"]

@@ -38,9 +38,10 @@
      nothing is kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
      rows (`versions.commit`, which logs it), and the runtime reloads it.
-Reclaim: with a `reclaim(domain)` callback (`Runtime.idle` passes one for a bundle with a
-quantized pool), a plan that finds no free slot for an expert it names first has the other
-domains' clones compressed into the pool (`compress.py`), then is made again.
+Reclaim: with a `reclaim(domain, layers)` callback (`Runtime.idle` passes one for a bundle
+with a quantized pool), a plan that finds no free slot for an expert it names first has the
+other domains' clones compressed into the pool and, in layers still full, spawned experts
+that stopped earning their bytes retired (`compress.py`), then is made again.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
 `steps` steps and `seconds`; memory: the working copy plus Adam state for the changed
 experts, allocated once per slice.
@@ -50,149 +51,24 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import errormap, experts, gate, guard, verdicts, versions
+from .plan import TAKEOVER, GrowthError, Limits, NoSlotError, choose, compressed, plan
 from .work import Work
+
+__all__ = ["TAKEOVER", "GrowthError", "Limits", "NoSlotError", "choose", "compressed", "idle",
+           "plan"]
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
-TAKEOVER = 0.1  # another domain's clone that this share of a new domain's tokens reach is
-# cloned for it too (see `plan`)
 EXPLODE = 100.0  # energy per routed token above this many times the first step's: the
 # update is discarded (a window's energy is heavy-tailed: on the tiny model one batch of
 # 4 windows read 30x the one before it without any update going wrong; the strict schedule's
 # divergence reached 2,400x)
 BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's (the betas as the `adam` program has them)
-
-
-class GrowthError(ValueError):
-    """A bundle that cannot grow (no deepening programs or spare slots, no calibration), or
-    a plan it cannot carry out."""
-
-
-class NoSlotError(GrowthError):
-    """Every expert a plan for `domain` named needs a free spare slot and its layer has
-    none left."""
-
-    def __init__(self, message: str, domain: str):
-        super().__init__(message)
-        self.domain = domain
-
-
-@dataclass(frozen=True)
-class Limits:
-    experts: int | None = None  # per layer; default the router's top-k
-    tokens: int = 16384  # training tokens of domain replay per slice
-    passes: int = 1
-    steps: int = 64
-    seconds: float = 600.0
-    batch: int = 4  # windows per step
-    lr: float = 1e-3
-    router_steps: int = 0  # hinge steps on the clones' router rows (off: it forgot more)
-    router_lr: float = 0.1
-    strict: bool = False  # the strict PC schedule (bundles exported with --strict-steps)
-    place: str = "auto"  # "auto": cloned (idle experts in place when no slot is free);
-    # "inplace": all in place
-
-
-def compressed(bundle, domain: str) -> set[tuple[int, int]]:
-    """(layer, parent) of the domain's clones compressed into the pool (`compress.py`):
-    converged and frozen, growth no longer deepens them."""
-    return {(r["layer"], r["parent"]) for r in bundle.manifest["experts"]["table"]
-            if r.get("kind") == "spawned" and r.get("domain") == domain
-            and r.get("bits", 32) != 32}
-
-
-def plan(rt, verdict: dict, domain: str, seen: dict,
-         limits: Limits) -> tuple[list[dict], list[list[int]]]:
-    """([{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}], skipped) for one
-    domain's verdict ("clone": the domain's existing clone of that parent, deepened
-    further). A named expert whose clone finds no free slot in its layer (other domains took
-    them) is skipped, [layer, parent]; GrowthError when that leaves nothing to do."""
-    cal = rt.bundle.manifest["calibration"]["layers"]
-    k = limits.experts or rt.bundle.config["num_experts_per_tok"]
-    named = [tuple(p) for p in verdict["experts"]]
-    if verdict["verdict"] == "spawn":  # per named layer the expert the domain routes to most:
-        # its clone takes that expert's share of the domain's tokens (issue 13: the experts
-        # with the lowest mean update were ones German rarely picks, 0.02-27% reach)
-        counts: dict[tuple[int, int], float] = {}
-        for layer, expert, d, count, *_ in seen["stats"]:
-            if d == domain and count:
-                counts[layer, expert] = count
-        for layer, x in verdict["layers"].items():
-            if x["named"]:
-                mine = {e: c for (lay, e), c in counts.items() if lay == int(layer)}
-                if mine:
-                    named.append((int(layer), max(mine, key=mine.get)))
-    if limits.place not in ("auto", "inplace"):
-        raise GrowthError(f"place must be 'auto' or 'inplace', got {limits.place!r}")
-    frozen = rt.bundle.manifest["bits"] != 32  # quantized base experts: clones only
-    if frozen and limits.place == "inplace":
-        raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
-                          "are quantized and frozen: it grows clones only (place 'auto')")
-    free, clones, others = {}, {}, set()
-    done = compressed(rt.bundle, domain)
-    for row in rt.bundle.manifest["experts"]["table"]:
-        if row.get("kind") == "spare":
-            free.setdefault(row["layer"], []).append(row["slot"])
-        elif row.get("kind") == "spawned" and row.get("domain") == domain:
-            clones[row["layer"], row["parent"]] = row["slot"]
-        elif row.get("kind") == "spawned":
-            others.add((row["layer"], row["slot"]))
-    if not clones and limits.place == "auto":  # the domain's first clones bring its class:
-        # where it wins, other domains' gates close, so the domain's tokens leave the other
-        # clones they reach now; those are cloned too (after the named ones), so it keeps
-        # what they gave it (a work slice that cloned layer 0 only lost science's clones in
-        # layers 1-3 and made work 40% worse: docs/benchmarks.md)
-        tokens = max(seen.get("domains", {}).get(domain, {}).get("tokens", 0), 1)
-        reached = sorted((-count, layer, expert) for layer, expert, d, count, *_ in seen["stats"]
-                         if d == domain and (layer, expert) in others
-                         and count >= TAKEOVER * tokens)
-        named += [(layer, expert) for _, layer, expert in reached]
-    vacant = {(r["layer"], r["slot"]) for r in rt.bundle.manifest["experts"]["table"]
-              if r.get("kind") in ("spare", "pool")}  # stale statistics (`compress`)
-    named = [x for x in dict.fromkeys(named) if x not in vacant]
-    own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
-    out, per_layer, skipped, taken = [], {}, [], set()
-    for layer, parent in named:
-        parent = own.get((layer, parent), parent)  # a clone of its own, named: its parent
-        if per_layer.get(layer, 0) >= k or (layer, parent) in taken:
-            continue
-        if (layer, parent) in done:
-            skipped.append([layer, parent])
-            continue
-        taken.add((layer, parent))
-        # an expert base text never reaches; never another domain's clone (their gates
-        # keep other text from them: only their own domain may change them)
-        idle = (layer, parent) not in others and cal[layer]["experts"][parent]["count"] == 0
-        if (layer, parent) in clones:  # a later slice deepens the domain's clone further
-            out.append({"layer": layer, "parent": parent, "slot": clones[layer, parent],
-                        "how": "clone"})
-        elif limits.place == "inplace" and not frozen and (layer, parent) not in others:
-            out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
-        elif free.get(layer):  # behind the domain's gate: no other text reaches it
-            out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
-                        "how": "spawn"})
-        elif idle and not frozen:  # no slot left: base text never reaches it, others may
-            out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
-        else:
-            skipped.append([layer, parent])
-            continue
-        per_layer[layer] = per_layer.get(layer, 0) + 1
-    if skipped and not out and all(tuple(x) in done for x in skipped):
-        raise GrowthError(f"{domain!r}: its clones are compressed into the pool (converged): "
-                          "nothing left to grow; nothing was changed")
-    if skipped and not out:
-        layer, parent = skipped[0]
-        spare = rt.bundle.config.get("spare_experts", 0)
-        raise NoSlotError(f"no free expert slot in layer {layer} to clone expert {parent} "
-                          f"into (the bundle has {spare} spare slots per layer, none left); "
-                          "nothing was changed", domain)
-    return out, skipped
 
 
 def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits: Limits,
@@ -260,7 +136,7 @@ def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
                           work.rt.bundle.manifest["experts"].get("gate"), base, cls)
 
 
-def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(),
+def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = None,
          progress=None, reclaim=None) -> dict[str, Any]:
     """One growth slice of at most `seconds` (see the module docstring); returns what it
     did: {"domain", "verdict", "plan", "skipped" (named experts with no free slot left),
@@ -272,7 +148,9 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits = Limits(
     "peak_rss_mb" (the process's peak resident memory so far), "accounted_bytes" (what the
     runtime accounts for: the served weight file, the working copy and the learning
     state)}."""
-    report = _slice(rt, seconds, domain, limits, progress, reclaim)
+    report = _slice(rt, seconds, domain, limits or Limits(), progress, reclaim)
+    if report["committed"] or report["guard"] or report["steps"] or report.get("full"):
+        errormap.Store(rt.bundle.path).outcome(report["domain"], report["committed"])
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["accounted_bytes"] = (rt.weights.stat().st_size + report.get("work_file_bytes", 0)
                                  + report.get("bytes", 0))
@@ -314,27 +192,35 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     judged = verdicts.judge(seen, b.manifest["calibration"], limits.experts or k)
     growing = {d: v for d, v in judged.items() if v["verdict"] != "nothing"}
     if domain is None:
-        domain = verdicts.most_wanted(judged)
+        domain = choose(rt, growing, verdicts.ranked(judged), seen, limits)
     report["domain"] = domain
     if domain is None or domain not in growing:
-        report["reason"] = ("nothing to grow: no observed domain needs it" if domain is None
+        report["reason"] = ("nothing to grow: no observed domain needs it, or those that do "
+                            "are compressed (converged) or wait for new text after a refused "
+                            "slice" if domain is None
                             else f"domain {domain!r}: verdict "
                                  f"{judged.get(domain, {}).get('verdict', 'not observed')}")
         return report
     report["verdict"] = growing[domain]["verdict"]
     try:
         steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
-    except NoSlotError:
+        done = compressed(b, domain)  # skipped, but wanting no slot
+        short = sorted({lay for lay, e in report["skipped"] if (lay, e) not in done})
+    except NoSlotError as e:
         if reclaim is None:
             raise
-        steps, report["skipped"] = [], None
-    done = compressed(b, domain)  # skipped, but wanting no slot
-    if report["skipped"] is None or (reclaim is not None and any(
-            tuple(x) not in done for x in report["skipped"])):
+        steps, short = [], e.layers
+    if short and reclaim is not None:
         # named experts found no free slot: other domains' clones leave theirs first
-        report["reclaimed"] = reclaim(domain)
+        report["reclaimed"] = reclaim(domain, short)
         b, seen = rt.bundle, store.read()  # new versions; statistics moved with the clones
-        steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
+        try:
+            steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
+        except NoSlotError as e:  # full after compressing and retiring what the guard let go
+            report["reason"] = (f"{e}; the budget is full: compressing and retiring freed "
+                                "no slot there (\"reclaimed\" says what each tried)")
+            report["full"] = True  # the domain waits for new text, as after a refusal
+            return report
     report["plan"] = steps
     train, held = guard.split(store.replay(domain), b.context)
     if not steps or not held or not train:

@@ -250,10 +250,12 @@ class Runtime:
         gets a line per stage. Returns what it did (`growth.idle`). In a bundle with a
         quantized pool, a plan that finds no free spare slot for an expert it names first
         has the other domains' clones compressed into the pool (`compress.compress`, each
-        guarded; "reclaimed": their reports)."""
-        def reclaim(growing: str) -> list[dict]:
+        guarded), then in layers still full the least earning of other domains' spawned
+        experts retired (`compress.retire`); "reclaimed": their reports."""
+        def reclaim(growing: str, layers: list[int]) -> list[dict]:
             found = compress.candidates(self.bundle)
-            return [compress.compress(self, d, progress) for d in sorted(found) if d != growing]
+            out = [compress.compress(self, d, progress) for d in sorted(found) if d != growing]
+            return out + compress.retire(self, layers, growing, progress)
         pool = self.bundle.config.get("pool_experts")
         return growth.idle(self, seconds, domain, growth.Limits(**limits), progress,
                            reclaim if pool else None)

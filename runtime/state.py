@@ -41,6 +41,8 @@ MIGRATIONS = [
     """CREATE TABLE IF NOT EXISTS learnable (
         domain TEXT, lam REAL, tokens INTEGER, saved REAL, saved_sq REAL,
         PRIMARY KEY (domain, lam))""",
+    # per domain, its token count when its last growth slice was refused (NULL: committed)
+    "ALTER TABLE domains ADD COLUMN refused_at INTEGER",
 ]
 VERSION = len(MIGRATIONS)
 

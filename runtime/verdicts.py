@@ -113,6 +113,11 @@ def most_wanted(judged: dict) -> str | None:
     """The domain with the most to win among those `judge` did not call `nothing`: the
     largest NLL the probe saves over all its observed tokens (at its interval's low end),
     so that much text with a little to learn and little text with much both count."""
+    return next(iter(ranked(judged)), None)
+
+
+def ranked(judged: dict) -> list[str]:
+    """The domains `judge` did not call `nothing`, the most wanted first (`most_wanted`)."""
     growing = {d: v for d, v in judged.items() if v["verdict"] != "nothing"}
-    return max(growing, key=lambda d: -np.log1p(-growing[d]["learnable_low"])
-               * growing[d]["tokens"], default=None)
+    return sorted(growing, key=lambda d: (np.log1p(-growing[d]["learnable_low"])
+                                          * growing[d]["tokens"], d))

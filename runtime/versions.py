@@ -8,6 +8,12 @@ the change, writes the new weight files (`experts.write`), inserts the log row i
 transaction, then replaces `manifest.json`: a crash before the transaction leaves
 unreferenced files; after it, a logged version that was never made current (still loadable,
 and `rollback --to` can make it current). Version 1 (the export) is logged on first use.
+
+Retention: each version is a whole weight file per engine, so the disk is bounded by keeping
+the files of version 1 (the export: `rollback --to 1` always works), of the current version
+and of the `KEEP` newest ones; after every commit the files of older versions (and of any
+unreferenced leftover) are deleted (`prune`). Their log rows stay (what changed, when, the
+manifest); `log` says `files_present` false and `rollback` to them is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from moegrow.device_kernels.manifest import MANIFEST
 from . import bundle as bundle_format
 from . import experts, state
 
-__all__ = ["VersionError", "commit", "log", "next_version", "rollback"]
+__all__ = ["KEEP", "VersionError", "commit", "log", "next_version", "prune", "rollback"]
+
+KEEP = 4  # the newest versions whose weight files stay (besides version 1 and the current)
 
 
 class VersionError(ValueError):
@@ -67,9 +75,30 @@ def commit(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.
     (the caller's runtime reloads it)."""
     changes, routers = experts.check(bundle, changes, routers or {}, table)
     version = next_version(bundle)
-    return experts.write(bundle, changes, routers, rows or {}, version,
-                         _record(bundle, {**(report or {}), "version": version}),
-                         None if table is None else np.asarray(table, np.float32))
+    new = experts.write(bundle, changes, routers, rows or {}, version,
+                        _record(bundle, {**(report or {}), "version": version}),
+                        None if table is None else np.asarray(table, np.float32))
+    prune(new)
+    return new
+
+
+def prune(bundle: bundle_format.Bundle, keep: int = KEEP) -> list[str]:
+    """Delete the weight files no kept version names (the module docstring's retention:
+    version 1, the current one, the `keep` newest); returns their names. Run after a commit,
+    when `manifest.json` already names the new files."""
+    manifests = dict(_rows(bundle, "SELECT version, manifest FROM versions"))
+    current = bundle.manifest["weights"]["version"]
+    kept = {1, current, *sorted(manifests)[-keep:]} if keep else {1, current}
+    named = {bundle.path / f["file"] for v in kept if v in manifests
+             for f in json.loads(manifests[v])["weights"]["files"].values()}
+    named |= {bundle.path / f["file"] for f in bundle.manifest["weights"]["files"].values()}
+    folder = bundle.weights(bundle.engines()[0]).parent
+    gone = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("v") and path not in named:
+            path.unlink(missing_ok=True)
+            gone.append(path.name)
+    return gone
 
 
 def next_version(bundle: bundle_format.Bundle) -> int:
@@ -97,8 +126,10 @@ def rollback(bundle: bundle_format.Bundle, to: int | None = None) -> bundle_form
     current again; its files are verified first. Returns the reloaded bundle."""
     manifests = {v: m for v, m in _rows(bundle, "SELECT version, manifest FROM versions")}
     current = bundle.manifest["weights"]["version"]
-    if to is None:
-        older = [v for v in manifests if v < current]
+    if to is None:  # the newest older version whose files are kept (`prune`)
+        older = [v for v in manifests if v < current and all(
+            (bundle.path / f["file"]).is_file()
+            for f in json.loads(manifests[v])["weights"]["files"].values())]
         if not older:
             raise VersionError(f"{bundle.path}: version {current} has no older version to "
                                "roll back to")

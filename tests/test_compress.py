@@ -14,7 +14,7 @@ from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.export import moe
 from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime import compress, errormap, experts, versions
+from moegrow.runtime import compress, errormap, experts, growth, verdicts, versions
 
 ENGINES = ("executorch", "onnxruntime")
 
@@ -250,3 +250,126 @@ def test_a_refused_compression_changes_nothing(grown, tmp_path, monkeypatch):
     c = compress.compress(runtime.open(path, "onnxruntime"))
     assert not c["committed"] and c["refused"] == [4] and c["reason"].startswith("guard")
     assert snapshot(path) == before
+
+
+def _fill(path, domain: str) -> None:
+    """Every free spare and pool slot of the bundle at `path` taken by a clone of `domain`
+    that never opens (threshold 1e6): a full budget whose placeholders earn nothing."""
+    b = bundle_format.load(path)
+    rows = {(x["layer"], x["slot"]): {"kind": "spawned", "domain": domain, "parent": 0,
+                                      "bias": 0.0, "threshold": 1e6, "class": 0}
+            for x in b.manifest["experts"]["table"] if x["kind"] in ("spare", "pool")}
+    versions.commit(b, {}, {}, rows, {"what": "placeholder"})
+
+
+def test_a_full_budget_retires_what_stopped_earning_or_says_it_is_full(grown, tmp_path,
+                                                                       monkeypatch):
+    """Every slot taken (German's clones, placeholders that never open): a new domain's
+    slice first measures what retiring each costs; where nothing may go (a guard no rise
+    passes) the answer is "the budget is full", nothing on disk changes but the error map,
+    and the domain waits for new text; then, guarded as shipped, a placeholder in the pool
+    is retired, German's fp32 clone moves into its slot, and the new domain spawns into the
+    freed spare slot, each a version of its own; the budget holds throughout."""
+    src, r = grown
+    path = tmp_path / "b"
+    shutil.copytree(src, path)
+    rt = runtime.open(path, "onnxruntime")
+    rt.observe(german(80, seed=21), "old")  # the placeholders' domain: replay to measure on
+    _fill(path, "old")
+    rt = runtime.open(path, "onnxruntime")
+    rng = random.Random(3)
+    words = ["kirjoitan", "näppäimistö", "oppii", "kasvaa", "nopeasti", "hiljaa", "huomenna",
+             "kirjasto", "ikkuna", "sateenvarjo"]
+    fi = ["\n\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(300))
+          for _ in range(2)]
+    rt.observe(fi[0], "fi")
+    weights = {p: p.read_bytes() for p in [path / "manifest.json",
+                                           *(path / "weights").iterdir()]}
+    monkeypatch.setattr(compress, "DOMAIN_RISE", -1.0)  # nothing may be retired
+    out = rt.idle(600, "fi", tokens=4096, steps=8)
+    assert not out["committed"] and "budget is full" in out["reason"], out["reason"]
+    tried = [x for x in out["reclaimed"] if x.get("what") == "retire"]
+    assert tried and not any(x["committed"] for x in out["reclaimed"])
+    assert {p: p.read_bytes() for p in weights} == weights
+    assert sorted((path / "weights").iterdir()) == sorted(p for p in weights if
+                                                        p.parent.name == "weights")
+    seen = errormap.Store(path).read()
+    assert seen["domains"]["fi"]["refused_at"] == seen["domains"]["fi"]["tokens"]
+    judged = verdicts.judge(seen, rt.bundle.manifest["calibration"], 2)
+    growing = {d: v for d, v in judged.items() if v["verdict"] != "nothing"}
+    assert "fi" in growing  # unasked, it waits for new text
+    assert growth.choose(rt, growing, ["fi"], seen, growth.Limits(tokens=4096)) is None
+    monkeypatch.undo()
+    rt.observe(fi[1], "fi")
+    out = rt.idle(600, "fi", tokens=4096, steps=8)
+    assert out["committed"], out["reason"]
+    done = [x for x in out["reclaimed"] if x["committed"]]
+    retired = [x for x in done if x.get("what") == "retire"]
+    assert retired and all(x["domain"] == "old" and x["guard"]["domain_rise"] <= 1e-6
+                           for x in retired)
+    assert any(x.get("what") != "retire" and x["domain"] == "de" for x in done)
+    rows = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
+    for s in out["plan"]:
+        assert rows[s["layer"], s["slot"]]["domain"] == "fi"
+    for x in retired:
+        assert rows[x["layer"], x["slot"]].get("domain") != "old" or \
+            (x["layer"], x["slot"]) in {(s["layer"], s["slot"]) for s in out["plan"]}
+    whats = [v["report"].get("what") for v in versions.log(rt.bundle)]
+    assert "retire" in whats and "compress" in whats
+    b = compress.budget(rt.bundle)
+    assert b["used_bytes"] <= b["budget_bytes"]
+    seen = errormap.Store(path).read()
+    assert seen["domains"]["fi"]["refused_at"] is None
+
+
+def test_old_versions_files_are_pruned_and_the_export_stays(grown, capsys, tmp_path):
+    """After more than `versions.KEEP` commits only version 1's, the current one's and the
+    newest KEEP versions' weight files are on disk; the log keeps every version and says
+    which have files; rollback to a pruned one is one clear line, to the export works."""
+    src, _ = grown
+    path = tmp_path / "b"
+    shutil.copytree(src, path)
+    b = bundle_format.load(path)
+    for i in range(versions.KEEP + 2):
+        b = versions.commit(b, {}, {}, {}, {"what": f"nothing {i}"})
+    top = b.manifest["weights"]["version"]
+    kept = {1, *range(top - versions.KEEP + 1, top + 1)}
+    engines = b.engines()
+    assert {p.name for p in (path / "weights").iterdir()} == {
+        bundle_format.load(path).weights(e).name.replace(str(top), str(v), 1)
+        for v in kept for e in engines}
+    log = versions.log(b)
+    assert [v["version"] for v in log] == list(range(1, top + 1))
+    assert {v["version"] for v in log if v["files_present"]} == kept
+    pruned = min(set(range(1, top + 1)) - kept)
+    code, _, err = run_cli(capsys, "rollback", str(path), "--to", str(pruned))
+    assert code == 2 and err.count("\n") == 1 and "cannot roll back" in err
+    assert run_cli(capsys, "rollback", str(path), "--to", "1")[0] == 0
+    assert bundle_format.load(path).manifest["weights"]["version"] == 1
+
+
+def test_bench_soak_holds_the_budget(exports, capsys, tmp_path):
+    """`moegrow bench soak` on the pool bundle with two domains taking turns: the issue's
+    JSON keys, no budget violation, no leaked file descriptor, the bundle given is never
+    changed; bad options are one line and exit 2."""
+    src = exported(exports["mixtral", "pool"])
+    before = snapshot(src)
+    files = {}
+    for tag, text in (("de", german(300, seed=31)), ("fi", german(300, seed=32).upper())):
+        files[tag] = tmp_path / f"{tag}.txt"
+        files[tag].write_text(text)
+    code, out, err = run_cli(capsys, "bench", "soak", str(src), "--cycles", "6", "--switch",
+                             "2", "--domain", f"de={files['de']}", "--domain",
+                             f"fi={files['fi']}", "--out", str(tmp_path / "s"), "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert {"cycles", "rss_slope_kb_per_cycle", "budget_violations", "state_bytes_max"} <= set(r)
+    assert r["cycles"] == 6 and r["budget_violations"] == 0 and r["commits"] >= 1
+    assert r["fds"]["end"] <= r["fds"]["start"] and 0 < r["state_bytes_max"] < r["disk_bytes_max"]
+    assert r["versions_kept"] <= 2 * (versions.KEEP + 2)
+    saved = json.loads((tmp_path / "s" / "results.json").read_text())
+    assert len(saved["series"]) == 6 and (tmp_path / "s" / "report.md").is_file()
+    assert snapshot(src) == before
+    for bad in (["--domain", "nofile"], []):
+        code, _, err = run_cli(capsys, "bench", "soak", str(src), "--cycles", "1", *bad)
+        assert code == 2 and err.count("\n") == 1, err

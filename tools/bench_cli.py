@@ -235,3 +235,51 @@ def bench_quant(bundle_dir: str, text_file: Path | None, train_file: Path | None
     result = quant.bench_quant(bundle_dir, out, text_file, train_file, domain, tokens,
                                seed=seed, progress=_say)
     emit(result, as_json, (out / "report.md").read_text())
+
+
+@bench.command("soak")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--cycles", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Observe/idle cycles.")
+@click.option("--domain", "domains", multiple=True, metavar="TAG=FILE",
+              help="A domain's text, observed a chunk per cycle (repeat; the domains take "
+                   "turns, --switch cycles each).")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Keep the grown copy, report.md and results.json (with every cycle's "
+                   "figures) here; default: a temporary copy, removed.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "executorch"]),
+              default="onnxruntime", show_default=True)
+@click.option("--chunk", type=click.IntRange(min=100), default=2000, show_default=True,
+              help="Characters observed per cycle.")
+@click.option("--switch", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Cycles per domain before the next one's turn.")
+@click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=60,
+              show_default=True, help="Time limit of each slice.")
+@click.option("--tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Training tokens per slice.")
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True,
+              help="PC steps per slice.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the results (without the per-cycle series) as JSON.")
+def bench_soak(bundle_dir: str, cycles: int, domains: tuple[str, ...], out: Path | None,
+               backend: str, chunk: int, switch: int, seconds: float, tokens: int,
+               steps: int, as_json: bool) -> None:
+    """Run many observe/idle cycles on a copy of BUNDLE in its fixed budget (growth,
+    compression into the pool and retirement when slots run out) and report the resident
+    memory's slope, the bytes on disk, file descriptors and threads, and every cycle whose
+    experts went past the budget (`budget_violations`)."""
+    from moegrow.tools import soak
+
+    texts = {}
+    for spec in domains:
+        tag, _, file = spec.partition("=")
+        if not tag.strip() or not file.strip():
+            fail(f"--domain {spec!r}: expected TAG=FILE")
+        texts[tag.strip()] = read_text(Path(file.strip()))
+    try:
+        result = soak.bench_soak(bundle_dir, cycles, texts, out, backend, chunk, switch,
+                                 seconds, tokens, steps, progress=_say)
+    except soak.SoakError as e:
+        fail(str(e))
+    short = {k: v for k, v in result.items() if k != "series"}
+    emit(short, as_json, soak.report(result))

@@ -1,0 +1,162 @@
+"""The plan of a growth slice: which experts it changes and how (`growth.py` runs it).
+
+`plan` turns a domain's verdict into steps: a named expert is cloned into a free spare slot
+of its layer ("spawn"), its clone deepened further ("clone"), or, with no slot left, an idle
+expert of an fp32 bundle deepened in place; `choose` picks the domain when none is asked
+for. `NoSlotError` names the layers without a free slot, for the reclaim (`compress.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TAKEOVER = 0.1  # another domain's clone that this share of a new domain's tokens reach is
+# cloned for it too (see `plan`)
+
+
+class GrowthError(ValueError):
+    """A bundle that cannot grow (no deepening programs or spare slots, no calibration), or
+    a plan it cannot carry out."""
+
+
+class NoSlotError(GrowthError):
+    """Every expert a plan for `domain` named needs a free spare slot and its layer has
+    none left."""
+
+    def __init__(self, message: str, domain: str, layers: list[int] | None = None):
+        super().__init__(message)
+        self.domain, self.layers = domain, layers or []  # the layers without a free slot
+
+
+@dataclass(frozen=True)
+class Limits:
+    experts: int | None = None  # per layer; default the router's top-k
+    tokens: int = 16384  # training tokens of domain replay per slice
+    passes: int = 1
+    steps: int = 64
+    seconds: float = 600.0
+    batch: int = 4  # windows per step
+    lr: float = 1e-3
+    router_steps: int = 0  # hinge steps on the clones' router rows (off: it forgot more)
+    router_lr: float = 0.1
+    strict: bool = False  # the strict PC schedule (bundles exported with --strict-steps)
+    place: str = "auto"  # "auto": cloned (idle experts in place when no slot is free);
+    # "inplace": all in place
+
+
+def compressed(bundle, domain: str) -> set[tuple[int, int]]:
+    """(layer, parent) of the domain's clones compressed into the pool (`compress.py`):
+    converged and frozen, growth no longer deepens them."""
+    return {(r["layer"], r["parent"]) for r in bundle.manifest["experts"]["table"]
+            if r.get("kind") == "spawned" and r.get("domain") == domain
+            and r.get("bits", 32) != 32}
+
+
+def plan(rt, verdict: dict, domain: str, seen: dict,
+         limits: Limits) -> tuple[list[dict], list[list[int]]]:
+    """([{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}], skipped) for one
+    domain's verdict ("clone": the domain's existing clone of that parent, deepened
+    further). A named expert whose clone finds no free slot in its layer (other domains took
+    them) is skipped, [layer, parent]; GrowthError when that leaves nothing to do."""
+    cal = rt.bundle.manifest["calibration"]["layers"]
+    k = limits.experts or rt.bundle.config["num_experts_per_tok"]
+    named = [tuple(p) for p in verdict["experts"]]
+    if verdict["verdict"] == "spawn":  # per named layer the expert the domain routes to most:
+        # its clone takes that expert's share of the domain's tokens (issue 13: the experts
+        # with the lowest mean update were ones German rarely picks, 0.02-27% reach)
+        counts: dict[tuple[int, int], float] = {}
+        for layer, expert, d, count, *_ in seen["stats"]:
+            if d == domain and count:
+                counts[layer, expert] = count
+        for layer, x in verdict["layers"].items():
+            if x["named"]:
+                mine = {e: c for (lay, e), c in counts.items() if lay == int(layer)}
+                if mine:
+                    named.append((int(layer), max(mine, key=mine.get)))
+    if limits.place not in ("auto", "inplace"):
+        raise GrowthError(f"place must be 'auto' or 'inplace', got {limits.place!r}")
+    frozen = rt.bundle.manifest["bits"] != 32  # quantized base experts: clones only
+    if frozen and limits.place == "inplace":
+        raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
+                          "are quantized and frozen: it grows clones only (place 'auto')")
+    free, clones, others = {}, {}, set()
+    done = compressed(rt.bundle, domain)
+    for row in rt.bundle.manifest["experts"]["table"]:
+        if row.get("kind") == "spare":
+            free.setdefault(row["layer"], []).append(row["slot"])
+        elif row.get("kind") == "spawned" and row.get("domain") == domain:
+            clones[row["layer"], row["parent"]] = row["slot"]
+        elif row.get("kind") == "spawned":
+            others.add((row["layer"], row["slot"]))
+    if not clones and limits.place == "auto":  # the domain's first clones bring its class:
+        # where it wins, other domains' gates close, so the domain's tokens leave the other
+        # clones they reach now; those are cloned too (after the named ones), so it keeps
+        # what they gave it (a work slice that cloned layer 0 only lost science's clones in
+        # layers 1-3 and made work 40% worse: docs/benchmarks.md)
+        tokens = max(seen.get("domains", {}).get(domain, {}).get("tokens", 0), 1)
+        reached = sorted((-count, layer, expert) for layer, expert, d, count, *_ in seen["stats"]
+                         if d == domain and (layer, expert) in others
+                         and count >= TAKEOVER * tokens)
+        named += [(layer, expert) for _, layer, expert in reached]
+    vacant = {(r["layer"], r["slot"]) for r in rt.bundle.manifest["experts"]["table"]
+              if r.get("kind") in ("spare", "pool")}  # stale statistics (`compress`)
+    named = [x for x in dict.fromkeys(named) if x not in vacant]
+    own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
+    out, per_layer, skipped, taken = [], {}, [], set()
+    for layer, parent in named:
+        parent = own.get((layer, parent), parent)  # a clone of its own, named: its parent
+        if per_layer.get(layer, 0) >= k or (layer, parent) in taken:
+            continue
+        if (layer, parent) in done:
+            skipped.append([layer, parent])
+            continue
+        taken.add((layer, parent))
+        # an expert base text never reaches; never another domain's clone (their gates
+        # keep other text from them: only their own domain may change them)
+        idle = (layer, parent) not in others and cal[layer]["experts"][parent]["count"] == 0
+        if (layer, parent) in clones:  # a later slice deepens the domain's clone further
+            out.append({"layer": layer, "parent": parent, "slot": clones[layer, parent],
+                        "how": "clone"})
+        elif limits.place == "inplace" and not frozen and (layer, parent) not in others:
+            out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
+        elif free.get(layer):  # behind the domain's gate: no other text reaches it
+            out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
+                        "how": "spawn"})
+        elif idle and not frozen:  # no slot left: base text never reaches it, others may
+            out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
+        else:
+            skipped.append([layer, parent])
+            continue
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    if skipped and not out and all(tuple(x) in done for x in skipped):
+        raise GrowthError(f"{domain!r}: its clones are compressed into the pool (converged): "
+                          "nothing left to grow; nothing was changed")
+    if skipped and not out:
+        layer, parent = skipped[0]
+        spare = rt.bundle.config.get("spare_experts", 0)
+        raise NoSlotError(f"no free expert slot in layer {layer} to clone expert {parent} "
+                          f"into (the bundle has {spare} spare slots per layer, none left); "
+                          "nothing was changed", domain,
+                          sorted({x[0] for x in skipped if tuple(x) not in done}))
+    return out, skipped
+
+
+def choose(rt, growing: dict, ranked: list[str], seen: dict, limits: Limits) -> str | None:
+    """The domain to grow when none is asked for: the most wanted one with a plan that
+    needs no other domain's slot, else the most wanted one that has no free slot (reclaim
+    may free one), else None (the rest have nothing left: compressed). A domain whose last
+    slice was refused waits until a slice's worth of new tokens (`limits.tokens`) was
+    observed: the same replay would be refused again."""
+    blocked = None
+    for d in ranked:
+        at = seen["domains"].get(d, {}).get("refused_at")
+        if at is not None and seen["domains"][d]["tokens"] - at < limits.tokens:
+            continue
+        try:
+            plan(rt, growing[d], d, seen, limits)
+            return d
+        except NoSlotError:
+            blocked = blocked or d
+        except GrowthError:
+            continue
+    return blocked
