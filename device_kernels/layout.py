@@ -171,6 +171,11 @@ def packed(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(q), np.ascontiguousarray(scale.reshape(-1))
 
 
+def served(w: np.ndarray, bits: int, group: int = 32) -> np.ndarray:
+    """`w` [out, in] as a pool slot of `bits` serves it: `packed`, then `unpack`."""
+    return unpack(*packed(w, bits, group), bits)
+
+
 def quantize_into(buf: np.ndarray, entry: dict, slot: int, dims_: tuple[int, int, int],
                   w: np.ndarray) -> np.ndarray:
     """Expert `slot`'s fp32 [out, in] weight `w` quantized (`packed`) into a quantized

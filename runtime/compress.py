@@ -8,7 +8,9 @@ one domain's clones there:
 
   1. candidates: the domain's spawned experts still in fp32 spare slots (a clone in the
      pool is converged: growth no longer deepens it, `growth.plan`), each with a free pool
-     slot in its layer;
+     slot in its layer, at the widths the allocator chooses (`rises`: each clone measured
+     alone at each free width on the domain's held-out replay; `allocate`: the most bytes
+     within `DOMAIN_RISE` of summed rise);
   2. a working copy (`work.Work`): each clone's weights are quantized into its pool slot
      (`device_kernels.layout.quantize_into`, the numpy reference of the pool's format,
      which the programs dequantize), its router row and gate state (bias, threshold,
@@ -113,6 +115,66 @@ def candidates(bundle, domain: str | None = None, bits: dict | int | None = None
     return out
 
 
+def capacity(bundle) -> dict[tuple[int, int], int]:
+    """{(layer, bits): free pool slots of that width in that layer}."""
+    out: dict[tuple[int, int], int] = {}
+    for r in bundle.manifest["experts"]["table"]:
+        if r.get("kind") == "pool":
+            out[r["layer"], r["bits"]] = out.get((r["layer"], r["bits"]), 0) + 1
+    return out
+
+
+def rises(rt, clones: list[tuple[int, int]], held: list, progress=None,
+          widths: tuple[int, ...] | None = None) -> dict:
+    """{clone (layer, slot): {bits: NLL rise in nats}}: on a working copy, each fp32 clone
+    alone served as the pool would serve it (`layout.served`) at each of `widths` (default:
+    every width with a free slot in its layer), scored on the held-out replay windows
+    `held` against the clones as they are (what quantizing that clone alone costs its
+    domain)."""
+    say = progress or (lambda _m: None)
+    free = capacity(rt.bundle)
+    out: dict = {}
+    work = Work(rt)
+    try:
+        before = guard.measure(work.rt, held, set())["nll"]
+        for c in clones:
+            w, out[c] = work.rt.expert(*c), {}
+            for bits in widths or sorted(b for (layer, b) in free if layer == c[0]):
+                work.set_expert(*c, [layout.served(x, bits) for x in w])
+                work.reload()
+                out[c][bits] = guard.measure(work.rt, held, set())["nll"] - before
+            work.set_expert(*c, w)
+            say(f"L{c[0]} e{c[1]}: NLL rise " + ", ".join(
+                f"int{b} {r:+.5f}" for b, r in sorted(out[c].items())))
+    finally:
+        work.close()
+    return out
+
+
+def allocate(rises_: dict, config: dict, free: dict, bound: float) -> dict:
+    """{clone: bits}: the clones to move and their widths, reclaiming the most bytes whose
+    summed predicted NLL rise (`rises`) stays within `bound` nats. Greedy from fp32: each
+    step narrows one clone (to a width with a free slot left in its layer) at the least
+    rise per byte freed (gains first), while the sum stays within the bound; clones it
+    never narrows stay fp32 (absent)."""
+    size = {b: layout.expert_bytes(config, b) for b in {32} | {b for r in rises_.values()
+                                                              for b in r}}
+    plan, left, total = dict.fromkeys(rises_, 32), dict(free), 0.0
+    while True:
+        steps = [((r - rises_[c].get(cur, 0.0)) / (size[cur] - size[b]),
+                  r - rises_[c].get(cur, 0.0), c, b)
+                 for c, cur in plan.items() for b, r in rises_[c].items()
+                 if b < cur and left.get((c[0], b), 0) > 0]
+        steps = [s for s in steps if total + s[1] <= bound]
+        if not steps:
+            return {c: b for c, b in plan.items() if b != 32}
+        _, cost, c, b = min(steps)
+        if plan[c] != 32:
+            left[c[0], plan[c]] += 1
+        left[c[0], b] -= 1
+        plan[c], total = b, total + cost
+
+
 def compress(rt, domain: str | None = None, progress=None,
              bits: dict | int | None = None, guarded: bool = True) -> dict[str, Any]:
     """Move one domain's fp32 clones into the pool (the module docstring; `bits` as in
@@ -121,9 +183,23 @@ def compress(rt, domain: str | None = None, progress=None,
     guard measures: `moegrow bench quant` only); returns
     {"domain", "moves" [{"layer", "from", "to", "bits"}], "guard" {"domain_rise",
     "base_rise", "domain_bound", "base_bound", "before", "after"}, "reclaimed_bytes",
-    "committed", "version", "reason", "seconds", "refused"}."""
-    report = _compress(rt, domain, progress, bits, guarded)
-    report["refused"] = []
+    "committed", "version", "reason", "seconds", "refused", "allocated"}.
+
+    With the default widths the allocator's plan is tried first: each clone's rise measured
+    alone at every free width (`rises`), and the widths that reclaim the most bytes within
+    `DOMAIN_RISE` by the sum of those rises (`allocate`; "allocated": {"plan" {"L/slot":
+    bits}, "predicted_rise"}); where it moves nothing or the guard refuses it ("refused"
+    starts with "plan"), one width for all, narrowest first."""
+    refused, allocated = [], None
+    if bits is None and guarded:
+        plan, allocated = _allocated(rt, domain, progress)
+        if plan:
+            report = _compress(rt, domain, progress, plan, guarded)
+            if report["committed"] or not report["guard"]:
+                return report | {"refused": [], "allocated": allocated}
+            refused = ["plan"]
+    report = _compress(rt, domain, progress, bits, guarded) | {"allocated": allocated}
+    report["refused"] = refused
     widths = sorted({r.get("bits") for r in rt.bundle.manifest["experts"]["table"]
                      if r.get("kind") == "pool"})
     while bits is None and report["guard"] and not report["committed"]:
@@ -133,8 +209,32 @@ def compress(rt, domain: str | None = None, progress=None,
             break
         refused = report["refused"]
         report = _compress(rt, report["domain"], progress, wider[0], guarded) | {
-            "refused": refused}
+            "refused": refused, "allocated": allocated}
     return report
+
+
+def _allocated(rt, domain: str | None, progress) -> tuple[dict, dict | None]:
+    """The allocator's plan for `domain` (else the first with candidates) and what it
+    predicted; ({}, None) where there is nothing to move or no held-out replay."""
+    b = rt.bundle
+    found = candidates(b, domain)
+    if not found:
+        return {}, None
+    domain = domain or sorted(found)[0]
+    _, held = guard.split(errormap.Store(b.path).replay(domain), b.context)
+    if not held:
+        return {}, None
+    clones = [(r["layer"], r["slot"]) for r in b.manifest["experts"]["table"]
+              if r.get("kind") == "spawned" and r.get("bits", 32) == 32
+              and r.get("domain") == domain]
+    (progress or (lambda _m: None))(f"{domain}: measuring {len(clones)} clones at each "
+                                    "free width on its held-out replay")
+    measured = rises(rt, clones, held, progress)
+    bound = float(np.log1p(DOMAIN_RISE)) if DOMAIN_RISE > -1 else -np.inf  # in nats
+    plan = allocate(measured, b.config, capacity(b), bound)
+    return plan, {"plan": {f"{c[0]}/{c[1]}": w for c, w in sorted(plan.items())},
+                  "predicted_rise": float(np.expm1(sum(measured[c][w]
+                                                       for c, w in plan.items())))}
 
 
 def _compress(rt, domain: str | None, progress, bits: dict | int | None,

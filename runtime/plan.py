@@ -52,6 +52,18 @@ def compressed(bundle, domain: str) -> set[tuple[int, int]]:
             and r.get("bits", 32) != 32}
 
 
+def _placed(rt, limits: Limits) -> bool:
+    """Whether the bundle's base experts are frozen (quantized: clones only); GrowthError
+    for a `limits.place` the bundle cannot honour, whichever domain grows."""
+    if limits.place not in ("auto", "inplace"):
+        raise GrowthError(f"place must be 'auto' or 'inplace', got {limits.place!r}")
+    frozen = rt.bundle.manifest["bits"] != 32  # quantized base experts: clones only
+    if frozen and limits.place == "inplace":
+        raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
+                          "are quantized and frozen: it grows clones only (place 'auto')")
+    return frozen
+
+
 def plan(rt, verdict: dict, domain: str, seen: dict,
          limits: Limits) -> tuple[list[dict], list[list[int]]]:
     """([{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}], skipped) for one
@@ -73,12 +85,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                 mine = {e: c for (lay, e), c in counts.items() if lay == int(layer)}
                 if mine:
                     named.append((int(layer), max(mine, key=mine.get)))
-    if limits.place not in ("auto", "inplace"):
-        raise GrowthError(f"place must be 'auto' or 'inplace', got {limits.place!r}")
-    frozen = rt.bundle.manifest["bits"] != 32  # quantized base experts: clones only
-    if frozen and limits.place == "inplace":
-        raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
-                          "are quantized and frozen: it grows clones only (place 'auto')")
+    frozen = _placed(rt, limits)
     free, clones, others = {}, {}, set()
     done = compressed(rt.bundle, domain)
     for row in rt.bundle.manifest["experts"]["table"]:
@@ -147,6 +154,7 @@ def choose(rt, growing: dict, ranked: list[str], seen: dict, limits: Limits) -> 
     may free one), else None (the rest have nothing left: compressed). A domain whose last
     slice was refused waits until a slice's worth of new tokens (`limits.tokens`) was
     observed: the same replay would be refused again."""
+    _placed(rt, limits)  # not the domain's fault: said, not passed over
     blocked = None
     for d in ranked:
         at = seen["domains"].get(d, {}).get("refused_at")

@@ -41,6 +41,12 @@ PROGRAMS = ("prefill", "decode", "score", "observe", "sweep", "adam")
 GROWTH = ("sweep", "adam")  # the programs of the bundles with deepening (`DEEPENING`)
 ENGINES = ("torch", "executorch", "onnxruntime")
 NMSE = {32: 1e-9, 8: 1e-2, 4: 3e-2}
+# ExecuTorch at int4 (XNNPACK's int8 activations per token on torchao's int4 weights): the
+# tiny pretrained Mixtral's prefill logits and observe energy measured 9.5e-3 on 2026-12-01
+# and 3.3e-2 / 3.4e-2 on 2026-12-04 with the same export code (the bundle exported by the
+# last commit whose CI passed gives the same figures: the dependency set moved, not ours);
+# no expert id differs there, and ONNX Runtime stays at 7e-4 on the same bundle
+NMSE_XNNPACK_INT4 = 6e-2
 FLIPS = {32: 0.02, 8: 0.1, 4: 0.1}  # near-ties in expert choices may break either way
 T = 24  # tokens of the test text
 
@@ -108,9 +114,11 @@ def case(cases, exports, arch: str, bits: int) -> Case:
     return cases[arch, bits]
 
 
-def compare(got: list[np.ndarray], want: list[np.ndarray], names, bits: int) -> dict:
+def compare(got: list[np.ndarray], want: list[np.ndarray], names, bits: int,
+            engine: str = "torch") -> dict:
     """{output: error} (NMSE or the share of differing integers), asserting each bound."""
     assert len(got) == len(want)
+    bound = NMSE_XNNPACK_INT4 if (engine, bits) == ("executorch", 4) else NMSE[bits]
     errors = {}
     for name, a, b in zip(names, got, want, strict=True):
         assert a.shape == b.shape, name
@@ -122,7 +130,7 @@ def compare(got: list[np.ndarray], want: list[np.ndarray], names, bits: int) -> 
             err = float(((a.astype(np.float64) - b) ** 2).sum() / max((b.astype(np.float64) ** 2)
                                                                      .sum(), 1e-30))
             errors[name] = err
-            assert err <= NMSE[bits], (name, err)
+            assert err <= bound, (name, err)
     return errors
 
 
@@ -183,7 +191,7 @@ def test_backend_ops(cases, exports, arch, program, engine, bits):
     want = c.ref.run(program, c.inputs[program])
     got = c.engine(engine).run(program, c.inputs[program])
     names = c.ref.program(program).outputs
-    compare(got, want, names, bits)
+    compare(got, want, names, bits, engine)
 
 
 GATED = ("prefill_gated", "decode_gated", "score_gated", "observe_gated")
@@ -198,4 +206,4 @@ def test_gated_programs(cases, exports, program, engine, bits):
     c = case(cases, exports, "mixtral", bits)
     inputs = c.inputs[program.removesuffix("_gated")]
     got = c.engine(engine).run(program, inputs)
-    compare(got, c.ref.run(program, inputs), c.ref.program(program).outputs, bits)
+    compare(got, c.ref.run(program, inputs), c.ref.program(program).outputs, bits, engine)

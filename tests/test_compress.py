@@ -116,6 +116,9 @@ def test_a_clone_moves_into_the_pool_on_both_engines(grown, tmp_path):
     c = compress.compress(rt)
     assert c["committed"] and c["version"] == 3 and c["domain"] == "de", c["reason"]
     clones = {(s["layer"], s["slot"]) for s in r["plan"]}
+    # the allocator's plan (each clone measured alone) was the one carried out
+    assert c["allocated"]["plan"] == {f"{m['layer']}/{m['from']}": 4 for m in c["moves"]}
+    assert c["refused"] == []
     assert {(m["layer"], m["from"]) for m in c["moves"]} == clones
     config = old.config
     per = layout.expert_bytes(config, 32) - layout.expert_bytes(config, 4)
@@ -373,3 +376,22 @@ def test_bench_soak_holds_the_budget(exports, capsys, tmp_path):
     for bad in (["--domain", "nofile"], []):
         code, _, err = run_cli(capsys, "bench", "soak", str(src), "--cycles", "1", *bad)
         assert code == 2 and err.count("\n") == 1, err
+
+
+def test_the_allocator_reclaims_the_most_bytes_within_the_bound():
+    """`compress.allocate` on the single-clone rises measured for German's clones of the
+    default model (docs/compress.md): the two clones int4 hurts go to int8 as long as the
+    bound allows, the cheap ones to int4; no plan takes more slots than a layer has free,
+    and a bound no rise fits moves nothing."""
+    config = {"hidden_size": 256, "intermediate_size": 512, "num_local_experts": 8}
+    rises = {(0, 8): {8: -0.00003, 4: -0.00126}, (1, 8): {8: -0.00033, 4: -0.00033},
+             (2, 8): {8: -0.00040, 4: +0.00524}, (3, 8): {8: +0.00004, 4: +0.00881}}
+    free = {(layer, b): 1 for layer in range(4) for b in (8, 4)}
+    bound = float(np.log1p(compress.DOMAIN_RISE))
+    assert compress.allocate(rises, config, free, bound) == {(0, 8): 4, (1, 8): 4, (2, 8): 4,
+                                                             (3, 8): 8}
+    assert compress.allocate(rises, config, free, 0.003) == {(0, 8): 4, (1, 8): 4, (2, 8): 8,
+                                                             (3, 8): 8}
+    assert compress.allocate(rises, config, free, 1.0) == dict.fromkeys(rises, 4)
+    assert compress.allocate(rises, config, {(0, 4): 1}, 1.0) == {(0, 8): 4}
+    assert compress.allocate(rises, config, free, float("-inf")) == {}

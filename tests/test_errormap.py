@@ -142,8 +142,8 @@ def test_a_map_from_before_nll_spreads_were_kept_is_upgraded(tmp_path):
     store.add("b", np.zeros((2, 4, 3)), 5, 10.0, 25.0, [], saved=np.full((5, 6), 0.5))
     none = {"tokens": 0, "saved": [], "saved_sq": []}  # observed before the probe existed
     assert store.read()["domains"] == {
-        "a": {"tokens": 10, "nll": 2.0, "nll_sd": 0.0, "probe": none},
-        "b": {"tokens": 5, "nll": 2.0, "nll_sd": 1.0,
+        "a": {"tokens": 10, "nll": 2.0, "nll_sd": 0.0, "probe": none, "refused_at": None},
+        "b": {"tokens": 5, "nll": 2.0, "nll_sd": 1.0, "refused_at": None,
               "probe": {"tokens": 5, "saved": [2.5] * 6, "saved_sq": [1.25] * 6}}}
 
 

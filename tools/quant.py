@@ -12,8 +12,9 @@ hold one domain's clones (grown here from `--train` if asked):
      bytes of uniform int8, and at the bytes of half the clones at int8 and half at int4
      ("_mid"), where it meets importance only (MC-MoE style: the most routed half keeps
      int8), converged only (the half farthest from converged keeps int8) and random
-     (seeded); and the allocator's operating point: the most bytes reclaimed with a
-     predicted domain rise within `compress.DOMAIN_RISE`;
+     (seeded); and the operating point: what `compress` itself chooses on the device
+     (`compress.allocate`: greedy, the most bytes reclaimed with a summed predicted domain
+     rise within `compress.DOMAIN_RISE`);
   3. each plan is carried out by `compress.compress` (the real pooled programs, unguarded)
      on a copy of the bundle, and the domain's held-out text and the base guard text are
      scored there against the grown bundle.
@@ -33,14 +34,8 @@ import numpy as np
 from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.runtime import compress, errormap, guard
-from moegrow.runtime.work import Work
 
 WIDTHS = (32, 8, 4)
-
-
-def _roundtrip(w: np.ndarray, bits: int) -> np.ndarray:
-    """`w` [out, in] as the pool serves it at `bits` (`layout.packed`, then `unpack`)."""
-    return layout.unpack(*layout.packed(w, bits, 32), bits)
 
 
 def _nll(rt, ids: np.ndarray) -> float:
@@ -53,7 +48,8 @@ def _nll(rt, ids: np.ndarray) -> float:
 
 
 def measure(rt, clones: list[tuple[int, int]], held: list, say) -> dict:
-    """Per clone {"mass", "grad", "rise": {8, 4}} on the held-out replay windows."""
+    """Per clone {"mass", "grad", "rise": {8, 4}} on the held-out replay windows (the
+    rises: `compress.rises`)."""
     out = {c: {"mass": 0.0, "grad": 0.0, "rise": {}} for c in clones}
     sums = {c: None for c in clones}
     tokens = 0
@@ -65,24 +61,15 @@ def measure(rt, clones: list[tuple[int, int]], held: list, say) -> dict:
             g = [d[k][layer][slot - d["first"]].astype(np.float64) for k in ("dwg", "dwu", "dwd")]
             sums[layer, slot] = g if sums[layer, slot] is None else \
                 [a + b for a, b in zip(sums[layer, slot], g, strict=True)]
-    work = Work(rt)
-    try:
-        before = guard.measure(work.rt, held, set())["nll"]
-        for c in clones:
-            w = work.rt.expert(*c)
-            norm = np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in w))
-            out[c]["mass"] /= max(tokens, 1)
-            out[c]["grad"] = float(np.sqrt(sum(float((g ** 2).sum()) for g in sums[c]))
-                                   / max(tokens, 1) / norm)
-            for bits in (8, 4):
-                work.set_expert(*c, [_roundtrip(x, bits) for x in w])
-                work.reload()
-                out[c]["rise"][bits] = guard.measure(work.rt, held, set())["nll"] - before
-            work.set_expert(*c, w)
-            say(f"L{c[0]} e{c[1]}: mass {out[c]['mass']:.3f}, grad {out[c]['grad']:.3g}, "
-                f"NLL rise int8 {out[c]['rise'][8]:+.5f}, int4 {out[c]['rise'][4]:+.5f}")
-    finally:
-        work.close()
+    for c in clones:
+        w = rt.expert(*c)
+        norm = np.sqrt(sum(float((x.astype(np.float64) ** 2).sum()) for x in w))
+        out[c]["mass"] /= max(tokens, 1)
+        out[c]["grad"] = float(np.sqrt(sum(float((g ** 2).sum()) for g in sums[c]))
+                               / max(tokens, 1) / norm)
+        say(f"L{c[0]} e{c[1]}: mass {out[c]['mass']:.3f}, grad {out[c]['grad']:.3g}")
+    for c, r in compress.rises(rt, clones, held, say, (8, 4)).items():
+        out[c]["rise"] = r
     return out
 
 
@@ -122,9 +109,9 @@ def plans(stats: dict, config: dict, capacity: dict, seed: int = 0) -> dict[str,
            "importance_mid": half(sorted(clones, key=lambda c: -stats[c]["mass"])),
            "converged_mid": half(sorted(clones, key=lambda c: -stats[c]["grad"])),
            "random_mid": half(rng.sample(clones, len(clones)))}
-    base = np.log1p(compress.DOMAIN_RISE)  # the bound as an NLL rise
-    out["operating"] = min((p for p in every if rise(p) <= base),
-                           key=lambda p: (nbytes(p), rise(p)))
+    chosen = compress.allocate({c: stats[c]["rise"] for c in clones}, config, capacity,
+                               float(np.log1p(compress.DOMAIN_RISE)))
+    out["operating"] = {c: chosen.get(c, 32) for c in clones}  # what `compress` chooses
     return out
 
 
@@ -153,10 +140,7 @@ def bench_quant(bundle_dir: str, out: Path, text: Path | None, train: Path | Non
                                      "with --pool N --pool-bits 8,4 and grow a domain first)")
     domain = rows[0]["domain"]
     clones = [(r["layer"], r["slot"]) for r in rows if r["domain"] == domain]
-    capacity: dict = {}
-    for r in b.manifest["experts"]["table"]:
-        if r.get("kind") == "pool":
-            capacity[r["layer"], r["bits"]] = capacity.get((r["layer"], r["bits"]), 0) + 1
+    capacity = compress.capacity(b)
     _, held = guard.split(errormap.Store(b.path).replay(domain), b.context)
     if text is not None:
         ids = np.array([1] + rt.sp.encode(text.read_text(encoding="utf-8"))[:tokens], np.int64)
