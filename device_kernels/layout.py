@@ -38,6 +38,7 @@ import hashlib
 import numpy as np
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
+LEARNING_COPIES = 4  # a changed expert's fp32 weights, gradient, and Adam's two moments
 
 
 def dims(config: dict) -> tuple[int, int, int]:
@@ -56,6 +57,13 @@ def expert_bytes(config: dict, bits: int, group: int = 32) -> int:
     _, hidden, width = dims(config)
     n = 3 * hidden * width
     return n * 4 if bits == 32 else n * bits // 8 + n // group * 4
+
+
+def learning_bytes(config: dict, experts: int) -> int:
+    """Bytes of the learning state of a growth slice that changes `experts` experts: each
+    one's fp32 weights, gradient and Adam's two moments (`runtime.growth`); what the
+    budget's "learning" part bounds."""
+    return LEARNING_COPIES * experts * expert_bytes(config, 32)
 
 
 def shape(proj: str, hidden: int, width: int) -> tuple[int, int]:

@@ -260,8 +260,13 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     used = model.args.num_hidden_layers * (
         (experts - spare - len(slot_bits)) * expert_bytes(config, bits)
         + spare * expert_bytes(config, 32) + sum(expert_bytes(config, b) for b in slot_bits))
-    if budget is not None and budget < used:
-        raise BundleError(f"budget of {budget} bytes is too small: the experts take {used}")
+    least = layout.learning_bytes(config, 1) if deepen else 0
+    if budget is not None and budget < used + least:
+        raise BundleError(f"budget of {budget} bytes is too small: the experts take {used}"
+                          + (f" and a growth slice's learning state at least {least} (one "
+                             "expert's weights, gradient and Adam moments)" if least else ""))
+    learning = (budget - used if budget is not None else layout.learning_bytes(
+        config, config["num_experts_per_tok"] * config["num_hidden_layers"])) if deepen else 0
     tok = checkpoint.load_tokenizer(target, model.args.vocab_size)
     own = checkpoint.resolve(target) / CALIBRATION
     if calibration is None and own.is_file():
@@ -321,7 +326,8 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             "experts": {"layout": where, "routers": routers, "domains": domains,
                         "gate": "base-and-argmax",
                         "table": _table(model, config, bits, live, live + spare, slot_bits)},
-            "budget": {"bytes": used if budget is None else budget, "experts": used},
+            "budget": {"bytes": used + learning if budget is None else budget,
+                       "experts": used, "learning": learning},
             "calibration": baseline,
             "deepening": {"strict_steps": strict_steps, "strict_eta": STRICT_ETA}}
         (tmp / manifest.MANIFEST).write_text(json.dumps(written, indent=2) + "\n")

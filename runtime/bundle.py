@@ -115,9 +115,10 @@ def verify(root: Path, manifest: dict) -> Bundle:
 def _verify_experts(bundle: Bundle) -> None:
     """The budget holds, and every located expert's bytes match its row in the table."""
     budget, experts = bundle.manifest["budget"], bundle.manifest["experts"]
-    if budget["experts"] > budget["bytes"]:
-        raise BundleError(f"{bundle.path}: experts take {budget['experts']} bytes, over the "
-                          f"budget of {budget['bytes']}")
+    if budget["experts"] + budget.get("learning", 0) > budget["bytes"]:
+        raise BundleError(f"{bundle.path}: experts take {budget['experts']} bytes and "
+                          f"learning state {budget.get('learning', 0)}, over the budget of "
+                          f"{budget['bytes']}")
     dims = layout.dims(bundle.config)
     for engine, where in experts["layout"].items():
         buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")

@@ -52,8 +52,10 @@ def budget(bundle) -> dict[str, Any]:
     "bits", "bytes", "domain"}], "used_bytes" (base experts and spawned ones), "free_bytes"
     (free spare and pool slots), "reclaimable_bytes" (what compressing every fp32 clone
     into the narrowest free pool slot would give back), "stored_bytes" ({engine: bytes of
-    every located expert tensor, extra forms included})}. Pools: "base", "spare" (fp32, for
-    growth), "pool8" / "pool4" (the compressed ones)."""
+    every located expert tensor, extra forms included}), "learning_bytes" (what the budget
+    keeps for a growth slice's learning state; None for a bundle exported before it did),
+    "learning_experts" (how many experts' learning state that holds)}. Pools: "base",
+    "spare" (fp32, for growth), "pool8" / "pool4" (the compressed ones)."""
     config, table = bundle.config, bundle.manifest["experts"]["table"]
     slots = (config.get("num_local_experts") or config["num_experts"])
     spare = config.get("spare_experts", 0)
@@ -85,10 +87,14 @@ def budget(bundle) -> dict[str, Any]:
             n = e.get("count", total) * hidden * width
             stored[engine] += n * 4 if e["form"] in ("stacked", "dense") else \
                 n * int(e["form"][1:]) // 8 + n // e["group"] * 4
+    learning = bundle.manifest["budget"].get("learning")
     return {"budget_bytes": bundle.manifest["budget"]["bytes"], "pools": pools,
             "experts": experts, "used_bytes": used,
             "free_bytes": sum(p["bytes"] for p in pools.values()) - used,
-            "reclaimable_bytes": reclaim, "stored_bytes": stored}
+            "reclaimable_bytes": reclaim, "stored_bytes": stored,
+            "learning_bytes": learning,
+            "learning_experts": None if learning is None
+            else learning // layout.learning_bytes(config, 1)}
 
 
 def candidates(bundle, domain: str | None = None, bits: dict | int | None = None

@@ -43,8 +43,9 @@ with a quantized pool), a plan that finds no free slot for an expert it names fi
 other domains' clones compressed into the pool and, in layers still full, spawned experts
 that stopped earning their bytes retired (`compress.py`), then is made again.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
-`steps` steps and `seconds`; memory: the working copy plus Adam state for the changed
-experts, allocated once per slice.
+`steps` steps and `seconds`; memory: the working copy plus the changed experts' learning
+state (weights, gradients, Adam moments), allocated once per slice and never more than the
+budget's "learning" bytes (`plan.learning`: experts past it wait for a later slice).
 """
 
 from __future__ import annotations
@@ -56,11 +57,11 @@ from typing import Any
 import numpy as np
 
 from . import errormap, experts, gate, guard, verdicts, versions
-from .plan import TAKEOVER, GrowthError, Limits, NoSlotError, choose, compressed, plan
+from .plan import TAKEOVER, GrowthError, Limits, NoSlotError, choose, compressed, learning, plan
 from .work import Work
 
 __all__ = ["TAKEOVER", "GrowthError", "Limits", "NoSlotError", "choose", "compressed", "idle",
-           "plan"]
+           "learning", "plan"]
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
@@ -140,6 +141,7 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
          progress=None, reclaim=None) -> dict[str, Any]:
     """One growth slice of at most `seconds` (see the module docstring); returns what it
     did: {"domain", "verdict", "plan", "skipped" (named experts with no free slot left),
+    "deferred" (named experts past the budget's learning bytes: a later slice's),
     "tokens", "steps", "energy" and "update_norm" (per step and token: the changed experts'
     energy, the norm of their update), "router",
     "guard" (before/after NLL and reach on held-out domain and base text), "committed",
@@ -221,6 +223,9 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
                                 "no slot there (\"reclaimed\" says what each tried)")
             report["full"] = True  # the domain waits for new text, as after a refusal
             return report
+    steps, deferred = learning(b, steps)
+    if deferred:  # the budget's learning bytes hold fewer experts than the plan named
+        report["deferred"] = [[s["layer"], s["parent"]] for s in deferred]
     report["plan"] = steps
     train, held = guard.split(store.replay(domain), b.context)
     if not steps or not held or not train:

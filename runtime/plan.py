@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moegrow.device_kernels import layout
+
 TAKEOVER = 0.1  # another domain's clone that this share of a new domain's tokens reach is
 # cloned for it too (see `plan`)
 
@@ -146,6 +148,22 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                           "nothing was changed", domain,
                           sorted({x[0] for x in skipped if tuple(x) not in done}))
     return out, skipped
+
+
+def learning(bundle, steps: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the first steps whose learning state fits the budget's "learning" bytes, the rest:
+    deferred to a later slice); GrowthError when not even one expert's fits. A bundle
+    exported before the budget counted learning state (no "learning" key) is not bounded."""
+    allowed = bundle.manifest["budget"].get("learning")
+    if allowed is None:
+        return steps, []
+    each = layout.learning_bytes(bundle.config, 1)
+    n = allowed // each
+    if steps and not n:
+        raise GrowthError(f"{bundle.path}: the budget leaves {allowed} bytes for learning "
+                          f"state; one expert's takes {each} (export with a larger "
+                          "--budget-mb); nothing was changed")
+    return steps[:n], steps[n:]
 
 
 def choose(rt, growing: dict, ranked: list[str], seen: dict, limits: Limits) -> str | None:

@@ -97,6 +97,11 @@ def test_budget_counts_the_bytes_the_weight_files_hold(exports):
                                   "used_bytes": 0}
     assert r["used_bytes"] + r["free_bytes"] == sum(x["bytes"] for x in r["experts"])
     assert r["used_bytes"] == b.manifest["budget"]["experts"] - r["free_bytes"]
+    # the rest of the budget is the learning state of a default slice (top-k per layer)
+    k, n = b.config["num_experts_per_tok"], b.config["num_hidden_layers"]
+    assert r["learning_bytes"] == b.manifest["budget"]["bytes"] - b.manifest["budget"][
+        "experts"] == 4 * k * n * layout.expert_bytes(b.config, 32)
+    assert r["learning_experts"] == k * n
 
 
 def test_a_clone_moves_into_the_pool_on_both_engines(grown, tmp_path):
@@ -320,7 +325,8 @@ def test_a_full_budget_retires_what_stopped_earning_or_says_it_is_full(grown, tm
     whats = [v["report"].get("what") for v in versions.log(rt.bundle)]
     assert "retire" in whats and "compress" in whats
     b = compress.budget(rt.bundle)
-    assert b["used_bytes"] <= b["budget_bytes"]
+    assert b["used_bytes"] + b["learning_bytes"] <= b["budget_bytes"]
+    assert out["bytes"] <= b["learning_bytes"]
     seen = errormap.Store(path).read()
     assert seen["domains"]["fi"]["refused_at"] is None
 

@@ -149,7 +149,11 @@ def test_expert_table_and_budget(tiny_bundle, tiny_ckpt, tmp_path, capsys):
     assert [r["kind"] for r in rows[:slots]] == ["base"] * c["num_local_experts"] + ["spare"] * 2
     assert {(r["version"], r["bits"], r["bytes"]) for r in rows} == {(1, 32, per_expert)}
     used = per_expert * len(rows)
-    assert manifest["budget"] == {"bytes": used, "experts": used}
+    # the default budget keeps a default slice's learning state (top-k experts per layer,
+    # each its fp32 weights, gradient and two Adam moments) beside the expert slots
+    learning = 4 * per_expert * c["num_experts_per_tok"] * c["num_hidden_layers"]
+    assert manifest["budget"] == {"bytes": used + learning, "experts": used,
+                                  "learning": learning}
     # a table that disagrees with the weight file, or experts over the budget, do not load
     for edit, words in [(lambda m: m["experts"]["table"][3].update(sha256="0" * 64),
                          "expert (0, 3) does not match its checksum"),
@@ -164,6 +168,9 @@ def test_expert_table_and_budget(tiny_bundle, tiny_ckpt, tmp_path, capsys):
     code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "n"),
                        "--budget-mb", "0.01")
     assert code == 2 and "too small: the experts take" in err
+    code, _, err = run(capsys, "export", str(tiny_ckpt), "--out", str(tmp_path / "n"),
+                       "--budget-mb", str((used + 4 * per_expert - 1) / 1e6))
+    assert code == 2 and f"learning state at least {4 * per_expert}" in err, err
     assert not (tmp_path / "n").exists()
 
 

@@ -5,6 +5,7 @@ leave the last good version."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -13,8 +14,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import exported, german, run_cli
+from conftest import exported, german, run_cli, snapshot
 from moegrow import runtime
+from moegrow.device_kernels import layout
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import experts, gate, growth, guard, versions
 from moegrow.runtime.session import OBSERVE
@@ -273,6 +275,39 @@ def test_a_second_slice_deepens_the_same_clone(grown, tmp_path):
         return sum(x["kind"] == "spare" for x in bundle_format.load(b).manifest["experts"]["table"])
 
     assert spare(path) == spare(after)  # no new slot taken
+
+
+def test_a_slice_holds_its_learning_state_within_the_budget(grown, tmp_path):
+    """The budget keeps bytes for a slice's learning state (each changed expert's fp32
+    weights, gradient and two Adam moments): a slice changes no more experts than they
+    hold and defers the rest; a budget that holds none is a clear error, nothing changed."""
+    before, _, first = grown
+    b = bundle_format.load(before)
+    each = layout.learning_bytes(b.config, 1)
+    assert first["bytes"] == each * len(first["plan"]) <= b.manifest["budget"]["learning"]
+    steps = [{"layer": layer, "parent": 0, "slot": 9, "how": "spawn"} for layer in range(3)]
+    b.manifest["budget"]["learning"] = 2 * each + each // 2
+    assert growth.learning(b, steps) == (steps[:2], steps[2:])
+
+    def tight(name: str, experts_: int):
+        path = tmp_path / name
+        shutil.copytree(before, path)
+        m = json.loads((path / "manifest.json").read_text())
+        m["budget"]["bytes"] = m["budget"]["experts"] + each * experts_
+        m["budget"]["learning"] = each * experts_
+        (path / "manifest.json").write_text(json.dumps(m))
+        return path
+
+    r = runtime.open(tight("one", 1), "onnxruntime").idle(600, tokens=1024, steps=2)
+    assert r["plan"] == first["plan"][:1] and r["bytes"] == each, r["reason"]
+    assert r.get("deferred", []) == [[s["layer"], s["parent"]] for s in first["plan"][1:]]
+    path = tight("none", 0)
+    rt = runtime.open(path, "onnxruntime")
+    was = snapshot(path)
+    with pytest.raises(growth.GrowthError, match=f"leaves 0 bytes for learning state; one "
+                       f"expert's takes {each}"):
+        rt.idle(600, tokens=1024, steps=2)
+    assert snapshot(path) == was
 
 
 def test_no_free_slot_is_a_clear_answer(grown):

@@ -253,8 +253,11 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
 @click.option("--engines", default="executorch,onnxruntime", show_default=True,
               help="Comma-separated engines to lower the programs to.")
 @click.option("--budget-mb", type=click.FloatRange(min=0, min_open=True),
-              help="Bytes (in MB, 10^6) allowed for expert weights on the device; default: "
-                   "what the experts take at export.")
+              help="Bytes (in MB, 10^6) allowed on the device for expert weights (every "
+                   "slot, fixed at export) plus a growth slice's learning state (what is "
+                   "left: each changed expert's fp32 weights, gradient and two Adam "
+                   "moments); default: what the experts take plus, with deepening, a "
+                   "default slice's learning state (top-k experts per layer).")
 @click.option("--calibration", "calibration_file", type=click.Path(path_type=Path),
               help="Held-out base text (UTF-8, >= 2,048 tokens) to measure the error map's "
                    "baseline on; default: the checkpoint's calibration.txt (the default "

@@ -20,16 +20,22 @@ from .cli import emit
 def budget(bundle_dir: str, as_json: bool) -> None:
     """BUNDLE's expert bytes: per pool (base experts, fp32 spare slots for growth, the
     quantized pool) the bit width, slots used and bytes; what is free, and what compressing
-    every fp32 clone into a free pool slot would reclaim. Bytes are those of the weight
-    files' expert tensors (codes and fp32 scales for quantized ones)."""
+    every fp32 clone into a free pool slot would reclaim, and the bytes the budget keeps
+    for a growth slice's learning state (the changed experts' fp32 weights, gradients and
+    Adam moments). Expert bytes are those of the weight files' expert tensors (codes and
+    fp32 scales for quantized ones)."""
     r = compress_lib.budget(bundle_format.load(bundle_dir))
     lines = [f"{'pool':6} {'bits':>4} {'slots':>9} {'MB':>8}"]
     for name, p in r["pools"].items():
         lines.append(f"{name:6} {p['bits']:>4} {p['used']:>4}/{p['slots']:<4} "
                      f"{p['used_bytes'] / 1e6:>8.3f} of {p['bytes'] / 1e6:.3f}")
     lines.append(f"used {r['used_bytes'] / 1e6:.3f} MB, free {r['free_bytes'] / 1e6:.3f} MB "
-                 f"(budget {r['budget_bytes'] / 1e6:.3f} MB); reclaimable by compress "
+                 f"of the expert slots; reclaimable by compress "
                  f"{r['reclaimable_bytes'] / 1e6:.3f} MB")
+    if r["learning_bytes"] is not None:
+        lines.append(f"learning state of a slice: up to {r['learning_bytes'] / 1e6:.3f} MB "
+                     f"({r['learning_experts']} experts' weights, gradients and Adam moments)")
+    lines.append(f"budget {r['budget_bytes'] / 1e6:.3f} MB")
     lines += [f"  L{e['layer']} e{e['slot']}: {e['domain']} int{e['bits']} "
               f"{e['bytes'] / 1e6:.3f} MB" for e in r["experts"] if e["kind"] == "spawned"]
     emit(r, as_json, "\n".join(lines))

@@ -6,6 +6,8 @@ and in a bundle with a pool the reclaim that compresses other domains' clones an
 what stopped earning its bytes). After every cycle it records the process's resident memory
 (VmRSS), the bundle's bytes on disk (all of it, and its `state/` folder), open file
 descriptors and threads, and checks the budget: the experts' bytes (`compress.budget`)
+within its expert part, the slice's learning state (the changed experts' weights,
+gradients and Adam moments, the report's "bytes") within its "learning" part and both
 within `--budget-mb`, and every engine's weight file the size it had at the start (the
 pools are fixed at export: a file that grew would be growth past the budget).
 
@@ -93,6 +95,8 @@ def _run(path: Path, cycles: int, texts: dict[str, str], backend: str, chunk: in
     rt = runtime.open(path, backend)
     sizes = {e: rt.bundle.weights(e).stat().st_size for e in rt.bundle.engines()}
     budget = rt.bundle.manifest["budget"]["bytes"]
+    learning = rt.bundle.manifest["budget"].get("learning", budget)
+    experts = budget - rt.bundle.manifest["budget"].get("learning", 0)
     where = dict.fromkeys(texts, 0)
     series: list[dict] = []
     counts = {"commits": 0, "refused": 0, "compressions": 0, "retirements": 0, "full": 0}
@@ -120,11 +124,14 @@ def _run(path: Path, cycles: int, texts: dict[str, str], backend: str, chunk: in
         b = rt.bundle
         used = compress.budget(b)["used_bytes"]
         grew = any(b.weights(e).stat().st_size != n for e, n in sizes.items())
-        violations += used > budget or grew
+        learned = r.get("bytes", 0)  # the slice's learning state, within the budget's part
+        violations += (used > experts or grew or learned > learning
+                       or used + learned > budget)
         series.append({"rss_kb": _rss_kb(), "disk_bytes": _bytes(path),
                        "state_bytes": _bytes(path / "state"),
                        "fds": len(os.listdir("/proc/self/fd")), "threads": _native_threads(),
                        "py_threads": threading.active_count(), "used_bytes": used,
+                       "learning_bytes": learned,
                        "version": b.manifest["weights"]["version"], "what": what})
         if cycle % max(cycles // 20, 1) == 0:
             s = series[-1]
@@ -137,11 +144,13 @@ def _run(path: Path, cycles: int, texts: dict[str, str], backend: str, chunk: in
     return {"cycles": cycles, "rss_slope_kb_per_cycle": slope, "budget_violations": violations,
             "state_bytes_max": max(s["state_bytes"] for s in series),
             "disk_bytes_max": max(s["disk_bytes"] for s in series),
+            "learning_bytes_max": max(s["learning_bytes"] for s in series),
             "rss_mb": {"first": rss[0] / 1024, "max": rss.max() / 1024, "last": rss[-1] / 1024},
             "fds": {"start": fds0, "end": series[-1]["fds"]},
             "threads": {"start": threads0, "end": series[-1]["threads"]},
             **counts, "versions_kept": len(list((path / "weights").iterdir())),
-            "budget_bytes": budget, "domains": list(texts),
+            "budget_bytes": budget, "learning_budget_bytes": learning,
+            "domains": list(texts),
             "seconds": time.monotonic() - start, "series": series}
 
 
@@ -156,6 +165,8 @@ def report(r: dict) -> str:
         f"{r['rss_mb']['last']:.1f} MB |",
         f"| bundle on disk, max | {r['disk_bytes_max'] / 1e6:.1f} MB |",
         f"| state/ folder, max | {r['state_bytes_max'] / 1e6:.2f} MB |",
+        f"| learning state of a slice, max | {r['learning_bytes_max'] / 1e6:.2f} MB (budget "
+        f"keeps {r['learning_budget_bytes'] / 1e6:.2f} MB) |",
         f"| open fds start / end | {r['fds']['start']} / {r['fds']['end']} |",
         f"| threads start / end | {r['threads']['start']} / {r['threads']['end']} |",
         f"| slices committed / refused by the guard | {r['commits']} / {r['refused']} |",
