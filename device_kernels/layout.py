@@ -38,6 +38,8 @@ import hashlib
 import numpy as np
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
+POOL_BITS = (8, 4, 2)  # the widths a pool's slots can have (`packed`)
+TWO_BIT_GRID = tuple(np.linspace(0.3, 1.0, 15))  # 2-bit scales tried, x a group's max |w|
 LEARNING_COPIES = 4  # a changed expert's fp32 weights, gradient, and Adam's two moments
 
 
@@ -135,10 +137,12 @@ def _coded(buf: np.ndarray, entry: dict, dims_: tuple[int, int, int]):
 
 
 def unpack(codes: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
-    """Codes [N, G, group * bits / 8] and scales [N, G] (the `q4` / `q8` layout) -> fp32
-    [N, G * group]."""
-    if bits == 4:
-        codes = np.stack([codes & 15, codes >> 4], -1).reshape(*codes.shape[:2], -1)
+    """Codes [N, G, group * bits / 8] and scales [N, G] (the `q8` / `q4` / `q2` layout) ->
+    fp32 [N, G * group]."""
+    if bits < 8:  # 8 / bits codes to a byte, the first in the lowest bits
+        mask = (1 << bits) - 1
+        codes = np.stack([(codes >> (bits * i)) & mask for i in range(8 // bits)], -1)
+        codes = codes.reshape(*codes.shape[:2], -1)
     w = (codes.astype(np.float32) - (1 << (bits - 1))) * scales.reshape(*codes.shape[:2], 1)
     return w.reshape(len(w), -1)
 
@@ -161,21 +165,39 @@ def dequantized(buf: np.ndarray, entry: dict, slot: int,
 
 
 def packed(w: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """A weight [N, K] in the `q4` / `q8` layout: symmetric codes per group of `group`
-    along K (scale = max |w| / (2^(bits-1) - 1), code = round(w / scale) + 2^(bits-1)),
-    4-bit ones two to a byte, low nibble first -> (uint8 [N, K / group, group * bits / 8],
-    fp32 scales [N * K / group]). Every value is within scale / 2 of `w`."""
+    """A weight [N, K] in the `q8` / `q4` / `q2` layout: codes per group of `group` along K,
+    code = round(w / scale) + 2^(bits-1) (ONNX Runtime's `MatMulNBits` with its default
+    zero point), 8 / bits codes to a byte, the first in the lowest bits -> (uint8 [N,
+    K / group, group * bits / 8], fp32 scales [N * K / group]). At 8 and 4 bits symmetric,
+    scale = max |w| / (2^(bits-1) - 1): every value within scale / 2 of `w`. At 2 bits
+    (levels -2, -1, 0, 1 x scale) the scale of each group is the one of `TWO_BIT_GRID` x
+    max |w| with the least squared error (values past the levels are clipped)."""
     w = np.asarray(w, np.float32)
     n, k = w.shape
-    if bits not in (4, 8) or k % group:
-        raise ValueError(f"a q{bits} weight needs bits 4 or 8 and K divisible by {group}")
+    if bits not in POOL_BITS or k % group:
+        raise ValueError(f"a q{bits} weight needs bits 8, 4 or 2 and K divisible by {group}")
     g = w.reshape(n, k // group, group)
-    qmax = (1 << (bits - 1)) - 1
-    scale = (np.abs(g).max(-1) / qmax).astype(np.float32)  # [N, K / group]
+    zero, qmax = 1 << (bits - 1), (1 << (bits - 1)) - 1
+    peak = np.abs(g).max(-1)  # [N, K / group]
+    if bits == 2:
+        best, err = None, None
+        for f in TWO_BIT_GRID:
+            scale = (peak * np.float32(f)).astype(np.float32)
+            safe = np.where(scale > 0, scale, 1.0)[..., None]
+            e = ((np.clip(np.rint(g / safe), -zero, qmax) * safe - g) ** 2).sum(-1)
+            if best is None:
+                best, err = scale, e
+            else:
+                best, err = np.where(e < err, scale, best), np.minimum(e, err)
+        scale = best
+    else:
+        scale = (peak / qmax).astype(np.float32)
     safe = np.where(scale > 0, scale, 1.0)[..., None]
-    q = (np.clip(np.rint(g / safe), -qmax, qmax) + (1 << (bits - 1))).astype(np.uint8)
-    if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    q = (np.clip(np.rint(g / safe), -zero, qmax) + zero).astype(np.uint8)
+    if bits < 8:
+        per = 8 // bits
+        q = np.bitwise_or.reduce([q[..., i::per] << (bits * i) for i in range(per)]).astype(
+            np.uint8)
     return np.ascontiguousarray(q), np.ascontiguousarray(scale.reshape(-1))
 
 

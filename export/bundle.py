@@ -225,7 +225,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     layer for spawning (default SPARE where the bundle has deepening programs, else 0),
     fp32 whatever the bits (a quantized bundle grows clones of its frozen quantized experts
     there); counted in the budget. `pool`: slots per layer and bit width of `pool_bits`
-    (8 and/or 4) after the spare ones, which every gated program holds at that width:
+    (8, 4 and/or 2) after the spare ones, which every gated program holds at that width:
     where `runtime.compress` moves converged clones, freeing their spare slots; counted in
     the budget."""
     deepen = bits == 32 if deepen is None else deepen
@@ -240,9 +240,10 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
                           f"(got {strict_steps} steps, deepening {'on' if deepen else 'off'})")
     pool_bits = tuple(pool_bits)
     if pool < 0 or (pool and not spare) or not pool_bits or \
-            not set(pool_bits) <= set(quantize.BITS) or len(set(pool_bits)) < len(pool_bits):
-        raise BundleError(f"a pool needs spare slots (its clones come from them) and bits "
-                          f"8 and/or 4 (got --pool {pool} at bits {pool_bits}, --spare {spare})")
+            not set(pool_bits) <= set(layout.POOL_BITS) or len(set(pool_bits)) < len(pool_bits):
+        raise BundleError(f"a pool needs spare slots (its clones come from them) and distinct "
+                          f"bits of 8, 4 and 2 (got --pool {pool} at bits {pool_bits}, --spare "
+                          f"{spare})")
     slot_bits = [b for b in sorted(pool_bits, reverse=True) for _ in range(pool)]
     if bits not in (32, *quantize.BITS):
         raise BundleError(f"bits must be 32, 8 or 4, got {bits}")

@@ -85,13 +85,17 @@ def _linear(w: torch.Tensor) -> nn.Linear:
 
 def dequant(codes: torch.Tensor, scales: torch.Tensor, bits: int, out: int,
             in_: int) -> torch.Tensor:
-    """A [out, in] weight from its `q4` / `q8` codes [out, in / 32, 32 * bits / 8] (uint8)
-    and fp32 scales (`device_kernels.layout`), in plain ops (Cast, Div, Floor, Sub, Mul) that
-    both engines run."""
+    """A [out, in] weight from its `q8` / `q4` / `q2` codes [out, in / 32, 32 * bits / 8]
+    (uint8) and fp32 scales (`device_kernels.layout`), in plain ops (Cast, Div, Floor, Sub,
+    Mul) that both engines run."""
     q = codes.float()
-    if bits == 4:
-        high = torch.floor(q / 16)
-        q = torch.stack([q - 16 * high, high], -1).reshape(*q.shape[:2], -1)
+    if bits < 8:  # 8 / bits codes to a byte, the first in the lowest bits
+        parts, levels = [], float(1 << bits)
+        for _ in range(8 // bits - 1):
+            high = torch.floor(q / levels)
+            parts.append(q - levels * high)
+            q = high
+        q = torch.stack([*parts, q], -1).reshape(*codes.shape[:2], -1)
     w = (q - (1 << (bits - 1))) * scales.reshape(*q.shape[:2], 1)
     return w.reshape(out, in_)
 

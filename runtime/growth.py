@@ -38,9 +38,9 @@
      nothing is kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
      rows (`versions.commit`, which logs it), and the runtime reloads it.
-Reclaim: with a `reclaim(domain, layers)` callback (`Runtime.idle` passes one for a bundle
-with a quantized pool), a plan that finds no free slot for an expert it names first has the
-other domains' clones compressed into the pool and, in layers still full, spawned experts
+Reclaim: with a `reclaim(domain, layers)` callback (`Runtime.idle` passes one), a plan
+that finds no free slot for an expert it names first has the other domains' clones
+compressed into the pool (bundles with one) and, in layers still full, spawned experts
 that stopped earning their bytes retired (`compress.py`), then is made again.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
 `steps` steps and `seconds`; memory: the working copy plus the changed experts' learning

@@ -247,18 +247,17 @@ class Runtime:
              **limits) -> dict:
         """One growth slice of at most `seconds` for `domain` (default: the observed domain
         the error map most wants grown); `limits`: fields of `growth.Limits`; `progress`
-        gets a line per stage. Returns what it did (`growth.idle`). In a bundle with a
-        quantized pool, a plan that finds no free spare slot for an expert it names first
-        has the other domains' clones compressed into the pool (`compress.compress`, each
-        guarded), then in layers still full the least earning of other domains' spawned
-        experts retired (`compress.retire`); "reclaimed": their reports."""
+        gets a line per stage. Returns what it did (`growth.idle`). A plan that finds no
+        free spare slot for an expert it names first has, in a bundle with a quantized
+        pool, the other domains' clones compressed into the pool (`compress.compress`, each
+        guarded), then (every bundle) in layers still full the least earning of other
+        domains' spawned experts retired (`compress.retire`); "reclaimed": their reports."""
         def reclaim(growing: str, layers: list[int]) -> list[dict]:
-            found = compress.candidates(self.bundle)
+            found = compress.candidates(self.bundle) if self.bundle.config.get(
+                "pool_experts") else {}
             out = [compress.compress(self, d, progress) for d in sorted(found) if d != growing]
             return out + compress.retire(self, layers, growing, progress)
-        pool = self.bundle.config.get("pool_experts")
-        return growth.idle(self, seconds, domain, growth.Limits(**limits), progress,
-                           reclaim if pool else None)
+        return growth.idle(self, seconds, domain, growth.Limits(**limits), progress, reclaim)
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)

@@ -145,7 +145,12 @@ def exports(tiny_ckpt, corpus_dir, tmp_path_factory):
                                     "--spare", "0"],
             # one spare slot and an int4 pool of two per layer: compression (test_compress)
             ("mixtral", "pool"): ["--calibration", str(corpus_dir / "heldout.txt"),
-                                  "--spare", "1", "--pool", "2"]}
+                                  "--spare", "1", "--pool", "2"],
+            # the ladder's int2 rung: ONNX Runtime only (ExecuTorch serves the same pool
+            # linears, `moe.Pooled`, at every width: test_compress.py lowers one alone)
+            ("mixtral", "pool2"): ["--calibration", str(corpus_dir / "heldout.txt"),
+                                   "--engines", "onnxruntime", "--spare", "1", "--pool", "1",
+                                   "--pool-bits", "4,2"]}
     # the others without spare slots, and the quantized ones as `moegrow export --bits N`
     # makes them by default, without the deepening programs (`DEEPENING`): the gate and the
     # quantized sweeps are the same code for every architecture and bit width, and their

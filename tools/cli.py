@@ -279,7 +279,9 @@ def generate(target: str, prompt: str, max_new: int, backend: str | None) -> Non
                    "where `compress` moves converged clones (freeing their fp32 spare slots "
                    "for the next spawn); needs spare slots.")
 @click.option("--pool-bits", default="4", show_default=True,
-              help="The pool's widths, comma-separated: 8, 4 or 8,4 (--pool slots each).")
+              help="The pool's widths, comma-separated, of 8, 4 and 2 (e.g. 8,4 or 8,4,2; "
+                   "--pool slots each). int2 slots: four levels per group of 32 (ONNX "
+                   "Runtime's 2-bit MatMulNBits; ExecuTorch dequantizes them in the graph).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | None,
             calibration_file: Path | None, deepen: bool | None, strict_steps: int,
@@ -300,8 +302,9 @@ def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | 
     weights = sum(e["bytes"] for e in manifest["weights"]["files"].values())
     emit(manifest, as_json, f"{out}: {len(files)} program files "
          f"{sum(files.values()) / 1e6:.1f} MB, weight files {weights / 1e6:.1f} MB; experts "
-         f"{manifest['budget']['experts'] / 1e6:.1f} of {manifest['budget']['bytes'] / 1e6:.1f} "
-         "MB budget")
+         f"{manifest['budget']['experts'] / 1e6:.1f} MB and a slice's learning state "
+         f"{manifest['budget'].get('learning', 0) / 1e6:.1f} MB of the "
+         f"{manifest['budget']['bytes'] / 1e6:.1f} MB budget")
 
 
 def _bits(text: str) -> tuple[int, ...]:
@@ -309,7 +312,7 @@ def _bits(text: str) -> tuple[int, ...]:
         return tuple(int(b) for b in text.split(","))
     except ValueError:
         raise click.BadParameter(f"--pool-bits: {text!r} is not a list of bit widths "
-                                 "(8, 4 or 8,4)") from None
+                                 "(of 8, 4 and 2: e.g. 8,4)") from None
 
 
 @cli.command()

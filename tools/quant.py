@@ -6,15 +6,16 @@ hold one domain's clones (grown here from `--train` if asked):
   1. per clone, measured on the domain's held-out replay (the guard's windows, never the
      evaluation text): its routing mass, its relative gradient norm |dNLL/dW| / |W| (how
      far from converged: the `sweep` program), and the NLL rise when it alone is served
-     at 8 and at 4 bits (its weights quantized and dequantized as the pool holds them);
-  2. plans {clone: 32 | 8 | 4}: uniform int8 and uniform int4; the allocator (the least
-     summed measured rise, exhaustive over the widths within the pool's slots) within the
-     bytes of uniform int8, and at the bytes of half the clones at int8 and half at int4
-     ("_mid"), where it meets importance only (MC-MoE style: the most routed half keeps
-     int8), converged only (the half farthest from converged keeps int8) and random
-     (seeded); and the operating point: what `compress` itself chooses on the device
-     (`compress.allocate`: greedy, the most bytes reclaimed with a summed predicted domain
-     rise within `compress.DOMAIN_RISE`);
+     at 8 and 4 bits and any other width of the pool (2) (its weights quantized and
+     dequantized as the pool holds them);
+  2. plans {clone: 32 | 8 | 4 | 2}: uniform int8, int4 (and int2 where the pool has it);
+     the allocator (the least summed measured rise, exhaustive over the widths within the
+     pool's slots) within the bytes of uniform int8, and at the bytes of half the clones at
+     int8 and half at int4 ("_mid"), where it meets importance only (MC-MoE style: the most
+     routed half keeps int8), converged only (the half farthest from converged keeps int8)
+     and random (seeded); and the operating point: what `compress` itself chooses on the
+     device (`compress.allocate`: greedy, the most bytes reclaimed with a summed predicted
+     domain rise within `compress.DOMAIN_RISE`);
   3. each plan is carried out by `compress.compress` (the real pooled programs, unguarded)
      on a copy of the bundle, and the domain's held-out text and the base guard text are
      scored there against the grown bundle.
@@ -35,8 +36,6 @@ from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.runtime import compress, errormap, guard
 
-WIDTHS = (32, 8, 4)
-
 
 def _nll(rt, ids: np.ndarray) -> float:
     """Mean NLL of `ids` as `eval` scores it (half-overlapping windows)."""
@@ -48,8 +47,8 @@ def _nll(rt, ids: np.ndarray) -> float:
 
 
 def measure(rt, clones: list[tuple[int, int]], held: list, say) -> dict:
-    """Per clone {"mass", "grad", "rise": {8, 4}} on the held-out replay windows (the
-    rises: `compress.rises`)."""
+    """Per clone {"mass", "grad", "rise": {bits: NLL rise}} on the held-out replay windows
+    (the rises at every pool width of the bundle: `compress.rises`)."""
     out = {c: {"mass": 0.0, "grad": 0.0, "rise": {}} for c in clones}
     sums = {c: None for c in clones}
     tokens = 0
@@ -68,15 +67,22 @@ def measure(rt, clones: list[tuple[int, int]], held: list, say) -> dict:
         out[c]["grad"] = float(np.sqrt(sum(float((g ** 2).sum()) for g in sums[c]))
                                / max(tokens, 1) / norm)
         say(f"L{c[0]} e{c[1]}: mass {out[c]['mass']:.3f}, grad {out[c]['grad']:.3g}")
-    for c, r in compress.rises(rt, clones, held, say, (8, 4)).items():
+    for c, r in compress.rises(rt, clones, held, say, widths(rt.bundle)).items():
         out[c]["rise"] = r
     return out
+
+
+def widths(bundle) -> tuple[int, ...]:
+    """The widths measured and planned, widest first: int8 and int4 (the strategies' own
+    two) and any other width of the bundle's pool (int2)."""
+    return tuple(sorted({8, 4, *bundle.config.get("pool_bits", [])}, reverse=True))
 
 
 def plans(stats: dict, config: dict, capacity: dict, seed: int = 0) -> dict[str, dict]:
     """{strategy: {clone: bits}} (see the module docstring), and "operating": the
     allocator's most reclaiming plan within the domain bound."""
-    size = {b: layout.expert_bytes(config, b) for b in WIDTHS}
+    pool = tuple(sorted({8, 4, *(b for _, b in capacity)}, reverse=True))
+    size = {b: layout.expert_bytes(config, b) for b in (32, *pool)}
     clones = sorted(stats)
     target = len(clones) * size[8]
 
@@ -93,7 +99,7 @@ def plans(stats: dict, config: dict, capacity: dict, seed: int = 0) -> dict[str,
     def rise(plan: dict) -> float:
         return sum(stats[c]["rise"][b] for c, b in plan.items() if b != 32)
 
-    every = [dict(zip(clones, p, strict=True)) for p in itertools.product(WIDTHS,
+    every = [dict(zip(clones, p, strict=True)) for p in itertools.product((32, *pool),
                                                                          repeat=len(clones))]
     every = [p for p in every if fits(p)]
 
@@ -104,8 +110,8 @@ def plans(stats: dict, config: dict, capacity: dict, seed: int = 0) -> dict[str,
         return {c: 8 if i < len(clones) // 2 else 4 for i, c in enumerate(order)}
     mid = nbytes(half(clones))
     rng = random.Random(seed)
-    out = {"uniform8": dict.fromkeys(clones, 8), "uniform4": dict.fromkeys(clones, 4),
-           "allocator": best(target), "allocator_mid": best(mid),
+    out = {f"uniform{b}": dict.fromkeys(clones, b) for b in pool}
+    out |= {"allocator": best(target), "allocator_mid": best(mid),
            "importance_mid": half(sorted(clones, key=lambda c: -stats[c]["mass"])),
            "converged_mid": half(sorted(clones, key=lambda c: -stats[c]["grad"])),
            "random_mid": half(rng.sample(clones, len(clones)))}
@@ -138,6 +144,7 @@ def bench_quant(bundle_dir: str, out: Path, text: Path | None, train: Path | Non
     if not rows or not b.config.get("pool_experts"):
         raise compress.CompressError(f"{src}: no fp32 clones to compress, or no pool (export "
                                      "with --pool N --pool-bits 8,4 and grow a domain first)")
+    pool = widths(b)
     domain = rows[0]["domain"]
     clones = [(r["layer"], r["slot"]) for r in rows if r["domain"] == domain]
     capacity = compress.capacity(b)
@@ -160,8 +167,8 @@ def bench_quant(bundle_dir: str, out: Path, text: Path | None, train: Path | Non
         shutil.copytree(src, copy)
         try:
             work = runtime.open(copy, backend)
-            widths = {c: w for c, w in plan.items() if w != 32}
-            c = compress.compress(work, domain, bits=widths, guarded=False) if widths else \
+            moved = {c: w for c, w in plan.items() if w != 32}
+            c = compress.compress(work, domain, bits=moved, guarded=False) if moved else \
                 {"reclaimed_bytes": 0}
             used = compress.budget(work.bundle)
             violations += used["used_bytes"] > used["budget_bytes"] - (
@@ -188,7 +195,7 @@ def bench_quant(bundle_dir: str, out: Path, text: Path | None, train: Path | Non
                    np.log1p(results["allocator_mid"]["domain_ppl_rise"])
                    - np.log1p(results[k]["domain_ppl_rise"])))
                    for k in ("importance_mid", "converged_mid", "random_mid")},
-               "budget_violations": int(violations), "domain": domain,
+               "budget_violations": int(violations), "domain": domain, "widths": pool,
                "clones": {f"{k[0]}/{k[1]}": v for k, v in stats.items()},
                "strategies": results, "bytes_added": added, "tokens": len(ids) - 1,
                "text": str(text) if text is not None else "held-out replay"}
@@ -218,11 +225,12 @@ def _report(out: Path, s: dict) -> None:
         lines.append(f"| {name} | {plan} | {r['reclaimed_fraction']:.1%} | "
                      f"{r['domain_ppl_rise']:+.3%} | {r['base_ppl_rise']:+.3%} | "
                      f"{r['predicted_domain_rise']:+.3%} |")
-    lines += ["", "| clone | routing mass | rel. gradient | NLL rise int8 | NLL rise int4 |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| clone | routing mass | rel. gradient | " + " | ".join(
+        f"NLL rise int{b}" for b in s["widths"]) + " |", "|---|---|---" + "|---" * len(
+        s["widths"]) + "|"]
     for k, v in s["clones"].items():
-        lines.append(f"| {k} | {v['mass']:.3f} | {v['grad']:.3g} | {v['rise'][8]:+.5f} | "
-                     f"{v['rise'][4]:+.5f} |")
+        lines.append(f"| {k} | {v['mass']:.3f} | {v['grad']:.3g} | " + " | ".join(
+            f"{v['rise'][b]:+.5f}" for b in s["widths"]) + " |")
     lines += ["", f"Spearman(relative gradient, int4 rise per routing mass): "
               f"{s['converged_rank_correlation']}"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -240,8 +248,8 @@ def _report(out: Path, s: dict) -> None:
     a.set_ylabel("domain perplexity rise (%)")
     a.legend()
     v = list(s["clones"].values())
-    b.scatter([x["grad"] for x in v], [x["rise"][4] for x in v], label="int4")
-    b.scatter([x["grad"] for x in v], [x["rise"][8] for x in v], label="int8")
+    for width in s["widths"]:
+        b.scatter([x["grad"] for x in v], [x["rise"][width] for x in v], label=f"int{width}")
     b.set_xlabel("relative gradient norm (far from converged ->)")
     b.set_ylabel("held-out replay NLL rise")
     b.legend()
