@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from moegrow.device_kernels import layout
 
-from . import errormap, gate, guard, versions
+from . import errormap, gate, guard, verdicts, versions
 from .work import Work
 
 DOMAIN_RISE = 0.01  # largest relative perplexity rise on the domain's held-out replay
@@ -119,6 +119,33 @@ def candidates(bundle, domain: str | None = None, bits: dict | int | None = None
             free[row["layer"]].remove(slots[0])
             out.setdefault(row["domain"], []).append((row, slots[0]))
     return out
+
+
+def ripe(bundle, seen: dict, layers: list[int] | None = None,
+         keep: str | None = None) -> list[dict]:
+    """The domains whose fp32 clones `reclaim` may compress (other than `keep`; with
+    `layers`, those with a candidate in one of them), the most converged first: [{"domain",
+    "converged" (its verdict is `nothing`: growth has little left to win on it,
+    `verdicts.judge`), "drift" (its clones' recent update size over their long-run mean:
+    the error map's EMA over sum / count, averaged; below 1 the error is falling or
+    settled, None without statistics)}], converged before not, then the least drift."""
+    found = candidates(bundle)
+    judged = verdicts.judge(seen, bundle.manifest["calibration"],
+                            bundle.config["num_experts_per_tok"]) \
+        if bundle.manifest.get("calibration") else {}
+    stats = {(lay, e, d): (count, total, ema) for lay, e, d, count, total, _, ema, *_
+             in seen["stats"]}
+    out = []
+    for d, moves in found.items():
+        if d == keep or (layers is not None and not {r["layer"] for r, _ in moves} & set(
+                layers)):
+            continue
+        ratios = [x[2] / (x[1] / x[0]) for r, _ in moves
+                  if (x := stats.get((r["layer"], r["slot"], d))) and x[0] and x[1] > 0]
+        out.append({"domain": d, "converged": judged.get(d, {}).get("verdict") == "nothing",
+                    "drift": float(np.mean(ratios)) if ratios else None})
+    return sorted(out, key=lambda x: (not x["converged"], x["drift"] is None,
+                                      x["drift"] or 0.0, x["domain"]))
 
 
 def capacity(bundle) -> dict[tuple[int, int], int]:
@@ -333,13 +360,14 @@ def retire(rt, layers: list[int], keep: str | None = None, progress=None) -> lis
     (`earning`), each guarded like a compression (its domain's held-out replay may rise by
     at most `DOMAIN_RISE` without it, the base text by `guard.GUARD_BASE`) and committed as
     its own version; a retired pool clone's slot takes another domain's fp32 clone of that
-    layer (`compress`), which frees the spare slot. At most `RETIRE_TRIES` experts
-    measured per layer. Returns the reports (`_retire`'s and `compress`'s)."""
+    layer (`compress`, the most converged domain's: `ripe`), which frees the spare slot.
+    At most `RETIRE_TRIES` experts measured per layer. Returns the reports (`_retire`'s and
+    `compress`'s)."""
     say = progress or (lambda _m: None)
     out: list[dict] = []
     for layer in layers:
         tried: set[int] = set()
-        while len(tried) < RETIRE_TRIES and not _free(rt.bundle, layer, "spare"):
+        while len(tried) < RETIRE_TRIES and not has_free(rt.bundle, layer):
             seen = errormap.Store(rt.bundle.path).read()
             left = [x for x in earning(rt.bundle, seen) if x["layer"] == layer
                     and x["domain"] != keep and x["slot"] not in tried]
@@ -348,14 +376,17 @@ def retire(rt, layers: list[int], keep: str | None = None, progress=None) -> lis
             tried.add(left[0]["slot"])
             r = _retire(rt, left[0], say)
             out.append(r)
-            if r["committed"] and left[0]["bits"] != 32:  # a pool slot: an fp32 clone moves in
-                found = candidates(rt.bundle)
-                out += [compress(rt, d, progress) for d in sorted(found) if d != keep
-                        and any(row["layer"] == layer for row, _ in found[d])]
+            if r["committed"] and left[0]["bits"] != 32:  # a pool slot: an fp32 clone moves
+                # in, the most converged domain's first (`ripe`)
+                for x in ripe(rt.bundle, errormap.Store(rt.bundle.path).read(), [layer], keep):
+                    if has_free(rt.bundle, layer):
+                        break
+                    out.append(compress(rt, x["domain"], progress))
     return out
 
 
-def _free(bundle, layer: int, kind: str) -> bool:
+def has_free(bundle, layer: int, kind: str = "spare") -> bool:
+    """Whether `layer` has a free slot of `kind` ("spare" or "pool")."""
     return any(r["layer"] == layer and r.get("kind") == kind
                for r in bundle.manifest["experts"]["table"])
 

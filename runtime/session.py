@@ -249,13 +249,19 @@ class Runtime:
         the error map most wants grown); `limits`: fields of `growth.Limits`; `progress`
         gets a line per stage. Returns what it did (`growth.idle`). A plan that finds no
         free spare slot for an expert it names first has, in a bundle with a quantized
-        pool, the other domains' clones compressed into the pool (`compress.compress`, each
-        guarded), then (every bundle) in layers still full the least earning of other
+        pool, other domains' clones compressed into the pool (`compress.compress`, each
+        guarded; the most converged domain first, `compress.ripe`, until the layers have a
+        slot), then (every bundle) in layers still full the least earning of other
         domains' spawned experts retired (`compress.retire`); "reclaimed": their reports."""
         def reclaim(growing: str, layers: list[int]) -> list[dict]:
-            found = compress.candidates(self.bundle) if self.bundle.config.get(
-                "pool_experts") else {}
-            out = [compress.compress(self, d, progress) for d in sorted(found) if d != growing]
+            out = []
+            ripe = compress.ripe(self.bundle, errormap.Store(self.bundle.path).read(), layers,
+                                 growing) if self.bundle.config.get("pool_experts") else []
+            for x in ripe:  # the most converged first, until every layer has a free slot
+                if all(compress.has_free(self.bundle, layer) for layer in layers):
+                    break
+                out.append(compress.compress(self, x["domain"], progress) | {
+                    "converged": x["converged"], "drift": x["drift"]})
             return out + compress.retire(self, layers, growing, progress)
         return growth.idle(self, seconds, domain, growth.Limits(**limits), progress, reclaim)
 
