@@ -25,7 +25,7 @@ import numpy as np
 from moegrow.device_kernels.manifest import MANIFEST
 
 from . import bundle as bundle_format
-from . import experts, state
+from . import errormap, experts, state
 
 __all__ = ["KEEP", "VersionError", "commit", "log", "next_version", "prune", "rollback"]
 
@@ -123,7 +123,8 @@ def log(bundle: bundle_format.Bundle) -> list[dict]:
 
 def rollback(bundle: bundle_format.Bundle, to: int | None = None) -> bundle_format.Bundle:
     """Make version `to` (default: the newest logged version older than the current one)
-    current again; its files are verified first. Returns the reloaded bundle."""
+    current again; its files are verified first, and the error map's statistics follow the
+    clones to their slots there (`_follow`). Returns the reloaded bundle."""
     manifests = {v: m for v, m in _rows(bundle, "SELECT version, manifest FROM versions")}
     current = bundle.manifest["weights"]["version"]
     if to is None:  # the newest older version whose files are kept (`prune`)
@@ -145,4 +146,21 @@ def rollback(bundle: bundle_format.Bundle, to: int | None = None) -> bundle_form
     experts.write_atomic(bundle.path / MANIFEST,
                          np.frombuffer((json.dumps(manifest, indent=2) + "\n").encode(),
                                        np.uint8))
+    _follow(bundle.path, bundle.manifest, manifest)
     return bundle_format.load(bundle.path)
+
+
+def _follow(path, old: dict, new: dict) -> None:
+    """The error map's statistics follow each clone to the slot version `new` holds it in
+    (a rolled-back compression: from its pool slot back to its spare slot; forward again:
+    back to the pool). A clone is its (layer, domain, parent); whatever the target slot had
+    is dropped (`errormap.Store.move`). A retired expert's statistics were dropped when it
+    was retired: rolled back, it starts without any."""
+    where = {(r["layer"], r.get("domain"), r.get("parent")): r["slot"]
+             for r in new["experts"]["table"] if r.get("kind") == "spawned"}
+    moves = [(r["layer"], r["slot"], to) for r in old["experts"]["table"]
+             if r.get("kind") == "spawned"
+             and (to := where.get((r["layer"], r.get("domain"), r.get("parent")))) is not None
+             and to != r["slot"]]
+    if moves:
+        errormap.Store(path).move(moves)

@@ -133,6 +133,13 @@ def test_a_clone_moves_into_the_pool_on_both_engines(grown, tmp_path):
     for engine in ENGINES:
         np.testing.assert_array_equal(runtime.open(path, engine).run("observe", text[None])[0],
                                       before[engine][0])
+    # the error map's statistics follow the clones back to their spare slots, and forward
+    back = {(layer, e) for layer, e, d, *_ in errormap.Store(path).read()["stats"] if d == "de"}
+    for m in c["moves"]:
+        assert (m["layer"], m["from"]) in back and (m["layer"], m["to"]) not in back
+    versions.rollback(bundle_format.load(path), 3)
+    assert {(layer, e) for layer, e, d, *_ in errormap.Store(path).read()["stats"]
+            if d == "de"} == stats
 
 
 def test_a_spawn_with_no_free_slot_reclaims_first(grown, tmp_path):
