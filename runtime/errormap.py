@@ -6,9 +6,10 @@ expert, domain): count, sum and sum of squares of the per-token PC update size g
 last seen. Counts are added inside the database (`count = count + ?`), so two processes
 observing the same bundle lose nothing. Per domain also the NLL the learnability probe
 saved (`learnable.py`: sum and sum of squares per cache weight). A bounded replay buffer
-keeps the most recent observed token sequences (FIFO, capacity in tokens) for growth to
-learn from and for the probe's cache; `forget` clears it and the map. Memory and disk stay
-bounded: the map has L x E rows per domain, the buffer at most `capacity` tokens.
+keeps the most recent observed token sequences (FIFO, capacity in tokens; of every domain
+its newest `RESERVE_TOKENS` stay past it) for growth to learn from and for the probe's
+cache; `forget` clears it and the map. Memory and disk stay bounded: the map has L x E
+rows per domain, the buffer at most `capacity` + domains x `reserve` tokens (4 bytes each).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from . import learnable, state
 
 EMA = 0.1  # weight of the newest call's mean in the moving average
 REPLAY_TOKENS = 65536  # replay buffer capacity
+RESERVE_TOKENS = 4096  # per domain, kept past the capacity: a domain seen long ago can still
+# be measured (its held-out windows) before one of its experts is retired
 
 
 def fold(ids: np.ndarray, update: np.ndarray, experts: int) -> np.ndarray:
@@ -44,10 +47,12 @@ class Store:
 
     def add(self, domain: str, folded: np.ndarray, tokens: int, nll_sum: float, nll_sq: float,
             replay: list[np.ndarray], saved: np.ndarray | None = None,
-            capacity: int = REPLAY_TOKENS) -> None:
+            capacity: int = REPLAY_TOKENS, reserve: int = RESERVE_TOKENS) -> None:
         """Add one call's folded taps, its token count, the sum and sum of squares of its
         tokens' NLL, its replay sequences and the probe's per-token savings `saved`
-        [tokens, len(learnable.LAMBDAS)], in one transaction."""
+        [tokens, len(learnable.LAMBDAS)], in one transaction. The replay buffer keeps the
+        newest `capacity` tokens, and of every domain its newest `reserve` ones (what
+        `compress.retire` measures a domain seen long ago on)."""
         now = time.time()
         probe = [] if saved is None else [
             (domain, lam, tokens, float(col.sum()), float((col * col).sum()))
@@ -77,8 +82,9 @@ class Store:
             db.executemany("INSERT INTO replay (domain, tokens, length) VALUES (?, ?, ?)",
                            [(domain, s.astype(np.int32).tobytes(), len(s)) for s in replay])
             db.execute("DELETE FROM replay WHERE id IN (SELECT id FROM (SELECT id, SUM(length) "
-                       "OVER (ORDER BY id DESC) AS newer FROM replay) WHERE newer > ?)",
-                       (capacity,))
+                       "OVER (ORDER BY id DESC) AS newer, SUM(length) OVER (PARTITION BY "
+                       "domain ORDER BY id DESC) AS own FROM replay) WHERE newer > ? AND "
+                       "own > ?)", (capacity, reserve))
 
     def move(self, moves: list[tuple[int, int, int]]) -> None:
         """The error statistics of experts that moved slots (`compress`: (layer, from, to))

@@ -79,10 +79,18 @@ def test_replay_buffer_is_bounded(tmp_path):
     folded = np.zeros((2, 4, 3))
     for i in range(20):
         seqs = [np.arange(i, i + 100)] * 3
-        store.add("d", folded, 300, 1.0, 4.0, seqs, capacity=1000)
+        store.add("d", folded, 300, 1.0, 4.0, seqs, capacity=1000, reserve=200)
         assert store.read()["replay_tokens"] <= 1000
     assert store.read()["replay_tokens"] == 1000  # the newest 10 sequences of 100
     assert store.read()["domains"]["d"]["tokens"] == 6000
+    # a domain seen long ago keeps its newest `reserve` tokens past the capacity
+    store.add("old", folded, 300, 1.0, 4.0, [np.arange(100) + 7] * 3, capacity=1000,
+              reserve=200)
+    for i in range(12):
+        store.add("d", folded, 300, 1.0, 4.0, [np.arange(i, i + 100)] * 3, capacity=1000,
+                  reserve=200)
+    assert [len(s) for s in store.replay("old")] == [100, 100]
+    assert store.read()["replay_tokens"] == 1200
 
 
 def test_two_processes_observing_at_once_lose_no_counts(bundle_copy):

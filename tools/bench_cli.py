@@ -267,7 +267,7 @@ def bench_soak(bundle_dir: str, cycles: int, domains: tuple[str, ...], out: Path
     """Run many observe/idle cycles on a copy of BUNDLE in its fixed budget (growth,
     compression into the pool and retirement when slots run out) and report the resident
     memory's slope, the bytes on disk, file descriptors and threads, and every cycle whose
-    experts went past the budget (`budget_violations`)."""
+    experts or slice learning state went past the budget (`budget_violations`)."""
     from moegrow.tools import soak
 
     texts = {}
