@@ -48,7 +48,7 @@ def _nll(rt, ids: np.ndarray) -> float:
 
 def measure(rt, clones: list[tuple[int, int]], held: list, say) -> dict:
     """Per clone {"mass", "grad", "rise": {bits: NLL rise}} on the held-out replay windows
-    (the rises at every pool width of the bundle: `compress.rises`)."""
+    (the rises at each of `widths`: `compress.rises`)."""
     out = {c: {"mass": 0.0, "grad": 0.0, "rise": {}} for c in clones}
     sums = {c: None for c in clones}
     tokens = 0
