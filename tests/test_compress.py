@@ -332,10 +332,10 @@ def test_reclaim_compresses_the_most_converged_domain_first(grown, monkeypatch):
     assert [x["domain"] for x in compress.ripe(b, seen)] == ["de", "es"]
 
 
-def test_a_bundle_without_a_pool_retires_too(tiny_bundle, tmp_path):
+def test_a_bundle_without_a_pool_retires_too(tiny_bundle, capsys, tmp_path):
     """No pool to compress into: a full spare layer still frees a slot by retiring another
     domain's expert that stopped earning (a placeholder that never opens), guarded and
-    versioned, and the new domain spawns there."""
+    versioned, and the new domain spawns there; `moegrow idle` says what it retired."""
     path = tmp_path / "b"
     shutil.copytree(tiny_bundle, path)
     rt = runtime.open(path, "onnxruntime")
@@ -343,17 +343,22 @@ def test_a_bundle_without_a_pool_retires_too(tiny_bundle, tmp_path):
     _fill(path, "old")
     rt = runtime.open(path, "onnxruntime")
     rt.observe(german(400), "de")
-    out = rt.idle(600, "de", tokens=4096, steps=8)
-    assert out["committed"], out["reason"]
-    retired = [x for x in out["reclaimed"] if x["committed"]]
-    assert retired and all(x["what"] == "retire" and x["domain"] == "old" and x["bits"] == 32
-                           for x in retired)
+    code, text, err = run_cli(capsys, "idle", str(path), "--domain", "de", "--tokens", "4096",
+                              "--steps", "8")
+    assert code == 0 and "old: retired L" in text and "committed version" in text, err + text
+    rt = runtime.open(path, "onnxruntime")
+    out = [v["report"] for v in versions.log(rt.bundle)][-1]  # the slice's own version
+    assert out.get("what") != "retire" and out.get("domain") == "de", out
+    retired = [v["report"] for v in versions.log(rt.bundle) if v["report"].get("what") ==
+               "retire"]
+    assert retired and all(x["domain"] == "old" for x in retired)
+    assert text.count("old: retired L") == len(retired)
+    assert run_cli(capsys, "versions", str(path))[1].count("old: retire L") == len(retired)
     rows = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
-    assert all(rows[s["layer"], s["slot"]]["domain"] == "de" for s in out["plan"])
-    assert {x["slot"] for x in retired} >= {s["slot"] for s in out["plan"]
-                                            if s["layer"] in {x["layer"] for x in retired}}
-    whats = [v["report"].get("what") for v in versions.log(rt.bundle)]
-    assert whats.count("retire") == len(retired)
+    assert {(x["layer"], x["slot"]) for x in retired} <= {
+        key for key, x in rows.items() if x.get("domain") in ("de", None)}
+    assert any(x.get("domain") == "de" and (x["layer"], x["slot"]) in {
+        (r["layer"], r["slot"]) for r in retired} for x in rows.values())
 
 
 def test_old_versions_files_are_pruned_and_the_export_stays(grown, capsys, tmp_path):

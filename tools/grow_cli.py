@@ -5,6 +5,8 @@ weights versions), `compress` (converged clones moved into the quantized pool,
 
 from __future__ import annotations
 
+import json
+
 import click
 from moegrow import runtime
 from moegrow.runtime import backends, growth, versions
@@ -107,11 +109,20 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
             + (f"; domain ppl {-guard['domain_gain']:+.2%}, base ppl "
                f"{guard['base_rise']:+.2%}" if guard else "")
             + (f"; committed version {r['version']}" if r["committed"] else
-               f"; not committed: {r['reason']}"))
-    for c in r.get("reclaimed", []):  # no free slot: other domains' clones compressed first
-        text = (f"{c['domain']}: compressed {len(c['moves'])} clones, reclaimed "
-                f"{c['reclaimed_bytes'] / 1e6:.2f} MB" if c["committed"] else
-                f"{c['domain']}: not compressed: {c['reason']}") + "\n" + text
+               f"; not committed: {r['reason']}")
+            + "".join(f"; L{lay} e{e} deferred (the budget's learning state is full)"
+                      for lay, e in r.get("deferred", [])))
+    for c in reversed(r.get("reclaimed", [])):  # no free slot: other domains' clones
+        # compressed first, then experts that stopped earning retired
+        if c.get("what") == "retire":
+            line = (f"{c['domain']}: retired L{c['layer']} e{c['slot']}, reclaimed "
+                    f"{c['reclaimed_bytes'] / 1e6:.2f} MB" if c["committed"] else
+                    f"{c['domain']}: L{c['layer']} e{c['slot']} not retired: {c['reason']}")
+        else:
+            line = (f"{c['domain']}: compressed {len(c['moves'])} clones, reclaimed "
+                    f"{c['reclaimed_bytes'] / 1e6:.2f} MB" if c["committed"] else
+                    f"{c['domain']}: not compressed: {c['reason']}")
+        text = line + "\n" + text
     emit(r, as_json, text)
 
 
@@ -133,7 +144,11 @@ def _describe(report: dict) -> str:
     if report.get("what") == "compress":
         return f"{report.get('domain')}: compress " + ", ".join(
             f"L{m['layer']} e{m['from']}->e{m['to']} int{m['bits']}" for m in report["moves"])
-    plan = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}" for s in report.get("plan", []))
+    if report.get("what") == "retire":
+        return f"{report.get('domain')}: retire L{report['layer']} e{report['slot']}"
+    if "plan" not in report:  # a change made through the library (`Runtime.set_experts`)
+        return report.get("what") or json.dumps(report)[:80]
+    plan = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}" for s in report["plan"])
     return f"{report.get('domain')}: {plan}"
 
 
