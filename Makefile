@@ -3,11 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
+# setuptools' warnings about the editable install are not for the person installing
+PIP := PYTHONWARNINGS=ignore $(BIN)/python -m pip -q --disable-pip-version-check
+
 $(BIN)/moegrow: pyproject.toml
+	@echo "installing moegrow and its dependencies into $(VENV) (a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[dev]'
 	touch $@
+	@echo "installed: $(BIN)/moegrow (try \`$(BIN)/moegrow --help\`, \`make demo\`, \`make test\`)"
 
 .PHONY: install demo test lint
 install: $(BIN)/moegrow

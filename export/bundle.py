@@ -165,9 +165,11 @@ def _frozen(raw: bytes, experts: layers.Experts, layer: int, part: tuple[int, in
 
 
 def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bool,
-           strict_steps: int = 0) -> tuple[dict, Path]:
+           strict_steps: int = 0, progress: Callable[[str], None] | None = None
+           ) -> tuple[dict, Path]:
     """Lower every program for `engine` -> ({program: file entry}, weight file); the
-    deepening programs of a quantized bundle on its frozen quantized linears (`pc`)."""
+    deepening programs of a quantized bundle on its frozen quantized linears (`pc`).
+    `progress` gets a line per step, "ENGINE: WHAT (i/n)"."""
     methods = {}
     for name in serving(model.spare):
         program = PROGRAMS[name](model)
@@ -181,12 +183,19 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bo
         program = pc.Strict(model, layer, model.args.max_position_embeddings, strict_steps,
                             STRICT_ETA, bits)
         methods[f"strict{layer}"] = (program, *program.example())
+    steps = len(methods) + 2 * (engine == "executorch")  # + the delegate and serializing
+    done = iter(range(1, steps + 1))
+
+    def step(what: str) -> None:
+        if progress:
+            progress(f"{engine}: {what} ({next(done)}/{steps})")
     if engine == "executorch":
         pte, data = tmp / "programs" / "model.pte", tmp / "weights" / "v1.ptd"
-        quantize.to_pte(methods, pte, data, bits=bits)
+        quantize.to_pte(methods, pte, data, bits=bits, progress=step)
         return {name: manifest.file_entry(tmp, pte) for name in methods}, data
     paths = {}
     for name, (program, inputs, shapes) in methods.items():
+        step(name)
         paths[name] = quantize.to_onnx(program, inputs, tmp / "programs" / f"{name}.onnx",
                                        shapes, program.outputs, bits=bits)
     # growth rewrites the MoE weights (experts, routers) in the weight file: their
@@ -296,11 +305,9 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
         table: dict[str, dict] = {}
         weights, where, routers, domains = {}, {}, {}, {}
         for engine in engines:
-            if progress:
-                progress(f"lowering {', '.join(serving(spare))}{', deepen' * deepen} to "
-                         f"{engine}")
             try:
-                entries, data = _lower(engine, model, tmp, bits, deepen, strict_steps)
+                entries, data = _lower(engine, model, tmp, bits, deepen, strict_steps,
+                                       progress)
             except ValueError as e:  # a shape the quantized format cannot take
                 raise BundleError(f"{target}: {e}") from None
             except Exception as e:  # an engine's exporter failing: one line, not its traceback

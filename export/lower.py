@@ -41,10 +41,13 @@ def export(program: nn.Module, example_inputs: tuple[torch.Tensor, ...],
         return torch.export.export(program.eval(), example_inputs, dynamic_shapes=dynamic_shapes)
 
 
-def to_pte(methods: dict[str, Method], path: Path | str, data: Path | str | None = None) -> Path:
+def to_pte(methods: dict[str, Method], path: Path | str, data: Path | str | None = None,
+           progress: Callable[[str], None] | None = None) -> Path:
     """Lower each (program, example inputs, dynamic shapes) as a method of one `.pte` at `path`
     (XNNPACK delegate). With `data`, every constant goes to that `.ptd` file instead of the
-    `.pte`, shared by all methods."""
+    `.pte`, shared by all methods. `progress` gets each method's name as it is exported,
+    then "XNNPACK" (the delegate lowering of them all) and "serialize"."""
+    say = progress or (lambda _: None)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
@@ -53,6 +56,7 @@ def to_pte(methods: dict[str, Method], path: Path | str, data: Path | str | None
 
     programs = {}
     for name, (program, inputs, shapes) in methods.items():
+        say(name)
         ep = export(program, inputs, shapes)
         if data is not None:  # tag the delegate's constants (the XNNPACK serializer reads
             # this tag; ExecuTorch's LLM export sets it on an unlifted copy and exports again)
@@ -63,7 +67,9 @@ def to_pte(methods: dict[str, Method], path: Path | str, data: Path | str | None
                 if node.op == "placeholder" and node.name in consts:
                     node.meta.setdefault("custom", {})["delegate_constant_tag"] = DATA_TAG
         programs[name] = ep
+    say("XNNPACK")
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+    say("serialize")
     et = edge.to_executorch(ExecutorchBackendConfig(external_constants=tag if data else False))
     path = Path(path)
     path.write_bytes(et.buffer)

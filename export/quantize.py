@@ -398,7 +398,7 @@ def quantize_onnx(src: Path | str, dst: Path | str, bits: int, dynamic_int8: boo
 
 
 def to_pte(methods: dict, path: Path | str, data: Path | str | None = None,
-           bits: int = 32) -> Path:
+           bits: int = 32, progress=None) -> Path:
     """`lower.to_pte` with int`bits` weights in every method (32: the programs as they are)."""
     from . import lower
 
@@ -410,7 +410,7 @@ def to_pte(methods: dict, path: Path | str, data: Path | str | None = None,
         methods = {name: (unwrap_tensor_subclass(quantize_for_pte(program, bits))
                           if quantizable(program) else program, inputs, shapes)
                    for name, (program, inputs, shapes) in methods.items()}
-    return lower.to_pte(methods, path, data)
+    return lower.to_pte(methods, path, data, progress)
 
 
 def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path | str,

@@ -27,6 +27,7 @@ from moegrow.runtime import (
     versions,
 )
 from moegrow.runtime import bundle as bundle_format
+from moegrow.tools import console
 from moegrow.tools import corpus as corpus_lib
 
 # The desktop side (export/, tools/llama.py) loads torch: its modules are imported by the
@@ -38,6 +39,7 @@ ERRORS = (tokenizer.TokenizerError, tokenizer.TextError, corpus_lib.CorpusError,
           experts.ExpertError, state.StateError, growth.GrowthError, versions.VersionError,
           compress.CompressError)
 DESKTOP_ERRORS = {"moegrow.export.checkpoint": "CheckpointError",
+                  "moegrow.tools.demo": "DemoError",
                   "moegrow.export.pretrain": "PretrainError",
                   "moegrow.export.bundle": "BundleError", "moegrow.tools.llama": "GGUFError"}
 PRESETS = ("tiny", "small")  # export/pretrain.py PRESETS (tests/test_cli.py holds them equal)
@@ -134,8 +136,14 @@ def progressbar(length: int, label: str):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option("--verbose", is_flag=True, envvar="MOEGROW_VERBOSE",
+              help="Show the engines' own output (torch, torchao, ExecuTorch and ONNX "
+                   "Runtime warnings and logs); by default it goes to a log file in the "
+                   "cache folder, named when a command fails and removed when it succeeds.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: bool) -> None:
     """moegrow: grow small Mixture-of-Experts language models on the device."""
+    ctx.with_resource(console.quiet(verbose))
 
 
 @cli.group()
@@ -294,10 +302,11 @@ def export_(target: str, out: Path, bits: str, engines: str, budget_mb: float | 
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
     budget = None if budget_mb is None else int(budget_mb * 1e6)
     calibration = None if calibration_file is None else read_text(calibration_file)
-    manifest = bundle_lib.export(target, out, names, progress=lambda m: click.echo(m, err=True),
-                                 bits=int(bits), budget=budget, calibration=calibration,
-                                 strict_steps=strict_steps, spare=spare, deepen=deepen,
-                                 pool=pool, pool_bits=_bits(pool_bits))
+    with console.Bars() as bars:
+        manifest = bundle_lib.export(target, out, names, progress=bars, bits=int(bits),
+                                     budget=budget, calibration=calibration,
+                                     strict_steps=strict_steps, spare=spare, deepen=deepen,
+                                     pool=pool, pool_bits=_bits(pool_bits))
     files = {e["file"]: e["bytes"] for p in manifest["programs"].values() for e in p.values()}
     weights = sum(e["bytes"] for e in manifest["weights"]["files"].values())
     emit(manifest, as_json, f"{out}: {len(files)} program files "
@@ -393,32 +402,30 @@ def forget(bundle_dir: str) -> None:
     click.echo(f"{bundle_dir}: error map and replay buffer cleared")
 
 
-DEMO_PREFIXES = ["The function returns", "To install the package, run", "import os\nimport",
-                 "This module provides", "The default value of the"]
-
-
 @cli.command()
-def demo() -> None:
-    """Show what moegrow does on the embedded default model, offline."""
-    from moegrow.export import generate as generate_lib
+@click.argument("target", default="default")
+@click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
+              show_default=True, help="The engine that serves and grows the bundle.")
+@click.option("--keep", type=click.Path(path_type=Path),
+              help="Leave the grown bundle in this new folder (default: a temporary one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON (the "
+              "narration goes to stderr).")
+def demo(target: str, backend: str, keep: Path | None, as_json: bool) -> None:
+    """Watch the model adapt to a user's text, offline: TARGET (default: the embedded
+    default model) exported once to a cached int8 bundle, then on a copy: suggestions for a
+    kind of text it never saw, `observe` of a shipped sample of it (The Devil's Dictionary,
+    public domain), the error map's verdict, one `idle` growth slice, the suggestions and
+    perplexities after, the version log and a rollback. About a minute on 2 cores once the
+    bundle is cached (the first run exports it: about two minutes more)."""
+    from moegrow.tools import demo as demo_lib
 
-    model, tok = open_target("default")
-    a = model.args
-    params = sum(p.numel() for p in model.parameters())
-    click.echo(f"moegrow demo: the embedded default model ({params / 1e6:.1f}M parameters, "
-               f"{a.experts} experts per layer, top-{a.num_experts_per_tok}, "
-               f"{a.num_hidden_layers} layers)\n")
-    click.echo("Keyboard suggestions (next word, with probability of its first piece):")
-    for prefix in DEMO_PREFIXES:
-        words = generate_lib.suggest(model, tok, prefix, k=3)
-        shown = "  ".join(f"[{w!s} {p:.0%}]" for w, p in words)
-        click.echo(f"  {prefix!r:36} -> {shown}")
-    prompt = "The standard library"
-    text = "".join(generate_lib.generate(model, tok, prompt, max_new=40))
-    click.echo(f"\nNote completion (greedy):\n  {prompt}{text}")
-    click.echo("\nOn the device the same model will observe what you type, log where each "
-               "expert errs,\nand grow new experts in idle time (see docs/ for what has "
-               "landed).")
+    result = demo_lib.run(target, backend, keep,
+                          say=lambda m: click.echo(m, err=as_json))
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"\n{result['seconds']:.0f} s in all"
+                   + ("" if result["exported"] else " (the bundle came from the cache)"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -432,13 +439,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(argv, prog_name="moegrow", standalone_mode=False)
     except click.exceptions.Abort:
-        fail("aborted")
+        fail("aborted" + console.done(False))
     except click.ClickException as e:
-        fail(e.format_message())
+        fail(e.format_message() + console.done(False))
     except errors() as e:
-        fail(str(e))
+        fail(str(e) + console.done(False))
     except OSError as e:
-        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+        fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ") + console.done(False))
+    except BaseException:
+        console.done(False)
+        raise
+    console.done(True)
 
 
 if __name__ == "__main__":
