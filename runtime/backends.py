@@ -25,6 +25,7 @@ the error message when loading fails.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -34,19 +35,44 @@ from pathlib import Path
 import numpy as np
 from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
 
-__all__ = ["ENGINES", "BackendError", "ExecuTorch", "OnnxRuntime", "load"]
+__all__ = ["ENGINES", "BackendError", "ExecuTorch", "Interrupt", "Interrupted", "OnnxRuntime",
+           "load"]
 
 
 class BackendError(Exception):
     """An engine that is missing, or a program file it cannot load or run."""
 
 
+class Interrupted(BackendError):
+    """A run refused or stopped because its engine's `Interrupt` was set."""
+
+
+class Interrupt:
+    """Set from another thread to stop the runs of the engines given it (a growth slice's
+    working copy, when a keystroke comes): every later run raises `Interrupted`, and ONNX
+    Runtime also ends a run in flight between two of its kernels (`RunOptions.terminate`);
+    ExecuTorch finishes the run it is in."""
+
+    def __init__(self) -> None:
+        self.flag, self.options = False, []
+
+    def set(self) -> None:
+        self.flag = True
+        for options in self.options:
+            options.terminate = True
+
+    def check(self) -> None:
+        if self.flag:
+            raise Interrupted("interrupted")
+
+
 @contextlib.contextmanager
 def _engine_log():
-    """Send file descriptor 2 to a temporary file; yields a list that gets its text."""
+    """Send file descriptor 2 to a temporary file, and `sys.stderr` (ExecuTorch's bindings
+    write their native log lines there) to a buffer; yields a list that gets their text."""
     sys.stderr.flush()
-    saved, text = os.dup(2), []
-    with tempfile.TemporaryFile() as tmp:
+    saved, text, python = os.dup(2), [], io.StringIO()
+    with tempfile.TemporaryFile() as tmp, contextlib.redirect_stderr(python):
         os.dup2(tmp.fileno(), 2)
         try:
             yield text
@@ -54,7 +80,7 @@ def _engine_log():
             os.dup2(saved, 2)
             os.close(saved)
             tmp.seek(0)
-            text.append(tmp.read().decode(errors="replace"))
+            text.append(tmp.read().decode(errors="replace") + python.getvalue())
 
 
 def _last_line(log: list[str]) -> str:
@@ -63,7 +89,8 @@ def _last_line(log: list[str]) -> str:
 
 
 class ExecuTorch:
-    def __init__(self, files: dict[str, Path], weights: Path, threads: int | None = None):
+    def __init__(self, files: dict[str, Path], weights: Path, threads: int | None = None,
+                 interrupt: Interrupt | None = None):
         quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
         levels = [log.level for log in quiet]
         try:
@@ -77,6 +104,7 @@ class ExecuTorch:
             for log, level in zip(quiet, levels, strict=True):
                 log.setLevel(level)
         self.torch, self.runtime, self.files, self.weights = torch, Runtime.get(), files, weights
+        self.interrupt = interrupt
         self.methods, self.loaded = {}, {}  # name -> method, .pte -> program
         self.live: set[str] = set()  # the XNNPACK delegate packs weights when it loads
         if threads:  # XNNPACK's pool for delegated ops, torch's for portable kernels
@@ -104,6 +132,8 @@ class ExecuTorch:
         return self.methods[name]
 
     def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        if self.interrupt:
+            self.interrupt.check()
         method = self._method(name)
         outs = method.execute([self.torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
         return [o.numpy() for o in outs]
@@ -111,11 +141,16 @@ class ExecuTorch:
 
 class OnnxRuntime:
     def __init__(self, files: dict[str, Path], weights: Path, threads: int | None = None,
-                 initializers: dict[str, list] | None = None, live: set[str] | None = None):
+                 initializers: dict[str, list] | None = None, live: set[str] | None = None,
+                 interrupt: Interrupt | None = None):
         try:
             import onnxruntime
         except ImportError as e:
             raise BackendError(f"engine onnxruntime is not installed ({e})") from None
+        self.interrupt, self.options = interrupt, None
+        if interrupt:
+            self.options = onnxruntime.RunOptions()
+            interrupt.options.append(self.options)
         self.ort, self.files, self.weights, self.sessions = onnxruntime, files, weights, {}
         self.threads, self.initializers, self.live = threads, initializers or {}, live or set()
         self.data = np.memmap(weights, np.uint8, mode="r")  # every session's weights
@@ -161,16 +196,25 @@ class OnnxRuntime:
 
     def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
         session, names = self._session(name)
-        return list(session.run(None, dict(zip(names, arrays, strict=True))))
+        if self.interrupt is None:
+            return list(session.run(None, dict(zip(names, arrays, strict=True))))
+        self.interrupt.check()
+        try:
+            return list(session.run(None, dict(zip(names, arrays, strict=True)), self.options))
+        except Exception:  # ORT's own error type for a terminated run
+            self.interrupt.check()
+            raise
 
 
 def load(engine: str, files: dict[str, Path], weights: Path, threads: int | None = None,
-         initializers: dict[str, list] | None = None, live: set[str] | None = None):
+         initializers: dict[str, list] | None = None, live: set[str] | None = None,
+         interrupt: Interrupt | None = None):
     """The engine's backend for the programs `files` ({name: path}) on the weight file
     `weights`; `initializers`: ONNX programs' weight table (`Bundle.initializers`), `live`:
-    those that load with constant folding off (`Bundle.live`)."""
+    those that load with constant folding off (`Bundle.live`); `interrupt`: stops its runs
+    when set."""
     if engine == "executorch":
-        return ExecuTorch(files, weights, threads)
+        return ExecuTorch(files, weights, threads, interrupt)
     if engine == "onnxruntime":
-        return OnnxRuntime(files, weights, threads, initializers, live)
+        return OnnxRuntime(files, weights, threads, initializers, live, interrupt)
     raise BackendError(f"unknown backend {engine!r} (choose from {', '.join(ENGINES)}, torch)")

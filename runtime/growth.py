@@ -138,7 +138,7 @@ def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
 
 
 def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = None,
-         progress=None, reclaim=None) -> dict[str, Any]:
+         progress=None, reclaim=None, interrupt=None) -> dict[str, Any]:
     """One growth slice of at most `seconds` (see the module docstring); returns what it
     did: {"domain", "verdict", "plan", "skipped" (named experts with no free slot left),
     "deferred" (named experts past the budget's learning bytes: a later slice's),
@@ -149,8 +149,9 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
     experts, gradients, Adam moments), "work_file_bytes" (the working copy), "seconds",
     "peak_rss_mb" (the process's peak resident memory so far), "accounted_bytes" (what the
     runtime accounts for: the served weight file, the working copy and the learning
-    state)}."""
-    report = _slice(rt, seconds, domain, limits or Limits(), progress, reclaim)
+    state)}. `interrupt` (`backends.Interrupt`), set from another thread, stops the slice's
+    working copy: `backends.Interrupted` is raised, nothing committed or recorded."""
+    report = _slice(rt, seconds, domain, limits or Limits(), progress, reclaim, interrupt)
     if report["committed"] or report["guard"] or report["steps"] or report.get("full"):
         errormap.Store(rt.bundle.path).outcome(report["domain"], report["committed"])
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -160,7 +161,7 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
 
 
 def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
-           reclaim) -> dict[str, Any]:
+           reclaim, interrupt) -> dict[str, Any]:
     start = time.monotonic()
     deadline = start + min(seconds, limits.seconds)
     say = progress or (lambda _m: None)
@@ -244,7 +245,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     say(f"{domain}: {report['verdict']}; " + ", ".join(
         f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps) + "".join(
         f"; no free slot for L{layer} e{parent}" for layer, parent in report["skipped"]))
-    work = Work(rt)
+    work = Work(rt, interrupt)  # the interrupt stops its runs: nothing gets committed
     try:
         before = {"domain": guard.measure(work.rt, held, changed),
                   "base": guard.measure(work.rt, base_guard, changed)}

@@ -44,18 +44,21 @@ class Runtime:
     """A bundle bound to an engine. `engine`: any object with the backends' `run(name,
     arrays)` to use instead of loading `backend` (tools and tests pass the torch reference,
     `moegrow.export.reference`, as backend "torch"). `weights`: the engine's weight file to
-    serve instead of the bundle's current one (growth's working copy, `working_copy`)."""
+    serve instead of the bundle's current one (growth's working copy, `working_copy`);
+    `interrupt`: a `backends.Interrupt` that stops its engine's runs when set."""
 
     def __init__(self, bundle: bundle_format.Bundle, backend: str, threads: int | None = None,
-                 engine=None, weights: Path | None = None):
+                 engine=None, weights: Path | None = None,
+                 interrupt: backends.Interrupt | None = None):
         if engine is None and backend not in bundle.engines():
             raise backends.BackendError(f"{bundle.path}: no programs for backend {backend!r} "
                                         f"(it has: {', '.join(bundle.engines())})")
         self.bundle, self.backend, self.threads = bundle, backend, threads
         self.weights = weights or (bundle.weights(backend) if engine is None else None)
+        self.interrupt = interrupt
         self.engine = engine or backends.load(backend, bundle.programs(backend), self.weights,
                                               threads, bundle.initializers(backend),
-                                              bundle.live(backend))
+                                              bundle.live(backend), interrupt)
         self.sp = spm.SentencePieceProcessor()
         self.sp.load(str(bundle.tokenizer))
         c = bundle.config
@@ -76,14 +79,15 @@ class Runtime:
         self.engine = backends.load(self.backend, self.bundle.programs(self.backend),
                                     self.weights, self.threads,
                                     self.bundle.initializers(self.backend),
-                                    self.bundle.live(self.backend))
+                                    self.bundle.live(self.backend), self.interrupt)
 
-    def working_copy(self, path: Path) -> Runtime:
+    def working_copy(self, path: Path, interrupt: backends.Interrupt | None = None) -> Runtime:
         """A runtime on a copy of this one's weight file at `path` and of its slot state:
         growth changes experts there (`experts.write_in_place`, then `reload()`) while this
-        one serves on."""
+        one serves on; `interrupt` stops its runs."""
         shutil.copyfile(self.weights, path)
-        work = Runtime(self.bundle, self.backend, self.threads, weights=path)
+        work = Runtime(self.bundle, self.backend, self.threads, weights=path,
+                       interrupt=interrupt)
         work.slots = self.slots.copy()
         return work
 
@@ -156,7 +160,13 @@ class Runtime:
             logits, k, v = self.decode(token, pos, k, v, novelty)
 
     def suggest(self, prefix: str, k: int = 3, max_pieces: int = 6) -> list[tuple[str, float]]:
-        """Top-k completions of the word being typed, each extended greedily to a word end."""
+        """Top-k completions of the word being typed, each extended greedily to a word end:
+        [(word, probability of its first piece)] (`suggestions` says which start a word)."""
+        return [(s["word"], s["p"]) for s in self.suggestions(prefix, k, max_pieces)]
+
+    def suggestions(self, prefix: str, k: int = 3, max_pieces: int = 6) -> list[dict]:
+        """`suggest` as [{"word", "p", "new"}]: "new" when the word starts after a space
+        (a next word), else it continues the prefix's last word (its rest)."""
         ids = self._ids(prefix, max_pieces)
         logits, kc, vc, novelty = self.prefill(ids)
         z = logits[0].astype(np.float64)
@@ -173,7 +183,8 @@ class Runtime:
                 if token in (BOS, EOS) or piece.startswith("▁") or piece == "<0x0A>":
                     break
                 word.append(token)
-            out.append((self.sp.decode(word).strip(), float(probs[first])))
+            out.append({"word": self.sp.decode(word).strip(), "p": float(probs[first]),
+                        "new": self.sp.id_to_piece(int(first)).startswith("▁")})
         return out
 
     def score(self, text: str) -> dict:
@@ -244,10 +255,12 @@ class Runtime:
         return self.engine.run("adam", [*weights, *grads, *first, *second, hyper])
 
     def idle(self, seconds: float, domain: str | None = None, progress=None,
-             **limits) -> dict:
+             interrupt: backends.Interrupt | None = None, **limits) -> dict:
         """One growth slice of at most `seconds` for `domain` (default: the observed domain
         the error map most wants grown); `limits`: fields of `growth.Limits`; `progress`
-        gets a line per stage. Returns what it did (`growth.idle`). A plan that finds no
+        gets a line per stage; `interrupt`, set from another thread, ends the slice's
+        learning and guard runs (`backends.Interrupted` is raised; nothing is committed, the
+        working copy is removed). Returns what it did (`growth.idle`). A plan that finds no
         free spare slot for an expert it names first has, in a bundle with a quantized
         pool, other domains' clones compressed into the pool (`compress.compress`, each
         guarded; the most converged domain first, `compress.ripe`, until the layers have a
@@ -263,7 +276,8 @@ class Runtime:
                 out.append(compress.compress(self, x["domain"], progress) | {
                     "converged": x["converged"], "drift": x["drift"]})
             return out + compress.retire(self, layers, growing, progress)
-        return growth.idle(self, seconds, domain, growth.Limits(**limits), progress, reclaim)
+        return growth.idle(self, seconds, domain, growth.Limits(**limits), progress, reclaim,
+                           interrupt)
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)

@@ -12,8 +12,9 @@ class Work:
     `state/`, sized once) and a writable map of that file; `set_expert`/`router` change its
     bytes in place, `reload` serves them."""
 
-    def __init__(self, rt):
-        self.rt = rt.working_copy(state.folder(rt.bundle.path) / f"work.{rt.backend}")
+    def __init__(self, rt, interrupt=None):
+        self.rt = rt.working_copy(state.folder(rt.bundle.path) / f"work.{rt.backend}",
+                                  interrupt)
         self.buf = np.memmap(self.rt.weights, np.uint8, mode="r+")
 
     def set_expert(self, layer: int, slot: int, weights: list[np.ndarray]) -> None:

@@ -410,3 +410,25 @@ def test_a_kill_at_any_instant_of_a_commit_leaves_a_loadable_version(tiny_bundle
         seen.add(b.manifest["weights"]["version"] > start)
         assert experts.read(b, 0, 0)[0].shape  # the experts read back
     assert seen  # at least one outcome observed; both are valid
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "executorch"])
+def test_an_interrupted_slice_commits_and_records_nothing(tiny_bundle, tmp_path, engine):
+    """A keystroke's `Interrupt` (set from another thread in apps/keyboard) ends the slice
+    at its working copy's next run: `Interrupted`, the version, the error map and the
+    state folder as they were."""
+    from moegrow.runtime import backends, errormap
+
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    rt = runtime.open(path, engine)
+    rt.observe(german(400), "de")
+    before = snapshot(path)
+    seen = errormap.Store(path).read()
+    stop = backends.Interrupt()
+    stop.set()
+    with pytest.raises(backends.Interrupted):
+        rt.idle(600, tokens=4096, steps=8, interrupt=stop)
+    assert snapshot(path) == before and errormap.Store(path).read() == seen
+    assert rt.bundle.manifest["weights"]["version"] == 1
+    assert rt.score(german(5))["tokens"] > 0  # the serving runtime never saw the interrupt
