@@ -195,9 +195,11 @@ class OnnxRuntime:
         return self.sessions[name]
 
     def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        session, names = self._session(name)
         if self.interrupt is None:
+            session, names = self._session(name)
             return list(session.run(None, dict(zip(names, arrays, strict=True))))
+        self.interrupt.check()
+        session, names = self._session(name)  # creating a session is not interruptible
         self.interrupt.check()
         try:
             return list(session.run(None, dict(zip(names, arrays, strict=True)), self.options))

@@ -1,6 +1,7 @@
-"""The C++ host (`apps/native`): built with CMake against the executorch wheel, it runs a
-bundle's `score` program through the ExecuTorch C++ runtime and gives the Python runtime's
-outputs, on the exported weights and on a new weights version."""
+"""The C++ hosts (`apps/native`): built with CMake against the executorch wheel, they run a
+bundle's `score`, `prefill` and `decode` programs through the ExecuTorch C++ runtime, with
+the tokenizer in C++, and give the Python runtime's token ids, outputs, suggestions and
+greedy text, on the exported weights, a new weights version and a grown bundle."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import numpy as np
 import pytest
 from conftest import exported, german
 from moegrow import runtime
+from moegrow.runtime import bundle as bundle_format
 
 NATIVE = Path(__file__).resolve().parent.parent / "apps" / "native"
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory) -> Path:
-    """The built `moegrow_score` (the test is skipped only where no compiler or CMake is)."""
+    """The build folder with `moegrow_score` and `moegrow_generate` (the tests are skipped
+    only where no compiler or CMake is)."""
     missing = [t for t in ("cmake", "c++") if shutil.which(t) is None]
     if missing:
         pytest.skip(f"no {' and no '.join(missing)} on this machine: the C++ host cannot be built")
@@ -30,7 +33,7 @@ def host(tmp_path_factory) -> Path:
                 ["cmake", "--build", str(build), "-j2"]):
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return build / "moegrow_score"
+    return build
 
 
 def _native(host: Path, rt, tokens: np.ndarray, tmp: Path) -> tuple[list[np.ndarray], str]:
@@ -40,7 +43,8 @@ def _native(host: Path, rt, tokens: np.ndarray, tmp: Path) -> tuple[list[np.ndar
     b = rt.bundle
     layers, _, width = rt.slots.shape
     done = subprocess.run(
-        [str(host), str(b.path / b.manifest["programs"]["score"]["executorch"]["file"]),
+        [str(host / "moegrow_score"),
+         str(b.path / b.manifest["programs"]["score"]["executorch"]["file"]),
          str(b.weights("executorch")), str(tmp / "tokens.bin"), str(tmp / "slots.bin"),
          str(layers), str(width), str(tmp)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -66,3 +70,54 @@ def test_the_cpp_host_scores_as_the_python_runtime(exports, host, tmp_path):
     want2 = rt.run("score", tokens[None])
     np.testing.assert_allclose(again[0], want2[0].ravel(), rtol=1e-4, atol=1e-4)
     assert not np.allclose(again[0], got[0])
+
+
+def _generate(host: Path, rt, prompt: str, tmp: Path) -> dict:
+    """`moegrow_generate` on `rt`'s bundle, current version and slot state."""
+    tmp.mkdir()
+    rt.slots.astype(np.float32).tofile(tmp / "slots.bin")
+    b = rt.bundle
+    layers, _, heads, context, head_dim = rt.cache_shape
+    done = subprocess.run(
+        [str(host / "moegrow_generate"), str(b.tokenizer),
+         str(b.path / b.manifest["programs"]["prefill"]["executorch"]["file"]),
+         str(b.weights("executorch")), str(tmp / "slots.bin"),
+         f"{layers},{heads},{context},{head_dim},{rt.slots.shape[2]}",
+         f"{rt.program('prefill')},{rt.program('decode')}", prompt, "16", str(tmp)],
+        capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    said = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    return {"ids": np.fromfile(tmp / "ids.bin", np.int64).tolist(),
+            "logits": np.fromfile(tmp / "logits.bin", np.float32),
+            "text": (tmp / "text.txt").read_text(encoding="utf-8"),
+            "suggestions": [x.rsplit(" ", 1)[0].strip() for x in said["suggestions"].split(" |")],
+            "said": said}
+
+
+def _same(host: Path, rt, prompt: str, tmp: Path) -> dict:
+    got = _generate(host, rt, prompt, tmp)
+    ids = [1] + rt.sp.encode(prompt)
+    assert got["ids"] == ids  # the C++ tokenizer, byte fallback included
+    np.testing.assert_allclose(got["logits"], rt.prefill(ids)[0][0], rtol=1e-4, atol=1e-4)
+    assert got["suggestions"] == [w for w, _ in rt.suggest(prompt)]
+    assert got["text"] == "".join(rt.generate(prompt, 16))
+    return got
+
+
+def test_the_cpp_host_tokenizes_suggests_and_generates_as_the_python_runtime(exports, host,
+                                                                            tmp_path):
+    path = tmp_path / "b"
+    shutil.copytree(exported(exports["mixtral", 32]), path)
+    rt = runtime.open(path, "executorch")
+    for i, prompt in enumerate(["The parser reads the next", "Grüße aus München! ¿Qué tal? "
+                                "東京 emoji 🙂 x = 42\n\tindented", "a  b   c"]):
+        got = _same(host, rt, prompt, tmp_path / f"p{i}")
+        assert {"load", "prefill", "decode", "VmHWM"} <= set(got["said"])
+    # a grown version (spawned clones behind the domain gate: the gated programs)
+    onnx = runtime.open(path, "onnxruntime")
+    onnx.observe(german(400), "de")
+    assert onnx.idle(600, tokens=4096, steps=8)["committed"]
+    rt.reload(bundle_format.load(path))
+    assert rt.program("prefill") == "prefill_gated"
+    grown = _same(host, rt, "Der parser liest die", tmp_path / "grown")
+    assert grown["text"]

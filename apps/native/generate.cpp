@@ -1,0 +1,250 @@
+// moegrow_generate: a bundle's prefill and decode programs through the ExecuTorch C++ runtime,
+// with the bundle's tokenizer in C++: suggestions for the next word and a greedy completion.
+//
+//   moegrow_generate TOKENIZER.model MODEL.pte WEIGHTS.ptd SLOTS.bin SHAPE PROGRAMS PROMPT MAX_NEW OUT_DIR
+//
+// SHAPE is "LAYERS,KV_HEADS,CONTEXT,HEAD_DIM,SLOTS" (the manifest's config), PROGRAMS the
+// serving pair "prefill,decode" (or "prefill_gated,decode_gated" once an expert is spawned:
+// `Runtime.program`), SLOTS.bin the slot state [LAYERS, 4, SLOTS] (float32). Prints the
+// prompt's token ids, three suggestions (the likeliest first pieces, each extended greedily
+// to a word end), the greedy completion, the load / prefill / per-token decode times and the
+// peak resident memory; writes ids.bin (the prompt's ids, BOS first), logits.bin (the
+// prefill's last logits), greedy.bin (the completion's ids) and text.txt (its text) to
+// OUT_DIR.
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/platform/runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <numeric>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "tokenizer.h"
+
+using executorch::extension::make_tensor_ptr;
+using executorch::extension::Module;
+using executorch::extension::TensorPtr;
+using executorch::runtime::EValue;
+
+namespace {
+
+constexpr int kBos = 1, kEos = 2;
+
+long vm_hwm_kb() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
+  return -1;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+}
+
+template <typename T>
+void write_bin(const std::string& path, const std::vector<T>& v) {
+  std::ofstream(path, std::ios::binary)
+      .write(reinterpret_cast<const char*>(v.data()), std::streamsize(v.size() * sizeof(T)));
+}
+
+std::vector<float> copy(const executorch::aten::Tensor& t) {
+  const float* p = t.const_data_ptr<float>();
+  return {p, p + t.numel()};
+}
+
+// The KV cache is passed in and out of the programs, as in the Python runtime: a step
+// returns the logits and the new cache; forking it (one branch per suggestion) is a copy.
+struct Step {
+  std::vector<float> logits, k, v;
+};
+
+class Model {
+ public:
+  Model(const char* pte, const char* ptd, std::vector<int> shape, std::vector<float> slots,
+        std::string prefill, std::string decode)
+      : module_(pte, ptd, Module::LoadMode::Mmap), shape_(std::move(shape)),
+        slots_(std::move(slots)), prefill_(std::move(prefill)), decode_(std::move(decode)) {}
+
+  bool load() {
+    return module_.load_method(prefill_) == executorch::runtime::Error::Ok &&
+           module_.load_method(decode_) == executorch::runtime::Error::Ok;
+  }
+
+  Step prefill(const std::vector<int64_t>& ids) {
+    std::vector<int64_t> pos(ids.size());
+    std::iota(pos.begin(), pos.end(), 0);
+    std::vector<float> zero(cache_size(), 0.f);
+    auto out = run(prefill_, {make_tensor_ptr({1, int(ids.size())}, std::vector<int64_t>(ids)),
+                              make_tensor_ptr({int(ids.size())}, std::move(pos)), cache(zero),
+                              cache(zero), slots()});
+    novelty_ = copy(out[3].toTensor());
+    novelty_shape_.assign(out[3].toTensor().sizes().begin(), out[3].toTensor().sizes().end());
+    return {copy(out[0].toTensor()), copy(out[1].toTensor()), copy(out[2].toTensor())};
+  }
+
+  Step decode(int64_t token, int64_t pos, const Step& s) {
+    auto out = run(decode_, {make_tensor_ptr({1, 1}, std::vector<int64_t>{token}),
+                             make_tensor_ptr({1}, std::vector<int64_t>{pos}), cache(s.k),
+                             cache(s.v), slots(),
+                             make_tensor_ptr(novelty_shape_, std::vector<float>(novelty_))});
+    return {copy(out[0].toTensor()), copy(out[1].toTensor()), copy(out[2].toTensor())};
+  }
+
+  int context() const { return shape_[2]; }
+
+ private:
+  size_t cache_size() const { return size_t(shape_[0]) * shape_[1] * shape_[2] * shape_[3]; }
+
+  TensorPtr cache(const std::vector<float>& data) const {
+    return make_tensor_ptr({shape_[0], 1, shape_[1], shape_[2], shape_[3]},
+                           std::vector<float>(data));
+  }
+
+  TensorPtr slots() const {
+    return make_tensor_ptr({shape_[0], 4, shape_[4]}, std::vector<float>(slots_));
+  }
+
+  std::vector<EValue> run(const std::string& method, const std::vector<TensorPtr>& in) {
+    std::vector<EValue> args(in.begin(), in.end());
+    auto result = module_.execute(method, args);
+    if (!result.ok()) {
+      std::fprintf(stderr, "moegrow_generate: %s failed (error 0x%x)\n", method.c_str(),
+                   int(result.error()));
+      std::exit(1);
+    }
+    return result.get();
+  }
+
+  Module module_;
+  std::vector<int> shape_;
+  std::vector<float> slots_, novelty_;
+  std::vector<executorch::aten::SizesType> novelty_shape_;
+  std::string prefill_, decode_;
+};
+
+int argmax(const std::vector<float>& x) {
+  return int(std::max_element(x.begin(), x.end()) - x.begin());
+}
+
+std::vector<float> softmax(std::vector<float> z) {
+  const float top = *std::max_element(z.begin(), z.end());
+  double sum = 0;
+  for (auto& x : z) sum += (x = std::exp(x - top));
+  for (auto& x : z) x = float(x / sum);
+  return z;
+}
+
+std::vector<int> split_ints(const std::string& s) {
+  std::vector<int> out;
+  std::stringstream in(s);
+  for (std::string x; std::getline(in, x, ',');) out.push_back(std::atoi(x.c_str()));
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 10) {
+    std::fprintf(stderr,
+                 "usage: %s TOKENIZER.model MODEL.pte WEIGHTS.ptd SLOTS.bin "
+                 "LAYERS,KV_HEADS,CONTEXT,HEAD_DIM,SLOTS PREFILL,DECODE PROMPT MAX_NEW OUT_DIR\n",
+                 argv[0]);
+    return 2;
+  }
+  const std::vector<int> shape = split_ints(argv[5]);
+  const std::string programs = argv[6], prompt = argv[7], out_dir = argv[9];
+  const int max_new = std::atoi(argv[8]);
+  std::ifstream sf(argv[4], std::ios::binary | std::ios::ate);
+  std::vector<float> slots(sf ? size_t(sf.tellg()) / 4 : 0);
+  sf.seekg(0);
+  sf.read(reinterpret_cast<char*>(slots.data()), std::streamsize(slots.size() * 4));
+  const auto comma = programs.find(',');
+  moegrow::Tokenizer tok;
+  if (shape.size() != 5 || comma == std::string::npos || !tok.load(argv[1]) ||
+      slots.size() != size_t(shape[0]) * 4 * shape[4]) {
+    std::fprintf(stderr, "moegrow_generate: bad tokenizer, shape, programs or slot state\n");
+    return 2;
+  }
+  executorch::runtime::runtime_init();
+  auto start = std::chrono::steady_clock::now();
+  Model model(argv[2], argv[3], shape, slots, programs.substr(0, comma),
+              programs.substr(comma + 1));
+  if (!model.load()) {
+    std::fprintf(stderr, "moegrow_generate: cannot load %s with %s\n", argv[2], argv[3]);
+    return 1;
+  }
+  std::printf("load %.1f ms\n", ms_since(start));
+
+  std::vector<int64_t> ids{kBos};
+  for (int id : tok.encode(prompt)) ids.push_back(id);
+  if (int(ids.size()) + std::max(max_new, 6) > model.context()) {
+    std::fprintf(stderr, "moegrow_generate: the prompt is %zu tokens; the context is %d\n",
+                 ids.size(), model.context());
+    return 2;
+  }
+  std::printf("ids");
+  for (auto id : ids) std::printf(" %lld", static_cast<long long>(id));
+  std::printf("\n");
+  start = std::chrono::steady_clock::now();
+  const Step first = model.prefill(ids);
+  std::printf("prefill %.2f ms (%zu tokens)\n", ms_since(start), ids.size());
+  write_bin(out_dir + "/ids.bin", ids);
+  write_bin(out_dir + "/logits.bin", first.logits);
+
+  // suggestions: the three likeliest first pieces, each extended greedily to a word end
+  std::vector<float> probs = softmax(first.logits);
+  probs[kBos] = probs[kEos] = 0;
+  std::vector<int> order(probs.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + 3, order.end(),
+                    [&](int a, int b) { return probs[a] > probs[b]; });
+  std::printf("suggestions");
+  for (int r = 0; r < 3; ++r) {
+    std::vector<int> word{order[r]};
+    Step s = first;
+    for (int64_t pos = int64_t(ids.size()); pos < int64_t(ids.size()) + 5; ++pos) {
+      s = model.decode(word.back(), pos, s);
+      const int next = argmax(s.logits);
+      const std::string& piece = tok.piece(next);
+      if (next == kBos || next == kEos || piece.rfind("\xE2\x96\x81", 0) == 0 ||
+          piece == "<0x0A>")
+        break;
+      word.push_back(next);
+    }
+    std::string w = tok.decode(word);
+    w.erase(0, w.find_first_not_of(" \n"));
+    w.erase(w.find_last_not_of(" \n") + 1);
+    std::printf("%s %s %.6f", r ? " |" : "", w.c_str(), probs[order[r]]);
+  }
+  std::printf("\n");
+
+  // the greedy completion
+  std::vector<int> greedy;
+  Step s = first;
+  start = std::chrono::steady_clock::now();
+  for (int64_t pos = int64_t(ids.size()); int(greedy.size()) < max_new; ++pos) {
+    const int next = argmax(s.logits);
+    if (next == kEos) break;
+    greedy.push_back(next);
+    s = model.decode(next, pos, s);
+  }
+  const double per_token = greedy.empty() ? 0 : ms_since(start) / greedy.size();
+  std::vector<int> all(ids.begin() + 1, ids.end());
+  const std::string head = tok.decode(all);
+  all.insert(all.end(), greedy.begin(), greedy.end());
+  std::printf("decode %.2f ms/token\n", per_token);
+  const std::string text = tok.decode(all).substr(head.size());
+  std::printf("text %s\n", text.c_str());
+  std::ofstream(out_dir + "/text.txt", std::ios::binary) << text;
+  write_bin(out_dir + "/greedy.bin", std::vector<int64_t>(greedy.begin(), greedy.end()));
+  std::printf("VmHWM %ld kB\n", vm_hwm_kb());
+  return 0;
+}
