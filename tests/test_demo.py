@@ -30,6 +30,9 @@ def test_demo_adapts_and_reuses_its_cached_bundle(tiny_ckpt, corpus_dir, tmp_pat
     with pytest.raises(SystemExit) as e:  # no held-out base text: refused before exporting
         main(["demo", str(ckpt)])
     assert e.value.code == 2 and "calibration.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["demo", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "not a checkpoint folder" in capsys.readouterr().err
     assert not cache.exists() or not list(cache.iterdir())
     shutil.copyfile(corpus_dir / "heldout.txt", ckpt / "calibration.txt")
 

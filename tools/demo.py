@@ -35,6 +35,7 @@ PROMPTS = ["SMARTPHONE, n.", "PASSWORD, n.  A secret", "MEETING, n.  An assembly
 OBSERVE_CHARS = 60_000  # of the sample's training entries: ~23k tokens, a slice's 16,384
 HELD_CHARS = BASE_CHARS = 20_000  # the held-out measures: a few seconds each
 BITS = 8
+CALIBRATION = "calibration.txt"  # a checkpoint's held-out base text (export/bundle.py's)
 STEP = re.compile(r"step (\d+)/(\d+): (.+)")  # growth's progress line per PC step
 
 
@@ -57,15 +58,25 @@ def _first(text: str, chars: int) -> str:
     return text if len(text) <= chars else text[:text.rindex("\n\n", 0, chars)]
 
 
+def checkpoint_dir(target: str) -> Path:
+    """TARGET's folder (`default`: the embedded model), without loading torch: a cached
+    demo runs through the engine alone."""
+    path = HERE.parent / "export" / "default_model" if target == "default" else Path(target)
+    if not path.is_dir():
+        raise DemoError(f"{target}: not a checkpoint folder (or `default`)")
+    if not (path / CALIBRATION).is_file():
+        raise DemoError(f"{target}: no {CALIBRATION} (held-out base text): the error map "
+                        "would have no baseline and give no verdicts")
+    return path
+
+
 def key(target: str, backend: str) -> str:
     """What the cached bundle depends on: the exporter's and the device math's source, the
     checkpoint's files, the engine and the width."""
-    from moegrow.export import checkpoint
-
     h = hashlib.sha256(f"{backend}/{BITS}".encode())
     roots = [HERE.parent / "export", HERE.parent / "device_kernels"]
     files = sorted(f for r in roots for f in r.rglob("*.py")) + sorted(
-        checkpoint.resolve(target).iterdir())
+        f for f in checkpoint_dir(target).iterdir() if f.is_file())
     for f in files:
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
@@ -75,12 +86,6 @@ def cached_bundle(target: str, backend: str, say: Callable[[str], None]) -> tupl
     """The demo's pristine bundle of `target` for `backend` in the cache (exported on the
     first run, with deepening programs and spare slots, int8) -> (its folder, exported now).
     Older caches of the demo are removed."""
-    from moegrow.export import bundle as bundle_lib
-    from moegrow.export import checkpoint
-
-    if not (checkpoint.resolve(target) / bundle_lib.CALIBRATION).is_file():
-        raise DemoError(f"{target}: no {bundle_lib.CALIBRATION} (held-out base text): the "
-                        "error map would have no baseline and give no verdicts")
     name = f"demo-{backend}-{key(target, backend)}"
     root = console.cache_dir()
     path = root / name
@@ -93,6 +98,8 @@ def cached_bundle(target: str, backend: str, say: Callable[[str], None]) -> tupl
     for old in root.glob(f"demo-{backend}-*"):
         shutil.rmtree(old, ignore_errors=True)
     say(f"exporting {target} for {backend} at {BITS} bits to {path} (once; reused next time)")
+    from moegrow.export import bundle as bundle_lib  # torch: only to export
+
     with console.Bars() as bars:
         bundle_lib.export(target, path, (backend,), progress=bars, bits=BITS, deepen=True)
     return path, True

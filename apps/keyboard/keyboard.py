@@ -69,7 +69,7 @@ class Learner:
         """Observe what was typed since the last time, then one growth slice, in a thread;
         `done()` is called when it ends (committed, refused, or interrupted)."""
         new, self.observed = text[self.observed:], len(text)
-        self.interrupt, self.busy = backends.Interrupt(), True
+        self.interrupt, self.busy, self.progress = backends.Interrupt(), True, ""
         self.thread = threading.Thread(target=self._grow, args=(new, len(text), done),
                                        daemon=True)
         self.thread.start()
@@ -95,7 +95,7 @@ class Learner:
         except Exception as e:  # the app stays up; the status line says what failed
             self.last, self.grown_for = f"failed: {e}", length
         finally:
-            self.progress = ""
+            self.progress = "new suggestions"
             done()  # new suggestions first, then "ready"
             self.busy = False
 

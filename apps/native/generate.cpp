@@ -206,7 +206,8 @@ int main(int argc, char** argv) {
   std::iota(order.begin(), order.end(), 0);
   std::partial_sort(order.begin(), order.begin() + 3, order.end(),
                     [&](int a, int b) { return probs[a] > probs[b]; });
-  std::printf("suggestions");
+  start = std::chrono::steady_clock::now();
+  std::string shown;
   for (int r = 0; r < 3; ++r) {
     std::vector<int> word{order[r]};
     Step s = first;
@@ -222,9 +223,10 @@ int main(int argc, char** argv) {
     std::string w = tok.decode(word);
     w.erase(0, w.find_first_not_of(" \n"));
     w.erase(w.find_last_not_of(" \n") + 1);
-    std::printf("%s %s %.6f", r ? " |" : "", w.c_str(), probs[order[r]]);
+    shown += (r ? " | " : " ") + w + " " + std::to_string(probs[order[r]]);
   }
-  std::printf("\n");
+  std::printf("suggest %.2f ms (after the prefill)\nsuggestions%s\n", ms_since(start),
+              shown.c_str());
 
   // the greedy completion
   std::vector<int> greedy;
