@@ -73,18 +73,10 @@ def test_the_cpp_host_scores_as_the_python_runtime(exports, host, tmp_path):
 
 
 def _generate(host: Path, rt, prompt: str, tmp: Path) -> dict:
-    """`moegrow_generate` on `rt`'s bundle, current version and slot state."""
+    """`moegrow_generate` on `rt`'s bundle folder (the host reads its manifest)."""
     tmp.mkdir()
-    rt.slots.astype(np.float32).tofile(tmp / "slots.bin")
-    b = rt.bundle
-    layers, _, heads, context, head_dim = rt.cache_shape
-    done = subprocess.run(
-        [str(host / "moegrow_generate"), str(b.tokenizer),
-         str(b.path / b.manifest["programs"]["prefill"]["executorch"]["file"]),
-         str(b.weights("executorch")), str(tmp / "slots.bin"),
-         f"{layers},{heads},{context},{head_dim},{rt.slots.shape[2]}",
-         f"{rt.program('prefill')},{rt.program('decode')}", prompt, "16", str(tmp)],
-        capture_output=True, text=True)
+    done = subprocess.run([str(host / "moegrow_generate"), str(rt.bundle.path), prompt, "16",
+                           str(tmp)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     said = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
     return {"ids": np.fromfile(tmp / "ids.bin", np.int64).tolist(),
@@ -96,6 +88,8 @@ def _generate(host: Path, rt, prompt: str, tmp: Path) -> dict:
 
 def _same(host: Path, rt, prompt: str, tmp: Path) -> dict:
     got = _generate(host, rt, prompt, tmp)
+    version = rt.bundle.manifest["weights"]["version"]
+    assert got["said"]["bundle"] == f"v{version} {rt.program('prefill')},{rt.program('decode')}"
     ids = [1] + rt.sp.encode(prompt)
     assert got["ids"] == ids  # the C++ tokenizer, byte fallback included
     np.testing.assert_allclose(got["logits"], rt.prefill(ids)[0][0], rtol=1e-4, atol=1e-4)
@@ -118,6 +112,9 @@ def test_the_cpp_host_tokenizes_suggests_and_generates_as_the_python_runtime(exp
     onnx.observe(german(400), "de")
     assert onnx.idle(600, tokens=4096, steps=8)["committed"]
     rt.reload(bundle_format.load(path))
-    assert rt.program("prefill") == "prefill_gated"
+    assert rt.program("prefill") == "prefill_gated"  # the host derives the same slot state
     grown = _same(host, rt, "Der parser liest die", tmp_path / "grown")
     assert grown["text"]
+    bad = subprocess.run([str(host / "moegrow_generate"), str(tmp_path), "x", "4"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a bundle" in bad.stderr

@@ -13,31 +13,15 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 PROMPT = "PATIENCE, n.  A minor form of despair, disguised as a"
 
 
-def native(bundle: str, build: str, out: Path) -> str:
-    from moegrow.runtime import bundle as bundle_format
-    from moegrow.runtime import session
-
-    b = bundle_format.load(bundle)
-    slots = session.slot_state(b)
-    slots.astype(np.float32).tofile(out / "slots.bin")
-    c = b.config
-    head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    shape = f"{c['num_hidden_layers']},{c['num_key_value_heads']},{b.context},{head},"
-    return subprocess.run(
-        [str(Path(build) / "moegrow_generate"), str(b.tokenizer),
-         str(b.path / b.manifest["programs"]["prefill"]["executorch"]["file"]),
-         str(b.weights("executorch")), str(out / "slots.bin"), shape + str(slots.shape[2]),
-         "prefill,decode", PROMPT, "32", str(out)], capture_output=True, text=True,
-        check=True).stdout
+def native(bundle: str, build: str) -> str:
+    return subprocess.run([str(Path(build) / "moegrow_generate"), bundle, PROMPT, "32"],
+                          capture_output=True, text=True, check=True).stdout
 
 
 def python(bundle: str) -> dict:
@@ -66,6 +50,5 @@ def python(bundle: str) -> dict:
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as tmp:
-        print(native(sys.argv[1], sys.argv[2], Path(tmp)))
+    print(native(sys.argv[1], sys.argv[2]))
     print(json.dumps(python(sys.argv[1]), indent=1))

@@ -1,16 +1,15 @@
 // moegrow_generate: a bundle's prefill and decode programs through the ExecuTorch C++ runtime,
 // with the bundle's tokenizer in C++: suggestions for the next word and a greedy completion.
 //
-//   moegrow_generate TOKENIZER.model MODEL.pte WEIGHTS.ptd SLOTS.bin SHAPE PROGRAMS PROMPT MAX_NEW OUT_DIR
+//   moegrow_generate BUNDLE PROMPT MAX_NEW [OUT_DIR]
 //
-// SHAPE is "LAYERS,KV_HEADS,CONTEXT,HEAD_DIM,SLOTS" (the manifest's config), PROGRAMS the
-// serving pair "prefill,decode" (or "prefill_gated,decode_gated" once an expert is spawned:
-// `Runtime.program`), SLOTS.bin the slot state [LAYERS, 4, SLOTS] (float32). Prints the
-// prompt's token ids, three suggestions (the likeliest first pieces, each extended greedily
-// to a word end), the greedy completion, the load / prefill / per-token decode times and the
-// peak resident memory; writes ids.bin (the prompt's ids, BOS first), logits.bin (the
-// prefill's last logits), greedy.bin (the completion's ids) and text.txt (its text) to
-// OUT_DIR.
+// Opens BUNDLE as the Python runtime does (bundle.h: the manifest's current weights
+// version, the serving programs, gated once an expert is spawned, and the slot state).
+// Prints the bundle's version and programs, the prompt's token ids, three suggestions (the
+// likeliest first pieces, each extended greedily to a word end), the greedy completion, the
+// load / prefill / suggest / per-token decode times and the peak resident memory; with
+// OUT_DIR, writes ids.bin (the prompt's ids, BOS first), logits.bin (the prefill's last
+// logits), greedy.bin (the completion's ids) and text.txt (its text) there.
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/platform/runtime.h>
@@ -26,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "bundle.h"
 #include "tokenizer.h"
 
 using executorch::extension::make_tensor_ptr;
@@ -142,43 +142,37 @@ std::vector<float> softmax(std::vector<float> z) {
   return z;
 }
 
-std::vector<int> split_ints(const std::string& s) {
-  std::vector<int> out;
-  std::stringstream in(s);
-  for (std::string x; std::getline(in, x, ',');) out.push_back(std::atoi(x.c_str()));
-  return out;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 10) {
-    std::fprintf(stderr,
-                 "usage: %s TOKENIZER.model MODEL.pte WEIGHTS.ptd SLOTS.bin "
-                 "LAYERS,KV_HEADS,CONTEXT,HEAD_DIM,SLOTS PREFILL,DECODE PROMPT MAX_NEW OUT_DIR\n",
-                 argv[0]);
+  if (argc != 4 && argc != 5) {
+    std::fprintf(stderr, "usage: %s BUNDLE PROMPT MAX_NEW [OUT_DIR]\n", argv[0]);
     return 2;
   }
-  const std::vector<int> shape = split_ints(argv[5]);
-  const std::string programs = argv[6], prompt = argv[7], out_dir = argv[9];
-  const int max_new = std::atoi(argv[8]);
-  std::ifstream sf(argv[4], std::ios::binary | std::ios::ate);
-  std::vector<float> slots(sf ? size_t(sf.tellg()) / 4 : 0);
-  sf.seekg(0);
-  sf.read(reinterpret_cast<char*>(slots.data()), std::streamsize(slots.size() * 4));
-  const auto comma = programs.find(',');
+  const std::string prompt = argv[2], out_dir = argc == 5 ? argv[4] : "";
+  const int max_new = std::atoi(argv[3]);
+  moegrow::Bundle bundle;
+  try {
+    bundle = moegrow::Bundle::open(argv[1]);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moegrow_generate: %s\n", e.what());
+    return 2;
+  }
   moegrow::Tokenizer tok;
-  if (shape.size() != 5 || comma == std::string::npos || !tok.load(argv[1]) ||
-      slots.size() != size_t(shape[0]) * 4 * shape[4]) {
-    std::fprintf(stderr, "moegrow_generate: bad tokenizer, shape, programs or slot state\n");
+  if (!tok.load(bundle.tokenizer)) {
+    std::fprintf(stderr, "moegrow_generate: %s: not a SentencePiece model\n",
+                 bundle.tokenizer.c_str());
     return 2;
   }
+  std::printf("bundle v%d %s,%s\n", bundle.version, bundle.prefill.c_str(), bundle.decode.c_str());
   executorch::runtime::runtime_init();
   auto start = std::chrono::steady_clock::now();
-  Model model(argv[2], argv[3], shape, slots, programs.substr(0, comma),
-              programs.substr(comma + 1));
+  Model model(bundle.pte.c_str(), bundle.ptd.c_str(),
+              {bundle.layers, bundle.kv_heads, bundle.context, bundle.head_dim, bundle.slots},
+              bundle.slot_state, bundle.prefill, bundle.decode);
   if (!model.load()) {
-    std::fprintf(stderr, "moegrow_generate: cannot load %s with %s\n", argv[2], argv[3]);
+    std::fprintf(stderr, "moegrow_generate: cannot load %s with %s\n", bundle.pte.c_str(),
+                 bundle.ptd.c_str());
     return 1;
   }
   std::printf("load %.1f ms\n", ms_since(start));
@@ -196,8 +190,10 @@ int main(int argc, char** argv) {
   start = std::chrono::steady_clock::now();
   const Step first = model.prefill(ids);
   std::printf("prefill %.2f ms (%zu tokens)\n", ms_since(start), ids.size());
-  write_bin(out_dir + "/ids.bin", ids);
-  write_bin(out_dir + "/logits.bin", first.logits);
+  if (!out_dir.empty()) {
+    write_bin(out_dir + "/ids.bin", ids);
+    write_bin(out_dir + "/logits.bin", first.logits);
+  }
 
   // suggestions: the three likeliest first pieces, each extended greedily to a word end
   std::vector<float> probs = softmax(first.logits);
@@ -245,8 +241,10 @@ int main(int argc, char** argv) {
   std::printf("decode %.2f ms/token\n", per_token);
   const std::string text = tok.decode(all).substr(head.size());
   std::printf("text %s\n", text.c_str());
-  std::ofstream(out_dir + "/text.txt", std::ios::binary) << text;
-  write_bin(out_dir + "/greedy.bin", std::vector<int64_t>(greedy.begin(), greedy.end()));
+  if (!out_dir.empty()) {
+    std::ofstream(out_dir + "/text.txt", std::ios::binary) << text;
+    write_bin(out_dir + "/greedy.bin", std::vector<int64_t>(greedy.begin(), greedy.end()));
+  }
   std::printf("VmHWM %ld kB\n", vm_hwm_kb());
   return 0;
 }
