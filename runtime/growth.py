@@ -350,7 +350,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
         if not live:
             work.reload()
         report["steps"] = t
-        say(f"step {t}/{total}: energy/token {report['energy'][-1]:.4g}")
+        say(f"PC steps: energy/token {report['energy'][-1]:.4g} ({t}/{total})")
     if used:
         report["strict_steps_used"] = np.bincount(used).tolist()
     if live:  # the serving programs the guard runs hold prepacked copies: load them again

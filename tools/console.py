@@ -95,12 +95,13 @@ def done(ok: bool) -> str:
 
 
 class Bars:
-    """A library's progress lines on stderr: each series "KEY: WHAT (i/n)" (announced as
-    step i begins) as a tqdm bar named KEY, other lines as they are. Off a terminal every
-    line is printed. Use as a context manager (the last bar completes on exit)."""
+    """A library's progress lines on stderr: each series "KEY: WHAT (i/n)" (step i begins,
+    or has just ended: the bar shows i - 1 done until the next line) as a tqdm bar named
+    KEY, other lines as they are. Off a terminal every line is printed. Use as a context
+    manager (on a clean exit the last step announced counts as done)."""
 
     def __init__(self) -> None:
-        self.bar, self.key, self.n = None, None, 0
+        self.bar, self.key, self.last = None, None, 0
 
     def __call__(self, message: str) -> None:
         m = STEP.fullmatch(message)
@@ -112,18 +113,19 @@ class Bars:
             from tqdm import tqdm
 
             self.close()
-            self.key, self.n = m["key"], int(m["n"])
+            self.key = m["key"]
             self.bar = tqdm(total=self.n, desc=self.key, unit="step", file=sys.stderr,
                             bar_format="{desc}: {bar:20} {n_fmt}/{total_fmt} [{elapsed}]"
                                        "{postfix}")
+        self.last = int(m["i"])
         self.bar.set_postfix_str(m["what"], refresh=False)
-        self.bar.update(int(m["i"]) - 1 - self.bar.n)
+        self.bar.update(self.last - 1 - self.bar.n)
 
     def close(self, complete: bool = True) -> None:
         if self.bar is not None:
-            if complete:
+            if complete:  # the last step announced is done
                 self.bar.set_postfix_str("", refresh=False)
-                self.bar.update(self.n - self.bar.n)
+                self.bar.update(self.last - self.bar.n)
             self.bar.close()
             self.bar = None
 

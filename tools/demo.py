@@ -10,7 +10,6 @@ perplexity after, the version log, and a rollback.
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import tempfile
 import time
@@ -36,7 +35,6 @@ OBSERVE_CHARS = 60_000  # of the sample's training entries: ~23k tokens, a slice
 HELD_CHARS = BASE_CHARS = 20_000  # the held-out measures: a few seconds each
 BITS = 8
 CALIBRATION = "calibration.txt"  # a checkpoint's held-out base text (export/bundle.py's)
-STEP = re.compile(r"step (\d+)/(\d+): (.+)")  # growth's progress line per PC step
 
 
 class DemoError(ValueError):
@@ -146,11 +144,8 @@ def _loop(work: Path, backend: str, say: Callable[[str], None]) -> dict:
         say("   " + line)
 
     say("\n4. Idle time: one growth slice (PC updates run by the engine, then the guard)")
-    with console.Bars() as bars:
-        def progress(m: str) -> None:  # the PC steps as a bar on a terminal
-            step = STEP.fullmatch(m)
-            bars(f"   PC steps: {step[3]} ({step[1]}/{step[2]})" if step else f"   {m}")
-        r = rt.idle(600, DOMAIN, progress=progress)
+    with console.Bars() as bars:  # the PC steps as a bar on a terminal
+        r = rt.idle(600, DOMAIN, progress=lambda m: bars(f"   {m}"))
     g = r["guard"] or {}
     say(f"   {r['steps']} steps on {r['tokens']:,} tokens in {r['seconds']:.0f} s; "
         + (f"the guard: the domain's held-out replay perplexity {-g['domain_gain']:+.1%}, the "

@@ -13,6 +13,7 @@ from moegrow.runtime import backends, growth, versions
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import compress as compress_lib
 
+from . import console
 from .cli import emit
 
 
@@ -100,7 +101,9 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
     replay text, and commit a new weights version only if the guard passes (held-out domain
     text improves, base text does not worsen by more than 0.5%)."""
     rt = runtime.open(bundle_dir, backend)
-    r = rt.idle(seconds, domain, tokens=tokens, steps=steps, passes=passes, strict=strict)
+    with console.Bars() as bars:  # the plan, then the PC steps as a bar on a terminal
+        r = rt.idle(seconds, domain, progress=bars, tokens=tokens, steps=steps, passes=passes,
+                    strict=strict)
     what = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
                      + (f"->e{s['slot']}" if s["how"] == "spawn" else "") for s in r["plan"])
     guard = r["guard"] or {}
