@@ -52,8 +52,8 @@ class Learner:
         """The top suggestions for the end of `text` (its tail that fits the context): next
         words after a space, else the current word's completions and next words."""
         room = self.rt.bundle.context - 8
-        ids = self.rt.sp.encode(text)
-        tail = self.rt.sp.decode(ids[-room:]) if len(ids) > room else text
+        ids = self.rt.sp.encode(text[-16 * room:])  # the tail: a piece is rarely 16 chars
+        tail = self.rt.sp.decode(ids[-room:]) if len(ids) > room else text[-16 * room:]
         if not tail.strip():
             return []
         words = self.rt.suggestions(tail, k=SHOWN * 3)
@@ -67,7 +67,7 @@ class Learner:
 
     def grow(self, text: str, done) -> None:
         """Observe what was typed since the last time, then one growth slice, in a thread;
-        `done()` is called when it ends (committed, refused, or interrupted)."""
+        `done(committed)` is called when it ends (committed, refused, or interrupted)."""
         new, self.observed = text[self.observed:], len(text)
         self.interrupt, self.busy, self.progress = backends.Interrupt(), True, ""
         self.thread = threading.Thread(target=self._grow, args=(new, len(text), done),
@@ -75,7 +75,7 @@ class Learner:
         self.thread.start()
 
     def _grow(self, new: str, length: int, done) -> None:
-        start = time.monotonic()
+        start, committed = time.monotonic(), False
         try:
             if new.strip():
                 self.rt.observe(new, self.domain)
@@ -84,7 +84,7 @@ class Learner:
                 r = self.rt.idle(self.limits["seconds"], self.domain, interrupt=self.interrupt,
                                  progress=self._say, tokens=self.limits["tokens"],
                                  steps=self.limits["steps"])
-                g = r["guard"] or {}
+                g, committed = r["guard"] or {}, r["committed"]
                 self.last = (f"committed v{r['version']} (domain ppl {-g['domain_gain']:+.1%}, "
                              f"base {g['base_rise']:+.2%}) in {time.monotonic() - start:.0f} s"
                              if r["committed"] else f"not committed: {r['reason']}")
@@ -96,7 +96,7 @@ class Learner:
             self.last, self.grown_for = f"failed: {e}", length
         finally:
             self.progress = "new suggestions"
-            done()  # new suggestions first, then "ready"
+            done(committed)  # new suggestions first (new weights), then "ready"
             self.busy = False
 
     def _say(self, line: str) -> None:
@@ -215,11 +215,12 @@ class Keyboard:
                 self.learner.grow(text, self._grown)
                 self.app.invalidate()
 
-    def _grown(self) -> None:  # in the slice's thread: new weights, new suggestions
-        try:
-            self.words = self.learner.suggest(self.buffer.text)
-        except Exception:  # noqa: BLE001 (the text changed under it: the next key redoes it)
-            pass
+    def _grown(self, committed: bool) -> None:  # in the slice's thread
+        if committed:  # new weights, new suggestions (an interrupted slice: the key's own)
+            try:
+                self.words = self.learner.suggest(self.buffer.text)
+            except Exception:  # noqa: BLE001 (the text changed under it: the next key redoes it)
+                pass
         self.app.invalidate()
 
     def run(self) -> None:
