@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <numeric>
 #include <sstream>
@@ -37,11 +38,11 @@ namespace {
 
 constexpr int kBos = 1, kEos = 2;
 
-long vm_hwm_kb() {
+long status_kb(const char* field) {  // VmRSS, VmHWM
   std::ifstream f("/proc/self/status");
   std::string line;
   while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
+    if (line.rfind(field, 0) == 0) return std::stol(line.substr(std::strlen(field)));
   return -1;
 }
 
@@ -166,6 +167,7 @@ int main(int argc, char** argv) {
   }
   std::printf("bundle v%d %s,%s\n", bundle.version, bundle.prefill.c_str(), bundle.decode.c_str());
   executorch::runtime::runtime_init();
+  const long rss_before = status_kb("VmRSS:");  // the process and the engine's libraries
   auto start = std::chrono::steady_clock::now();
   Model model(bundle.pte.c_str(), bundle.ptd.c_str(),
               {bundle.layers, bundle.kv_heads, bundle.context, bundle.head_dim, bundle.slots},
@@ -245,6 +247,7 @@ int main(int argc, char** argv) {
     std::ofstream(out_dir + "/text.txt", std::ios::binary) << text;
     write_bin(out_dir + "/greedy.bin", std::vector<int64_t>(greedy.begin(), greedy.end()));
   }
-  std::printf("VmHWM %ld kB\n", vm_hwm_kb());
+  std::printf("VmRSS %ld kB (before the load %ld kB)\n", status_kb("VmRSS:"), rss_before);
+  std::printf("VmHWM %ld kB\n", status_kb("VmHWM:"));
   return 0;
 }
