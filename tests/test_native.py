@@ -107,6 +107,7 @@ def test_the_cpp_host_tokenizes_suggests_and_generates_as_the_python_runtime(exp
                                 "東京 emoji 🙂 x = 42\n\tindented", "a  b   c"]):
         got = _same(host, rt, prompt, tmp_path / f"p{i}")
         assert {"load", "prefill", "decode", "VmHWM"} <= set(got["said"])
+        assert got["said"]["xnnpack"] == "weight cache on"  # one packed copy for both methods
     # a grown version (spawned clones behind the domain gate: the gated programs)
     onnx = runtime.open(path, "onnxruntime")
     onnx.observe(german(400), "de")

@@ -12,6 +12,8 @@
 // logits), greedy.bin (the completion's ids) and text.txt (its text) there.
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/backend/interface.h>
+#include <executorch/runtime/backend/options.h>
 #include <executorch/runtime/platform/runtime.h>
 
 #include <algorithm>
@@ -167,6 +169,12 @@ int main(int argc, char** argv) {
   }
   std::printf("bundle v%d %s,%s\n", bundle.version, bundle.prefill.c_str(), bundle.decode.c_str());
   executorch::runtime::runtime_init();
+  // one packed copy of each weight for all methods (XNNPACK's weight cache), not one per method
+  executorch::runtime::BackendOptions<1> xnnpack;
+  xnnpack.set_option("weight_cache_enabled", true);
+  const bool cache = executorch::runtime::set_option("XnnpackBackend", xnnpack.view()) ==
+                     executorch::runtime::Error::Ok;
+  std::printf("xnnpack weight cache %s\n", cache ? "on" : "off");
   const long rss_before = status_kb("VmRSS:");  // the process and the engine's libraries
   auto start = std::chrono::steady_clock::now();
   Model model(bundle.pte.c_str(), bundle.ptd.c_str(),
