@@ -177,7 +177,8 @@ class Keyboard:
         if took is not None:
             self.note = f"| slice interrupted in {took:.0f} ms"
 
-    def _changed(self, _buffer) -> None:
+    def _changed(self, buffer) -> None:  # text deleted: what is typed there is new again
+        self.learner.observed = min(self.learner.observed, len(buffer.text))
         if self.pending is None or self.pending.done():
             self.pending = self.app.create_background_task(self._suggest())
 
