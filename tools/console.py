@@ -56,6 +56,7 @@ def _redirect() -> Iterator[Path | None]:
     log = cache_dir() / f"engines-{os.getpid()}.log"
     try:
         log.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(log.parent)
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if real else -1
     except OSError:  # no cache to write to: the chatter stays on the terminal
         fd = -1
@@ -76,6 +77,17 @@ def _redirect() -> Iterator[Path | None]:
         os.dup2(sys.stderr.fileno(), 2)
         sys.stderr.close()
         sys.stderr = before
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the logs of processes that are gone (killed before they could clean up)."""
+    for old in folder.glob("engines-*.log"):
+        try:
+            os.kill(int(old.stem.split("-", 1)[1]), 0)
+        except ProcessLookupError:
+            old.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            pass
 
 
 LOG: list[Path] = []  # the logs `quiet` wrote to in this process
