@@ -195,16 +195,14 @@ class OnnxRuntime:
         return self.sessions[name]
 
     def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        if self.interrupt is None:
-            session, names = self._session(name)
-            return list(session.run(None, dict(zip(names, arrays, strict=True))))
-        self.interrupt.check()
+        check = self.interrupt.check if self.interrupt else lambda: None
+        check()
         session, names = self._session(name)  # creating a session is not interruptible
-        self.interrupt.check()
+        check()
         try:
             return list(session.run(None, dict(zip(names, arrays, strict=True)), self.options))
         except Exception:  # ORT's own error type for a terminated run
-            self.interrupt.check()
+            check()
             raise
 
 

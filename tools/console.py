@@ -126,7 +126,7 @@ class Bars:
 
             self.close()
             self.key = m["key"]
-            self.bar = tqdm(total=self.n, desc=self.key, unit="step", file=sys.stderr,
+            self.bar = tqdm(total=int(m["n"]), desc=self.key, unit="step", file=sys.stderr,
                             bar_format="{desc}: {bar:20} {n_fmt}/{total_fmt} [{elapsed}]"
                                        "{postfix}")
         self.last = int(m["i"])

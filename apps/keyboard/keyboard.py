@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import threading
 import time
 
@@ -254,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         learner = Learner(a.bundle, a.backend, a.domain,
                           {"seconds": a.seconds, "tokens": a.tokens, "steps": a.steps})
-    except (bundle_format.BundleError, backends.BackendError) as e:
-        raise SystemExit(f"keyboard: error: {e}") from None
+    except (bundle_format.BundleError, backends.BackendError) as e:  # one line, exit 2
+        print(f"keyboard: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     Keyboard(learner, a.pause).run()
 
 

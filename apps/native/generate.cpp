@@ -29,28 +29,19 @@
 #include <vector>
 
 #include "bundle.h"
+#include "host.h"
 #include "tokenizer.h"
 
 using executorch::extension::make_tensor_ptr;
 using executorch::extension::Module;
 using executorch::extension::TensorPtr;
 using executorch::runtime::EValue;
+using moegrow::ms_since;
+using moegrow::status_kb;
 
 namespace {
 
 constexpr int kBos = 1, kEos = 2;
-
-long status_kb(const char* field) {  // VmRSS, VmHWM
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind(field, 0) == 0) return std::stol(line.substr(std::strlen(field)));
-  return -1;
-}
-
-double ms_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
-}
 
 template <typename T>
 void write_bin(const std::string& path, const std::vector<T>& v) {

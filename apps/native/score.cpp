@@ -18,20 +18,14 @@
 #include <string>
 #include <vector>
 
+#include "host.h"
+
 using executorch::extension::make_tensor_ptr;
 using executorch::extension::Module;
 using executorch::runtime::Error;
 using executorch::runtime::EValue;
 
 namespace {
-
-long vm_hwm_kb() {
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stol(line.substr(6));
-  return -1;
-}
 
 template <typename T>
 std::vector<T> read_bin(const std::string& path) {
@@ -42,10 +36,6 @@ std::vector<T> read_bin(const std::string& path) {
   f.seekg(0);
   f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n));
   return v;
-}
-
-double ms_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
 }
 
 }  // namespace
@@ -73,7 +63,7 @@ int main(int argc, char** argv) {
                  argv[2]);
     return 1;
   }
-  std::printf("load %.1f ms\n", ms_since(start));
+  std::printf("load %.1f ms\n", moegrow::ms_since(start));
   auto tok = make_tensor_ptr({1, static_cast<int>(tokens.size())}, std::vector<int64_t>(tokens));
   auto state = make_tensor_ptr({layers, 4, width}, std::vector<float>(slots));
   const auto run = std::chrono::steady_clock::now();
@@ -83,13 +73,13 @@ int main(int argc, char** argv) {
                  static_cast<int>(result.error()));
     return 1;
   }
-  std::printf("score %.3f ms\n", ms_since(run));
+  std::printf("score %.3f ms\n", moegrow::ms_since(run));
   const auto& outputs = result.get();
   for (size_t i = 0; i < outputs.size(); ++i) {
     const auto& t = outputs[i].toTensor();
     std::ofstream f(out_dir + "/out" + std::to_string(i) + ".bin", std::ios::binary);
     f.write(static_cast<const char*>(t.const_data_ptr()), static_cast<std::streamsize>(t.nbytes()));
   }
-  std::printf("VmHWM %ld kB\n", vm_hwm_kb());
+  std::printf("VmHWM %ld kB\n", moegrow::status_kb("VmHWM:"));
   return 0;
 }
