@@ -253,11 +253,10 @@ class Energy(nn.Module):
         return block.mlp.combine(block.post_attention_layernorm(u)[0], gates)[0][None]
 
     def forward(self, tokens, valid, slots, nodes=None, gates=None, base=None):
-        m, w = self.model, tokens.shape[1]
-        pos = torch.arange(w)
-        rope = (*layers.rope(pos, m.args.dim_head, m.args.rope_theta), pos)
+        m = self.model
         blocks = m.model.layers
         if nodes is None:
+            rope = self._rope(tokens)
             nov = _gate(m, tokens, slots)
             x, nodes, gates = m.model.embed_tokens(tokens), [], []
             for i, block in enumerate(blocks):
@@ -269,15 +268,39 @@ class Energy(nn.Module):
                 nodes += ([u] if i > self.layer else []) + ([x] if i >= self.layer else [])
             nll = programs.losses(m.lm_head(m.model.norm(x))[0].float(), tokens)[0] * valid
             return nodes, gates, base, nll, nov, router_in
-        eps = nodes[0] - base - self._moe(blocks[self.layer], base, gates[self.layer])
-        sq = [eps]
-        for j, i in enumerate(range(self.layer + 1, len(blocks))):
-            prev, u, z = nodes[2 * j], nodes[2 * j + 1], nodes[2 * j + 2]
-            sq.append(u - prev - self._attention(blocks[i], prev, rope))
-            sq.append(z - u - self._moe(blocks[i], u, gates[i]))
-        energy = sum(0.5 * (e[0] * e[0]).sum(-1) for e in sq)
-        nll = programs.losses(m.lm_head(m.model.norm(nodes[-1]))[0].float(), tokens)[0]
+        eps, nll = self.errors(tokens, nodes, gates, base)
+        energy = sum(0.5 * (e[0] * e[0]).sum(-1) for e in eps)
         return ((energy + nll) * valid).sum()
+
+    def _rope(self, tokens):
+        pos = torch.arange(tokens.shape[1])
+        return (*layers.rope(pos, self.model.args.dim_head, self.model.args.rope_theta), pos)
+
+    def _predictions(self, tokens, gates, base):
+        """Each node's prediction from its parent's value: one function per node."""
+        blocks, rope = self.model.model.layers, self._rope(tokens)
+        yield lambda _: base + self._moe(blocks[self.layer], base, gates[self.layer])
+        for i in range(self.layer + 1, len(blocks)):
+            yield lambda prev, b=blocks[i]: prev + self._attention(b, prev, rope)
+            yield lambda u, b=blocks[i], g=gates[i]: u + self._moe(b, u, g)
+
+    def errors(self, tokens, nodes, gates, base):
+        """The nodes' errors eps_v = v - mu(parent) and the head's NLL [W] on the top node."""
+        parents = [None, *nodes[:-1]]
+        eps = [v - mu(p) for v, p, mu in zip(nodes, parents,
+                                             self._predictions(tokens, gates, base),
+                                             strict=True)]
+        nll = programs.losses(self.model.lm_head(self.model.model.norm(nodes[-1]))[0].float(),
+                              tokens)[0]
+        return eps, nll
+
+    def compose(self, tokens, errors, gates, base):
+        """Error-space PC's nodes: v_i = mu_i(v_{i-1}) + e_i from the errors up."""
+        nodes, prev = [], None
+        for e, mu in zip(errors, self._predictions(tokens, gates, base), strict=True):
+            prev = mu(prev) + e
+            nodes.append(prev)
+        return nodes
 
 
 class Strict(Deepen):

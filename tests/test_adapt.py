@@ -157,3 +157,35 @@ def test_derive_without_other_or_lora():
     assert d["gain"] == pytest.approx(0.2) and d["forget_base"] == pytest.approx(0.1)
     assert d["forget_other"] is None and d["wall_ratio_vs_lora"] is None
     assert adapt.derive(r, 4.0)["wall_ratio_vs_lora"] == 0.5
+
+
+def test_bench_strict_end_to_end_and_bad_input(capsys, tiny_ckpt, texts, tmp_path):
+    """`moegrow bench strict` (tools/strict.py) on the tiny checkpoint: every schedule on
+    every layer, the T histogram covering every run, a short training per schedule."""
+    out, t = tmp_path / "out", texts
+    domain = f"d={t / 'train.txt'},{t / 'other.txt'}"
+    args = ("bench", "strict", "--base", str(tiny_ckpt), "--old", str(t / "old.txt"))
+    code, stdout, err = run(capsys, *args, "--domain", domain, "--out", str(out), "--windows",
+                            "1", "--window", "16", "--steps", "4", "--train-steps", "1",
+                            "--relax-steps", "2", "--json")
+    assert code == 0, err
+    r = json.loads(stdout)
+    d = r["domains"]["d"]
+    layers = 2  # the tiny preset's
+    for name in ("strict", "curvature", "precision", "error"):
+        s = d["schedules"][name]
+        assert s["runs"] == layers and sum(s["T_hist"].values()) == layers
+        assert s["nonfinite"] == 0 and 0 < s["eta_min_median"] <= 1
+        assert set(s["cos"]) == {"1", "2", "4"}
+    assert d["schedules"]["error"]["cos"]["1"] > 0.999  # its first step: the gradient
+    train = d["train"]
+    assert train["exact"]["domain"] != train["before"]["domain"]
+    assert {p.name for p in out.iterdir()} == {"results.json", "report.md"}
+    for bad in (["--window", "100000"], ["--tol", "2"], ["--domain", "nameonly"],
+                ["--domain", f"d={tmp_path / 'missing.txt'},{t / 'old.txt'}"]):
+        opts = {"--domain": domain, "--window": "16", "--tol": "0.01"}
+        opts.update(dict(zip(bad[::2], bad[1::2], strict=True)))
+        code, _, err = run(capsys, *args, "--out", str(tmp_path / "bad"),
+                           *[x for kv in opts.items() for x in kv])
+        assert code == 2 and len(err.strip().splitlines()) == 1, (bad, err)
+        assert not (tmp_path / "bad").exists()

@@ -227,3 +227,48 @@ def test_strict_programs_through_the_runtime(exports, tiny_ckpt):
     for name, a, b in zip(pc.Strict.outputs, strict.values(), want, strict=True):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                    err_msg=name)
+
+
+def test_error_space_nodes_compose_from_their_errors(model):
+    """`Energy.compose` inverts `Energy.errors`: the nodes error-space PC builds from the
+    errors are the nodes that have them; at zero errors, the feed-forward values."""
+    tokens, valid = _tokens(seed=5), torch.ones(W)
+    energy = pc.Energy(model, 0)
+    slots = programs.slot_state(energy.model)
+    with torch.no_grad():
+        nodes, gates, base, nll, *_ = energy(tokens, valid, slots)
+        moved = [n + 0.1 * torch.randn(n.shape, generator=torch.Generator().manual_seed(i))
+                 for i, n in enumerate(nodes)]
+        eps, top_nll = energy.errors(tokens, moved, gates, base)
+        for a, b in zip(energy.compose(tokens, eps, gates, base), moved, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        zero = energy.compose(tokens, [torch.zeros_like(n) for n in nodes], gates, base)
+        for a, b in zip(zero, nodes, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(energy.errors(tokens, nodes, gates, base)[1] * valid, nll)
+
+
+def test_the_schedules_study_measures_how_the_error_travels(model):
+    """`tools/strict.py` on the random model's layer 0 (five nodes above it): state-based
+    relaxation moves the error one node per step, so the layer's update is zero until the
+    fifth step; error-space PC's first step is the gradient itself (the default schedule),
+    scaled by its step."""
+    from moegrow.tools import strict
+
+    study = strict.Study(model, W)
+    tokens, valid = _tokens(seed=6), torch.ones(W)
+    valid[-1] = 0
+    exact = study.exact(tokens, valid, 0)
+    with torch.no_grad():
+        want = pc.Deepen(model, 0, W)(tokens, valid)
+    for got, ref in zip(pc.stack(ARGS.intermediate_size, exact), want[:3], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # the sweep's gradient
+    for schedule in ("strict", "curvature"):
+        r = study.relax(tokens, valid, 0, schedule, 8, 0.01, exact)
+        assert r["ratio"][4] == 0 and r["ratio"][8] > 0, r["ratio"]
+        assert r["nonfinite"] is False
+    r = study.relax(tokens, valid, 0, "error", 2, 0.01, exact)
+    assert r["cos"][1] > 0.999
+    assert r["ratio"][1] == pytest.approx(r["eta"][0], rel=1e-3)
+    assert all(b <= a for a, b in zip(r["free_energy"], r["free_energy"][1:],
+                                          strict=False))
