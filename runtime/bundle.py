@@ -107,7 +107,7 @@ def verify(root: Path, manifest: dict) -> Bundle:
             _verify(root, entry)
         bundle = Bundle(root, manifest)
         _verify_experts(bundle)
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
+    except (LookupError, TypeError, AttributeError, ValueError) as e:
         raise BundleError(f"{file}: malformed manifest ({e!r})") from None
     return bundle
 

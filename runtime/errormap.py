@@ -148,14 +148,23 @@ class Store:
         return [np.frombuffer(r[0], np.int32).astype(np.int64) for r in rows]
 
     def forget(self) -> None:
-        """Clear the error map and the replay buffer."""
+        """Clear the error map and the replay buffer, so that the text is in no file: the
+        freed pages are zeroed (`secure_delete`), the database rebuilt (`VACUUM`) and the
+        write-ahead log copied back and truncated. StateError if another process holds a
+        read open across it (the text would linger in the file until it closes)."""
         if not state.exists(self.bundle_dir):
             return
         with state.connection(self.bundle_dir, write=True) as db:
+            db.execute("PRAGMA secure_delete = ON")
             for table in ("stats", "domains", "replay", "learnable"):
                 db.execute(f"DELETE FROM {table}")
         with state.connection(self.bundle_dir) as db:
             db.execute("VACUUM")
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            raise state.StateError(f"{state.folder(self.bundle_dir)}: the map is cleared, but "
+                                   "another process is reading it: its old pages stay in "
+                                   "the file until that process closes it; run forget again")
 
 
 def summary(state: dict, layers: int, experts: int) -> dict:

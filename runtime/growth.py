@@ -138,7 +138,7 @@ def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
 
 
 def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = None,
-         progress=None, reclaim=None, interrupt=None) -> dict[str, Any]:
+         progress=None, reclaim=None, interrupt=None, policy=None) -> dict[str, Any]:
     """One growth slice of at most `seconds` (see the module docstring); returns what it
     did: {"domain", "verdict", "plan", "skipped" (named experts with no free slot left),
     "deferred" (named experts past the budget's learning bytes: a later slice's),
@@ -150,9 +150,16 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
     "peak_rss_mb" (the process's peak resident memory so far), "accounted_bytes" (what the
     runtime accounts for: the served weight file, the working copy and the learning
     state)}. `interrupt` (`backends.Interrupt`), set from another thread, stops the slice's
-    working copy: `backends.Interrupted` is raised, nothing committed or recorded."""
-    report = _slice(rt, seconds, domain, limits or Limits(), progress, reclaim, interrupt)
-    if report["committed"] or report["guard"] or report["steps"] or report.get("full"):
+    working copy: `backends.Interrupted` is raised, nothing committed or recorded.
+    `policy`, the driver's rule for when growth may run (charging, screen off: the app's
+    to know), is a callable -> None (go on) or why not (a short text); it is asked before
+    the slice plans and before every PC step: a "why not" ends the slice with "policy:
+    <why>" as its reason, nothing committed or recorded (the next slice may try again)."""
+    report = _slice(rt, seconds, domain, limits or Limits(), progress, reclaim, interrupt,
+                    policy or (lambda: None))
+    stopped = (report["reason"] or "").startswith("policy:")  # not the domain's doing
+    if (report["committed"] or report["guard"] or report["steps"] or report.get("full")) \
+            and not stopped:
         errormap.Store(rt.bundle.path).outcome(report["domain"], report["committed"])
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["accounted_bytes"] = (rt.weights.stat().st_size + report.get("work_file_bytes", 0)
@@ -161,7 +168,7 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
 
 
 def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
-           reclaim, interrupt) -> dict[str, Any]:
+           reclaim, interrupt, policy) -> dict[str, Any]:
     start = time.monotonic()
     deadline = start + min(seconds, limits.seconds)
     say = progress or (lambda _m: None)
@@ -189,6 +196,9 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
                               "tokens": 0, "steps": 0, "energy": [], "update_norm": [],
                               "guard": None, "committed": False,
                               "version": b.manifest["weights"]["version"], "reason": None}
+    if why := policy():
+        report["reason"] = f"policy: {why}"
+        return report
     store = errormap.Store(b.path)
     seen = store.read()
     k = b.config["num_experts_per_tok"]
@@ -250,7 +260,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
         before = {"domain": guard.measure(work.rt, held, changed),
                   "base": guard.measure(work.rt, base_guard, changed)}
         report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,
-                                 report, say, domain)
+                                 report, say, domain, policy)
         if report["reason"] is None:
             after = {"domain": guard.measure(work.rt, held, changed),
                      "base": guard.measure(work.rt, base_guard, changed)}
@@ -269,7 +279,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
 
 def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.ndarray],
           limits: Limits, k: int, deadline: float, report: dict, say,
-          domain: str) -> str | None:
+          domain: str, policy=lambda: None) -> str | None:
     """Spawn, train the router rows, then PC steps; returns why it stopped early, or None."""
     if any(s["how"] == "spawn" for s in steps):
         report["class"] = cls = _domain_class(work, domain, train, base)
@@ -303,6 +313,8 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     total = min(limits.steps, -(-len(order) // limits.batch))
     first, used = None, []
     for step in range(total):
+        if why := policy():
+            return f"policy: {why} (before step {step + 1}); nothing committed"
         if time.monotonic() > deadline:
             if not step:
                 return "the time limit ended the slice before a step"

@@ -255,16 +255,18 @@ class Runtime:
         return self.engine.run("adam", [*weights, *grads, *first, *second, hyper])
 
     def idle(self, seconds: float, domain: str | None = None, progress=None,
-             interrupt: backends.Interrupt | None = None, **limits) -> dict:
+             interrupt: backends.Interrupt | None = None, policy=None, **limits) -> dict:
         """One growth slice of at most `seconds` for `domain` (default: the observed domain
         the error map most wants grown); `limits`: fields of `growth.Limits`; `progress`
         gets a line per stage; `interrupt`, set from another thread, ends the slice's
         learning and guard runs (`backends.Interrupted` is raised; nothing is committed, the
-        working copy is removed). Returns what it did (`growth.idle`). A plan that finds no
-        free spare slot for an expert it names first has, in a bundle with a quantized
-        pool, other domains' clones compressed into the pool (`compress.compress`, each
-        guarded; the most converged domain first, `compress.ripe`, until the layers have a
-        slot), then (every bundle) in layers still full the least earning of other
+        working copy is removed); `policy`, the app's rule for when growth may run
+        (charging, screen off), a callable -> None or why not, asked before the slice and
+        before every PC step (`growth.idle`). Returns what it did (`growth.idle`). A plan
+        that finds no free spare slot for an expert it names first has, in a bundle with a
+        quantized pool, other domains' clones compressed into the pool (`compress.compress`,
+        each guarded; the most converged domain first, `compress.ripe`, until the layers
+        have a slot), then (every bundle) in layers still full the least earning of other
         domains' spawned experts retired (`compress.retire`); "reclaimed": their reports."""
         def reclaim(growing: str, layers: list[int]) -> list[dict]:
             out = []
@@ -277,7 +279,7 @@ class Runtime:
                     "converged": x["converged"], "drift": x["drift"]})
             return out + compress.retire(self, layers, growing, progress)
         return growth.idle(self, seconds, domain, growth.Limits(**limits), progress, reclaim,
-                           interrupt)
+                           interrupt, policy)
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)

@@ -98,9 +98,13 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         raise
 
 
-def _connect(bundle_dir: str | Path) -> sqlite3.Connection:
+def _connect(bundle_dir: str | Path, create: bool = True) -> sqlite3.Connection:
     here = folder(bundle_dir)
     path = here / DB
+    if not create and not path.exists():  # a read before anything was written: an empty
+        db = sqlite3.connect(":memory:", isolation_level=None)  # database, on no disk
+        _migrate(db, path)
+        return db
     try:
         here.mkdir(mode=0o700, exist_ok=True)
         fresh = not path.exists()
@@ -126,11 +130,13 @@ def _connect(bundle_dir: str | Path) -> sqlite3.Connection:
 
 
 @contextlib.contextmanager
-def connection(bundle_dir: str | Path, write: bool = False) -> Iterator[sqlite3.Connection]:
+def connection(bundle_dir: str | Path, write: bool = False,
+               create: bool = True) -> Iterator[sqlite3.Connection]:
     """A connection to the bundle's state database (created and migrated on first use),
     closed after the block; with `write`, the block is one IMMEDIATE transaction, rolled
-    back if it raises. SQLite errors come out as StateError."""
-    db = _connect(bundle_dir)
+    back if it raises; with `create` false, a database that does not exist yet is read as
+    an empty one in memory (nothing is written). SQLite errors come out as StateError."""
+    db = _connect(bundle_dir, create)
     try:
         if write:
             db.execute("BEGIN IMMEDIATE")

@@ -46,9 +46,16 @@ def _log_export(bundle: bundle_format.Bundle, db) -> None:
 
 
 def _rows(bundle: bundle_format.Bundle, sql: str, args: tuple = ()) -> list[tuple]:
-    with state.connection(bundle.path) as db:
-        _log_export(bundle, db)
-        return db.execute(sql, args).fetchall()
+    """A read of the log, with version 1 in it when it is empty: inserted in a transaction
+    that is rolled back (a read writes nothing; a bundle without a state database yet is
+    read from an empty one in memory)."""
+    with state.connection(bundle.path, create=False) as db:
+        db.execute("BEGIN")
+        try:
+            _log_export(bundle, db)
+            return db.execute(sql, args).fetchall()
+        finally:
+            db.execute("ROLLBACK")
 
 
 def _record(bundle: bundle_format.Bundle, report: dict):

@@ -15,6 +15,11 @@ def bench() -> None:
     """Benchmarks: each writes a Markdown report and results.json into --out."""
 
 
+BACKEND = click.option("--backend", type=click.Choice(["onnxruntime", "executorch"]),
+                       default="onnxruntime", show_default=True,
+                       help="The engine that runs the bundle.")
+
+
 def _say(message: str) -> None:
     click.echo(message, err=True)
 
@@ -25,8 +30,10 @@ def _say(message: str) -> None:
               help="Folder for report.md and results.json.")
 @click.option("--ckpt", default="default", show_default=True,
               help="The checkpoint the bundle was exported from (the torch eager baseline).")
-@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Interleaved rounds; the report takes medians.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads of each engine and of torch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int,
                 as_json: bool) -> None:
@@ -57,8 +64,10 @@ def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int
 @click.option("--against", type=click.Path(path_type=Path),
               help="--gate: a bundle of the same checkpoint exported with --spare 0 (instead "
                    "of exporting --ckpt).")
-@click.option("--rounds", type=click.IntRange(min=1), default=7, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=7, show_default=True,
+              help="Interleaved rounds; the report takes medians.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads of each engine and of torch.")
 @click.option("--json", "as_json", is_flag=True, help="Print {engine: ratio, ...} as JSON.")
 def bench_overhead(bundle_dir: str, gate: bool, text_file: Path | None, out: Path | None,
                    ckpt: str, against: Path | None, rounds: int, threads: int,
@@ -102,7 +111,8 @@ def bench_memory(bundle_dir: str, out: Path, as_json: bool) -> None:
 @bench.command("model")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Checkpoint folder to write (must not exist).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random choice (runs with one seed repeat).")
 def bench_model(out: Path, seed: int) -> None:
     """Write a ~110M-parameter random-weight checkpoint of the default model's family (8
     layers, width 512, 8 experts of 1024, top-2, default tokenizer) for speed benchmarks."""
@@ -135,8 +145,10 @@ def bench_model(out: Path, seed: int) -> None:
 @click.option("--locus", help="locus-bp's experts as LAYER:E,E;LAYER:E (default: the parents "
               "pc chose when pc ran first, else per layer the 2 experts the router picks most "
               "on the training tokens).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random choice (runs with one seed repeat).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads of each engine and of torch.")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
               help="The pc methods' bundle: BASE exported at 32 bits (with --strict-steps "
                    "for pc-strict); each method grows its own copy.")
@@ -180,8 +192,10 @@ def bench_adapt(base: str, train_file: Path, heldout: Path, old: Path, other: Pa
               help="Passes over each domain's tokens, for every method (pc: one slice).")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path),
               help="pc's bundle: BASE exported at 32 bits; pc grows a copy of it.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random choice (runs with one seed repeat).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads of each engine and of torch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench_sequence(base: str, domains: tuple[str, ...], old: Path, tokens: int, out: Path,
                    methods: str, passes: int, bundle_dir: Path | None, seed: int,
@@ -203,6 +217,56 @@ def bench_sequence(base: str, domains: tuple[str, ...], old: Path, tokens: int, 
     emit(result, as_json, (out / "report.md").read_text())
 
 
+@bench.command("strict")
+@click.option("--base", required=True, help="Checkpoint folder, or `default`.")
+@click.option("--domain", "domains", multiple=True, required=True,
+              metavar="NAME=TRAIN_FILE,HELDOUT_FILE",
+              help="A domain (repeat): its name, its training text (the windows relaxed on) "
+                   "and its held-out text (scored after --train-steps).")
+@click.option("--old", required=True, type=click.Path(path_type=Path),
+              help="Held-out text of the base corpus (forgetting after --train-steps).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.md and results.json.")
+@click.option("--windows", "windows_n", type=click.IntRange(min=1), default=4,
+              show_default=True, help="Windows of each domain's training text.")
+@click.option("--window", type=click.IntRange(min=8), default=128, show_default=True,
+              help="Tokens per window.")
+@click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Relaxation steps at most.")
+@click.option("--tol", type=float, default=0.01, show_default=True,
+              help="Settled when |dF/dv| falls below this fraction of its start.")
+@click.option("--train-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Then train every layer's experts in place with each schedule for this "
+                   "many Adam steps (0: no training).")
+@click.option("--relax-steps", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Relaxation steps per update while training.")
+@click.option("--lr", type=float, default=3e-4, show_default=True,
+              help="Adam's learning rate while training.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU threads of each engine and of torch.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_strict(base: str, domains: tuple[str, ...], old: Path, out: Path, windows_n: int,
+                 window: int, steps: int, tol: float, train_steps: int, relax_steps: int,
+                 lr: float, threads: int, as_json: bool) -> None:
+    """Does strict PC settle, in how many steps, and does its update follow the gradient?
+    Relaxes the value nodes above every layer on windows of each domain with four schedules
+    (strict: eta 0.1 as exported; curvature: per-node steps from the Hessian; precision:
+    errors weighted by the nodes' scale; error: error-space PC), in torch on this machine:
+    the T histogram, halts, and each update's cosine with the exact gradient."""
+    from moegrow.tools import sequence, strict
+
+    try:
+        result = strict.bench_strict(
+            base, [sequence.parse_domain(d) for d in domains], old, out,
+            windows_n=windows_n, window=window, steps=steps, tol=tol,
+            train_steps=train_steps, relax_steps=relax_steps, lr=lr, threads=threads)
+    except (strict.StrictError, sequence.AdaptError) as e:
+        fail(str(e))
+    emit({k: v for k, v in result.items() if k != "domains"} | {"domains": {
+        n: {k: v for k, v in d.items() if k != "runs"} for n, d in result["domains"].items()}},
+        as_json, (out / "report.md").read_text())
+
+
 @bench.command("quant")
 @click.argument("bundle_dir", metavar="BUNDLE")
 @click.option("--text", "text_file", type=click.Path(path_type=Path),
@@ -214,10 +278,12 @@ def bench_sequence(base: str, domains: tuple[str, ...], old: Path, tokens: int, 
                    "the default limits) on a copy of BUNDLE; without it BUNDLE must hold the "
                    "domain's fp32 clones.")
 @click.option("--domain", default=None, help="The domain's tag (default: the grown one).")
-@click.option("--tokens", type=click.IntRange(min=2), default=20000, show_default=True)
+@click.option("--tokens", type=click.IntRange(min=2), default=20000, show_default=True,
+              help="Held-out tokens scored per measurement.")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder for report.md, results.json and quant.png.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random choice (runs with one seed repeat).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench_quant(bundle_dir: str, text_file: Path | None, train_file: Path | None,
                 domain: str | None, tokens: int, out: Path, seed: int, as_json: bool) -> None:
@@ -247,8 +313,7 @@ def bench_quant(bundle_dir: str, text_file: Path | None, train_file: Path | None
 @click.option("--out", type=click.Path(path_type=Path),
               help="Keep the grown copy, report.md and results.json (with every cycle's "
                    "figures) here; default: a temporary copy, removed.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "executorch"]),
-              default="onnxruntime", show_default=True)
+@BACKEND
 @click.option("--chunk", type=click.IntRange(min=100), default=2000, show_default=True,
               help="Characters observed per cycle.")
 @click.option("--switch", type=click.IntRange(min=1), default=5, show_default=True,
@@ -283,3 +348,76 @@ def bench_soak(bundle_dir: str, cycles: int, domains: tuple[str, ...], out: Path
         fail(str(e))
     short = {k: v for k, v in result.items() if k != "series"}
     emit(short, as_json, soak.report(result))
+
+
+@bench.command("crash")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--trials", type=click.IntRange(min=1), default=500, show_default=True,
+              help="SIGKILLs in all (children that end before their chosen phase do not "
+                   "count).")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
+              help="Text to observe (a --chunk piece per observe) and grow on.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Keep the killed copy, report.md and results.json here; default: a "
+                   "temporary copy, removed.")
+@BACKEND
+@click.option("--chunk", type=click.IntRange(min=100), default=1500, show_default=True,
+              help="Characters per observe.")
+@click.option("--tokens", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Training tokens per slice.")
+@click.option("--steps", type=click.IntRange(min=1), default=4, show_default=True,
+              help="PC steps per slice.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random choice (runs with one seed repeat).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_crash(bundle_dir: str, trials: int, text_file: Path, out: Path | None, backend: str,
+                chunk: int, tokens: int, steps: int, seed: int, as_json: bool) -> None:
+    """Kill a process with SIGKILL at random instants of observe, idle (plan, deepen, guard,
+    commit), rollback and (with a pool) compress, on a copy of BUNDLE; after each kill the
+    copy must load and verify, serve, keep every committed version and the current one
+    logged, and hold a consistent error map. Prints the failures of each kind."""
+    from moegrow.tools import crash
+
+    text = read_text(text_file)
+    try:
+        result = crash.bench_crash(bundle_dir, trials, text, out, backend, seed, chunk,
+                                   tokens, steps, progress=_say)
+    except crash.CrashError as e:
+        fail(str(e))
+    emit(result, as_json, crash.report(result))
+
+
+@bench.command("poison")
+@click.argument("bundle_dir", metavar="BUNDLE")
+@click.option("--old", required=True, type=click.Path(path_type=Path),
+              help="Held-out text of the base corpus: the shuffled and mixed cases are made "
+                   "from it, and it judges the base after each slice (never observed).")
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path),
+              help="A user's text: the flood case repeats a paragraph of it.")
+@click.option("--cases", default=",".join(("repeat", "bytes", "flood", "shuffled",
+                                           "long-words", "mixed")), show_default=True,
+              help="Comma-separated cases to run.")
+@click.option("--seeds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Trials per case, each with its own text and a fresh copy of BUNDLE.")
+@click.option("--chars", type=click.IntRange(min=1000), default=30000, show_default=True,
+              help="Characters of each case's text (80% observed, 20% held out).")
+@BACKEND
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for report.md and "
+              "results.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench_poison(bundle_dir: str, old: Path, text_file: Path, cases: str, seeds: int,
+                 chars: int, backend: str, out: Path | None, as_json: bool) -> None:
+    """Observe and grow on text designed to hurt (one word repeated, random bytes, a flood
+    of one paragraph, shuffled base text, very long words, base text laced with bytes), each
+    on a fresh copy of BUNDLE: what the verdict, the guard and the slice did, and whether a
+    committed slice made the base held-out text worse (a regression); then prompts at and
+    past the context through score, suggestions and generate."""
+    from moegrow.tools import poison
+
+    texts = read_text(old), read_text(text_file)
+    try:
+        result = poison.bench_poison(bundle_dir, *texts, out, tuple(cases.split(",")), seeds,
+                                     chars, backend)
+    except poison.PoisonError as e:
+        fail(str(e))
+    emit(result, as_json, poison.report(result))

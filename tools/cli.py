@@ -177,7 +177,8 @@ def corpus_fetch(names: tuple[str, ...], out: Path, as_json: bool) -> None:
               show_default=True, help="tiny: ~1.4M params, minutes; small: ~9M, the default.")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Optimizer steps (default: the preset's).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of every random choice (runs with one seed repeat).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def pretrain(corpus_dir: Path, out: Path, preset: str, steps: int | None, seed: int,
              as_json: bool) -> None:
@@ -331,7 +332,7 @@ def _bits(text: str) -> tuple[int, ...]:
 @click.option("--domain", default="default", show_default=True,
               help="Tag of the text's domain in the error map.")
 @click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="executorch",
-              show_default=True)
+              show_default=True, help="The engine that scores the text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def observe(bundle_dir: str, text_file: Path, domain: str, backend: str, as_json: bool) -> None:
     """Score real text with the error taps and add them to BUNDLE's error map (state/ in the

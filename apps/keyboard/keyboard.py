@@ -1,10 +1,12 @@
 """A terminal keyboard that learns as you type.
 
     python apps/keyboard/keyboard.py BUNDLE [--domain notes] [--pause 2] [--backend onnxruntime]
+                                            [--grow-when charging|always]
 
 It suggests the next words as you type (Tab accepts the first), observes what you type
 under one domain tag for the session (the error map), and when you pause it grows in the
-background: one `idle` slice in a thread, on a working copy of the weights. A keystroke
+background (by default only on mains power: `--grow-when`, the growth policy): one `idle`
+slice in a thread, on a working copy of the weights. A keystroke
 interrupts the slice (`backends.Interrupt`: ONNX Runtime stops the run in flight) and the
 partial slice is discarded: only a slice that ran to its guard commits a new weights
 version, whole. The status line shows the verdict, the weights version, the bytes used of
@@ -21,6 +23,7 @@ import asyncio
 import sys
 import threading
 import time
+from pathlib import Path
 
 from moegrow import runtime
 from moegrow.runtime import backends, compress, errormap, growth, verdicts, versions
@@ -32,6 +35,21 @@ from prompt_toolkit.layout import HSplit, Layout, Window
 from prompt_toolkit.layout.controls import BufferControl, FormattedTextControl
 
 SHOWN = 3  # suggestions on the bar
+POWER = Path("/sys/class/power_supply")
+
+
+def on_mains(power: Path = POWER) -> str | None:
+    """The growth policy `--grow-when charging`: None (grow) when a charger is online or
+    the machine has no battery (a desktop), else why not. Linux's power-supply class; a
+    phone app asks its OS (BatteryManager, UIDevice) the same question."""
+    supplies = [d for d in power.glob("*") if (d / "type").is_file()]
+    kinds = {d: (d / "type").read_text().strip() for d in supplies}
+    batteries = [d for d, k in kinds.items() if k == "Battery"]
+    online = any((d / "online").is_file() and (d / "online").read_text().strip() == "1"
+                 for d, k in kinds.items() if k != "Battery")
+    charging = any((d / "status").is_file() and (d / "status").read_text().strip() in
+                   ("Charging", "Full") for d in batteries)
+    return None if not batteries or online or charging else "on battery"
 
 
 class Learner:
@@ -39,9 +57,10 @@ class Learner:
     thread that `stop` interrupts. Only one of them runs at a time: a keystroke stops the
     slice before the next suggestion."""
 
-    def __init__(self, path: str, backend: str, domain: str, limits: dict) -> None:
+    def __init__(self, path: str, backend: str, domain: str, limits: dict,
+                 policy=None) -> None:
         self.rt = runtime.open(path, backend)
-        self.domain, self.limits = domain, limits
+        self.domain, self.limits, self.policy = domain, limits, policy
         self.thread: threading.Thread | None = None
         self.busy = False  # a slice (or its observe) runs
         self.interrupt: backends.Interrupt | None = None
@@ -83,8 +102,8 @@ class Learner:
             self.verdict = self.judge()
             if self.verdict in ("deepen", "spawn"):
                 r = self.rt.idle(self.limits["seconds"], self.domain, interrupt=self.interrupt,
-                                 progress=self._say, tokens=self.limits["tokens"],
-                                 steps=self.limits["steps"])
+                                 policy=self.policy, progress=self._say,
+                                 tokens=self.limits["tokens"], steps=self.limits["steps"])
                 g, committed = r["guard"] or {}, r["committed"]
                 self.last = (f"committed v{r['version']} (domain ppl {-g['domain_gain']:+.1%}, "
                              f"base {g['base_rise']:+.2%}) in {time.monotonic() - start:.0f} s"
@@ -251,10 +270,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="replay tokens a slice learns from")
     p.add_argument("--steps", type=int, default=growth.Limits.steps,
                    help="PC steps a slice takes at most")
+    p.add_argument("--grow-when", choices=["charging", "always"], default="charging",
+                   help="charging: grow only on mains power or without a battery (the "
+                   "growth policy `Runtime.idle` asks before a slice and every step)")
     a = p.parse_args(argv)
     try:
         learner = Learner(a.bundle, a.backend, a.domain,
-                          {"seconds": a.seconds, "tokens": a.tokens, "steps": a.steps})
+                          {"seconds": a.seconds, "tokens": a.tokens, "steps": a.steps},
+                          on_mains if a.grow_when == "charging" else None)
     except (bundle_format.BundleError, backends.BackendError) as e:  # one line, exit 2
         print(f"keyboard: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
