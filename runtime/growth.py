@@ -18,9 +18,12 @@
      table (a unigram model of its training replay, smoothed toward the base's,
      `gate.SMOOTH`; the base's from the first half of the calibration text) and a
      threshold: at least `gate.GATE_LLR`, and at least the base replay's 99th percentile of
-     its class's score (`gate.threshold`). The clone is reachable only where the context
-     is that much likelier under its domain's class than under the base's and every other
-     grown domain's (`export/programs.py`, inside every program).
+     its class's score (`gate.threshold`); a threshold over `gate.SEPARABLE` means the
+     class explains base text as well as the base's does (shuffled base text: its clones
+     opened on base text the guard never saw, docs/reliability.md), and nothing is
+     spawned. The clone is reachable only where the context is that much likelier under
+     its domain's class than under the base's and every other grown domain's
+     (`export/programs.py`, inside every program).
   3. optionally (`Limits.router_steps`, off by default: it forgot more, docs/growth.md) hinge
      updates of the new router rows that push them below the k-th logit on replayed base
      positions that open the gate;
@@ -158,8 +161,8 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
     report = _slice(rt, seconds, domain, limits or Limits(), progress, reclaim, interrupt,
                     policy or (lambda: None))
     stopped = (report["reason"] or "").startswith("policy:")  # not the domain's doing
-    if (report["committed"] or report["guard"] or report["steps"] or report.get("full")) \
-            and not stopped:
+    if (report["committed"] or report["guard"] or report["steps"] or report.get("full")
+            or report.get("inseparable")) and not stopped:
         errormap.Store(rt.bundle.path).outcome(report["domain"], report["committed"])
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["accounted_bytes"] = (rt.weights.stat().st_size + report.get("work_file_bytes", 0)
@@ -284,6 +287,11 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     if any(s["how"] == "spawn" for s in steps):
         report["class"] = cls = _domain_class(work, domain, train, base)
         report["threshold"] = threshold = _threshold(work, base, cls)
+        if threshold > gate.SEPARABLE:
+            report["inseparable"] = True  # recorded as refused: wait for new text
+            return (f"the domain gate cannot tell {domain!r} from base text (its threshold "
+                    f"on the base text: {threshold:.1f} nats, over {gate.SEPARABLE:.1f}): "
+                    "nothing spawned, nothing committed")
         for s in steps:
             if s["how"] == "spawn":
                 work.set_expert(s["layer"], s["slot"], work.rt.expert(s["layer"], s["parent"]))

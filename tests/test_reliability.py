@@ -432,3 +432,32 @@ def test_the_keyboard_grows_on_mains_power_only(tmp_path):
     supply("AC", "Mains", online="0")
     supply("BAT0", "Battery", status="Full")
     assert kb.on_mains(tmp_path) is None
+
+
+def test_a_domain_the_gate_cannot_tell_from_the_base_spawns_nothing(tiny_bundle, tmp_path,
+                                                                      monkeypatch):
+    """A class whose threshold the base text pushes over `gate.SEPARABLE` (on the default
+    model, shuffled base text: 27.2 nats against 4.61 for the benchmark domains) gets no
+    gated clone: the slice ends before it spawns, nothing committed, and the refusal is
+    recorded (the domain waits for new text). Here the bound is lowered under every
+    threshold, so the tiny bundle's German domain meets it."""
+    from conftest import snapshot
+    from moegrow import runtime
+    from moegrow.runtime import errormap, gate
+
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    rt = runtime.open(path, "onnxruntime")
+    rt.observe(german(300), "de")
+    weights = {p: b for p, b in snapshot(path).items() if "state" not in p.parts}
+    monkeypatch.setattr(gate, "SEPARABLE", gate.GATE_LLR - 1)
+    r = rt.idle(600, "de", tokens=2048, steps=2)
+    assert not r["committed"] and "cannot tell 'de' from base text" in r["reason"]
+    assert r["threshold"] > gate.SEPARABLE and r["steps"] == 0
+    assert {p: b for p, b in snapshot(path).items() if "state" not in p.parts} == weights
+    assert not (path / "state" / "work.onnxruntime").exists()
+    seen = errormap.Store(path).read()["domains"]["de"]
+    assert seen["refused_at"] == seen["tokens"]  # recorded: it waits for new text
+    monkeypatch.setattr(gate, "SEPARABLE", 4 * gate.GATE_LLR)
+    rt.observe(german(100, seed=3), "de")  # new text: it may try again, and German passes
+    assert rt.idle(600, "de", tokens=2048, steps=2)["committed"]
