@@ -157,12 +157,13 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
     `policy`, the driver's rule for when growth may run (charging, screen off: the app's
     to know), is a callable -> None (go on) or why not (a short text); it is asked before
     the slice plans and before every PC step: a "why not" ends the slice with "policy:
-    <why>" as its reason, nothing committed or recorded (the next slice may try again)."""
+    <why>" as its reason and <why> as "policy", nothing committed or recorded (the next
+    slice may try again)."""
     report = _slice(rt, seconds, domain, limits or Limits(), progress, reclaim, interrupt,
                     policy or (lambda: None))
-    stopped = (report["reason"] or "").startswith("policy:")  # not the domain's doing
-    if (report["committed"] or report["guard"] or report["steps"] or report.get("full")
-            or report.get("inseparable")) and not stopped:
+    tried = (report["committed"] or report["guard"] or report["steps"] or report.get("full")
+             or report.get("inseparable"))
+    if tried and not report.get("policy"):  # a policy stop is not the domain's doing
         errormap.Store(rt.bundle.path).outcome(report["domain"], report["committed"])
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["accounted_bytes"] = (rt.weights.stat().st_size + report.get("work_file_bytes", 0)
@@ -200,7 +201,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
                               "guard": None, "committed": False,
                               "version": b.manifest["weights"]["version"], "reason": None}
     if why := policy():
-        report["reason"] = f"policy: {why}"
+        report["policy"], report["reason"] = why, f"policy: {why}"
         return report
     store = errormap.Store(b.path)
     seen = store.read()
@@ -282,7 +283,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
 
 def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.ndarray],
           limits: Limits, k: int, deadline: float, report: dict, say,
-          domain: str, policy=lambda: None) -> str | None:
+          domain: str, policy) -> str | None:
     """Spawn, train the router rows, then PC steps; returns why it stopped early, or None."""
     if any(s["how"] == "spawn" for s in steps):
         report["class"] = cls = _domain_class(work, domain, train, base)
@@ -322,6 +323,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     first, used = None, []
     for step in range(total):
         if why := policy():
+            report["policy"] = why
             return f"policy: {why} (before step {step + 1}); nothing committed"
         if time.monotonic() > deadline:
             if not step:

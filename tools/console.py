@@ -27,6 +27,25 @@ def cache_dir() -> Path:
 
 
 @contextlib.contextmanager
+def work_copy(bundle: Path, out: Path | None, prefix: str) -> Iterator[Path]:
+    """A copy of the bundle folder at `out`/bundle (kept, replacing an older one) or in a
+    temporary folder (removed after the block); yields the folder that holds it."""
+    import shutil
+    import tempfile
+
+    tmp = None if out is not None else tempfile.mkdtemp(prefix=prefix)
+    root = Path(out) if out is not None else Path(tmp)
+    if (root / "bundle").exists():
+        shutil.rmtree(root / "bundle")
+    shutil.copytree(bundle, root / "bundle")
+    try:
+        yield root
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def quiet(verbose: bool) -> Iterator[Path | None]:
     """Unless `verbose`: Python warnings ignored, log records at WARNING and below dropped
     (torch's `W1201 ...` lines, torchao's "Failed to load ..."), and file descriptor 2 (what

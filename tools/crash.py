@@ -32,13 +32,13 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from moegrow.tools.console import work_copy
 
 OPS = {"observe": ("score", "write"), "idle": ("plan", "deepen", "guard", "commit"),
        "rollback": ("verify", "follow"), "compress": ("compress", "commit")}
@@ -116,7 +116,7 @@ def _inspect(path: Path) -> dict:
             "log": {r["version"]: r["files_present"] for r in versions.log(b)},
             "tokens": {d: x["tokens"] for d, x in m["domains"].items()},
             "probe": {d: x["probe"]["tokens"] for d, x in m["domains"].items()},
-            "routed": routed, "k": b.config["num_experts_per_tok"]}
+            "routed": routed, "layers": layers, "k": b.config["num_experts_per_tok"]}
 
 
 def _check(path: Path, backend: str, before: dict, added: int) -> dict[str, str]:
@@ -142,7 +142,7 @@ def _check(path: Path, backend: str, before: dict, added: int) -> dict[str, str]
         lost.append(was)  # its files went although no commit's retention let them go
     if lost:
         bad["lost_versions"] = f"versions {lost}"
-    layers = len(next(iter(after["routed"].values()), []))
+    layers = after["layers"]
     for d in set(after["tokens"]) | set(before["tokens"]):
         moved = after["tokens"].get(d, 0) - before["tokens"].get(d, 0)
         probe = after["probe"].get(d, 0) - before["probe"].get(d, 0)
@@ -204,12 +204,6 @@ def bench_crash(bundle_dir: str | Path, trials: int, text: str, out: Path | None
     if backend not in src.engines():
         raise CrashError(f"{src.path}: no {backend} program in the bundle")
     say = progress or (lambda _m: None)
-    tmp = None if out is not None else tempfile.mkdtemp(prefix="moegrow-crash-")
-    root = Path(out) if out is not None else Path(tmp)
-    path, text_file = root / "bundle", root / "text.txt"
-    if path.exists():
-        shutil.rmtree(path)
-    shutil.copytree(src.path, path)
     rng = random.Random(seed)
     sp = spm.SentencePieceProcessor()
     sp.load(str(src.tokenizer))
@@ -220,11 +214,13 @@ def bench_crash(bundle_dir: str | Path, trials: int, text: str, out: Path | None
                             "uncommitted_current"), 0)
     by_phase = {op: dict.fromkeys(OPS[op], 0) for op in ops}
     failures, completed, start = [], 0, time.monotonic()
-    try:
+    with work_copy(src.path, out, "moegrow-crash-") as root:
+        path, text_file = root / "bundle", root / "text.txt"
         say("calibrating: each operation once, to its end")
         text_file.write_text(pieces[0])
         lengths: dict[str, dict[str, float]] = {}
-        for op in ("observe", "observe", "idle", "rollback", "idle", *ops[3:]):
+        for op in ("observe", "observe", "idle", "rollback", "idle",
+                   *(["compress"] if "compress" in ops else [])):
             lengths[op] = lengths.get(op, {}) | _calibrate(path, op, backend, text_file,
                                                            limits)
         bar = tqdm(total=trials, desc="kills", unit="kill", leave=False)
@@ -257,9 +253,6 @@ def bench_crash(bundle_dir: str | Path, trials: int, text: str, out: Path | None
                 if len(failures) < 20:
                     failures.append({"trial": kills, "op": op, "phase": phase, kind: why})
         bar.close()
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     result = {"trials": trials, **counts, "by_phase": by_phase, "completed": completed,
               "phase_seconds": lengths, "failures": failures,
               "seconds": time.monotonic() - start, "backend": backend}

@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from moegrow.runtime.guard import GUARD_BASE as BOUND  # the guard's base bound
+
 CASES = ("repeat", "bytes", "flood", "shuffled", "long-words", "mixed")
-BOUND = 0.005  # the guard's base bound (runtime/guard.py GUARD_BASE)
 JUDGE_CHARS = 40000  # of --old scored before and after each slice
 
 
@@ -92,8 +93,9 @@ def _serving(rt) -> dict:
 
 
 def run_case(src: Path, work: Path, case: str, seed: int, text: str, old: str, backend: str,
-             seconds: float, place: str = "auto") -> dict:
-    """One trial on a fresh copy of `src` -> its slice's outcome and the measurements."""
+             seconds: float, place: str, base_before: float) -> dict:
+    """One trial on a fresh copy of `src` -> its slice's outcome and the measurements
+    (`base_before`: `old`'s perplexity under `src`, the same for every trial)."""
     from moegrow import runtime
 
     path = work / f"{case}-{seed}-{place}"
@@ -102,7 +104,7 @@ def run_case(src: Path, work: Path, case: str, seed: int, text: str, old: str, b
         rt = runtime.open(path, backend)
         cut = int(len(text) * 0.8)
         train, held = text[:cut], text[cut:]
-        before = {"base": rt.score(old)["ppl"], "own": rt.score(held)["ppl"]}
+        before = {"base": base_before, "own": rt.score(held)["ppl"]}
         observed = rt.observe(train, case)
         r = rt.idle(seconds, case, place=place)
         after = {"base": rt.score(old)["ppl"], "own": rt.score(held)["ppl"]}
@@ -148,12 +150,14 @@ def bench_poison(bundle_dir: str | Path, old: str, user: str, out: Path | None =
     work = Path(tempfile.mkdtemp(prefix="moegrow-poison-"))
     rows = []
     try:
+        rt = runtime.open(src.path, backend)
+        base_before = rt.score(judge)["ppl"]
         for case in tqdm(cases, desc="poison", leave=False):
             for seed in range(seeds):
                 text = make(case, seed, source, user, chars)
                 rows += [run_case(src.path, work, case, seed, text, judge, backend, seconds,
-                                  place) for place in places]
-        serving = _serving(runtime.open(src.path, backend))
+                                  place, base_before) for place in places]
+        serving = _serving(rt)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {"trials": len(rows), "regressions": sum(r["regression"] for r in rows),

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 from moegrow import runtime
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import compress
+from moegrow.tools.console import work_copy
 
 
 class SoakError(ValueError):
@@ -70,18 +69,9 @@ def bench_soak(bundle_dir: str | Path, cycles: int, texts: dict[str, str],
     if not src.config.get("spare_experts"):
         raise SoakError(f"{src.path}: no spare slots: nothing to grow in a soak")
     say = progress or (lambda _m: None)
-    tmp = None if out is not None else tempfile.mkdtemp(prefix="moegrow-soak-")
-    root = Path(out) if out is not None else Path(tmp)
-    path = root / "bundle"
-    if path.exists():
-        shutil.rmtree(path)
-    shutil.copytree(src.path, path)
-    try:
-        result = _run(path, cycles, texts, backend, chunk, switch, seconds, tokens, steps,
-                      say)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with work_copy(src.path, out, "moegrow-soak-") as root:
+        result = _run(root / "bundle", cycles, texts, backend, chunk, switch, seconds, tokens,
+                      steps, say)
     if out is not None:
         (root / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         (root / "report.md").write_text(report(result))

@@ -86,41 +86,39 @@ class Study:
         with torch.no_grad():
             return self.energy(tokens, valid, self.slots)[:3]
 
-    def exact(self, tokens, valid, layer: int) -> list[torch.Tensor]:
-        """d NLL / d (layer's expert weights), routers fixed: the default schedule's update."""
-        self.energy.layer = layer
+    def _weight_grad(self, layer: int, loss) -> list[torch.Tensor]:
+        """d loss() / d (the layer's expert weights)."""
         weights = self.targets[layer]
         with torch.enable_grad():
             for w in weights:
                 w.requires_grad_(True)
-            nll = self.energy(tokens, valid, self.slots)[3]
-            out = torch.autograd.grad(nll.sum(), weights)
-            for w in weights:
-                w.requires_grad_(False)
-        return list(out)
+            try:
+                return list(torch.autograd.grad(loss(), weights))
+            finally:
+                for w in weights:
+                    w.requires_grad_(False)
 
-    def free(self, tokens, valid, x, gates, base, schedule: str, pi) -> torch.Tensor:
-        e = self.energy
-        nodes = e.compose(tokens, x, gates, base) if schedule == "error" else x
-        eps, nll = e.errors(tokens, nodes, gates, base)
+    def exact(self, tokens, valid, layer: int) -> list[torch.Tensor]:
+        """d NLL / d (layer's expert weights), routers fixed: the default schedule's update."""
+        self.energy.layer = layer
+        return self._weight_grad(layer, lambda: self.energy(tokens, valid, self.slots)[3].sum())
+
+    def nodes(self, tokens, x, gates, base, schedule: str) -> list[torch.Tensor]:
+        """The value nodes of the variables `x`: themselves, or (error-space PC) composed
+        from the errors."""
+        return self.energy.compose(tokens, x, gates, base) if schedule == "error" else x
+
+    def free(self, tokens, valid, nodes, gates, base, pi) -> torch.Tensor:
+        """F at `nodes`, each node's error weighted by its precision in `pi`."""
+        eps, nll = self.energy.errors(tokens, nodes, gates, base)
         energy = sum(p * 0.5 * (v[0] * v[0]).sum(-1) for p, v in zip(pi, eps, strict=True))
         return ((energy + nll) * valid).sum()
 
     def update(self, tokens, valid, x, gates, base, schedule: str, pi, layer: int):
         """dF/dW of the layer's experts at the current nodes (the update PC takes)."""
-        weights = self.targets[layer]
-        with torch.enable_grad():
-            for w in weights:
-                w.requires_grad_(True)
-            x = [v.detach() for v in x]
-            if schedule == "error":  # the nodes the errors reached, held as values
-                with torch.no_grad():
-                    x = self.energy.compose(tokens, x, gates, base)
-            f = self.free(tokens, valid, x, gates, base, "strict", pi)
-            out = torch.autograd.grad(f, weights)
-            for w in weights:
-                w.requires_grad_(False)
-        return list(out)
+        with torch.no_grad():
+            nodes = self.nodes(tokens, [v.detach() for v in x], gates, base, schedule)
+        return self._weight_grad(layer, lambda: self.free(tokens, valid, nodes, gates, base, pi))
 
     def relax(self, tokens, valid, layer: int, schedule: str, steps: int, tol: float,
               exact: list[torch.Tensor] | None = None) -> dict:
@@ -132,7 +130,8 @@ class Study:
         x = [torch.zeros_like(n) for n in nodes] if schedule == "error" else nodes
 
         def free(x):
-            return self.free(tokens, valid, x, gates, base, schedule, pi)
+            return self.free(tokens, valid, self.nodes(tokens, x, gates, base, schedule),
+                             gates, base, pi)
 
         def grad(x):
             with torch.enable_grad():
@@ -163,12 +162,13 @@ class Study:
                 cos[t], ratio[t] = _cos(u, exact), float(_cat(u).norm() / _cat(exact).norm())
             if t < steps:
                 x = [v - a * d for v, a, d in zip(x, eta, g, strict=True)]
+        out["update"] = final = self.update(tokens, valid, last, gates, base, schedule, pi,
+                                            layer)
         for t in AT:  # a schedule that halted keeps its last accepted values from there on
             if t <= steps and t not in cos and exact is not None:
-                u = self.update(tokens, valid, last, gates, base, schedule, pi, layer)
-                cos[t], ratio[t] = _cos(u, exact), float(_cat(u).norm() / _cat(exact).norm())
+                cos[t] = _cos(final, exact)
+                ratio[t] = float(_cat(final).norm() / _cat(exact).norm())
         out["cos"], out["ratio"] = cos, ratio
-        out["update"] = self.update(tokens, valid, last, gates, base, schedule, pi, layer)
         return out
 
     def perplexity(self, ids: np.ndarray) -> float:
