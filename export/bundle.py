@@ -324,8 +324,11 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
             "config": config, "context": model.args.max_position_embeddings, "bits": bits,
-            # quantized programs run every expert densely (neither engine quantizes gathers)
+            # quantized ExecuTorch programs run every expert densely (XNNPACK has no
+            # quantized gather); "routed": the engines whose quantized serving programs read
+            # only the chosen experts (ONNX Runtime's QMoE, `quantize.routed`)
             "decode_moe": "gather" if bits == 32 else "dense",
+            "routed": [] if bits == 32 else [e for e in engines if e == "onnxruntime"],
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},

@@ -152,6 +152,7 @@ class Slots(nn.Module):
     def __init__(self, moe: layers.MoE, gated: bool = True):
         super().__init__()
         self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
+        self.source = (moe,)  # for `quantize.dense`/`routed`; not a submodule: not its weights
         slots, f, c = moe.experts.gate_proj.shape
         spare, pool = getattr(moe, "spare", 0), getattr(moe, "pool", 0)
         self.live, self.hidden, self.gated = slots - spare - pool, f, gated
@@ -243,7 +244,6 @@ class GatherMoE(Slots):
 
     def __init__(self, moe: layers.MoE, gated: bool = True):
         super().__init__(moe, gated)
-        self.source = (moe,)  # for `quantize.dense`; not a submodule: not this program's weights
         ex = moe.experts
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, nn.Parameter(getattr(ex, name).detach()[:self.live].clone(),
@@ -265,6 +265,69 @@ class GatherMoE(Slots):
         y = torch.bmm(self.down_proj[flat], h).reshape(-1, self.top_k, shape[-1])  # [N, K, C]
         out = torch.bmm(weights[:, None, :].to(y.dtype), y)[:, 0]  # gate-weighted sum over K
         if self.spare or self.pool:
+            out = out + more
+        return out.reshape(shape), logits
+
+
+class RoutedMoE(Slots):
+    """A quantized ONNX Runtime program's MoE (`quantize.routed`): only the K chosen base
+    experts are read, through ONNX Runtime's `QMoE` contrib op, the quantized
+    gather-then-matmul neither engine has as plain ops (docs/benchmarks.md). The base
+    experts are held in its layout: `fc1` [E, 2F, C*bits/8] (gate and up rows interleaved,
+    `swiglu_fusion=1`, the only SwiGLU form its CPU kernel takes), `fc2` [E, C, F*bits/8],
+    uint8 codes in blocks of 32 along the input with fp32 scales, made from `pack(w, bits)`
+    (`quantize.packed`) of the dense programs' linears ([E*F, C], [C, E*F]), so every
+    program serves the same values (int8's down scales span all experts' row, as there).
+    Routing stays the programs' own (`route`, over every open slot): the op picks the top K
+    of the base logits and weighs them by `router_weights`, the joint gates, so a base
+    expert that lost its place to a spare or pool slot weighs 0 (computed, not counted).
+    Eager (the torch side of the parity tests): the same sum over dequantized weights."""
+
+    def __init__(self, moe: layers.MoE, gated: bool, bits: int, pack, accuracy_level: int):
+        super().__init__(moe, gated)
+        ex, e, f = moe.experts, self.live, self.hidden
+        c = ex.gate_proj.shape[2]
+        self.bits, self.accuracy_level = bits, accuracy_level
+
+        def codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            u, s = pack(w.detach().float().contiguous(), bits)
+            return torch.from_numpy(u), torch.from_numpy(s).reshape(u.shape[:2])
+
+        (ug, sg), (uu, su) = (codes(p[:e].reshape(-1, c)) for p in (ex.gate_proj, ex.up_proj))
+        ud, sd = codes(ex.down_proj[:e].permute(1, 0, 2).reshape(c, -1))
+        for name, g, u, d in (("fc1", ug, uu, ud), ("fc1_scales", sg, su, sd)):
+            self.register_buffer(name, torch.stack([g.reshape(e, f, -1), u.reshape(e, f, -1)],
+                                                   2).reshape(e, 2 * f, -1).contiguous())
+            self.register_buffer(name.replace("1", "2"),
+                                 d.reshape(c, e, -1).permute(1, 0, 2).contiguous())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weights, ids = route(self, x)
+        gates = torch.zeros_like(logits).scatter(1, ids, weights)
+        base = gates[:, :self.live]
+        if torch.onnx.is_in_onnx_export():
+            out = torch.onnx.ops.symbolic(
+                "com.microsoft::QMoE",
+                (x, logits[:, :self.live], self.fc1, self.fc1_scales, None, self.fc2,
+                 self.fc2_scales, None, None, None, None, None, None, None, base),
+                {"k": self.top_k, "activation_type": "swiglu", "swiglu_fusion": 1,
+                 "activation_alpha": 1.0, "activation_beta": 0.0,
+                 "normalize_routing_weights": 0, "expert_weight_bits": self.bits,
+                 "block_size": POOL_GROUP, "accuracy_level": self.accuracy_level},
+                dtype=x.dtype, shape=x.shape, version=1)
+        else:
+            e, f, (c2, c) = self.live, self.hidden, (self.fc2.shape[1], shape[-1])
+            w1 = dequant(self.fc1.reshape(2 * e * f, c // POOL_GROUP, -1),
+                         self.fc1_scales.reshape(-1), self.bits, 2 * e * f, c)
+            w2 = dequant(self.fc2.reshape(e * c2, f // POOL_GROUP, -1),
+                         self.fc2_scales.reshape(-1), self.bits, e * c2, f)
+            z = torch.einsum("nc,gc->ng", x, w1).reshape(-1, e, f, 2)
+            h = F.silu(z[..., 0]) * z[..., 1]
+            out = torch.einsum("nef,ecf->nc", h * base[..., None], w2.reshape(e, c2, f))
+        if self.spare or self.pool:
+            more, _ = self.spare_out(x, gates)
             out = out + more
         return out.reshape(shape), logits
 

@@ -66,6 +66,7 @@ class Runtime:
         self.cache_shape = (c["num_hidden_layers"], 1, c["num_key_value_heads"],
                             bundle.context, head_dim)
         self.slots = slot_state(bundle)
+        self.typed: tuple | None = None  # the last `suggestions` context: (ids, slots, outputs)
 
     def reload(self, bundle: bundle_format.Bundle | None = None) -> None:
         """Serve `bundle` (a new version of this one) from now on; without it, load this
@@ -73,6 +74,7 @@ class Runtime:
         if self.backend not in backends.ENGINES:
             raise backends.BackendError(f"backend {self.backend!r} serves its own weights: it "
                                         "cannot load a new weights version")
+        self.typed = None
         if bundle is not None:
             self.bundle, self.slots = bundle, slot_state(bundle)
             self.weights = bundle.weights(self.backend)
@@ -119,6 +121,29 @@ class Runtime:
         tokens = np.array([ids], np.int64)
         return self.engine.run(self.program("prefill"),
                                [tokens, np.arange(len(ids)), k, k.copy(), self.slots])
+
+    def extend(self, ids: list[int]) -> list[np.ndarray]:
+        """`prefill(ids)`, reusing the last call's cache for the start `ids` shares with it:
+        a keyboard extends the same text a character at a time, so only the pieces from the
+        first that changed run (prefill at their positions over the cached keys and values;
+        a position past them is masked, whatever it holds). Not while a spawned expert
+        serves (`program`): the domain gate's class scores sum over the whole context."""
+        last, n = self.typed, 0
+        if last is not None and self.program("prefill") == "prefill" \
+                and np.array_equal(last[1], self.slots):
+            common = min(len(last[0]), len(ids))
+            n = next((i for i in range(common) if last[0][i] != ids[i]), common)
+            if n == len(ids) == len(last[0]):
+                return last[2]
+        n = min(n, len(ids) - 1)  # at least the last piece runs: its logits are the answer
+        if n == 0:
+            out = self.prefill(ids)
+        else:
+            out = self.engine.run(self.program("prefill"),
+                                  [np.array([ids[n:]], np.int64), np.arange(n, len(ids)),
+                                   last[2][1], last[2][2], self.slots])
+        self.typed = (list(ids), self.slots.copy(), out)
+        return out
 
     def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray,
                novelty: np.ndarray) -> list[np.ndarray]:
@@ -168,7 +193,7 @@ class Runtime:
         """`suggest` as [{"word", "p", "new"}]: "new" when the word starts after a space
         (a next word), else it continues the prefix's last word (its rest)."""
         ids = self._ids(prefix, max_pieces)
-        logits, kc, vc, novelty = self.prefill(ids)
+        logits, kc, vc, novelty = self.extend(ids)
         z = logits[0].astype(np.float64)
         probs = np.exp(z - z.max())
         probs /= probs.sum()

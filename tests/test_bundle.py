@@ -90,6 +90,33 @@ def test_generation_and_suggestions_agree_across_backends(tiny_bundle, tiny_ckpt
 
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_typing_reuses_the_context_and_suggests_the_same(tiny_bundle, engine):
+    """`suggestions` a character at a time (a keyboard; with a deletion and a new text)
+    equals a fresh runtime's for the same text, while the prefill runs only the pieces
+    from the first that changed (`Runtime.extend`)."""
+    rt = runtime.open(tiny_bundle, engine)
+    ran, run = [], rt.engine.run
+
+    def counting(name, arrays):
+        if name == "prefill":
+            ran.append(arrays[0].shape[1])
+        return run(name, arrays)
+    rt.engine.run = counting
+    text = "The router sends each token to its experts"
+    typed = [text[:n] for n in range(12, len(text) + 1)] + [text[:-4], "A new note"]
+    for prefix in typed:
+        fresh = runtime.open(tiny_bundle, engine).suggestions(prefix, k=3)
+        got = rt.suggestions(prefix, k=3)
+        assert [w["word"] for w in got] == [w["word"] for w in fresh], prefix
+        np.testing.assert_allclose([w["p"] for w in got], [w["p"] for w in fresh], rtol=1e-4,
+                                   atol=1e-6)
+    full = [len(rt._ids(p, 6)) for p in typed]
+    assert ran[0] == full[0] and ran[-1] == full[-1] - 1  # the first and a new text: all
+    # but the BOS they share
+    assert sum(ran) < sum(full) / 3, (ran, full)
+
+
 def test_cli_eval_and_generate_on_a_bundle(capsys, tiny_bundle, tmp_path):
     (tmp_path / "t.txt").write_text(TEXT)
     results = []

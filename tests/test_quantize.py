@@ -2,24 +2,28 @@
 
 The tiny pretrained model's quantized bundles (conftest.exports) and `score` programs: their
 perplexity on held-out text against the fp32 torch program, int8 within 2%, int4 within 6%
-(issue 3); the ONNX quantizer on its own, both of its int8 forms.
+(issue 3); the ONNX quantizer on its own, both of its int8 forms; the routed MoE of ONNX
+Runtime's quantized serving programs (`QMoE`, only the chosen experts read) against the
+torch reference, with a spare slot taking a base expert's place.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 from conftest import exported
-from moegrow.export import checkpoint, lower, programs, quantize
+from moegrow.export import checkpoint, lower, moe, programs, quantize
 from moegrow.export.tokenizer import BOS
 
 pytestmark = pytest.mark.slow  # waits for the exports; one ONNX export
 
 LENGTH = 64  # tokens per scored window
 LIMITS = {8: 0.02, 4: 0.06}  # relative perplexity increase allowed over fp32
+NMSE = {8: 1e-2, 4: 3e-2}  # test_backend_ops.py's bounds against the torch reference
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +105,14 @@ def test_bundle_ppl(setup, fp32_ppl, exports, engine, bits):
         left = _left_outside_xnnpack(rt.bundle.programs(engine)["score"], "score")
         assert left and not [t for t in left if any(k in t for k in ("linear", "mm", "quant",
                                                                       "qparams"))], left
+    else:  # the serving programs read only the chosen experts (QMoE); observe, every one
+        import onnx
+
+        for name, path in rt.bundle.programs(engine).items():
+            ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+            routed = name.removesuffix("_gated") in ("prefill", "decode", "score")
+            assert ops.count("QMoE") == (rt.bundle.config["num_hidden_layers"] if routed
+                                         else 0), name
     ppl = _ppl(lambda w: rt.run("score", w.numpy())[0], windows)
     print(f"{engine} int{bits}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} ({ppl / fp32_ppl - 1:+.2%})")
     assert ppl <= fp32_ppl * (1 + LIMITS[bits])
@@ -132,3 +144,64 @@ def test_onnxruntime_ppl(setup, fp32_ppl, fp32_onnx, bits, dynamic, tmp_path):
     kind = f"int{bits}" + (" dynamic" if dynamic else "")
     print(f"onnxruntime {kind}: ppl {ppl:.4f} vs fp32 {fp32_ppl:.4f} ({ppl / fp32_ppl - 1:+.2%})")
     assert ppl <= fp32_ppl * (1 + LIMITS[bits])
+
+
+def _nmse(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_routed_moe(setup, bits, tmp_path):
+    """`quantize.routed` (ONNX Runtime's quantized serving form): eager, the program on the
+    experts' served values (`dequantized`) up to float rounding; lowered (`QMoE`), the dense
+    quantized program on ONNX Runtime up to the order of its sums, and the torch reference
+    (every linear as served) within the backend-ops matrix's bound; with the first spare
+    slot closed, then open and biased to win: it takes a base expert's place, which then
+    weighs 0 (the joint top-k)."""
+    import onnx
+    import onnxruntime as ort
+
+    _, windows, model = setup
+    spare = programs.with_spare(model, 1)
+    experts = copy.deepcopy(spare)  # the reference: the experts as served, the rest fp32
+    for block, served in zip(experts.model.layers,  # (the ONNX quantizer takes the rest)
+                             quantize.dequantized(spare, bits).model.layers, strict=True):
+        block.mlp.experts = served.mlp.experts
+    ref = programs.Decode(experts)
+    decode = programs.Decode(spare)
+    inputs, _ = decode.example(LENGTH)
+    rng = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(inputs[2].shape, generator=rng) * 0.3 for _ in range(2))
+    example, shapes = decode.example(LENGTH)
+    path = quantize.to_onnx(decode, example, tmp_path / "decode.onnx", shapes, decode.outputs,
+                            bits=bits)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node
+            ].count("QMoE") == model.args.num_hidden_layers
+    fp32 = lower.to_onnx(quantize.dense(decode), example, tmp_path / "dense32.onnx", shapes,
+                         decode.outputs)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                for p in (path, quantize.quantize_onnx(fp32, tmp_path / "dense.onnx", bits))]
+    names = [i.name for i in sessions[0].get_inputs()]
+    served = programs.Decode(quantize.dequantized(spare, bits))  # every linear as served
+    form = quantize.routed(decode, bits)
+    assert all(isinstance(b.mlp, moe.RoutedMoE) for b in form.model.model.layers)
+    slots = programs.slot_state(spare)
+    for open_ in (False, True):
+        if open_:
+            slots[:, :, -1] = torch.tensor([5.0, 0.0, 0.0, 0.0])  # a * s >= t everywhere
+        feed = (torch.tensor([[17]]), torch.tensor([9]), k, v, slots, inputs[5])
+        with torch.no_grad():
+            got, want = form(*feed), ref(*feed)
+            x = torch.randn(4, model.args.hidden_size, generator=rng)
+            chosen = form.model.model.layers[0].mlp.route(x)[2]
+        assert (chosen == slots.shape[-1] - 1).any() == open_  # the spare slot competes
+        for a, b in zip(got, want, strict=True):
+            assert _nmse(a, b) < 1e-10, _nmse(a, b)
+        routed, dense = (s.run(None, dict(zip(names, (t.numpy() for t in feed), strict=True)))
+                         for s in sessions)
+        with torch.no_grad():
+            reference = served(*feed)
+        for a, b, r in zip(routed, dense, reference, strict=True):
+            assert _nmse(a, b) < 1e-6, _nmse(a, b)  # the same sums, another order
+            assert _nmse(a, r) < NMSE[bits], _nmse(a, r)

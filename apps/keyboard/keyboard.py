@@ -72,8 +72,13 @@ class Learner:
         """The top suggestions for the end of `text` (its tail that fits the context): next
         words after a space, else the current word's completions and next words."""
         room = self.rt.bundle.context - 8
-        ids = self.rt.sp.encode(text[-16 * room:])  # the tail: a piece is rarely 16 chars
-        tail = self.rt.sp.decode(ids[-room:]) if len(ids) > room else text[-16 * room:]
+        # the tail, from starts that stay put while the text grows (a piece is rarely 16
+        # characters; then whole halves of the room): the runtime reuses the cache of the
+        # context it shares with the last keystroke's (`Runtime.extend`)
+        cut = max(0, len(text) - 16 * room) // (8 * room) * (8 * room)
+        ids = self.rt.sp.encode(text[cut:])
+        start = -(-max(0, len(ids) - room) // (room // 2)) * (room // 2)
+        tail = self.rt.sp.decode(ids[start:]) if start else text[cut:]
         if not tail.strip():
             return []
         words = self.rt.suggestions(tail, k=SHOWN * 3)

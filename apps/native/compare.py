@@ -42,9 +42,13 @@ def python(bundle: str) -> dict:
         return 1e3 * sorted(times)[n // 2]
     logits, k, v, novelty = rt.prefill(ids)
     token = int(logits[0].argmax())
+
+    def suggest():  # a new context each time: the prompt's prefill counted
+        rt.typed = None
+        rt.suggest(PROMPT)
     return {"open_and_first_prefill_s": first, "prefill_ms": median(lambda: rt.prefill(ids), 5),
             "decode_ms": median(lambda: rt.decode(token, len(ids), k, v, novelty), 32),
-            "suggest_ms_with_prefill": median(lambda: rt.suggest(PROMPT), 5),
+            "suggest_ms_with_prefill": median(suggest, 5),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "suggestions": rt.suggest(PROMPT), "text": "".join(rt.generate(PROMPT, 32))}
 
