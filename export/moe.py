@@ -295,6 +295,7 @@ class RoutedMoE(Slots):
 
         (ug, sg), (uu, su) = (codes(p[:e].reshape(-1, c)) for p in (ex.gate_proj, ex.up_proj))
         ud, sd = codes(ex.down_proj[:e].permute(1, 0, 2).reshape(c, -1))
+        self.group = c // sg.shape[1]  # the codes' block along the input
         for name, g, u, d in (("fc1", ug, uu, ud), ("fc1_scales", sg, su, sd)):
             self.register_buffer(name, torch.stack([g.reshape(e, f, -1), u.reshape(e, f, -1)],
                                                    2).reshape(e, 2 * f, -1).contiguous())
@@ -315,17 +316,17 @@ class RoutedMoE(Slots):
                 {"k": self.top_k, "activation_type": "swiglu", "swiglu_fusion": 1,
                  "activation_alpha": 1.0, "activation_beta": 0.0,
                  "normalize_routing_weights": 0, "expert_weight_bits": self.bits,
-                 "block_size": POOL_GROUP, "accuracy_level": self.accuracy_level},
+                 "block_size": self.group, "accuracy_level": self.accuracy_level},
                 dtype=x.dtype, shape=x.shape, version=1)
         else:
-            e, f, (c2, c) = self.live, self.hidden, (self.fc2.shape[1], shape[-1])
-            w1 = dequant(self.fc1.reshape(2 * e * f, c // POOL_GROUP, -1),
+            e, f, c = self.live, self.hidden, shape[-1]
+            w1 = dequant(self.fc1.reshape(2 * e * f, c // self.group, -1),
                          self.fc1_scales.reshape(-1), self.bits, 2 * e * f, c)
-            w2 = dequant(self.fc2.reshape(e * c2, f // POOL_GROUP, -1),
-                         self.fc2_scales.reshape(-1), self.bits, e * c2, f)
+            w2 = dequant(self.fc2.reshape(e * c, f // self.group, -1),
+                         self.fc2_scales.reshape(-1), self.bits, e * c, f)
             z = torch.einsum("nc,gc->ng", x, w1).reshape(-1, e, f, 2)
             h = F.silu(z[..., 0]) * z[..., 1]
-            out = torch.einsum("nef,ecf->nc", h * base[..., None], w2.reshape(e, c2, f))
+            out = torch.einsum("nef,ecf->nc", h * base[..., None], w2.reshape(e, c, f))
         if self.spare or self.pool:
             more, _ = self.spare_out(x, gates)
             out = out + more

@@ -125,8 +125,9 @@ class Runtime:
     def extend(self, ids: list[int]) -> list[np.ndarray]:
         """`prefill(ids)`, reusing the last call's cache for the start `ids` shares with it:
         a keyboard extends the same text a character at a time, so only the pieces from the
-        first that changed run (prefill at their positions over the cached keys and values;
-        a position past them is masked, whatever it holds). Not while a spawned expert
+        first that changed run (prefill at their positions over the cached keys and values,
+        or one decode step for one piece; a position past them is masked, whatever it
+        holds). Not while a spawned expert
         serves (`program`): the domain gate's class scores sum over the whole context."""
         last, n = self.typed, 0
         if last is not None and self.program("prefill") == "prefill" \
@@ -138,6 +139,9 @@ class Runtime:
         n = min(n, len(ids) - 1)  # at least the last piece runs: its logits are the answer
         if n == 0:
             out = self.prefill(ids)
+        elif n == len(ids) - 1:  # one piece: the decode program (routed, where prefill is
+            # dense), on the same gates
+            out = [*self.decode(ids[-1], n, last[2][1], last[2][2], last[2][3]), last[2][3]]
         else:
             out = self.engine.run(self.program("prefill"),
                                   [np.array([ids[n:]], np.int64), np.arange(n, len(ids)),

@@ -93,19 +93,21 @@ def test_generation_and_suggestions_agree_across_backends(tiny_bundle, tiny_ckpt
 @pytest.mark.parametrize("engine", ENGINES)
 def test_typing_reuses_the_context_and_suggests_the_same(tiny_bundle, engine):
     """`suggestions` a character at a time (a keyboard; with a deletion and a new text)
-    equals a fresh runtime's for the same text, while the prefill runs only the pieces
-    from the first that changed (`Runtime.extend`)."""
+    equals a fresh runtime's for the same text, while only the context's pieces from the
+    first that changed run (`Runtime.extend`: a prefill, or one decode step)."""
     rt = runtime.open(tiny_bundle, engine)
-    ran, run = [], rt.engine.run
+    ran, run, length = [], rt.engine.run, [0]
 
-    def counting(name, arrays):
-        if name == "prefill":
+    def counting(name, arrays):  # the context's pieces run: prefills, and a decode step
+        # at the context's last position (one new piece); the words' steps come after it
+        if name == "prefill" or (name == "decode" and arrays[1][0] == length[0] - 1):
             ran.append(arrays[0].shape[1])
         return run(name, arrays)
     rt.engine.run = counting
     text = "The router sends each token to its experts"
     typed = [text[:n] for n in range(12, len(text) + 1)] + [text[:-4], "A new note"]
     for prefix in typed:
+        length[0] = len(rt._ids(prefix, 6))
         fresh = runtime.open(tiny_bundle, engine).suggestions(prefix, k=3)
         got = rt.suggestions(prefix, k=3)
         assert [w["word"] for w in got] == [w["word"] for w in fresh], prefix
@@ -217,7 +219,10 @@ def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_p
     result = json.loads(out)
     assert [r["backend"] for r in result["results"]] == ["torch", "executorch", "onnxruntime"]
     assert result["results"][0]["decode_vs_torch"] == 1.0
-    assert all(r["decode_tps"] > 0 and r["suggest_p95_ms"] > 0 for r in result["results"])
+    assert all(r["decode_tps"] > 0 and r["suggest_p95_ms"] > 0 and r["typing_p95_ms"] > 0
+               for r in result["results"])
+    assert [r["mb_per_token"] for r in result["results"]][1:] == [result["bytes_per_token"] / 1e6
+                                                                  ] * 2  # fp32: both gather
     assert (tmp_path / "r" / "report.md").read_text().startswith("# moegrow bench infer")
     assert (tmp_path / "r" / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, err = run(capsys, "bench", "infer", str(tiny_bundle), "--out", str(tmp_path / "x"))
