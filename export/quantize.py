@@ -12,10 +12,10 @@ weights has no quantized kernel in XNNPACK). `dense(program)` does that swap;
 `quantize_for_pte` calls it. ONNX Runtime has one: its `QMoE` contrib op reads only the
 chosen experts' codes, so its quantized serving programs (prefill, decode, score: `ROUTED`)
 hold their base experts as `moe.RoutedMoE` (`routed(program, bits)`), the same codes and
-scales in that op's layout; its `observe` (every expert's activation) stays dense. Default
-model, int4, 1 thread: decode 1.43x, 32-token prefill 1.75x, 128-token score 1.60x faster
-than dense (docs/benchmarks.md). The ONNX file given to `quantize_onnx` comes from a dense
-or routed program.
+scales in that op's layout; its `observe` (every expert's activation) stays dense
+(speed, and the second copy of the experts this costs: docs/benchmarks.md, "Routed
+quantized experts"). The ONNX file given to `quantize_onnx` comes from a dense or routed
+program.
 `to_pte` / `to_onnx` here are `lower.to_pte` / `lower.to_onnx` with a `bits` argument.
 
 ExecuTorch / XNNPACK (`quantize_for_pte`, then `lower.to_pte` unchanged): torchao source

@@ -127,8 +127,8 @@ class Runtime:
         a keyboard extends the same text a character at a time, so only the pieces from the
         first that changed run (prefill at their positions over the cached keys and values,
         or one decode step for one piece; a position past them is masked, whatever it
-        holds). Not while a spawned expert
-        serves (`program`): the domain gate's class scores sum over the whole context."""
+        holds). Not while a spawned expert serves (`program`): the domain gate's class
+        scores sum over the whole context."""
         last, n = self.typed, 0
         if last is not None and self.program("prefill") == "prefill" \
                 and np.array_equal(last[1], self.slots):
