@@ -328,7 +328,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             # quantized gather); "routed": the engines whose quantized serving programs read
             # only the chosen experts (ONNX Runtime's QMoE, `quantize.routed`)
             "decode_moe": "gather" if bits == 32 else "dense",
-            "routed": [] if bits == 32 else [e for e in engines if e == "onnxruntime"],
+            "routed": ["onnxruntime"] if bits != 32 and "onnxruntime" in engines else [],
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},

@@ -293,14 +293,19 @@ class RoutedMoE(Slots):
             u, s = pack(w.detach().float().contiguous(), bits)
             return torch.from_numpy(u), torch.from_numpy(s).reshape(u.shape[:2])
 
+        def interleaved(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # [E*F, n] x 2
+            return torch.stack([g.reshape(e, f, -1), u.reshape(e, f, -1)], 2).reshape(e, 2 * f, -1)
+
+        def per_expert(d: torch.Tensor) -> torch.Tensor:  # [C, E*n] -> [E, C, n]
+            return d.reshape(c, e, -1).permute(1, 0, 2).contiguous()
+
         (ug, sg), (uu, su) = (codes(p[:e].reshape(-1, c)) for p in (ex.gate_proj, ex.up_proj))
         ud, sd = codes(ex.down_proj[:e].permute(1, 0, 2).reshape(c, -1))
         self.group = c // sg.shape[1]  # the codes' block along the input
-        for name, g, u, d in (("fc1", ug, uu, ud), ("fc1_scales", sg, su, sd)):
-            self.register_buffer(name, torch.stack([g.reshape(e, f, -1), u.reshape(e, f, -1)],
-                                                   2).reshape(e, 2 * f, -1).contiguous())
-            self.register_buffer(name.replace("1", "2"),
-                                 d.reshape(c, e, -1).permute(1, 0, 2).contiguous())
+        self.register_buffer("fc1", interleaved(ug, uu))
+        self.register_buffer("fc1_scales", interleaved(sg, su))
+        self.register_buffer("fc2", per_expert(ud))
+        self.register_buffer("fc2_scales", per_expert(sd))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape

@@ -162,7 +162,7 @@ def test_routed_moe(setup, bits, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    _, windows, model = setup
+    _, _, model = setup
     spare = programs.with_spare(model, 1)
     experts = copy.deepcopy(spare)  # the reference: the experts as served, the rest fp32
     for block, served in zip(experts.model.layers,  # (the ONNX quantizer takes the rest)
@@ -170,10 +170,9 @@ def test_routed_moe(setup, bits, tmp_path):
         block.mlp.experts = served.mlp.experts
     ref = programs.Decode(experts)
     decode = programs.Decode(spare)
-    inputs, _ = decode.example(LENGTH)
-    rng = torch.Generator().manual_seed(0)
-    k, v = (torch.randn(inputs[2].shape, generator=rng) * 0.3 for _ in range(2))
     example, shapes = decode.example(LENGTH)
+    rng = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(example[2].shape, generator=rng) * 0.3 for _ in range(2))
     path = quantize.to_onnx(decode, example, tmp_path / "decode.onnx", shapes, decode.outputs,
                             bits=bits)
     assert [n.op_type for n in onnx.load(str(path)).graph.node
@@ -190,7 +189,7 @@ def test_routed_moe(setup, bits, tmp_path):
     for open_ in (False, True):
         if open_:
             slots[:, :, -1] = torch.tensor([5.0, 0.0, 0.0, 0.0])  # a * s >= t everywhere
-        feed = (torch.tensor([[17]]), torch.tensor([9]), k, v, slots, inputs[5])
+        feed = (torch.tensor([[17]]), torch.tensor([9]), k, v, slots, example[5])
         with torch.no_grad():
             got, want = form(*feed), ref(*feed)
             x = torch.randn(4, model.args.hidden_size, generator=rng)

@@ -34,6 +34,7 @@ def sessions(target: str, out: Path, bits: int, threads: int) -> tuple[dict, dic
     from moegrow.export import checkpoint, lower, programs, quantize
 
     model = checkpoint.load(target)
+    out.mkdir(parents=True, exist_ok=True)  # once the target is known to be a checkpoint
     length = model.args.max_position_embeddings
     rng = np.random.default_rng(0)
     made, feeds = {}, {}
@@ -95,8 +96,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    made, feeds = sessions(args.target, args.out, args.bits, args.threads)
+    from moegrow.export.checkpoint import CheckpointError
+
+    try:
+        made, feeds = sessions(args.target, args.out, args.bits, args.threads)
+    except (CheckpointError, OSError, ValueError) as e:
+        parser.error(str(e))  # one line, exit 2
     times: dict[tuple, list[float]] = {key: [] for key in made}
     for _ in range(args.rounds):
         for (name, form), session in made.items():
