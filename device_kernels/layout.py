@@ -24,6 +24,12 @@ of `group`: ONNX Runtime's `MatMulNBits` layout, uint8 codes with an implicit ze
 2^(bits-1), 4-bit ones two to a byte, low nibble first; fp32 scales, one per group).
 `dequantized` reads one expert back as fp32 (a clone's starting weights).
 
+A quantized bundle's base experts are held in the *routed* layout instead (entries with
+`"order": "routed"`; ONNX Runtime's `QMoE` reads it, and every deepening program): gate
+and up share one tensor of [E*2F, C] rows, expert e's gate row f at row 2(eF + f) and its up
+row at the next one; down is [E*C, F], expert e's [C, F] the block of rows e*C .. e*C + C.
+Codes and scales as above, per row.
+
 A bundle exported with a *pool* (`--pool N`) has N more slots per layer after the spare
 ones, held in that same layout at the pool's bits in every gated program (entries with
 `first` = E + S): growth moves a converged clone there (`runtime.compress`), and
@@ -128,7 +134,11 @@ def _coded(buf: np.ndarray, entry: dict, dims_: tuple[int, int, int]):
     slots, hidden, width = dims_
     experts, bits, group = entry.get("count", slots), int(entry["form"][1:]), entry["group"]
     out, in_ = shape(entry["proj"], hidden, width)
-    rows, cols = (out, experts * in_) if entry["proj"] == "down_proj" else (experts * out, in_)
+    if entry.get("order") == "routed":  # gate and up rows interleaved; down per expert
+        rows, cols = experts * out * (1 + (entry["proj"] != "down_proj")), in_
+    else:
+        rows, cols = ((out, experts * in_) if entry["proj"] == "down_proj"
+                      else (experts * out, in_))
     blocks = rows * cols // group
     codes = buf[entry["offset"]:entry["offset"] + blocks * group * bits // 8]
     scales = buf[entry["scales"]:entry["scales"] + blocks * 4].view(np.float32)
@@ -151,6 +161,11 @@ def _cut(entry: dict, slot: int, out: int, in_: int, group: int = 1) -> tuple[sl
     """Expert `slot`'s (rows, columns) of the linear of `entry`, columns in units of
     `group`: gate and up its rows, down its columns."""
     local = slot - entry.get("first", 0)
+    if entry.get("order") == "routed":
+        if entry["proj"] == "down_proj":
+            return slice(local * out, (local + 1) * out), slice(None)
+        row = local * 2 * out + (entry["proj"] == "up_proj")
+        return slice(row, row + 2 * out, 2), slice(None)
     if entry["proj"] == "down_proj":
         return slice(None), slice(local * in_ // group, (local + 1) * in_ // group)
     return slice(local * out, (local + 1) * out), slice(None)

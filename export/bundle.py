@@ -87,7 +87,7 @@ def locate(model: layers.CausalLM, data: Path,
     (`programs.with_spare`) in the weight file `data` -> (expert entries, router entries,
     {"offset", "shape"} of the table or None without spare slots). `bits` < 32: the base
     experts are quantized, found as the codes and scales the serving and deepening programs
-    hold (`_frozen`), where the file has them."""
+    hold (`_routed`), where the file has them."""
     base = bits == 32
     raw = data.read_bytes()
     found, routers = [], []
@@ -112,7 +112,7 @@ def locate(model: layers.CausalLM, data: Path,
                                   "engine changed how it stores weights)")
             found += hits
         if not base:
-            found += _frozen(raw, block.mlp.experts, i, (0, live), bits, quantize.packed)
+            found += _routed(raw, block.mlp.experts, i, live, bits)
         first = live + spare
         for pool_bits, n in moe.runs(block.mlp.pool_bits) if pool else []:  # the pool's
             # codes and scales (`moe.Pooled`): every gated program has them
@@ -129,7 +129,8 @@ def locate(model: layers.CausalLM, data: Path,
             raise BundleError(f"{data.name}: layer {i}'s router weight is "
                               f"{'missing from' if at < 0 else 'stored twice in'} the weight file")
         routers.append({"layer": i, "offset": at})
-    offsets = [h["offset"] for h in found + routers]
+    offsets = [h["offset"] for h in found + routers  # gate and up share fc1 (`_routed`)
+               if not (h.get("order") == "routed" and h["proj"] == "up_proj")]
     if len(set(offsets)) != len(offsets):  # identical tensors are stored once by the engines
         raise BundleError(f"{data.name}: two expert tensors share storage (identical weights)")
     domains = None
@@ -145,8 +146,8 @@ def locate(model: layers.CausalLM, data: Path,
 
 def _frozen(raw: bytes, experts: layers.Experts, layer: int, part: tuple[int, int],
             bits: int, pack: Callable) -> list[dict]:
-    """Layout entries of quantized slots `part` (first, count) of a layer (a quantized
-    bundle's base experts, `quantize.packed`; a pool's, `layout.packed`): per projection
+    """Layout entries of quantized slots `part` (first, count) of a layer (a pool's,
+    `layout.packed`): per projection
     the codes and scales `pack` makes of the linear the programs hold ([n*F, C] for gate
     and up, [C, n*F] for down), where `raw` has both (form "q4" / "q8"; none where it does
     not)."""
@@ -162,6 +163,23 @@ def _frozen(raw: bytes, experts: layers.Experts, layer: int, part: tuple[int, in
                           "scales": where, "group": quantize.GROUP_SIZE, "first": first,
                           "count": count})
     return found
+
+
+def _routed(raw: bytes, experts: layers.Experts, layer: int, live: int,
+            bits: int) -> list[dict]:
+    """Layout entries of a quantized bundle's base experts (slots 0 .. `live` - 1) in the
+    routed layout (`moe.routed_codes`, order "routed": gate and up in fc1's alternate rows,
+    down per expert in fc2), where `raw` has it (every program that reads them holds it:
+    ONNX Runtime's serving ones, both engines' deepening ones); none where it does not."""
+    fc = moe.routed_codes(experts, live, bits, quantize.packed)
+    at = {k: raw.find(fc[k].numpy().tobytes()) for k in ("fc1", "fc1_scales", "fc2",
+                                                          "fc2_scales")}
+    if min(at.values()) < 0:
+        return []
+    return [{"layer": layer, "proj": proj, "form": f"q{bits}", "order": "routed",
+             "offset": at[key], "scales": at[f"{key}_scales"], "group": quantize.GROUP_SIZE,
+             "first": 0, "count": live}
+            for proj, key in (("gate_proj", "fc1"), ("up_proj", "fc1"), ("down_proj", "fc2"))]
 
 
 def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bool,

@@ -269,43 +269,89 @@ class GatherMoE(Slots):
         return out.reshape(shape), logits
 
 
+def routed_codes(experts: layers.Experts, live: int, bits: int, pack) -> dict:
+    """The base experts' (the first `live` slots') codes in the routed layout: `fc1` [E, 2F,
+    C*bits/8] (gate and up rows interleaved, `swiglu_fusion=1`, the only SwiGLU form ONNX
+    Runtime's `QMoE` CPU kernel takes), `fc2` [E, C, F*bits/8], uint8 codes in blocks along
+    the input with fp32 scales `fc1_scales` [E, 2F, C/block], `fc2_scales` [E, C, F/block],
+    made from `pack(w, bits)` (`quantize.packed`) of the dense programs' linears ([E*F, C],
+    [C, E*F]), so every form serves the same values (int8's down scales span all experts'
+    row, as there). `RoutedMoE` serves them; a quantized bundle's deepening programs read
+    them (`quantize.FrozenExperts`): one copy of the base experts in a weight file."""
+    e, f, c = live, experts.gate_proj.shape[1], experts.gate_proj.shape[2]
+
+    def codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u, s = pack(w.detach().float().contiguous(), bits)
+        return torch.from_numpy(u), torch.from_numpy(s).reshape(u.shape[:2])
+
+    def interleaved(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # [E*F, n] x 2
+        return torch.stack([g.reshape(e, f, -1), u.reshape(e, f, -1)], 2).reshape(e, 2 * f, -1)
+
+    def per_expert(d: torch.Tensor) -> torch.Tensor:  # [C, E*n] -> [E, C, n]
+        return d.reshape(c, e, -1).permute(1, 0, 2).contiguous()
+
+    (ug, sg), (uu, su) = (codes(p[:e].reshape(-1, c)) for p in (experts.gate_proj,
+                                                                 experts.up_proj))
+    ud, sd = codes(experts.down_proj[:e].permute(1, 0, 2).reshape(c, -1))
+    return {"fc1": interleaved(ug, uu), "fc1_scales": interleaved(sg, su),
+            "fc2": per_expert(ud), "fc2_scales": per_expert(sd), "group": c // sg.shape[1]}
+
+
+def routed_weights(fc: dict, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`routed_codes`' values in plain ops: (gate and up interleaved [E, 2F, C], down
+    [E, C, F])."""
+    (e, f2, _), (_, c, _) = fc["fc1_scales"].shape, fc["fc2_scales"].shape
+    f, group = f2 // 2, fc["group"]
+    w1 = dequant(fc["fc1"].reshape(e * f2, c // group, -1), fc["fc1_scales"].reshape(-1), bits,
+                 e * f2, c)
+    w2 = dequant(fc["fc2"].reshape(e * c, f // group, -1), fc["fc2_scales"].reshape(-1), bits,
+                 e * c, f)
+    return w1.reshape(e, f2, c), w2.reshape(e, c, f)
+
+
 class RoutedMoE(Slots):
     """A quantized ONNX Runtime program's MoE (`quantize.routed`): only the K chosen base
     experts are read, through ONNX Runtime's `QMoE` contrib op, the quantized
-    gather-then-matmul neither engine has as plain ops (docs/benchmarks.md). The base
-    experts are held in its layout: `fc1` [E, 2F, C*bits/8] (gate and up rows interleaved,
-    `swiglu_fusion=1`, the only SwiGLU form its CPU kernel takes), `fc2` [E, C, F*bits/8],
-    uint8 codes in blocks of 32 along the input with fp32 scales, made from `pack(w, bits)`
-    (`quantize.packed`) of the dense programs' linears ([E*F, C], [C, E*F]), so every
-    program serves the same values (int8's down scales span all experts' row, as there).
-    Routing stays the programs' own (`route`, over every open slot): the op picks the top K
-    of the base logits and weighs them by `router_weights`, the joint gates, so a base
-    expert that lost its place to a spare or pool slot weighs 0 (computed, not counted).
-    Eager (the torch side of the parity tests): the same sum over dequantized weights."""
+    gather-then-matmul neither engine has as plain ops (docs/benchmarks.md), over the base
+    experts in the routed layout (`routed_codes`). Routing stays the programs' own (`route`,
+    over every open slot): the op picks the top K of the base logits and weighs them by
+    `router_weights`, the joint gates, so a base expert that lost its place to a spare or
+    pool slot weighs 0 (computed, not counted). With `hidden` (the observe programs, whose
+    error taps need every expert's activation, `self.last`), every base expert's gate and up
+    also run densely, as one `MatMulNBits` over the same `fc1` bytes. Eager (the torch side
+    of the parity tests): the same sums over dequantized weights."""
 
-    def __init__(self, moe: layers.MoE, gated: bool, bits: int, pack, accuracy_level: int):
+    def __init__(self, moe: layers.MoE, gated: bool, bits: int, pack, accuracy_level: int,
+                 hidden: bool = False):
         super().__init__(moe, gated)
-        ex, e, f = moe.experts, self.live, self.hidden
-        c = ex.gate_proj.shape[2]
-        self.bits, self.accuracy_level = bits, accuracy_level
+        self.bits, self.accuracy_level, self.dense_hidden = bits, accuracy_level, hidden
+        fc = routed_codes(moe.experts, self.live, bits, pack)
+        self.group = fc.pop("group")
+        for name, t in fc.items():
+            self.register_buffer(name, t)
+        if hidden:  # fc1's bytes in MatMulNBits' shapes (a copy here: the weight file holds
+            # equal tensors once, and each program reads them in place)
+            e2f, c = 2 * self.live * self.hidden, moe.experts.gate_proj.shape[2]
+            self.register_buffer("fc1_rows", self.fc1.reshape(e2f, c // self.group, -1).clone())
+            self.register_buffer("fc1_flat", self.fc1_scales.reshape(-1).clone())
 
-        def codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            u, s = pack(w.detach().float().contiguous(), bits)
-            return torch.from_numpy(u), torch.from_numpy(s).reshape(u.shape[:2])
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Every base expert's activation silu(x Wg) * (x Wu) [N, E, F]."""
+        e, f, c = self.live, self.hidden, x.shape[-1]
+        if torch.onnx.is_in_onnx_export():
+            z = torch.onnx.ops.symbolic(
+                "com.microsoft::MatMulNBits", (x, self.fc1_rows, self.fc1_flat),
+                {"K": c, "N": 2 * e * f, "bits": self.bits, "block_size": self.group,
+                 "accuracy_level": self.accuracy_level},
+                dtype=x.dtype, shape=(x.shape[0], 2 * e * f), version=1)
+        else:
+            z = x @ routed_weights(self._codes(), self.bits)[0].reshape(2 * e * f, c).T
+        z = z.reshape(-1, e, f, 2)
+        return F.silu(z[..., 0]) * z[..., 1]
 
-        def interleaved(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # [E*F, n] x 2
-            return torch.stack([g.reshape(e, f, -1), u.reshape(e, f, -1)], 2).reshape(e, 2 * f, -1)
-
-        def per_expert(d: torch.Tensor) -> torch.Tensor:  # [C, E*n] -> [E, C, n]
-            return d.reshape(c, e, -1).permute(1, 0, 2).contiguous()
-
-        (ug, sg), (uu, su) = (codes(p[:e].reshape(-1, c)) for p in (ex.gate_proj, ex.up_proj))
-        ud, sd = codes(ex.down_proj[:e].permute(1, 0, 2).reshape(c, -1))
-        self.group = c // sg.shape[1]  # the codes' block along the input
-        self.register_buffer("fc1", interleaved(ug, uu))
-        self.register_buffer("fc1_scales", interleaved(sg, su))
-        self.register_buffer("fc2", per_expert(ud))
-        self.register_buffer("fc2_scales", per_expert(sd))
+    def _codes(self) -> dict:
+        return {"fc1": self.fc1, "fc1_scales": self.fc1_scales, "fc2": self.fc2,
+                "fc2_scales": self.fc2_scales, "group": self.group}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -324,17 +370,17 @@ class RoutedMoE(Slots):
                  "block_size": self.group, "accuracy_level": self.accuracy_level},
                 dtype=x.dtype, shape=x.shape, version=1)
         else:
-            e, f, c = self.live, self.hidden, shape[-1]
-            w1 = dequant(self.fc1.reshape(2 * e * f, c // self.group, -1),
-                         self.fc1_scales.reshape(-1), self.bits, 2 * e * f, c)
-            w2 = dequant(self.fc2.reshape(e * c, f // self.group, -1),
-                         self.fc2_scales.reshape(-1), self.bits, e * c, f)
-            z = torch.einsum("nc,gc->ng", x, w1).reshape(-1, e, f, 2)
+            w1, w2 = routed_weights(self._codes(), self.bits)
+            z = torch.einsum("nc,egc->neg", x, w1).reshape(-1, self.live, self.hidden, 2)
             h = F.silu(z[..., 0]) * z[..., 1]
-            out = torch.einsum("nef,ecf->nc", h * base[..., None], w2.reshape(e, c, f))
+            out = torch.einsum("nef,ecf->nc", h * base[..., None], w2)
+        h = self._hidden(x) if self.dense_hidden else None
         if self.spare or self.pool:
-            more, _ = self.spare_out(x, gates)
+            more, hs = self.spare_out(x, gates)
             out = out + more
+            h = None if h is None else torch.cat([h, hs], 1)
+        if h is not None:
+            self.last = (ids, weights, h)  # `Observe`'s error taps
         return out.reshape(shape), logits
 
 

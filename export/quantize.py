@@ -10,12 +10,12 @@ Both engines quantize plain constant-weight linears only, so a quantized ExecuTo
 runs every MoE block as `DenseMoE` (decode included: `GatherMoE`'s bmm over gathered stacked
 weights has no quantized kernel in XNNPACK). `dense(program)` does that swap;
 `quantize_for_pte` calls it. ONNX Runtime has one: its `QMoE` contrib op reads only the
-chosen experts' codes, so its quantized serving programs (prefill, decode, score: `ROUTED`)
-hold their base experts as `moe.RoutedMoE` (`routed(program, bits)`), the same codes and
-scales in that op's layout; its `observe` (every expert's activation) stays dense
-(speed, and the second copy of the experts this costs: docs/benchmarks.md, "Routed
-quantized experts"). The ONNX file given to `quantize_onnx` comes from a dense or routed
-program.
+chosen experts' codes, so its quantized programs (prefill, decode, score, observe:
+`ROUTED`) hold their base experts as `moe.RoutedMoE` (`routed(program, bits)`), the same
+codes and scales in that op's layout (`moe.routed_codes`); `observe`, whose error taps need
+every expert's activation, also runs gate and up densely over the same bytes (speed:
+docs/benchmarks.md, "Routed quantized experts"). The ONNX file given to `quantize_onnx`
+comes from a dense or routed program.
 `to_pte` / `to_onnx` here are `lower.to_pte` / `lower.to_onnx` with a `bits` argument.
 
 ExecuTorch / XNNPACK (`quantize_for_pte`, then `lower.to_pte` unchanged): torchao source
@@ -44,7 +44,8 @@ both engines: `moe.weight` (ExecuTorch: plain ops over the torchao tensor's code
 the head's initializer rewritten here (ONNX). `dequantized(model, bits)` is the model with
 those values everywhere: the torch reference of a quantized bundle. Its deepening programs
 (`pc`, `quantizable` False) hold the linears as `Frozen`: the ONNX programs' own codes
-(`packed`), dequantized in the graph.
+(`packed`), dequantized in the graph; the base experts' in the routed layout
+(`FrozenExperts`), so the weight file holds one copy of them.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import moe, programs
@@ -89,16 +91,16 @@ def dense(program: nn.Module) -> nn.Module:
 def routed(program: nn.Module, bits: int) -> nn.Module:
     """A copy of `program` whose MoE blocks are `RoutedMoE`: ONNX Runtime's `QMoE` over the
     base experts' int`bits` codes, reading only the chosen experts (the serving programs of
-    a quantized ONNX Runtime bundle; `Observe` needs every expert's activation and stays
-    `dense`)."""
+    a quantized ONNX Runtime bundle; an `Observe`'s also give every expert's activation)."""
     out = copy.deepcopy(program)
+    hidden = isinstance(program, programs.Observe)
     for block in out.model.model.layers:
         block.mlp = moe.RoutedMoE(block.mlp.source[0], block.mlp.gated, bits, packed,
-                                  ACCURACY_LEVEL)
+                                  ACCURACY_LEVEL, hidden)
     return out.eval()
 
 
-ROUTED = (programs.Prefill, programs.Decode, programs.Score)  # exactly these: not Observe
+ROUTED = (programs.Prefill, programs.Decode, programs.Score, programs.Observe)  # these types
 
 
 def quantizable(program: nn.Module) -> bool:
@@ -326,11 +328,57 @@ class Frozen(nn.Module):
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
+class FrozenExperts(nn.Module):
+    """A MoE block's frozen int`bits` base experts in a quantized bundle's deepening programs:
+    the routed layout's codes and scales (`moe.routed_codes`, the bytes ONNX Runtime's
+    serving programs hold), dequantized in plain ops at every run; `weight(proj)` is the
+    linear the block's `DenseMoE.combine` calls ([E*F, C] gate and up, [C, E*F] down). The
+    buffers are shaped so that no op views one of them (ExecuTorch cannot emit a view of a
+    constant that lives in the `.ptd`): fc1 [E, F, 2, C/32, n] (gate, up), fc2 [E*C, F/32,
+    n], the scales alike."""
+
+    def __init__(self, mlp: nn.Module, bits: int):
+        super().__init__()
+        self.bits = bits
+        fc = moe.routed_codes(mlp.source[0].experts, mlp.live, bits, packed)
+        e, f2, c = fc["fc1_scales"].shape[0], fc["fc1_scales"].shape[1], fc["fc2"].shape[1]
+        self.shape, self.group = (e, f2 // 2, c), fc["group"]
+        self.register_buffer("fc1", fc["fc1"].reshape(e, f2 // 2, 2, c // self.group, -1))
+        self.register_buffer("fc1_scales", fc["fc1_scales"].reshape(e, f2 // 2, 2, -1))
+        self.register_buffer("fc2", fc["fc2"].reshape(e * c, f2 // 2 // self.group, -1))
+        self.register_buffer("fc2_scales", fc["fc2_scales"].reshape(-1))
+
+    def weight(self, proj: str) -> torch.Tensor:
+        e, f, c = self.shape
+        if proj == "down_proj":  # [E, C, F] -> [C, E*F]
+            w = moe.dequant(self.fc2, self.fc2_scales, self.bits, e * c, f)
+            return w.reshape(e, c, f).permute(1, 0, 2).reshape(c, e * f)
+        row = int(proj == "up_proj")  # gate and up rows alternate in fc1
+        codes = self.fc1[:, :, row].reshape(e * f, c // self.group, -1)
+        return moe.dequant(codes, self.fc1_scales[:, :, row].reshape(-1), self.bits, e * f, c)
+
+
+class _Part(nn.Module):
+    """One of `FrozenExperts`' three linears (it holds them, not a copy)."""
+
+    def __init__(self, experts: FrozenExperts, proj: str):
+        super().__init__()
+        self.experts, self.proj = [experts], proj  # a list: not a submodule of each part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.experts[0].weight(self.proj))
+
+
 def freeze(model: nn.Module, bits: int) -> nn.Module:
     """`model` (a `programs.with_moe` copy) with every linear a quantized bundle serves at
-    `bits` (attention, the base experts' stacked linears; the head at 8) made `Frozen`, in
-    place: the spare slots, the router, the norms and the embedding stay as they are."""
+    `bits` (attention; the head at 8) made `Frozen` and every MoE block's base experts
+    `FrozenExperts` (`mlp.frozen`), in place: the spare slots, the router, the norms and
+    the embedding stay as they are."""
     _check_bits(bits)
+    for block in model.model.layers:
+        block.mlp.frozen = FrozenExperts(block.mlp, bits)
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            setattr(block.mlp, proj, _Part(block.mlp.frozen, proj))
     for name, module in list(model.named_modules()):
         if _quantized(module, name) or _head(module, name):
             parent, _, leaf = name.rpartition(".")

@@ -175,9 +175,11 @@ def test_expert_table_and_budget(tiny_bundle, tiny_ckpt, tmp_path, capsys):
 
 
 def test_a_quantized_bundle_reads_its_frozen_experts_as_served(exports):
-    """An int4 bundle with the growth programs holds no fp32 copy of its base experts: each
-    engine's weight file locates their codes (form "q4"), and `experts.read` dequantizes
-    them to exactly the values the programs serve (`quantize.dequantized`)."""
+    """An int4 bundle with the growth programs holds no fp32 copy of its base experts and
+    one quantized copy: each engine's weight file locates their codes once, in the routed
+    layout (form "q4", order "routed": ONNX Runtime's serving programs and both engines'
+    deepening programs read it), and `experts.read` dequantizes them to exactly the values
+    the programs serve (`quantize.dequantized`)."""
     from moegrow.export import programs, quantize
 
     path, ckpt = exported(exports["mixtral", 4]), exports["mixtral", 4].result()[1]
@@ -187,6 +189,9 @@ def test_a_quantized_bundle_reads_its_frozen_experts_as_served(exports):
     for engine in ENGINES:
         forms = {e["form"] for e in b.manifest["experts"]["layout"][engine]}
         assert forms == {"q4", "stacked", "dense"}, forms  # q4: base; fp32: spare slots
+        base = [e for e in b.manifest["experts"]["layout"][engine] if e["form"] == "q4"]
+        assert len(base) == 3 * b.config["num_hidden_layers"], base  # one copy each
+        assert {e.get("order") for e in base} == {"routed"}
         for layer, slot in ((0, 0), (1, 3)):
             got = experts.read(b, layer, slot, engine)
             want = [getattr(ex[layer].mlp.experts, p)[slot].detach().numpy() for p in PROJS]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import deepen_autograd, exported, random_moe
-from moegrow.export import checkpoint, pc, programs
+from moegrow.export import checkpoint, moe, pc, programs
 from moegrow.export.models import mixtral
 
 ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
@@ -65,8 +65,9 @@ def test_one_sweep_gives_every_layers_updates(model):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits):
     """A quantized bundle's sweep holds its frozen linears as the serving programs' codes
-    (`quantize.Frozen`: no fp32 copy of them) and gives the spare slots' updates that
-    autograd gives on the dequantized model, the rest of its outputs as well."""
+    (`quantize.Frozen`; the base experts' in the routed layout, `FrozenExperts`: no fp32
+    copy of them) and gives the spare slots' updates that autograd gives on the
+    dequantized model, the rest of its outputs as well."""
     from moegrow.export import quantize
 
     args = mixtral.ModelArgs(vocab_size=97, hidden_size=64, intermediate_size=64,
@@ -88,8 +89,10 @@ def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits)
     assert not any(n.endswith(("mlp.gate_proj.weight", "q_proj.weight", "lm_head.weight"))
                    for n in names)  # nothing quantized is held in fp32
     codes = {t.numpy().tobytes() for t in frozen.loss.buffers() if t.dtype == torch.uint8}
-    w = model.model.layers[1].mlp.experts.down_proj.detach()[:4]
-    assert quantize.packed(w.permute(1, 0, 2).reshape(64, -1), bits)[0].tobytes() in codes
+    fc = moe.routed_codes(model.model.layers[1].mlp.experts, 4, bits, quantize.packed)
+    assert {fc["fc1"].numpy().tobytes(), fc["fc2"].numpy().tobytes()} <= codes
+    w = model.model.layers[1].mlp.experts.down_proj.detach()[:4]  # not the dense layout's
+    assert quantize.packed(w.permute(1, 0, 2).reshape(64, -1), bits)[0].tobytes() not in codes
     with torch.no_grad():
         got = frozen(tokens, valid, slots)
         want = pc.Sweep(quantize.dequantized(model, bits), W)(tokens, valid, slots)

@@ -105,12 +105,12 @@ def test_bundle_ppl(setup, fp32_ppl, exports, engine, bits):
         left = _left_outside_xnnpack(rt.bundle.programs(engine)["score"], "score")
         assert left and not [t for t in left if any(k in t for k in ("linear", "mm", "quant",
                                                                       "qparams"))], left
-    else:  # the serving programs read only the chosen experts (QMoE); observe, every one
-        import onnx
+    else:  # the serving programs read only the chosen experts (QMoE), observe too (beside
+        import onnx  # its dense activations); not the deepening ones
 
         for name, path in rt.bundle.programs(engine).items():
             ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-            routed = name.removesuffix("_gated") in ("prefill", "decode", "score")
+            routed = name.removesuffix("_gated") in ("prefill", "decode", "score", "observe")
             assert ops.count("QMoE") == (rt.bundle.config["num_hidden_layers"] if routed
                                          else 0), name
     ppl = _ppl(lambda w: rt.run("score", w.numpy())[0], windows)
@@ -204,3 +204,49 @@ def test_routed_moe(setup, bits, tmp_path):
         for a, b, r in zip(routed, dense, reference, strict=True):
             assert _nmse(a, b) < 1e-6, _nmse(a, b)  # the same sums, another order
             assert _nmse(a, r) < NMSE[bits], _nmse(a, r)
+
+
+@pytest.mark.parametrize("bits", [4])
+def test_routed_observe(setup, bits, tmp_path):
+    """A quantized ONNX Runtime `observe` is routed too (`QMoE` for its output, one
+    `MatMulNBits` over the same fc1 bytes for every expert's activation, which its error
+    taps need): eager, the dense program on the served experts up to float rounding; on
+    ONNX Runtime, the dense quantized program up to the order of its sums, with the spare
+    slot open and winning."""
+    import onnx
+    import onnxruntime as ort
+
+    _, _, model = setup
+    spare = programs.with_spare(model, 1)
+    observe = programs.Observe(spare)
+    example, shapes = observe.example(LENGTH)
+    path = quantize.to_onnx(observe, example, tmp_path / "observe.onnx", shapes,
+                            observe.outputs, bits=bits)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("QMoE") == model.args.num_hidden_layers
+    fp32 = lower.to_onnx(quantize.dense(observe), example, tmp_path / "dense32.onnx", shapes,
+                         observe.outputs)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                for p in (path, quantize.quantize_onnx(fp32, tmp_path / "dense.onnx", bits))]
+    slots = programs.slot_state(spare)
+    slots[:, :, -1] = torch.tensor([5.0, 0.0, 0.0, 0.0])
+    tokens = torch.randint(0, model.args.vocab_size, (1, 12),
+                           generator=torch.Generator().manual_seed(3))
+    experts = copy.deepcopy(spare)  # the experts as served, the rest fp32 (as eager has it)
+    for block, served in zip(experts.model.layers,
+                             quantize.dequantized(spare, bits).model.layers, strict=True):
+        block.mlp.experts = served.mlp.experts
+    with torch.no_grad():
+        got = quantize.routed(observe, bits)(tokens, slots)
+        want = programs.Observe(experts)(tokens, slots)
+    for name, a, b in zip(observe.outputs, got, want, strict=True):
+        assert _nmse(a.float(), b.float()) < 1e-10, name
+    assert (got[2] == programs.slot_state(spare).shape[-1] - 1).any()  # the spare slot won
+    names = [i.name for i in sessions[0].get_inputs()]
+    routed, dense = (s.run(None, dict(zip(names, (tokens.numpy(), slots.numpy()), strict=True)))
+                     for s in sessions)
+    for name, a, b in zip(observe.outputs, routed, dense, strict=True):
+        if name in ("ids", "rank"):  # discrete: equal where no two candidates tie
+            assert (a == b).mean() > 0.95, name
+        else:
+            assert _nmse(a, b) < 1e-5, (name, _nmse(a, b))

@@ -6,12 +6,12 @@ quantized bundle in both forms (`quantize.routed`, `QMoE`: only the chosen exper
     python -m moegrow.tools.routed TARGET --out DIR [--bits 4] [--rounds 5] [--threads 1]
         [--profile]
 
-Lowers `decode`, `prefill` and `score` of the checkpoint TARGET in both forms into DIR (once;
-reused), then times a decode step at position 40 over a random cache, a 32-token prefill
-and a 128-token score, `--rounds` interleaved rounds, and prints milliseconds per call
-(medians) and dense / routed. `--profile`: ONNX Runtime's own per-operator time of the
-routed decode (100 runs; the profiler's overhead inflates the total). A one-off
-measurement, not a CLI command.
+Lowers `decode`, `prefill`, `score` and `observe` of the checkpoint TARGET in both forms into
+DIR (once; reused), then times a decode step at position 40 over a random cache, a 32-token
+prefill, a 128-token score and observe, `--rounds` interleaved rounds, and prints
+milliseconds per call (medians) and dense / routed. `--profile`: ONNX Runtime's own
+per-operator time of the routed decode (100 runs; the profiler's overhead inflates the
+total). A one-off measurement, not a CLI command.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-CALLS = {"decode": 50, "prefill": 5, "score": 3}  # timed calls per round
+CALLS = {"decode": 50, "prefill": 5, "score": 3, "observe": 3}  # timed calls per round
 
 
 def sessions(target: str, out: Path, bits: int, threads: int) -> tuple[dict, dict]:
@@ -39,7 +39,7 @@ def sessions(target: str, out: Path, bits: int, threads: int) -> tuple[dict, dic
     rng = np.random.default_rng(0)
     made, feeds = {}, {}
     for name, kind in (("decode", programs.Decode), ("prefill", programs.Prefill),
-                       ("score", programs.Score)):
+                       ("score", programs.Score), ("observe", programs.Observe)):
         program = kind(model)
         example, shapes = program.example(length)
         for form in ("routed", "dense"):
@@ -60,7 +60,7 @@ def sessions(target: str, out: Path, bits: int, threads: int) -> tuple[dict, dic
             arrays = [np.array([[17]]), np.array([40]), cache, cache.copy(), *rest[4:]]
         elif name == "prefill":
             arrays = [rng.integers(3, 4000, (1, 32)), np.arange(32), *rest[2:]]
-        else:
+        else:  # score, observe
             arrays = [rng.integers(3, 4000, (1, 128)), *rest[1:]]
         names = [i.name for i in made[name, "routed"].get_inputs()]
         feeds[name] = dict(zip(names, arrays, strict=True))
