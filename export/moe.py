@@ -309,6 +309,11 @@ def routed_weights(fc: dict, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w1.reshape(e, f2, c), w2.reshape(e, c, f)
 
 
+def swiglu(z: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of interleaved pre-activations [..., 2] (`routed_codes`' fc1 rows)."""
+    return F.silu(z[..., 0]) * z[..., 1]
+
+
 class RoutedMoE(Slots):
     """A quantized ONNX Runtime program's MoE (`quantize.routed`): only the K chosen base
     experts are read, through ONNX Runtime's `QMoE` contrib op, the quantized
@@ -336,18 +341,15 @@ class RoutedMoE(Slots):
             self.register_buffer("fc1_flat", self.fc1_scales.reshape(-1).clone())
 
     def _hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """Every base expert's activation silu(x Wg) * (x Wu) [N, E, F]."""
+        """Every base expert's activation silu(x Wg) * (x Wu) [N, E, F], as the lowered
+        program computes it (one `MatMulNBits` over fc1; eager has it from `forward`)."""
         e, f, c = self.live, self.hidden, x.shape[-1]
-        if torch.onnx.is_in_onnx_export():
-            z = torch.onnx.ops.symbolic(
-                "com.microsoft::MatMulNBits", (x, self.fc1_rows, self.fc1_flat),
-                {"K": c, "N": 2 * e * f, "bits": self.bits, "block_size": self.group,
-                 "accuracy_level": self.accuracy_level},
-                dtype=x.dtype, shape=(x.shape[0], 2 * e * f), version=1)
-        else:
-            z = x @ routed_weights(self._codes(), self.bits)[0].reshape(2 * e * f, c).T
-        z = z.reshape(-1, e, f, 2)
-        return F.silu(z[..., 0]) * z[..., 1]
+        z = torch.onnx.ops.symbolic(
+            "com.microsoft::MatMulNBits", (x, self.fc1_rows, self.fc1_flat),
+            {"K": c, "N": 2 * e * f, "bits": self.bits, "block_size": self.group,
+             "accuracy_level": self.accuracy_level},
+            dtype=x.dtype, shape=(x.shape[0], 2 * e * f), version=1)
+        return swiglu(z.reshape(-1, e, f, 2))
 
     def _codes(self) -> dict:
         return {"fc1": self.fc1, "fc1_scales": self.fc1_scales, "fc2": self.fc2,
@@ -369,12 +371,12 @@ class RoutedMoE(Slots):
                  "normalize_routing_weights": 0, "expert_weight_bits": self.bits,
                  "block_size": self.group, "accuracy_level": self.accuracy_level},
                 dtype=x.dtype, shape=x.shape, version=1)
-        else:
+            h = self._hidden(x) if self.dense_hidden else None
+        else:  # every expert computed: the taps' activations are these
             w1, w2 = routed_weights(self._codes(), self.bits)
-            z = torch.einsum("nc,egc->neg", x, w1).reshape(-1, self.live, self.hidden, 2)
-            h = F.silu(z[..., 0]) * z[..., 1]
+            h = swiglu(torch.einsum("nc,egc->neg", x, w1).reshape(-1, self.live, self.hidden, 2))
             out = torch.einsum("nef,ecf->nc", h * base[..., None], w2)
-        h = self._hidden(x) if self.dense_hidden else None
+            h = h if self.dense_hidden else None
         if self.spare or self.pool:
             more, hs = self.spare_out(x, gates)
             out = out + more
