@@ -13,7 +13,10 @@ programs exported before 2026-12-02, whose expert transposes ONNX Runtime would 
 theirs from it under the name the graphs use. The programs in `live` load with constant
 folding off: their expert weights pass through transposes that run at every call, so
 they read the map's current bytes (`live`: growth writes its working copy in place and
-runs them again without reloading). docs/bundle.md says what each session still holds.
+runs them again without reloading). The other programs, given a `cache` folder (the
+runtime gives one for a bundle's committed weights), load an optimized copy of their graph
+whose weights, the ones ONNX Runtime packs for its kernels included, are mapped from one
+file every session shares (`prepacked`). docs/bundle.md says what each session still holds.
 The torch reference with the same `run` lives in `moegrow.export.reference`.
 
 ExecuTorch's native code logs to stderr while it starts (cpuinfo probing, thread-pool
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
+from moegrow.runtime import prepacked
 
 __all__ = ["ENGINES", "BackendError", "ExecuTorch", "Interrupt", "Interrupted", "OnnxRuntime",
            "load"]
@@ -142,7 +146,7 @@ class ExecuTorch:
 class OnnxRuntime:
     def __init__(self, files: dict[str, Path], weights: Path, threads: int | None = None,
                  initializers: dict[str, list] | None = None, live: set[str] | None = None,
-                 interrupt: Interrupt | None = None):
+                 interrupt: Interrupt | None = None, cache: Path | None = None):
         try:
             import onnxruntime
         except ImportError as e:
@@ -153,6 +157,7 @@ class OnnxRuntime:
             interrupt.options.append(self.options)
         self.ort, self.files, self.weights, self.sessions = onnxruntime, files, weights, {}
         self.threads, self.initializers, self.live = threads, initializers or {}, live or set()
+        self.cache = cache  # where the programs' packed weights are shared (`prepacked`)
         self.data = np.memmap(weights, np.uint8, mode="r")  # every session's weights
         self.values: dict[tuple, object] = {}  # OrtValues over self.data, shared by sessions
         onnxruntime.set_default_logger_severity(3)  # kernels' warnings go to the default logger
@@ -162,32 +167,45 @@ class OnnxRuntime:
         self.providers = ([("CUDAExecutionProvider", {"use_tf32": "0"})] * cuda
                           + ["CPUExecutionProvider"])
 
+    def _options(self, name: str, path: Path, weights: str = "map"):
+        """Session options for program `name`; its weights from the map: as views where the
+        manifest has its weight table, else copied ("map"), always copied ("copy": what
+        ONNX Runtime can save an optimized model from), or not at all ("none")."""
+        options = self.ort.SessionOptions()
+        options.log_severity_level = 3
+        # no arena: activations are freed after each run (same speed here, 7 MB less
+        # RSS after `score` on the tiny model; docs/benchmarks.md)
+        options.enable_cpu_mem_arena = False
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        table = self.initializers.get(name)
+        if weights == "none":  # a model that maps its own weights (`prepacked`)
+            return options
+        if weights == "map" and table and (path.parent / ONNX_DATA).exists():  # views, no copy
+            for tensor, dtype, shape, offset, size in table:
+                key = (offset, dtype, tuple(shape))
+                if key not in self.values:
+                    view = self.data[offset:offset + size].view(dtype).reshape(shape)
+                    self.values[key] = self.ort.OrtValue.ortvalue_from_numpy(view)
+                options.add_initializer(tensor, self.values[key])
+        else:  # ORT copies every weight from the map into the session
+            options.add_external_initializers_from_files_in_memory(
+                [ONNX_DATA], [self.data], [self.data.size])
+        return options
+
     def _session(self, name: str):
         if name not in self.sessions:
             path = self.files.get(name)
             if path is None:
                 raise BackendError(f"the bundle has no onnxruntime program {name!r}")
+            session = None
+            if self.cache and name not in self.live and len(self.providers) == 1:
+                session = prepacked.load(self.ort, path, self.weights, self.cache, name,
+                                         lambda weights: self._options(name, path, weights),
+                                         self.providers)
             try:
-                options = self.ort.SessionOptions()
-                options.log_severity_level = 3
-                # no arena: activations are freed after each run (same speed here, 7 MB less
-                # RSS after `score` on the tiny model; docs/benchmarks.md)
-                options.enable_cpu_mem_arena = False
-                if self.threads:
-                    options.intra_op_num_threads = self.threads
-                table = self.initializers.get(name)
-                if table and (path.parent / ONNX_DATA).exists():  # views of the map, no copy
-                    for tensor, dtype, shape, offset, size in table:
-                        key = (offset, dtype, tuple(shape))
-                        if key not in self.values:
-                            view = self.data[offset:offset + size].view(dtype).reshape(shape)
-                            self.values[key] = self.ort.OrtValue.ortvalue_from_numpy(view)
-                        options.add_initializer(tensor, self.values[key])
-                else:  # ORT copies every weight from the map into the session
-                    options.add_external_initializers_from_files_in_memory(
-                        [ONNX_DATA], [self.data], [self.data.size])
-                session = self.ort.InferenceSession(
-                    str(path), options, providers=self.providers,
+                session = session or self.ort.InferenceSession(
+                    str(path), self._options(name, path), providers=self.providers,
                     disabled_optimizers=["ConstantFolding"] if name in self.live else None)
             except Exception as e:  # ORT raises its own exception types, all unrelated
                 raise BackendError(f"{path}: onnxruntime cannot load it ({e})") from None
@@ -208,13 +226,14 @@ class OnnxRuntime:
 
 def load(engine: str, files: dict[str, Path], weights: Path, threads: int | None = None,
          initializers: dict[str, list] | None = None, live: set[str] | None = None,
-         interrupt: Interrupt | None = None):
+         interrupt: Interrupt | None = None, cache: Path | None = None):
     """The engine's backend for the programs `files` ({name: path}) on the weight file
     `weights`; `initializers`: ONNX programs' weight table (`Bundle.initializers`), `live`:
     those that load with constant folding off (`Bundle.live`); `interrupt`: stops its runs
-    when set."""
+    when set; `cache`: the folder where ONNX Runtime's programs share their packed weights
+    (`prepacked`; none: each session packs its own on the heap)."""
     if engine == "executorch":
         return ExecuTorch(files, weights, threads, interrupt)
     if engine == "onnxruntime":
-        return OnnxRuntime(files, weights, threads, initializers, live, interrupt)
+        return OnnxRuntime(files, weights, threads, initializers, live, interrupt, cache)
     raise BackendError(f"unknown backend {engine!r} (choose from {', '.join(ENGINES)}, torch)")

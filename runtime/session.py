@@ -15,7 +15,7 @@ import numpy as np
 import sentencepiece as spm
 from moegrow.device_kernels import layout
 
-from . import backends, compress, errormap, experts, gate, growth, learnable, versions
+from . import backends, compress, errormap, experts, gate, growth, learnable, state, versions
 from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
@@ -58,7 +58,7 @@ class Runtime:
         self.interrupt = interrupt
         self.engine = engine or backends.load(backend, bundle.programs(backend), self.weights,
                                               threads, bundle.initializers(backend),
-                                              bundle.live(backend), interrupt)
+                                              bundle.live(backend), interrupt, self._cache())
         self.sp = spm.SentencePieceProcessor()
         self.sp.load(str(bundle.tokenizer))
         c = bundle.config
@@ -81,7 +81,14 @@ class Runtime:
         self.engine = backends.load(self.backend, self.bundle.programs(self.backend),
                                     self.weights, self.threads,
                                     self.bundle.initializers(self.backend),
-                                    self.bundle.live(self.backend), self.interrupt)
+                                    self.bundle.live(self.backend), self.interrupt, self._cache())
+
+    def _cache(self) -> Path | None:
+        """Where ONNX Runtime's sessions share their packed weights: under the state folder,
+        for the bundle's committed weights only (a working copy changes under its sessions)."""
+        if self.weights is not None and self.weights == self.bundle.weights(self.backend):
+            return state.folder(self.bundle.path) / "prepacked"
+        return None
 
     def working_copy(self, path: Path, interrupt: backends.Interrupt | None = None) -> Runtime:
         """A runtime on a copy of this one's weight file at `path` and of its slot state:

@@ -4,6 +4,7 @@ ONNX Runtime through the runtime's embedding API and the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -336,3 +337,66 @@ def test_an_exporter_failure_is_one_line_and_leaves_nothing(capsys, tiny_ckpt, t
     assert "lowering to executorch at 8 bits failed (RuntimeError: Unable to cast" in errors[0]
     assert err.splitlines()[-1] == errors[0]  # the progress lines before it, nothing after
     assert list(tmp_path.iterdir()) == []
+
+
+def test_onnx_sessions_share_their_packed_weights(exports, tmp_path):
+    """ONNX Runtime's packed weights are written once per weights version under the state
+    folder, every distinct blob once, and mapped by every session (`runtime/prepacked.py`):
+    the outputs equal those of sessions that pack their own, nothing is built twice, a pack
+    cut short is rebuilt, a new weights version replaces the old pack, and a cache that cannot
+    be written costs only the sharing."""
+    import onnx
+    from moegrow.runtime import session
+
+    bundle = tmp_path / "b"
+    shutil.copytree(exported(exports["mixtral", 4]), bundle,
+                    ignore=shutil.ignore_patterns("state"))
+    b = bundle_format.load(bundle)
+    plain_weights = tmp_path / "copy.onnx.data"  # not the bundle's file: no cache
+    shutil.copyfile(b.weights("onnxruntime"), plain_weights)
+
+    def outputs(rt):
+        ids = np.array([[1, *rt.sp.encode(TEXT)]], np.int64)
+        return [rt.suggestions("The package"), rt.score(TEXT), *rt.run("observe", ids)]
+
+    plain = outputs(session.Runtime(b, "onnxruntime", weights=plain_weights))
+    cache = bundle / "state" / "prepacked"
+    assert not cache.exists()
+    shared = outputs(session.Runtime(b, "onnxruntime"))
+    for x, y in zip(plain, shared, strict=True):
+        np.testing.assert_equal(x, y)
+    [folder] = [p for p in cache.iterdir() if p.is_dir()]
+    models = {p.name.split("-")[0]: p for p in folder.glob("*.onnx")}
+    assert set(models) == {"prefill", "decode", "score", "observe"}
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir())
+    assert cache.stat().st_mode & 0o777 == folder.stat().st_mode & 0o777 == 0o700
+    refs = {}  # program -> {initializer: its external data entries}
+    for name, path in models.items():
+        graph = onnx.load(str(path), load_external_data=False).graph
+        refs[name] = {t.name: {e.key: e.value for e in t.external_data}
+                      for t in graph.initializer if t.external_data}
+        assert {r["location"] for r in refs[name].values()} == {"pack.data"}
+    packed = [k for k, r in refs["prefill"].items()
+              if k in refs["decode"] and any(e.startswith("prepacked_") for e in r)]
+    assert packed and all(refs["prefill"][k] == refs["decode"][k] for k in packed)
+
+    stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    again = outputs(session.Runtime(b, "onnxruntime"))
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    np.testing.assert_equal(again[1], plain[1])
+
+    with open(folder / "pack.data", "r+b") as f:
+        f.truncate(4096)
+    np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[1], plain[1])
+    assert (folder / "pack.data").stat().st_size > 4096
+
+    weights = b.weights("onnxruntime")
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a new version
+    session.Runtime(b, "onnxruntime").score(TEXT)
+    assert [p for p in cache.iterdir() if p.is_dir()] != [folder] and not folder.exists()
+
+    shutil.rmtree(cache)
+    cache.write_text("")  # the folder cannot be made: the sessions pack their own
+    np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[1], plain[1])
+    assert cache.read_text() == ""

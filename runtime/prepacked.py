@@ -1,0 +1,186 @@
+"""ONNX Runtime's prepacked weights, written once and mapped by every session of a process.
+
+ONNX Runtime repacks each constant weight of MatMulNBits, QMoE and Gemm into the layout its
+CPU kernels (MLAS) read, at session creation, on the heap and once per session: prefill,
+decode and score each hold their own packed copy of the same experts (docs/benchmarks.md:
+that, not the weight file, is most of a serving process's memory). ONNX Runtime can save an
+optimized model with its packed weights in an external data file
+(`session.save_external_prepacked_constant_initializers`) and maps such a file when it loads
+the model. `load` does that once per program and merges every program's data into one file,
+`pack.data`, each distinct blob stored once (by content): the sessions of a process map the
+same pages, so physical memory (PSS) holds one packed copy however many programs run, and
+the kernel can drop and re-read those clean pages under pressure, which it cannot do with
+heap.
+
+The packed layout depends on the CPU's instruction set and on the ONNX Runtime build, so the
+files are made on the device, on first use, under the bundle's state folder (user only: a
+grown version's weights come from the user's text), in a folder named by a hash of the ONNX
+Runtime version, the CPU's features, the program and the weight file it serves; a folder for
+another key (an older weights version) is removed when a new one is made. Anything that goes
+wrong here (a read-only bundle, a full disk, an ONNX Runtime without the option, a damaged
+file) costs only the sharing: the caller gets None and builds the session as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import platform
+import shutil
+from pathlib import Path
+
+PACK, INDEX = "pack.data", "index.json"
+ALIGN = 4096  # blobs of a page or more start on a page: the kernels read them in place
+
+
+def _stamp(path: Path) -> list:
+    st = path.stat()
+    return [path.name, st.st_size, st.st_mtime_ns]
+
+
+def key(ort_version: str, weights: Path) -> str:
+    """The cache folder's name: what the packed bytes depend on, but the program."""
+    flags = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.split(":")[0].strip() in
+                      ("flags", "Features")), "")
+    parts = [ort_version, platform.machine(), flags, _stamp(weights)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically, user-only."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _whole(folder: Path) -> bool:
+    """Whether the pack holds every byte its index lists."""
+    try:
+        size = json.loads((folder / INDEX).read_text())["size"]
+        return (folder / PACK).stat().st_size >= size
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _merge(model_path: Path, folder: Path, name: str) -> None:
+    """Move the optimized model at `model_path` (and its data file) into `folder`: its blobs
+    appended to the pack unless already there, its references rewritten to point at them."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    index_path, pack_path = folder / INDEX, folder / PACK
+    index = {"size": 0, "blobs": {}}
+    if _whole(folder):
+        index = json.loads(index_path.read_text())
+    blobs, sources = index["blobs"], {}
+    fd = os.open(pack_path, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+b") as pack:
+        pack.truncate(index["size"])  # bytes past the index: a merge that did not finish
+        pack.seek(index["size"])
+
+        def put(location: str, offset: int, length: int) -> int:
+            if location not in sources:
+                with open(model_path.parent / location, "rb") as f:
+                    sources[location] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            blob = sources[location][offset:offset + length]
+            digest = hashlib.sha256(blob).hexdigest()
+            if digest not in blobs:
+                pad = -pack.tell() % (ALIGN if length >= ALIGN else 64)
+                pack.write(b"\0" * pad)
+                blobs[digest] = pack.tell()
+                pack.write(blob)
+            return blobs[digest]
+
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            entries = {e.key: e for e in tensor.external_data}
+            location = entries["location"].value
+            entries["offset"].value = str(put(location, int(entries["offset"].value),
+                                              int(entries["length"].value)))
+            for k, e in entries.items():  # "kernel+hash|offset;length;alignment|..."
+                if k.startswith("prepacked_"):
+                    head, *buffers = e.value.split("|")
+                    for i, b in enumerate(buffers):
+                        offset, length, align = b.split(";")
+                        buffers[i] = f"{put(location, int(offset), int(length))};{length};{align}"
+                    e.value = "|".join([head, *buffers])
+            entries["location"].value = PACK
+        for m in sources.values():
+            m.close()
+        pack.flush()
+        os.fsync(pack.fileno())
+        index["size"] = pack.tell()
+    _write(index_path, json.dumps(index).encode())
+    _write(folder / f"{name}.onnx", model.SerializeToString())
+
+
+def _build(ort, program: Path, options, providers, folder: Path, name: str) -> None:
+    work = folder / f".{name}.work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(mode=0o700)
+    try:
+        options.optimized_model_filepath = str(work / "model.onnx")
+        for entry, value in (("optimized_model_external_initializers_file_name", "model.data"),
+                             ("optimized_model_external_initializers_min_size_in_bytes", "1024"),
+                             ("save_external_prepacked_constant_initializers", "1")):
+            options.add_session_config_entry(f"session.{entry}", value)
+        ort.InferenceSession(str(program), options, providers=providers)  # writes the files
+        _merge(work / "model.onnx", folder, name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load(ort, program: Path, weights: Path, cache: Path, name: str, make_options, providers):
+    """An InferenceSession of `program` (serving `weights`) that maps its weights, packed ones
+    included, from the shared pack under `cache`, or None where that cannot be had.
+    `make_options(weights)`: fresh SessionOptions as the caller would load the program with,
+    its weights copied in ("copy": once, to build the files) or none ("none")."""
+    try:
+        folder = cache / key(ort.__version__, weights)
+        name += "-" + hashlib.sha256(json.dumps(_stamp(program)).encode()).hexdigest()[:8]
+        model, failed = folder / f"{name}.onnx", folder / f"{name}.failed"
+        if failed.exists():  # ONNX Runtime could not load what it wrote: not tried again
+            return None
+        if model.exists() and not _whole(folder):  # a pack cut short: start it again
+            with _locked(cache):
+                shutil.rmtree(folder, ignore_errors=True)
+        if not model.exists():
+            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with _locked(cache):
+                if not model.exists():
+                    for old in cache.iterdir():  # packs for other weights or engines
+                        if old.is_dir() and old != folder:
+                            shutil.rmtree(old, ignore_errors=True)
+                    folder.mkdir(mode=0o700, exist_ok=True)
+                    with _locked(folder):
+                        _build(ort, program, make_options("copy"), providers, folder, name)
+        options = make_options("none")
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(str(model), options, providers=providers)
+    except Exception:  # noqa: BLE001 -- any failure only costs the sharing
+        with contextlib.suppress(OSError, NameError):
+            if model.exists():
+                model.unlink()
+                failed.touch(mode=0o600)
+        return None
