@@ -56,11 +56,9 @@ class BundleError(Exception):
 # observe after its base pass), served once a clone exists (docs/growth.md)
 PROGRAMS = {"prefill": partial(programs.Prefill, gated=False),
             "decode": partial(programs.Decode, gated=False),
-            "decode3": partial(programs.Decode, gated=False, batch=3),
             "score": partial(programs.Score, gated=False),
             "observe": partial(programs.Observe, gated=False),
             "prefill_gated": programs.Prefill, "decode_gated": programs.Decode,
-            "decode3_gated": partial(programs.Decode, batch=3),
             "score_gated": programs.Score, "observe_gated": programs.Observe}
 
 

@@ -211,23 +211,18 @@ class Prefill(nn.Module):
 
 
 class Decode(Prefill):
-    """(token [B, 1], input_pos [1], k, v [L, B, Hkv, S, D], slots, novelty [1, D]) -> logits
-    [B, V], k, v; one step of generation, with the gates of the prefill's class scores.
-    `batch` B: `decode` has 1; `decode3` continues three sequences at the same position in
-    one call (the words `suggestions` offers, each on its own copy of the context's cache),
-    reading the weights once per step instead of once per word."""
+    """(token [1, 1], input_pos [1], k, v, slots, novelty [1, D]) -> logits [1, V], k, v;
+    one step of generation, with the gates of the prefill's class scores."""
 
     outputs = ("logits", "k_cache_out", "v_cache_out")
 
     def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = GatherMoE,
-                 gated: bool = True, batch: int = 1):
+                 gated: bool = True):
         super().__init__(model, moe, gated)
-        self.batch = batch
 
     def example(self, length: int) -> tuple[tuple[torch.Tensor, ...], dict[str, Any] | None]:
         pos = torch.zeros(1, dtype=torch.long)
-        return (torch.zeros(self.batch, 1, dtype=torch.long), pos,
-                *empty_cache(self.model, length, self.batch), slot_state(self.model),
+        return (pos[None], pos, *empty_cache(self.model, length), slot_state(self.model),
                 torch.zeros(1, classes(self.model))), None
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
@@ -336,8 +331,7 @@ class Observe(Score):
                 (gates_ * size[None]) ** 2)
 
 
-def empty_cache(model: layers.CausalLM, length: int,
-                batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed k, v [L, B, Hkv, S, D] for `prefill`/`decode`."""
-    cache = model.make_cache(batch, length)
+def empty_cache(model: layers.CausalLM, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed k, v [L, 1, Hkv, S, D] for `prefill`/`decode`."""
+    cache = model.make_cache(1, length)
     return cache.k.clone(), cache.v.clone()

@@ -209,57 +209,19 @@ class Runtime:
         probs = np.exp(z - z.max())
         probs /= probs.sum()
         probs[[BOS, EOS]] = 0
-        firsts = [int(t) for t in np.argsort(-probs)[:k]]
-        words = self._words(firsts, len(ids), kc, vc, novelty, max_pieces)
-        return [{"word": self.sp.decode(word).strip(), "p": float(probs[first]),
-                 "new": self.sp.id_to_piece(first).startswith("▁")}
-                for first, word in zip(firsts, words, strict=True)]
-
-    def _ends(self, token: int) -> bool:
-        """Whether piece `token` is no part of the word being completed."""
-        piece = self.sp.id_to_piece(token)
-        return token in (BOS, EOS) or piece.startswith("▁") or piece == "<0x0A>"
-
-    def _words(self, firsts: list[int], pos: int, k: np.ndarray, v: np.ndarray,
-               novelty: np.ndarray, max_pieces: int) -> list[list[int]]:
-        """Each first piece at `pos` (on the context's cache k, v) extended greedily until
-        a piece ends the word, at most `max_pieces` in all: three words per `decode3` call
-        (each on its own copy of the cache; a group of fewer repeats its last word), or one
-        per `decode` call in a bundle exported before it."""
-        def extend(word: list[int], at: int, kk: np.ndarray, vv: np.ndarray) -> list[int]:
-            for at in range(at, pos + max_pieces - 1):  # noqa: B020 -- the steps left
-                step, kk, vv = self.decode(word[-1], at, kk, vv, novelty)
-                if self._ends(token := int(step[0].argmax())):
+        out = []
+        for first in np.argsort(-probs)[:k]:
+            word, kk, vv = [int(first)], kc, vc
+            for pos in range(len(ids), len(ids) + max_pieces - 1):
+                step, kk, vv = self.decode(word[-1], pos, kk, vv, novelty)
+                token = int(step[0].argmax())
+                piece = self.sp.id_to_piece(token)
+                if token in (BOS, EOS) or piece.startswith("▁") or piece == "<0x0A>":
                     break
                 word.append(token)
-            return word
-
-        batch = self.program("decode3")
-        if batch not in self.bundle.manifest["programs"]:
-            return [extend([first], pos, k, v) for first in firsts]
-        words = []
-        for start in range(0, len(firsts), 3):
-            group = firsts[start:start + 3]
-            rows = [[t] for t in group + group[-1:] * (3 - len(group))]
-            going = list(range(len(group)))  # the rows whose word goes on
-            kk, vv = np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1)
-            at = pos
-            while len(going) > 1 and at < pos + max_pieces - 1:
-                tokens = np.array([[row[-1]] for row in rows], np.int64)
-                step, kk, vv = self.engine.run(batch, [tokens, np.array([at]), kk, vv,
-                                                       self.slots, novelty])
-                for row in list(going):
-                    token = int(step[row].argmax())
-                    if self._ends(token):
-                        going.remove(row)
-                    else:
-                        rows[row].append(token)
-                at += 1
-            if going:  # one word left: on its own, one sequence per step
-                row = going[0]
-                extend(rows[row], at, kk[:, row:row + 1], vv[:, row:row + 1])
-            words += rows[:len(group)]
-        return words
+            out.append({"word": self.sp.decode(word).strip(), "p": float(probs[first]),
+                        "new": self.sp.id_to_piece(int(first)).startswith("▁")})
+        return out
 
     def score(self, text: str) -> dict:
         """{"ppl", "nll", "tokens", "top1", "top3"} exactly as `moegrow eval` defines them."""

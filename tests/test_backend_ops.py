@@ -37,7 +37,7 @@ from moegrow.runtime import bundle as bundle_format
 pytestmark = pytest.mark.slow  # waits for the exports (conftest.exports)
 
 ARCHS = ("mixtral", "olmoe", "qwen3_moe")
-PROGRAMS = ("prefill", "decode", "decode3", "score", "observe", "sweep", "adam")
+PROGRAMS = ("prefill", "decode", "score", "observe", "sweep", "adam")
 GROWTH = ("sweep", "adam")  # the programs of the bundles with deepening (`DEEPENING`)
 ENGINES = ("torch", "executorch", "onnxruntime")
 NMSE = {32: 1e-9, 8: 1e-2, 4: 3e-2}
@@ -91,9 +91,6 @@ class Case:
         prefill = "prefill_gated" if spare else "prefill"  # the scores of the open slot
         _, k, v, novelty = self.ref.run(prefill, self.inputs["prefill"])
         self.inputs["decode"] = [self.tokens[:, T:], np.array([T]), k, v, self.slots, novelty]
-        self.next3 = rng.integers(3, config["vocab_size"], (3, 1)).astype(np.int64)
-        self.inputs["decode3"] = [self.next3, np.array([T]), np.repeat(k, 3, 1),
-                                  np.repeat(v, 3, 1), self.slots, novelty]
         self.engines = {}
 
     def engine(self, name: str):
@@ -142,11 +139,10 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
     with every spare slot closed (the eager model has none)."""
     slots = session.slot_state(c.bundle)
     inputs = [slots if a is c.slots else a for a in c.inputs[name]]
-    if name in ("decode", "decode3"):
+    if name == "decode":
         _, k, v, novelty = c.ref.run("prefill", [slots if a is c.slots else a
                                                  for a in c.inputs["prefill"]])
-        n = len(inputs[0])
-        inputs = [*inputs[:2], np.repeat(k, n, 1), np.repeat(v, n, 1), slots, novelty]
+        inputs = [*inputs[:2], k, v, slots, novelty]
     got = c.ref.run(name, inputs)
     model = checkpoint.load(c.ckpt).eval()
     if c.bundle.manifest["bits"] != 32:
@@ -172,10 +168,6 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
         return got[:1], [logits[T - 1:T].numpy()], ("logits",)
     if name == "decode":
         return got[:1], [logits[T:].numpy()], ("logits",)
-    if name == "decode3":  # three sequences: the text, then each of three tokens
-        three = torch.cat([tokens[:, :T].repeat(3, 1), torch.from_numpy(c.next3)], 1)
-        with torch.no_grad():
-            return got[:1], [model(three)[:, T].float().numpy()], ("logits",)
     z, target = logits[:T - 1], tokens[0, 1:T]
     nll = torch.logsumexp(z, -1) - z.gather(1, target[:, None])[:, 0]
     rank = (z > z.gather(1, target[:, None])).sum(-1)
@@ -202,7 +194,7 @@ def test_backend_ops(cases, exports, arch, program, engine, bits):
     compare(got, want, names, bits, engine)
 
 
-GATED = ("prefill_gated", "decode_gated", "decode3_gated", "score_gated", "observe_gated")
+GATED = ("prefill_gated", "decode_gated", "score_gated", "observe_gated")
 
 
 @pytest.mark.parametrize("bits", (32, 4))

@@ -26,9 +26,10 @@ TEXT = "The parser reads the next word. Our user writes plain text. " * 12  # > 
 def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["config"]["model_type"] == "mixtral"
-    assert set(manifest["programs"]) == {"prefill", "decode", "decode3", "score", "observe",
-                                         "prefill_gated", "decode_gated", "decode3_gated",
-                                         "score_gated", "observe_gated", "sweep", "adam"}
+    assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe",
+                                         "prefill_gated", "decode_gated", "score_gated",
+                                         "observe_gated",
+                                         "sweep", "adam"}
     assert manifest["deepening"] == {"strict_steps": 0, "strict_eta": 0.1}
     weights = manifest["weights"]["files"]
     assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
@@ -88,25 +89,6 @@ def test_generation_and_suggestions_agree_across_backends(tiny_bundle, tiny_ckpt
         assert "".join(rt.generate("The router", max_new=16)) == want, engine
         assert [w for w, _ in rt.suggest("Our user writes", k=3)] == words, engine
 
-
-
-@pytest.mark.parametrize("engine", ENGINES)
-def test_suggestions_continue_three_words_per_call(tiny_bundle, engine):
-    """`suggestions` continues its words three per `decode3` call (the last one left on its
-    own with `decode`) and offers what one word per `decode` call offers (a bundle exported
-    before `decode3`); five words make a group of three and one of two."""
-    rt, old = runtime.open(tiny_bundle, engine), runtime.open(tiny_bundle, engine)
-    del old.bundle.manifest["programs"]["decode3"]
-    calls, run = [], rt.engine.run
-    rt.engine.run = lambda name, arrays: calls.append(name) or run(name, arrays)
-    for prefix in ("The router", "Our user writes plain", "The parser reads the next w"):
-        for k in (3, 5):
-            got, want = rt.suggestions(prefix, k=k), old.suggestions(prefix, k=k)
-            assert [w["word"] for w in got] == [w["word"] for w in want], (prefix, k)
-            np.testing.assert_allclose([w["p"] for w in got], [w["p"] for w in want],
-                                       rtol=1e-5)
-            rt.typed = old.typed = None
-    assert calls.count("decode3") >= 6 and "decode3" not in old.bundle.manifest["programs"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -225,7 +207,7 @@ def test_export_refuses_bad_requests_and_writes_nothing(capsys, tiny_ckpt, tiny_
 def test_a_bundle_without_an_engine_says_so(exports):
     # a quantized bundle carries no deepening programs nor spare slots unless asked (--deepen)
     manifest = json.loads((exported(exports["mixtral", 8]) / "manifest.json").read_text())
-    assert sorted(manifest["programs"]) == ["decode", "decode3", "observe", "prefill", "score"]
+    assert sorted(manifest["programs"]) == ["decode", "observe", "prefill", "score"]
     assert manifest["config"]["spare_experts"] == 0
     with pytest.raises(runtime.backends.BackendError, match="no programs for backend"):
         runtime.open(exported(exports["mixtral", "strict"]), "executorch")  # ONNX only
@@ -261,9 +243,8 @@ def test_onnx_programs_take_every_weight_from_the_shared_map(tiny_bundle, tmp_pa
     b = bundle_format.load(tiny_bundle)
     tables = b.initializers("onnxruntime")
     deepen = {"sweep"}
-    assert set(tables) == {"prefill", "decode", "decode3", "score", "observe", "prefill_gated",
-                           "decode_gated", "decode3_gated", "score_gated", "observe_gated",
-                           "adam", *deepen}
+    assert set(tables) == {"prefill", "decode", "score", "observe", "prefill_gated",
+                           "decode_gated", "score_gated", "observe_gated", "adam", *deepen}
     assert b.live("onnxruntime") == deepen and b.live("executorch") == set()
     data = np.fromfile(b.weights("onnxruntime"), np.uint8)
     for name, table in tables.items():
@@ -376,8 +357,7 @@ def test_onnx_sessions_share_their_packed_weights(exports, tmp_path):
 
     def outputs(rt):
         ids = np.array([[1, *rt.sp.encode(TEXT)]], np.int64)
-        return [rt.suggestions("The package"), "".join(rt.generate("The package", 4)),
-                rt.score(TEXT), *rt.run("observe", ids)]
+        return [rt.suggestions("The package"), rt.score(TEXT), *rt.run("observe", ids)]
 
     plain = outputs(session.Runtime(b, "onnxruntime", weights=plain_weights))
     cache = bundle / "state" / "prepacked"
@@ -387,7 +367,7 @@ def test_onnx_sessions_share_their_packed_weights(exports, tmp_path):
         np.testing.assert_equal(x, y)
     [folder] = [p for p in cache.iterdir() if p.is_dir()]
     models = {p.name.split("-")[0]: p for p in folder.glob("*.onnx")}
-    assert set(models) == {"prefill", "decode", "decode3", "score", "observe"}
+    assert set(models) == {"prefill", "decode", "score", "observe"}
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in folder.iterdir())
     assert cache.stat().st_mode & 0o777 == folder.stat().st_mode & 0o777 == 0o700
     refs = {}  # program -> {initializer: its external data entries}
@@ -403,11 +383,11 @@ def test_onnx_sessions_share_their_packed_weights(exports, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
     again = outputs(session.Runtime(b, "onnxruntime"))
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
-    np.testing.assert_equal(again[2], plain[2])
+    np.testing.assert_equal(again[1], plain[1])
 
     with open(folder / "pack.data", "r+b") as f:
         f.truncate(4096)
-    np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[2], plain[2])
+    np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[1], plain[1])
     assert (folder / "pack.data").stat().st_size > 4096
 
     weights = b.weights("onnxruntime")
@@ -418,5 +398,5 @@ def test_onnx_sessions_share_their_packed_weights(exports, tmp_path):
 
     shutil.rmtree(cache)
     cache.write_text("")  # the folder cannot be made: the sessions pack their own
-    np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[2], plain[2])
+    np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[1], plain[1])
     assert cache.read_text() == ""

@@ -178,9 +178,9 @@ def test_one_pass_programs_equal_the_gated_ones_until_a_clone_exists(model):
               "prefill": lambda s: [tokens, np.arange(20), k, v, s],
               "decode": lambda s: [tokens[:, :1], np.array([20]), k, v, s,
                                    np.full((1, classes), 5.0, np.float32)]}
-    assert bundle.serving(0) == ["prefill", "decode", "decode3", "score", "observe"]
+    assert bundle.serving(0) == ["prefill", "decode", "score", "observe"]
     assert bundle.serving(2) == [*bundle.serving(0), "prefill_gated", "decode_gated",
-                                 "decode3_gated", "score_gated", "observe_gated"]
+                                 "score_gated", "observe_gated"]
     for name, args in inputs.items():
         one, two = ref.run(name, args(empty)), ref.run(f"{name}_gated", args(empty))
         novelty = [n == "novelty" for n in ref.program(name).outputs]

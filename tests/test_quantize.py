@@ -110,8 +110,7 @@ def test_bundle_ppl(setup, fp32_ppl, exports, engine, bits):
 
         for name, path in rt.bundle.programs(engine).items():
             ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
-            routed = name.removesuffix("_gated") in ("prefill", "decode", "decode3", "score",
-                                                     "observe")
+            routed = name.removesuffix("_gated") in ("prefill", "decode", "score", "observe")
             assert ops.count("QMoE") == (rt.bundle.config["num_hidden_layers"] if routed
                                          else 0), name
     ppl = _ppl(lambda w: rt.run("score", w.numpy())[0], windows)
