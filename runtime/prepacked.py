@@ -15,10 +15,13 @@ heap.
 The packed layout depends on the CPU's instruction set and on the ONNX Runtime build, so the
 files are made on the device, on first use, under the bundle's state folder (user only: a
 grown version's weights come from the user's text), in a folder named by a hash of the ONNX
-Runtime version, the CPU's features, the program and the weight file it serves; a folder for
-another key (an older weights version) is removed when a new one is made. Anything that goes
-wrong here (a read-only bundle, a full disk, an ONNX Runtime without the option, a damaged
-file) costs only the sharing: the caller gets None and builds the session as before.
+Runtime version, the CPU's features and the weight file served (each program's graph named
+by a hash of its file); a folder for another key (an older weights version) is removed when
+a new one is made, under a lock that serializes the processes writing them. Anything that
+goes wrong here (a read-only bundle, a full disk, an ONNX Runtime without the option, a
+graph it cannot load back) costs only the sharing: the caller gets None and builds the
+session as before, and that program is not tried again for these weights; a pack cut short
+is rebuilt.
 """
 
 from __future__ import annotations
@@ -160,7 +163,7 @@ def load(ort, program: Path, weights: Path, cache: Path, name: str, make_options
         folder = cache / key(ort.__version__, weights)
         name += "-" + hashlib.sha256(json.dumps(_stamp(program)).encode()).hexdigest()[:8]
         model, failed = folder / f"{name}.onnx", folder / f"{name}.failed"
-        if failed.exists():  # ONNX Runtime could not load what it wrote: not tried again
+        if failed.exists():  # it failed for this program and these weights before
             return None
         if model.exists() and not _whole(folder):  # a pack cut short: start it again
             with _locked(cache):
@@ -169,18 +172,16 @@ def load(ort, program: Path, weights: Path, cache: Path, name: str, make_options
             cache.mkdir(mode=0o700, parents=True, exist_ok=True)
             with _locked(cache):
                 if not model.exists():
-                    for old in cache.iterdir():  # packs for other weights or engines
+                    for old in cache.iterdir():  # the packs of other weights versions
                         if old.is_dir() and old != folder:
                             shutil.rmtree(old, ignore_errors=True)
                     folder.mkdir(mode=0o700, exist_ok=True)
-                    with _locked(folder):
-                        _build(ort, program, make_options("copy"), providers, folder, name)
+                    _build(ort, program, make_options("copy"), providers, folder, name)
         options = make_options("none")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(str(model), options, providers=providers)
     except Exception:  # noqa: BLE001 -- any failure only costs the sharing
-        with contextlib.suppress(OSError, NameError):
-            if model.exists():
-                model.unlink()
-                failed.touch(mode=0o600)
+        with contextlib.suppress(OSError, NameError):  # and is not tried again
+            model.unlink(missing_ok=True)
+            failed.touch(mode=0o600)
         return None

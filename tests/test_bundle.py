@@ -339,12 +339,13 @@ def test_an_exporter_failure_is_one_line_and_leaves_nothing(capsys, tiny_ckpt, t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_onnx_sessions_share_their_packed_weights(exports, tmp_path):
+def test_onnx_sessions_share_their_packed_weights(exports, tmp_path, monkeypatch):
     """ONNX Runtime's packed weights are written once per weights version under the state
     folder, every distinct blob once, and mapped by every session (`runtime/prepacked.py`):
     the outputs equal those of sessions that pack their own, nothing is built twice, a pack
-    cut short is rebuilt, a new weights version replaces the old pack, and a cache that cannot
-    be written costs only the sharing."""
+    cut short is rebuilt, a new weights version replaces the old pack, a program whose files
+    cannot be made is not tried again, and a cache that cannot be written costs only the
+    sharing."""
     import onnx
     from moegrow.runtime import session
 
@@ -396,6 +397,20 @@ def test_onnx_sessions_share_their_packed_weights(exports, tmp_path):
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a new version
     session.Runtime(b, "onnxruntime").score(TEXT)
     assert [p for p in cache.iterdir() if p.is_dir()] != [folder] and not folder.exists()
+
+    from moegrow.runtime import prepacked
+
+    builds = []
+
+    def failing(*args):  # as a full disk would
+        builds.append(args[-1])
+        raise OSError("no space left on device")
+    shutil.rmtree(cache)
+    monkeypatch.setattr(prepacked, "_build", failing)
+    for _ in range(2):  # marked the first time, not tried again
+        np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[2], plain[2])
+    assert sorted(n.split("-")[0] for n in builds) == ["decode", "observe", "prefill", "score"]
+    monkeypatch.undo()
 
     shutil.rmtree(cache)
     cache.write_text("")  # the folder cannot be made: the sessions pack their own
