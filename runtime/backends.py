@@ -212,6 +212,11 @@ class OnnxRuntime:
             self.sessions[name] = (session, [i.name for i in session.get_inputs()])
         return self.sessions[name]
 
+    def prepare(self, names: list[str]) -> None:
+        """Load programs `names` now (their shared packed weights written, `prepacked`)."""
+        for name in names:
+            self._session(name)
+
     def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
         check = self.interrupt.check if self.interrupt else lambda: None
         check()

@@ -8,6 +8,7 @@ and out of `prefill`/`decode`, so forking it (one branch per suggestion) costs n
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -303,7 +304,8 @@ class Runtime:
         quantized pool, other domains' clones compressed into the pool (`compress.compress`,
         each guarded; the most converged domain first, `compress.ripe`, until the layers
         have a slot), then (every bundle) in layers still full the least earning of other
-        domains' spawned experts retired (`compress.retire`); "reclaimed": their reports."""
+        domains' spawned experts retired (`compress.retire`); "reclaimed": their reports.
+        After a commit the new version's serving programs load ("prepare_seconds")."""
         def reclaim(growing: str, layers: list[int]) -> list[dict]:
             out = []
             ripe = compress.ripe(self.bundle, errormap.Store(self.bundle.path).read(), layers,
@@ -314,8 +316,17 @@ class Runtime:
                 out.append(compress.compress(self, x["domain"], progress) | {
                     "converged": x["converged"], "drift": x["drift"]})
             return out + compress.retire(self, layers, growing, progress)
-        return growth.idle(self, seconds, domain, growth.Limits(**limits), progress, reclaim,
-                           interrupt, policy)
+        report = growth.idle(self, seconds, domain, growth.Limits(**limits), progress,
+                             reclaim, interrupt, policy)
+        if report["committed"]:  # the new version's serving programs, now, not at the next
+            # keystroke: ONNX Runtime writes their shared packed weights as it first loads
+            # them (`backends.OnnxRuntime.prepare`), which takes seconds on a larger model
+            start = time.monotonic()
+            prepare = getattr(self.engine, "prepare", None)  # the torch reference has none
+            if prepare:
+                prepare([self.program(name) for name in ("prefill", "decode", "score")])
+            report["prepare_seconds"] = time.monotonic() - start
+        return report
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
         return windows(ids, self.bundle.context)

@@ -69,6 +69,11 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     weights = bundle_format.load(before).weights("onnxruntime").stat().st_size
     assert r["accounted_bytes"] == weights + r["work_file_bytes"] + r["bytes"]
     assert r["work_file_bytes"] == weights and r["peak_rss_mb"] > 0
+    # the new version's serving programs loaded after the commit: their shared packed
+    # weights are written (runtime/prepacked.py), the old version's removed
+    [pack] = [p for p in (after / "state" / "prepacked").iterdir() if p.is_dir()]
+    assert {p.name.split("-")[0] for p in pack.glob("*.onnx")} == {
+        "prefill_gated", "decode_gated", "score_gated"} and r["prepare_seconds"] > 0
     table = {(x["layer"], x["slot"]): x for x in bundle_format.load(after).manifest["experts"]
              ["table"]}
     for s in r["plan"]:
