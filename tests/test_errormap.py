@@ -23,7 +23,9 @@ TEXT = "The parser reads the next word. Our user writes plain text. " * 8
 
 @pytest.fixture
 def bundle_copy(tiny_bundle, tmp_path):
-    shutil.copytree(tiny_bundle, tmp_path / "b")
+    """A copy of the tiny bundle as exported: without the state/ its in-place serving in
+    other tests writes (ONNX Runtime's packed-weight cache, runtime/prepacked.py)."""
+    shutil.copytree(tiny_bundle, tmp_path / "b", ignore=shutil.ignore_patterns("state"))
     return tmp_path / "b"
 
 
