@@ -150,11 +150,12 @@ def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
     return out
 
 
-def write_atomic(path: Path, buf: np.ndarray) -> None:
-    """`buf`'s bytes as `path`: written to a temporary name, fsynced, renamed into place."""
+def write_atomic(path: Path, buf: np.ndarray, mode: int = 0o666) -> None:
+    """`buf`'s bytes as `path`: written to a temporary name, fsynced, renamed into place;
+    `mode`: the new file's permissions (less the umask), as `os.open` takes them."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
             buf.tofile(f)
             f.flush()
             os.fsync(f.fileno())

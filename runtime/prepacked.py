@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import mmap
@@ -35,6 +36,10 @@ import os
 import platform
 import shutil
 from pathlib import Path
+
+import numpy as np
+
+from . import experts
 
 PACK, INDEX = "pack.data", "index.json"
 ALIGN = 4096  # blobs of a page or more start on a page: the kernels read them in place
@@ -45,13 +50,19 @@ def _stamp(path: Path) -> list:
     return [path.name, st.st_size, st.st_mtime_ns]
 
 
-def key(ort_version: str, weights: Path) -> str:
-    """The cache folder's name: what the packed bytes depend on, but the program."""
+@functools.cache
+def _cpu() -> str:
+    """The machine and its CPU's feature flags (x86 "flags", Arm "Features")."""
     flags = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         flags = next((line for line in f if line.split(":")[0].strip() in
                       ("flags", "Features")), "")
-    parts = [ort_version, platform.machine(), flags, _stamp(weights)]
+    return platform.machine() + " " + flags
+
+
+def key(ort_version: str, weights: Path) -> str:
+    """The cache folder's name: what the packed bytes depend on, but the program."""
+    parts = [ort_version, _cpu(), _stamp(weights)]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -63,17 +74,6 @@ def _locked(folder: Path):
         yield
     finally:
         os.close(fd)
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically, user-only."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _whole(folder: Path) -> bool:
@@ -134,8 +134,9 @@ def _merge(model_path: Path, folder: Path, name: str) -> None:
         pack.flush()
         os.fsync(pack.fileno())
         index["size"] = pack.tell()
-    _write(index_path, json.dumps(index).encode())
-    _write(folder / f"{name}.onnx", model.SerializeToString())
+    for path, data in ((index_path, json.dumps(index).encode()),
+                       (folder / f"{name}.onnx", model.SerializeToString())):
+        experts.write_atomic(path, np.frombuffer(data, np.uint8), mode=0o600)
 
 
 def _build(ort, program: Path, options, providers, folder: Path, name: str) -> None:
