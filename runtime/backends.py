@@ -28,6 +28,7 @@ the error message when loading fails.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import logging
 import os
@@ -40,7 +41,7 @@ from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
 from moegrow.runtime import prepacked
 
 __all__ = ["ENGINES", "BackendError", "ExecuTorch", "Interrupt", "Interrupted", "OnnxRuntime",
-           "load"]
+           "give_back", "load"]
 
 
 class BackendError(Exception):
@@ -71,6 +72,27 @@ class Interrupt:
 
 
 @contextlib.contextmanager
+def give_back() -> None:
+    """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; nothing where
+    the C library has none). The engines free a run's activations and a session's load-time
+    buffers, but glibc keeps freed blocks in the heap once its mmap threshold has grown past
+    them (it grows to the largest block freed, up to 32 MB): a process that scored a text
+    would go on holding that memory while it only suggests (docs/benchmarks.md, "Freed
+    memory given back"). Called after the calls that allocate most (a session's load,
+    `score`, `observe`, a growth slice), not per keystroke; it costs 0.2-1.3 ms."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = getattr(ctypes.CDLL(None), "malloc_trim", False)
+        except (OSError, TypeError):  # no C library to look in (Windows)
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None  # glibc's malloc_trim, looked up at the first call
+
+
 def _engine_log():
     """Send file descriptor 2 to a temporary file, and `sys.stderr` (ExecuTorch's bindings
     write their native log lines there) to a buffer; yields a list that gets their text."""
@@ -133,6 +155,7 @@ class ExecuTorch:
             except (RuntimeError, ValueError) as e:
                 raise BackendError(f"{path}: executorch cannot load it with {self.weights.name} "
                                    f"({e}{_last_line(log)})") from None
+            give_back()  # the delegate's load-time buffers
         return self.methods[name]
 
     def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
@@ -210,6 +233,7 @@ class OnnxRuntime:
             except Exception as e:  # ORT raises its own exception types, all unrelated
                 raise BackendError(f"{path}: onnxruntime cannot load it ({e})") from None
             self.sessions[name] = (session, [i.name for i in session.get_inputs()])
+            give_back()  # the graph's parse and optimization buffers
         return self.sessions[name]
 
     def prepare(self, names: list[str]) -> None:

@@ -236,6 +236,7 @@ class Runtime:
             top1 += int((ranks < 1).sum())
             top3 += int((ranks < 3).sum())
         n = len(ids) - 1
+        backends.give_back()  # the windows' activations (`backends.give_back`)
         return {"ppl": float(np.exp(nll / n)), "nll": nll / n, "tokens": n,
                 "top1": top1 / n, "top3": top3 / n}
 
@@ -326,6 +327,7 @@ class Runtime:
             if prepare:
                 prepare([self.program(name) for name in ("prefill", "decode", "score")])
             report["prepare_seconds"] = time.monotonic() - start
+        backends.give_back()  # the slice's working copy and activations, freed
         return report
 
     def windows(self, ids: np.ndarray) -> Iterator[tuple[np.ndarray, slice]]:
@@ -352,6 +354,7 @@ class Runtime:
         replay = [ids[i:i + window] for i in range(0, len(ids), window)]
         store.add(domain, folded, len(nll), float(nll.sum()), float((nll * nll).sum()), replay,
                   saved)
+        backends.give_back()
         return {"domain": domain, "tokens": len(nll), "nll": float(nll.mean()),
                 "ppl": float(np.exp(nll.mean()))}
 

@@ -138,7 +138,8 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
                         "mb_per_token": nbytes / 1e6,
                         "roofline_fraction": decode * nbytes / bandwidth,
                         "suggest_p50_ms": latency[name][0], "suggest_p95_ms": latency[name][1],
-                        "typing_p50_ms": typing[name][0], "typing_p95_ms": typing[name][1]})
+                        "typing_p50_ms": typing[name][0], "typing_p95_ms": typing[name][1],
+                        "typing_decode_steps": typing[name][2]})
     torch_decode = results[0]["decode_tps"]
     for r in results:
         r["decode_vs_torch"] = r["decode_tps"] / torch_decode
@@ -245,13 +246,25 @@ def _suggest_ms(rt, prefix: str, n: int) -> tuple[float, float]:
     return _percentiles([_time(fresh) * 1e3 for _ in range(n)])
 
 
-def _typing_ms(rt, prefix: str, typed: str) -> tuple[float, float]:
+def _typing_ms(rt, prefix: str, typed: str) -> tuple[float, float, float]:
     """p50, p95 of `suggest` (3 words) per keystroke while `typed` is typed after `prefix` a
-    character at a time (a keyboard: the context's cache is reused, `Runtime.extend`)."""
+    character at a time (a keyboard: the context's cache is reused, `Runtime.extend`), in
+    milliseconds, and the mean number of decode steps the three words took per keystroke
+    (what the time scales with: a model that ends its words early takes fewer)."""
     rt.typed = None
     rt.suggest(prefix)
-    return _percentiles([_time(lambda n=n: rt.suggest(prefix + typed[:n])) * 1e3
-                         for n in range(1, len(typed) + 1)])
+    steps, decode = [0], rt.decode
+
+    def counted(*args):
+        steps[0] += 1
+        return decode(*args)
+    rt.decode = counted  # this instance only, for the measurement
+    try:
+        ms = [_time(lambda n=n: rt.suggest(prefix + typed[:n])) * 1e3
+              for n in range(1, len(typed) + 1)]
+    finally:
+        del rt.decode
+    return (*_percentiles(ms), steps[0] / len(typed))
 
 
 def report(r: dict, bundle: str) -> str:
@@ -262,16 +275,18 @@ def report(r: dict, bundle: str) -> str:
              f"read bandwidth {r['read_bandwidth_gb_s']:.1f} GB/s; its decode roofline "
              f"{r['roofline_decode_tps']:.0f} tokens/s (each row's roofline: its own MB per "
              "token). suggest: a new context (the whole prompt prefilled); typing: per "
-             "keystroke, the context's cache reused.", "",
+             "keystroke, the context's cache reused (steps: decode steps per keystroke, the "
+             "words' and the context's).", "",
              "| backend | bits | prefill tok/s | decode tok/s | decode vs torch | MB / token "
-             "| roofline | suggest p50 / p95 ms | typing p50 / p95 ms |",
+             "| roofline | suggest p50 / p95 ms | typing p50 / p95 ms (steps) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for x in r["results"]:
         lines.append(f"| {x['backend']} | {x['bits']} | {x['prefill_tps']:.0f} | "
                      f"{x['decode_tps']:.0f} | {x['decode_vs_torch']:.2f}x | "
                      f"{x['mb_per_token']:.2f} | {x['roofline_fraction']:.1%} | "
                      f"{x['suggest_p50_ms']:.1f} / {x['suggest_p95_ms']:.1f} | "
-                     f"{x['typing_p50_ms']:.1f} / {x['typing_p95_ms']:.1f} |")
+                     f"{x['typing_p50_ms']:.1f} / {x['typing_p95_ms']:.1f} "
+                     f"({x['typing_decode_steps']:.1f}) |")
     lines.append("")
     if not r["llama_cpp"]:
         return "\n".join([*lines, llama.NOT_INSTALLED]) + "\n"
