@@ -71,7 +71,6 @@ class Interrupt:
             raise Interrupted("interrupted")
 
 
-@contextlib.contextmanager
 def give_back() -> None:
     """Hand the C heap's free pages back to the system (glibc's `malloc_trim`; nothing where
     the C library has none). The engines free a run's activations and a session's load-time
@@ -93,6 +92,7 @@ def give_back() -> None:
 _trim = None  # glibc's malloc_trim, looked up at the first call
 
 
+@contextlib.contextmanager
 def _engine_log():
     """Send file descriptor 2 to a temporary file, and `sys.stderr` (ExecuTorch's bindings
     write their native log lines there) to a buffer; yields a list that gets their text."""
