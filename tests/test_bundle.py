@@ -424,8 +424,9 @@ GIVE_BACK = """
 import ctypes, sys
 from moegrow.runtime import backends
 libc = ctypes.CDLL(None)
-libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD: 1 MB blocks come from the heap, as glibc does
-libc.malloc.restype = ctypes.c_void_p  # once it has freed a block that large
+# M_MMAP_THRESHOLD: 1 MB blocks come from the heap, as they do once glibc freed one that large
+libc.mallopt(-3, 64 << 20)
+libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 def rss():
     return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS"))

@@ -249,8 +249,9 @@ def _suggest_ms(rt, prefix: str, n: int) -> tuple[float, float]:
 def _typing_ms(rt, prefix: str, typed: str) -> tuple[float, float, float]:
     """p50, p95 of `suggest` (3 words) per keystroke while `typed` is typed after `prefix` a
     character at a time (a keyboard: the context's cache is reused, `Runtime.extend`), in
-    milliseconds, and the mean number of decode steps the three words took per keystroke
-    (what the time scales with: a model that ends its words early takes fewer)."""
+    milliseconds, and the mean decode steps per keystroke (the three words' and the
+    context's one-piece step: what the time scales with; a model that ends its words early
+    takes fewer)."""
     rt.typed = None
     rt.suggest(prefix)
     steps, decode = [0], rt.decode
