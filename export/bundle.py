@@ -342,11 +342,12 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
         written = {
             "format": manifest.FORMAT, "format_version": manifest.FORMAT_VERSION,
             "config": config, "context": model.args.max_position_embeddings, "bits": bits,
-            # quantized ExecuTorch programs run every expert densely (XNNPACK has no
-            # quantized gather); "routed": the engines whose quantized serving programs read
-            # only the chosen experts (ONNX Runtime's QMoE, `quantize.routed`)
+            # "dense": a quantized program that is not routed runs every expert (XNNPACK has
+            # no quantized gather); "routed": the engines whose quantized serving programs
+            # read only the chosen experts (`quantize.routed`: ONNX Runtime's QMoE,
+            # ExecuTorch's `moegrow::routed_moe` kernel)
             "decode_moe": "gather" if bits == 32 else "dense",
-            "routed": ["onnxruntime"] if bits != 32 and "onnxruntime" in engines else [],
+            "routed": [] if bits == 32 else list(engines),
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},

@@ -309,6 +309,33 @@ def routed_weights(fc: dict, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w1.reshape(e, f2, c), w2.reshape(e, c, f)
 
 
+def _routed_moe(x: torch.Tensor, gates: torch.Tensor, fc1: torch.Tensor,
+                fc1_scales: torch.Tensor, fc2: torch.Tensor, fc2_scales: torch.Tensor,
+                bits: int) -> torch.Tensor:
+    """`moegrow::routed_moe` in torch (every expert computed, weighted by `gates`, 0 off the
+    chosen): the reference of `device_kernels/routed_moe.cpp`, which reads only the chosen
+    experts' rows."""
+    fc = {"fc1": fc1, "fc1_scales": fc1_scales, "fc2": fc2, "fc2_scales": fc2_scales,
+          "group": x.shape[-1] // fc1_scales.shape[-1]}
+    w1, w2 = routed_weights(fc, bits)
+    h = swiglu(torch.einsum("nc,egc->neg", x, w1).reshape(*gates.shape, -1, 2))
+    return torch.einsum("nef,ecf->nc", h * gates[..., None], w2)
+
+
+# ExecuTorch's routed quantized MoE (`RoutedMoE` in a `.pte`): a custom op whose kernel is
+# `device_kernels/routed_moe.cpp` (`device_kernels.native`); torch.export keeps it as one
+# node (CompositeExplicitAutograd), ExecuTorch's memory planning runs its out variant.
+_LIB = torch.library.Library("moegrow", "DEF")
+_SCHEMA = ("Tensor x, Tensor gates, Tensor fc1, Tensor fc1_scales, Tensor fc2, "
+           "Tensor fc2_scales, int bits")
+_LIB.define(f"routed_moe({_SCHEMA}) -> Tensor")
+_LIB.define(f"routed_moe.out({_SCHEMA}, *, Tensor(a!) out) -> Tensor(a!)")
+_LIB.impl("routed_moe", _routed_moe, "CompositeExplicitAutograd")
+_LIB.impl("routed_moe", lambda x, *_: torch.empty_like(x), "Meta")
+_LIB.impl("routed_moe.out", lambda *a, out: out.copy_(_routed_moe(*a)), "CompositeExplicitAutograd")
+_LIB.impl("routed_moe.out", lambda *a, out: out, "Meta")
+
+
 def swiglu(z: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of interleaved pre-activations [..., 2] (`routed_codes`' fc1 rows)."""
     return F.silu(z[..., 0]) * z[..., 1]
@@ -372,11 +399,13 @@ class RoutedMoE(Slots):
                  "block_size": self.group, "accuracy_level": self.accuracy_level},
                 dtype=x.dtype, shape=x.shape, version=1)
             h = self._hidden(x) if self.dense_hidden else None
+        elif not self.dense_hidden:  # ExecuTorch's kernel (`moegrow::routed_moe`)
+            out, h = torch.ops.moegrow.routed_moe(x, base, self.fc1, self.fc1_scales,
+                                                  self.fc2, self.fc2_scales, self.bits), None
         else:  # every expert computed: the taps' activations are these
             w1, w2 = routed_weights(self._codes(), self.bits)
             h = swiglu(torch.einsum("nc,egc->neg", x, w1).reshape(-1, self.live, self.hidden, 2))
             out = torch.einsum("nef,ecf->nc", h * base[..., None], w2)
-            h = h if self.dense_hidden else None
         if self.spare or self.pool:
             more, hs = self.spare_out(x, gates)
             out = out + more

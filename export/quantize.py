@@ -6,16 +6,15 @@ an int4 decode step reads; llama.cpp's Q4_0 recipe keeps its head at 8 bits too)
 fp32: the router `gate` (rounding must not flip expert choices), the embedding (a row
 lookup, not a matmul) and the norms.
 
-Both engines quantize plain constant-weight linears only, so a quantized ExecuTorch program
-runs every MoE block as `DenseMoE` (decode included: `GatherMoE`'s bmm over gathered stacked
-weights has no quantized kernel in XNNPACK). `dense(program)` does that swap;
-`quantize_for_pte` calls it. ONNX Runtime has one: its `QMoE` contrib op reads only the
-chosen experts' codes, so its quantized programs (prefill, decode, score, observe:
-`ROUTED`) hold their base experts as `moe.RoutedMoE` (`routed(program, bits)`), the same
-codes and scales in that op's layout (`moe.routed_codes`); `observe`, whose error taps need
-every expert's activation, also runs gate and up densely over the same bytes (speed:
-docs/benchmarks.md, "Routed quantized experts"). The ONNX file given to `quantize_onnx`
-comes from a dense or routed program.
+The quantizers take plain constant-weight linears only; XNNPACK has no quantized gather,
+so a dense MoE block (`dense(program)`, which `quantize_for_pte` calls) runs every expert.
+Serving programs read only the chosen experts' codes instead, in `moe.routed_codes`' layout
+(`routed(program, bits)`: `moe.RoutedMoE`): ONNX Runtime through its `QMoE` contrib op
+(`ROUTED`; `observe`, whose error taps need every expert's activation, also runs gate and
+up densely over the same bytes), ExecuTorch through moegrow's own kernel
+`moegrow::routed_moe` (`device_kernels/routed_moe.cpp`; `PTE_ROUTED`). Speed:
+docs/benchmarks.md, "Routed quantized experts". `quantize_onnx` takes the fp32 ONNX of a
+dense or routed program.
 `to_pte` / `to_onnx` here are `lower.to_pte` / `lower.to_onnx` with a `bits` argument.
 
 ExecuTorch / XNNPACK (`quantize_for_pte`, then `lower.to_pte` unchanged): torchao source
@@ -466,18 +465,36 @@ def quantize_onnx(src: Path | str, dst: Path | str, bits: int, dynamic_int8: boo
     return dst
 
 
+# the quantized ExecuTorch programs whose base experts are `moe.RoutedMoE` (the kernel
+# `moegrow::routed_moe` reads only the chosen experts); the others run them densely: over 32
+# tokens and more, XNNPACK's dense GEMMs beat the kernel's row-by-row dots (~110M int4:
+# decode 1.74x faster routed, prefill and score 0.5x; docs/benchmarks.md)
+PTE_ROUTED = (programs.Decode,)
+
+
+def for_pte(program: nn.Module, bits: int, route: bool | None = None) -> nn.Module:
+    """`program` as `to_pte` lowers it at int`bits`: its MoE blocks routed (`route`, by
+    default for the types in `PTE_ROUTED`) or dense, the other linears quantized by torchao
+    (`quantize_for_pte`); a program that is not `quantizable` as it is."""
+    if not quantizable(program):
+        return program
+    from torchao.utils import unwrap_tensor_subclass
+
+    if route is None:
+        route = type(program) in PTE_ROUTED
+    # plain int8 constants (not torchao tensor subclasses) are what `lower.to_pte` can tag
+    # for the `.ptd`; with the subclasses the quantized weights stay inside the `.pte`
+    return unwrap_tensor_subclass(quantize_for_pte(routed(program, bits) if route else program,
+                                                   bits))
+
+
 def to_pte(methods: dict, path: Path | str, data: Path | str | None = None,
            bits: int = 32, progress=None) -> Path:
     """`lower.to_pte` with int`bits` weights in every method (32: the programs as they are)."""
     from . import lower
 
     if bits != 32:
-        from torchao.utils import unwrap_tensor_subclass
-
-        # plain int8 constants (not torchao tensor subclasses) are what `lower.to_pte` can tag
-        # for the `.ptd`; with the subclasses the quantized weights stay inside the `.pte`
-        methods = {name: (unwrap_tensor_subclass(quantize_for_pte(program, bits))
-                          if quantizable(program) else program, inputs, shapes)
+        methods = {name: (for_pte(program, bits), inputs, shapes)
                    for name, (program, inputs, shapes) in methods.items()}
     return lower.to_pte(methods, path, data, progress)
 

@@ -19,6 +19,10 @@ whose weights, the ones ONNX Runtime packs for its kernels included, are mapped 
 file every session shares (`prepacked`). docs/bundle.md says what each session still holds.
 The torch reference with the same `run` lives in `moegrow.export.reference`.
 
+A quantized ExecuTorch program calls moegrow's own kernel for its routed experts
+(`moegrow::routed_moe`): the backend registers it (`device_kernels.native.load`, built once
+with the machine's C++ compiler) before it loads a `.pte` that names it.
+
 ExecuTorch's native code logs to stderr while it starts (cpuinfo probing, thread-pool
 resets) and its Python package imports torchao, which logs the optional kernels it cannot
 load: `_engine_log` keeps those lines out of the user's terminal and puts the last one in
@@ -37,11 +41,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from moegrow.device_kernels import native
 from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
 from moegrow.runtime import prepacked
 
 __all__ = ["ENGINES", "BackendError", "ExecuTorch", "Interrupt", "Interrupted", "OnnxRuntime",
            "give_back", "load"]
+
+
+KERNELS = b"moegrow::"  # a `.pte` that names one of moegrow's own kernels (`native`)
 
 
 class BackendError(Exception):
@@ -149,9 +157,13 @@ class ExecuTorch:
             try:
                 with _engine_log() as log:
                     if path not in self.loaded:
+                        if KERNELS in Path(path).read_bytes():  # a quantized routed program
+                            native.load()
                         self.loaded[path] = self.runtime.load_program(path,
                                                                       data_path=self.weights)
                     self.methods[name] = self.loaded[path].load_method(name)
+            except native.KernelError as e:
+                raise BackendError(f"{path}: {e}") from None
             except (RuntimeError, ValueError) as e:
                 raise BackendError(f"{path}: executorch cannot load it with {self.weights.name} "
                                    f"({e}{_last_line(log)})") from None

@@ -119,3 +119,18 @@ def test_the_cpp_host_tokenizes_suggests_and_generates_as_the_python_runtime(exp
     bad = subprocess.run([str(host / "moegrow_generate"), str(tmp_path), "x", "4"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a bundle" in bad.stderr
+
+
+def test_the_cpp_host_serves_a_quantized_bundle(exports, host, tmp_path):
+    """An int4 bundle: its score, prefill and decode programs call moegrow's own kernel for
+    the routed experts (`moegrow::routed_moe`), compiled into the host."""
+    path = tmp_path / "b"
+    shutil.copytree(exported(exports["mixtral", 4]), path)
+    rt = runtime.open(path, "executorch")
+    assert "executorch" in rt.bundle.manifest["routed"]
+    tokens = np.array([1] + rt.sp.encode(german(30, seed=5))[:rt.bundle.context - 1])
+    got, _ = _native(host, rt, tokens, tmp_path / "score")
+    want = rt.run("score", tokens[None])
+    np.testing.assert_allclose(got[0], want[0].ravel(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got[1], want[1].ravel())
+    _same(host, rt, "The parser reads the next", tmp_path / "p")

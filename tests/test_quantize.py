@@ -105,6 +105,10 @@ def test_bundle_ppl(setup, fp32_ppl, exports, engine, bits):
         left = _left_outside_xnnpack(rt.bundle.programs(engine)["score"], "score")
         assert left and not [t for t in left if any(k in t for k in ("linear", "mm", "quant",
                                                                       "qparams"))], left
+        # decode's routed experts: moegrow's kernel (`quantize.PTE_ROUTED`); score dense
+        decode = _left_outside_xnnpack(rt.bundle.programs(engine)["decode"], "decode")
+        assert "moegrow::routed_moe" in decode and "moegrow::routed_moe" not in left
+        assert rt.bundle.manifest["routed"] == ["executorch", "onnxruntime"]
     else:  # the serving programs read only the chosen experts (QMoE), observe too (beside
         import onnx  # its dense activations); not the deepening ones
 

@@ -1,10 +1,11 @@
-"""Routed against dense quantized experts on ONNX Runtime: the serving programs of a
-quantized bundle in both forms (`quantize.routed`, `QMoE`: only the chosen experts read;
-`quantize.dense`: every expert, `MatMulNBits`), timed interleaved on one thread
-(docs/benchmarks.md, "Routed quantized experts").
+"""Routed against dense quantized experts: the serving programs of a quantized bundle in
+both forms (`quantize.routed`: only the chosen experts read, ONNX Runtime's `QMoE` or, with
+`--engine executorch`, moegrow's `routed_moe` kernel; `quantize.dense`: every expert,
+`MatMulNBits` / XNNPACK), timed interleaved on one thread (docs/benchmarks.md, "Routed
+quantized experts").
 
     python -m moegrow.tools.routed TARGET --out DIR [--bits 4] [--rounds 5] [--threads 1]
-        [--profile]
+        [--profile] [--engine onnxruntime|executorch]
 
 Lowers `decode`, `prefill`, `score` and `observe` of the checkpoint TARGET in both forms into
 DIR (once; reused), then times a decode step at position 40 over a random cache, a 32-token
@@ -28,7 +29,28 @@ import numpy as np
 CALLS = {"decode": 50, "prefill": 5, "score": 3, "observe": 3}  # timed calls per round
 
 
-def sessions(target: str, out: Path, bits: int, threads: int) -> tuple[dict, dict]:
+class _Method:
+    """An ExecuTorch method with an ONNX Runtime session's `run(None, feed)`."""
+
+    def __init__(self, path: Path, threads: int):
+        import torch
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+        from executorch.runtime import Runtime
+        from moegrow.device_kernels import native
+
+        native.load()
+        _unsafe_reset_threadpool(threads)
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.method = Runtime.get().load_program(path).load_method("forward")
+
+    def run(self, _, feed: dict) -> list:
+        return self.method.execute([self.torch.from_numpy(np.ascontiguousarray(a))
+                                    for a in feed.values()])
+
+
+def sessions(target: str, out: Path, bits: int, threads: int,
+             engine: str = "onnxruntime") -> tuple[dict, dict]:
     """{(program, form): session}, {program: inputs}."""
     import onnxruntime as ort
     from moegrow.export import checkpoint, lower, programs, quantize
@@ -40,9 +62,18 @@ def sessions(target: str, out: Path, bits: int, threads: int) -> tuple[dict, dic
     made, feeds = {}, {}
     for name, kind in (("decode", programs.Decode), ("prefill", programs.Prefill),
                        ("score", programs.Score), ("observe", programs.Observe)):
+        if engine == "executorch" and kind is programs.Observe:
+            continue  # dense in a bundle: its taps need every expert
         program = kind(model)
         example, shapes = program.example(length)
         for form in ("routed", "dense"):
+            if engine == "executorch":
+                path = out / f"{name}-{form}{bits}.pte"
+                if not path.exists():
+                    lowered = quantize.for_pte(program, bits, form == "routed")
+                    lower.to_pte({"forward": (lowered, example, shapes)}, path)
+                made[name, form] = _Method(path, threads)
+                continue
             path = out / f"{name}-{form}{bits}.onnx"
             if not path.exists():
                 swapped = (quantize.routed(program, bits) if form == "routed"
@@ -62,7 +93,8 @@ def sessions(target: str, out: Path, bits: int, threads: int) -> tuple[dict, dic
             arrays = [rng.integers(3, 4000, (1, 32)), np.arange(32), *rest[2:]]
         else:  # score, observe
             arrays = [rng.integers(3, 4000, (1, 128)), *rest[1:]]
-        names = [i.name for i in made[name, "routed"].get_inputs()]
+        names = (range(len(arrays)) if engine == "executorch"
+                 else [i.name for i in made[name, "routed"].get_inputs()])
         feeds[name] = dict(zip(names, arrays, strict=True))
     return made, feeds
 
@@ -95,11 +127,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "executorch"))
     args = parser.parse_args()
     from moegrow.export.checkpoint import CheckpointError
 
     try:
-        made, feeds = sessions(args.target, args.out, args.bits, args.threads)
+        made, feeds = sessions(args.target, args.out, args.bits, args.threads, args.engine)
     except (CheckpointError, OSError, ValueError) as e:
         parser.error(str(e))  # one line, exit 2
     times: dict[tuple, list[float]] = {key: [] for key in made}
@@ -111,10 +144,10 @@ def main() -> None:
                 session.run(None, feeds[name])
             times[name, form].append((time.perf_counter() - start) / CALLS[name] * 1e3)
     ms = {key: statistics.median(t) for key, t in times.items()}
-    for name in CALLS:
+    for name in feeds:
         print(f"{name}: routed {ms[name, 'routed']:.3f} ms, dense {ms[name, 'dense']:.3f} ms, "
               f"dense / routed {ms[name, 'dense'] / ms[name, 'routed']:.2f}x")
-    if args.profile:
+    if args.profile and args.engine == "onnxruntime":
         path = str(args.out / f"decode-routed{args.bits}.onnx")
         for op, spent, nodes in profile(path, feeds["decode"], args.threads)[:12]:
             print(f"  {op:20s} {spent:.3f} ms/run  {nodes} nodes")
