@@ -213,7 +213,7 @@ def test_a_bundle_without_an_engine_says_so(exports):
         runtime.open(exported(exports["mixtral", "strict"]), "executorch")  # ONNX only
 
 
-def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_path):
+def test_bench_infer_reports_every_backend(capsys, exports, tiny_bundle, tiny_ckpt, tmp_path):
     code, out, err = run(capsys, "bench", "infer", str(tiny_bundle), "--ckpt", str(tiny_ckpt),
                          "--out", str(tmp_path / "r"), "--rounds", "1", "--json")
     assert code == 0, err
@@ -230,6 +230,12 @@ def test_bench_infer_reports_every_backend(capsys, tiny_bundle, tiny_ckpt, tmp_p
     assert (tmp_path / "r" / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, err = run(capsys, "bench", "infer", str(tiny_bundle), "--out", str(tmp_path / "x"))
     assert code == 2 and "not the checkpoint the bundle was made from" in err
+    # a bundle with one engine's programs: that engine beside torch
+    code, out, err = run(capsys, "bench", "infer", str(exported(exports["mixtral", "strict"])),
+                         "--ckpt", str(tiny_ckpt), "--out", str(tmp_path / "o"), "--rounds",
+                         "1", "--json")
+    assert code == 0, err
+    assert [r["backend"] for r in json.loads(out)["results"]] == ["torch", "onnxruntime"]
 
 
 def test_onnx_programs_take_every_weight_from_the_shared_map(tiny_bundle, tmp_path):

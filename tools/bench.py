@@ -23,6 +23,7 @@ from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.export import checkpoint, pretrain, reference
 from moegrow.export.models import mixtral
+from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime.backends import ENGINES
 from moegrow.runtime.session import InputError
 from moegrow.tools import llama
@@ -94,8 +95,10 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     """Measure, write `report.md` and `results.json` into `out`, return the results."""
     torch.set_num_threads(threads)
     say = progress or (lambda _m: None)
-    engines = {e: runtime.open(bundle, e, threads) for e in ENGINES}
+    engines = {e: runtime.open(bundle, e, threads)  # the engines the bundle has programs for
+               for e in ENGINES if e in bundle_format.load(bundle).engines()}
     first = next(iter(engines.values())).bundle
+    lead = next(iter(engines))  # executorch where the bundle has it
     model_config = checkpoint.load(ckpt).args.to_hf()
     made = {k: v for k, v in first.config.items() if k != "spare_experts"}  # export's own
     if {k: model_config.get(k) for k in made} != made:
@@ -105,9 +108,9 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     eager = runtime.Runtime(first, "torch", threads, reference.load(ckpt, first.manifest))
     peers = llama.peers(ckpt, first.context, threads, say)
     backends = {"torch": eager, **engines, **{f"llama.cpp {q}": p for q, p in peers.items()}}
-    text = engines["executorch"].sp.encode(" ".join([PREFIX] * 4))
+    text = engines[lead].sp.encode(" ".join([PREFIX] * 4))
     ids = [1] + text[:63]  # a 64-token prompt
-    prefix = engines["executorch"].sp.decode(text[:31])  # 32 tokens with BOS
+    prefix = engines[lead].sp.decode(text[:31])  # 32 tokens with BOS
     times: dict[str, list[tuple[float, float]]] = {b: [] for b in backends}
     for r in range(rounds + 1):  # round 0 warms up (program loading, allocations)
         say(f"round {r}/{rounds}")
@@ -122,7 +125,7 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     experts = layout.dims(first.config)[0]  # dense decode runs every slot, spare ones too
     read = {e: experts if first.manifest.get("decode_moe") == "dense"
             and e not in first.manifest.get("routed", []) else None for e in engines}
-    per_token = active_bytes(first.config, bits, read["executorch"])
+    per_token = active_bytes(first.config, bits, read[lead])
     bandwidth = read_bandwidth()
     roofline = bandwidth / per_token
     tps = {name: (len(ids) / statistics.median(t[0] for t in times[name]),
@@ -146,7 +149,7 @@ def bench_infer(bundle: str | Path, out: str | Path, ckpt: str = "default", roun
     peer_rows = llama.compare({q: tps[f"llama.cpp {q}"] for q in peers},
                               {r["backend"]: r["decode_tps"] for r in results}, bits)
     result = {"results": results, "llama_cpp": peer_rows,
-              "suggest_p95_ms": latency["executorch"][1],
+              "suggest_p95_ms": latency[lead][1],
               "bytes_per_token": per_token, "read_bandwidth_gb_s": bandwidth / 1e9,
               "roofline_decode_tps": roofline, "threads": threads, "rounds": rounds,
               "prompt_tokens": len(ids), "decode_steps": steps}

@@ -37,8 +37,9 @@ def _say(message: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench_infer(bundle_dir: str, out: Path, ckpt: str, rounds: int, threads: int,
                 as_json: bool) -> None:
-    """Prefill/decode tokens/s of torch, ExecuTorch and ONNX Runtime on BUNDLE, interleaved
-    in one run, with the decode roofline and `suggest` latency. With the `bench` extra,
+    """Prefill/decode tokens/s of torch, ExecuTorch and ONNX Runtime (the engines BUNDLE has
+    programs for) on BUNDLE, interleaved in one run, with the decode roofline and `suggest`
+    latency. With the `bench` extra,
     llama.cpp runs the checkpoint as GGUF F16, Q8_0 and Q4_0 in the same rounds."""
     from moegrow.tools import bench as bench_lib
 

@@ -158,6 +158,8 @@ def compare(rows: dict[str, tuple[float, float]], ours: dict[str, float], bits: 
     for quant, (prefill, decode) in rows.items():
         match = quant == QUANTS.get(bits)
         out.append({"quant": quant, "prefill_tps": prefill, "decode_tps": decode,
-                    "ours_over_llama": ours["executorch"] / decode if match else None,
-                    "onnxruntime_over_llama": ours["onnxruntime"] / decode if match else None})
+                    "ours_over_llama": (ours["executorch"] / decode
+                                        if match and "executorch" in ours else None),
+                    "onnxruntime_over_llama": (ours["onnxruntime"] / decode
+                                               if match and "onnxruntime" in ours else None)})
     return out
