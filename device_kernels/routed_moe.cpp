@@ -5,15 +5,15 @@
 //   x          float [N, C]       the tokens
 //   gates      float [N, E]       each token's weight on each base expert, 0 off its top k
 //   fc1        uint8 [E, 2F, C*bits/8]  gate and up rows interleaved (row 2f gate, 2f+1 up)
-//   fc1_scales float [E, 2F, C/G] one scale per group of G inputs
+//   fc1_scales float [E, 2F, C/32] one scale per group of 32 inputs
 //   fc2        uint8 [E, C, F*bits/8]   the down projection
-//   fc2_scales float [E, C, F/G]
+//   fc2_scales float [E, C, F/32]
 //   out        float [N, C]       sum over experts e with gates[n, e] != 0 of
 //                                 gates[n, e] * W2_e (silu(W1g_e x) * (W1u_e x))
 // Codes are unsigned, value = (code - 2^(bits-1)) * scale; at 4 bits two to a byte, the
 // first input in the low nibble. Each chosen expert's rows are read once for all the tokens
-// that chose it. The torch reference is `export/moe.py`'s `routed_moe`, the numpy one
-// `device_kernels/native.py`'s `reference`; `tests/test_native_kernels.py` holds them equal.
+// that chose it. The torch reference is `export/moe.py`'s `_routed_moe` (fp32 activations),
+// the numpy one `device_kernels/native.py`'s `reference`; `tests/test_kernels.py`.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
@@ -38,7 +38,7 @@ constexpr int64_t kGroup = 32;  // activations are quantized per group of 32 inp
 constexpr int64_t kGrain = 64;  // rows per task of ExecuTorch's thread pool
 
 // One token's input quantized to int8 per group of 32 (scale max|x| / 127, rounded to
-// nearest even, as llama.cpp's q8_0 and XNNPACK's dynamic activations), in the order the
+// nearest even, as llama.cpp's q8_0; XNNPACK's are per token), in the order the
 // codes of one group unpack to: at 4 bits the even inputs then the odd ones (low nibbles
 // then high nibbles of the group's 16 bytes), at 8 bits as they come. `sums` holds each
 // group's sum of codes (the codes' zero point 2^(bits-1) times it is subtracted once).
