@@ -468,7 +468,7 @@ def quantize_onnx(src: Path | str, dst: Path | str, bits: int, dynamic_int8: boo
 # the quantized ExecuTorch programs whose base experts are `moe.RoutedMoE` (the kernel
 # `moegrow::routed_moe` reads only the chosen experts); the others run them densely: over 32
 # tokens and more, XNNPACK's dense GEMMs beat the kernel's row-by-row dots (~110M int4:
-# decode 1.74x faster routed, prefill and score 0.5x; docs/benchmarks.md)
+# decode 1.5-1.7x faster routed, prefill and score 0.5x; docs/benchmarks.md)
 PTE_ROUTED = (programs.Decode,)
 
 
