@@ -120,6 +120,13 @@ def _verify_experts(bundle: Bundle) -> None:
                           f"learning state {budget.get('learning', 0)}, over the budget of "
                           f"{budget['bytes']}")
     dims = layout.dims(bundle.config)
+    cells = {(row["layer"], row["slot"]) for row in experts["table"]
+             if type(row["layer"]) is int and type(row["slot"]) is int}
+    if cells != {(i, j) for i in range(bundle.config["num_hidden_layers"])
+                 for j in range(dims[0])} or len(cells) != len(experts["table"]):
+        raise BundleError(f"{bundle.path}: the expert table's (layer, slot) rows do not match "
+                          f"the config's {bundle.config['num_hidden_layers']} layers of "
+                          f"{dims[0]} slots")
     for engine, where in experts["layout"].items():
         buf = np.memmap(bundle.weights(engine), np.uint8, mode="r")
         for row in experts["table"]:

@@ -276,7 +276,8 @@ def test_fuzzed_manifests_load_or_fail_with_a_typed_error(fuzz_bundle, data):
     weights, the programs, the budget, the calibration) or one key removed: the bundle
     either opens and serves, or `runtime.open` raises `BundleError` (or `BackendError`:
     an engine that cannot load a program as the manifest describes it). Found by it: a
-    layout entry's empty form raised IndexError."""
+    layout entry's empty form raised IndexError; so did a config without `spare_experts`
+    (the table's spare slots past the config's: `test_a_table_past_the_config_is_refused`)."""
     from moegrow import runtime
     from moegrow.runtime import backends
     from moegrow.runtime import bundle as bundle_format
@@ -298,6 +299,30 @@ def test_fuzzed_manifests_load_or_fail_with_a_typed_error(fuzz_bundle, data):
         rt.score("Der Hund liest.")
     except (bundle_format.BundleError, backends.BackendError) as e:
         assert str(e) and "\n" not in str(e)
+    finally:
+        (path / "manifest.json").write_text(pristine)
+
+
+@pytest.mark.parametrize("change", ["no spare", "float slot", "row twice"])
+def test_a_table_past_the_config_is_refused(fuzz_bundle, change):
+    """The expert table must name each (layer, slot) of the config once, as integers."""
+    from moegrow import runtime
+    from moegrow.runtime import bundle as bundle_format
+
+    path = fuzz_bundle
+    pristine = (path.parent / "pristine.json").read_text()
+    manifest = json.loads(pristine)
+    table = manifest["experts"]["table"]
+    if change == "no spare":
+        del manifest["config"]["spare_experts"]
+    elif change == "float slot":
+        table[0]["slot"] = float(table[0]["slot"])
+    else:
+        table.append(dict(table[0]))
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        with pytest.raises(bundle_format.BundleError, match="expert table"):
+            runtime.open(path, "onnxruntime")
     finally:
         (path / "manifest.json").write_text(pristine)
 
