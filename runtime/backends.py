@@ -174,7 +174,11 @@ class ExecuTorch:
         if self.interrupt:
             self.interrupt.check()
         method = self._method(name)
-        outs = method.execute([self.torch.from_numpy(np.ascontiguousarray(a)) for a in arrays])
+        try:
+            outs = method.execute([self.torch.from_numpy(np.ascontiguousarray(a))
+                                   for a in arrays])
+        except RuntimeError as e:  # inputs that do not fit the program (`_run_error`)
+            raise _run_error("executorch", name, e) from None
         return [o.numpy() for o in outs]
 
 
@@ -260,9 +264,16 @@ class OnnxRuntime:
         check()
         try:
             return list(session.run(None, dict(zip(names, arrays, strict=True)), self.options))
-        except Exception:  # ORT's own error type for a terminated run
-            check()
-            raise
+        except Exception as e:  # ORT's own error types: a terminated run, or inputs that
+            check()  # do not fit the program
+            raise _run_error("onnxruntime", name, e) from None
+
+
+def _run_error(engine: str, name: str, e: Exception) -> BackendError:
+    """A program that could not run on the inputs the runtime shaped from the manifest
+    (its config disagreeing with the program's shapes), as one line."""
+    first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return BackendError(f"{engine} could not run program {name!r}: {first}")
 
 
 def load(engine: str, files: dict[str, Path], weights: Path, threads: int | None = None,

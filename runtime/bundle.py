@@ -106,10 +106,37 @@ def verify(root: Path, manifest: dict) -> Bundle:
         for entry in {e["file"]: e for e in entries}.values():  # one .pte serves 3 programs
             _verify(root, entry)
         bundle = Bundle(root, manifest)
+        _verify_config(bundle)
         _verify_experts(bundle)
     except (LookupError, TypeError, AttributeError, ValueError) as e:
         raise BundleError(f"{file}: malformed manifest ({e!r})") from None
     return bundle
+
+
+def _count(config: dict, *keys: str, least: int = 1) -> int:
+    """The first of `keys` the config sets (else the last), an integer >= `least`."""
+    key = next((k for k in keys if config.get(k) is not None), keys[-1])
+    value = config.get(key)
+    if type(value) is not int or value < least:
+        raise BundleError(f"config {key!r} is {value!r}: an integer >= {least} is needed")
+    return value
+
+
+def _verify_config(bundle: Bundle) -> None:
+    """The sizes the runtime reads from the config are integers in range (the context too)."""
+    c = bundle.config
+    for key in ("num_hidden_layers", "hidden_size", "num_key_value_heads"):
+        _count(c, key)
+    experts = _count(c, "num_local_experts", "num_experts")
+    _count(c, "moe_intermediate_size", "intermediate_size")
+    _count(c, "head_dim", "num_attention_heads")
+    for key in ("spare_experts", "pool_experts"):
+        if key in c:
+            _count(c, key, least=0)
+    if _count(c, "num_experts_per_tok") > experts:
+        raise BundleError(f"config routes {c['num_experts_per_tok']} experts per token of "
+                          f"{experts}")
+    _count(bundle.manifest, "context")
 
 
 def _verify_experts(bundle: Bundle) -> None:

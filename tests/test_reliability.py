@@ -277,7 +277,8 @@ def test_fuzzed_manifests_load_or_fail_with_a_typed_error(fuzz_bundle, data):
     either opens and serves, or `runtime.open` raises `BundleError` (or `BackendError`:
     an engine that cannot load a program as the manifest describes it). Found by it: a
     layout entry's empty form raised IndexError; so did a config without `spare_experts`
-    (the table's spare slots past the config's: `test_a_table_past_the_config_is_refused`)."""
+    (the table's spare slots past the config's: `test_a_table_past_the_config_is_refused`),
+    and one without `num_attention_heads` a KeyError (`test_a_config_the_programs_...`)."""
     from moegrow import runtime
     from moegrow.runtime import backends
     from moegrow.runtime import bundle as bundle_format
@@ -323,6 +324,32 @@ def test_a_table_past_the_config_is_refused(fuzz_bundle, change):
     try:
         with pytest.raises(bundle_format.BundleError, match="expert table"):
             runtime.open(path, "onnxruntime")
+    finally:
+        (path / "manifest.json").write_text(pristine)
+
+
+@pytest.mark.parametrize(("key", "value", "error"), [
+    ("num_attention_heads", None, "config 'num_attention_heads'"),  # found by the fuzz test
+    ("hidden_size", "512", "config 'hidden_size'"),
+    ("num_experts_per_tok", 99, "routes 99 experts"),
+    ("context", 0, "config 'context'"),
+    ("num_key_value_heads", 7, "could not run program 'score'")])  # the programs' own shapes
+def test_a_config_the_programs_cannot_serve_is_refused(fuzz_bundle, key, value, error):
+    """The sizes the runtime reads from the config are checked when the bundle loads; a
+    size the programs were not exported with fails as the engine's typed error."""
+    from moegrow import runtime
+    from moegrow.runtime import backends
+    from moegrow.runtime import bundle as bundle_format
+
+    path = fuzz_bundle
+    pristine = (path.parent / "pristine.json").read_text()
+    manifest = json.loads(pristine)
+    where = manifest if key == "context" else manifest["config"]
+    where.pop(key) if value is None else where.update({key: value})  # (head_dim: None)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    try:
+        with pytest.raises((bundle_format.BundleError, backends.BackendError), match=error):
+            runtime.open(path, "onnxruntime").score("Der Hund liest.")
     finally:
         (path / "manifest.json").write_text(pristine)
 
