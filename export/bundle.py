@@ -348,6 +348,9 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             # ExecuTorch's `moegrow::routed_moe` kernel)
             "decode_moe": "gather" if bits == 32 else "dense",
             "routed": [] if bits == 32 else list(engines),
+            # "rows": prefill and decode return the keys and values of their run only, which
+            # the runtime writes into its cache (bundles without the key: the whole cache)
+            "cache": "rows",
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},

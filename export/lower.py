@@ -50,6 +50,7 @@ def to_pte(methods: dict[str, Method], path: Path | str, data: Path | str | None
     say = progress or (lambda _: None)
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
 
     def tag(_node) -> str:
         return DATA_TAG
@@ -70,7 +71,11 @@ def to_pte(methods: dict[str, Method], path: Path | str, data: Path | str | None
     say("XNNPACK")
     edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
     say("serialize")
-    et = edge.to_executorch(ExecutorchBackendConfig(external_constants=tag if data else False))
+    # inputs not memory-planned: the runtime's arrays are read where they lie (the KV cache
+    # is not copied in at every run); outputs are planned (the pybindings copy them out)
+    et = edge.to_executorch(ExecutorchBackendConfig(
+        external_constants=tag if data else False,
+        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
     path = Path(path)
     path.write_bytes(et.buffer)
     if data is not None:

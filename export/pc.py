@@ -101,7 +101,7 @@ class Loss(nn.Module):
         nov = _gate(m, tokens, slots)
         pos = torch.arange(tokens.shape[1])
         cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
-        cache = programs.Cache(*programs.empty_cache(m, tokens.shape[1]))
+        cache = programs.Cache()  # no past
         x = m.model.embed_tokens(tokens)
         gates, router_in = [], []
         for i, block in enumerate(m.model.layers):
@@ -245,7 +245,7 @@ class Energy(nn.Module):
         self.layer = layer
 
     def _attention(self, block, x, rope):
-        cache = programs.Cache(*programs.empty_cache(self.model, x.shape[1]))
+        cache = programs.Cache()  # no past
         return block.self_attn(block.input_layernorm(x), *rope, cache)
 
     @staticmethod

@@ -149,19 +149,23 @@ def gate(model: layers.CausalLM, tokens: torch.Tensor, slots: torch.Tensor,
 
 
 class Cache:
-    """`layers.KVCache`'s interface over explicit tensors: updates return new tensors."""
+    """`layers.KVCache`'s interface over the programs' inputs: the past keys and values
+    ([L, B, Hkv, S, D], or none: a sweep over a whole text), only read; `rows()` stacks the
+    keys and values this run adds ([L, B, Hkv, T, D]), which the runtime writes into its
+    cache at the run's positions (a program never copies the cache)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = list(k.unbind(0)), list(v.unbind(0))  # L x [B, Hkv, S, D]
-        self.length = k.shape[3]
+    def __init__(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None):
+        self.k, self.v = k, v
+        self.new_k: list[torch.Tensor] = []
+        self.new_v: list[torch.Tensor] = []
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k[layer] = self.k[layer].index_copy(2, input_pos, k)
-        self.v[layer] = self.v[layer].index_copy(2, input_pos, v)
-        return self.k[layer], self.v[layer]
+        self.new_k.append(k)
+        self.new_v.append(v)
+        return (None, None) if self.k is None else (self.k[layer], self.v[layer])
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack(self.k), torch.stack(self.v)
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(self.new_k), torch.stack(self.new_v)
 
 
 def with_moe(model: layers.CausalLM, moe: type[nn.Module],
@@ -181,11 +185,12 @@ def with_moe(model: layers.CausalLM, moe: type[nn.Module],
 
 class Prefill(nn.Module):
     """(tokens [1, T], input_pos [T], k, v [L, 1, Hkv, S, D], slots [L, 4, E + S]) -> last
-    logits [1, V], k, v, and the context's class scores at the last position [1, D]
+    logits [1, V], the run's keys and values [L, 1, Hkv, T, D] (`Cache`), and the context's
+    class scores at the last position [1, D]
     ("novelty": what `decode` takes; the gates stay as the typed context set them while the
     model continues it)."""
 
-    outputs = ("logits", "k_cache_out", "v_cache_out", "novelty")
+    outputs = ("logits", "k_rows", "v_rows", "novelty")
 
     def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE,
                  gated: bool = True):
@@ -207,14 +212,15 @@ class Prefill(nn.Module):
         nov = gate(self.model, tokens, slots, self.gated)
         cache = Cache(k_cache, v_cache)
         h, _ = self.model.hidden(tokens, input_pos, cache)
-        return self.model.lm_head(h[:, -1]), *cache.tensors(), nov[-1:]
+        return self.model.lm_head(h[:, -1]), *cache.rows(), nov[-1:]
 
 
 class Decode(Prefill):
-    """(token [1, 1], input_pos [1], k, v, slots, novelty [1, D]) -> logits [1, V], k, v;
+    """(token [1, 1], input_pos [1], k, v, slots, novelty [1, D]) -> logits [1, V], the
+    token's keys and values [L, 1, Hkv, 1, D];
     one step of generation, with the gates of the prefill's class scores."""
 
-    outputs = ("logits", "k_cache_out", "v_cache_out")
+    outputs = ("logits", "k_rows", "v_rows")
 
     def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = GatherMoE,
                  gated: bool = True):
@@ -233,7 +239,7 @@ class Decode(Prefill):
                   torch.zeros(1, classes(self.model)) if novelty is None else novelty)
         cache = Cache(k_cache, v_cache)
         h, _ = self.model.hidden(tokens, input_pos, cache)
-        return self.model.lm_head(h[:, -1]), *cache.tensors()
+        return self.model.lm_head(h[:, -1]), *cache.rows()
 
 
 class Score(nn.Module):

@@ -1,8 +1,10 @@
 """The embedding API: `open(bundle, backend)` -> `Runtime` with `score`, `generate`, `suggest`.
 
 Everything the model computes runs in the bundle's programs on the chosen engine; this file
-only tokenizes, moves arrays and picks tokens. The KV cache is a pair of arrays passed in
-and out of `prefill`/`decode`, so forking it (one branch per suggestion) costs nothing.
+only tokenizes, moves arrays and picks tokens. The KV cache is a pair of arrays the programs
+read; `prefill`/`decode` return the keys and values of the positions they ran, written here
+at those positions. A position past the ones a run reads is masked, so branches from one
+context (one per suggestion) share its cache, each writing past it.
 """
 
 from __future__ import annotations
@@ -126,9 +128,26 @@ class Runtime:
         """Fresh cache, then `ids` -> [last logits [1, V], k, v, novelty] (the context's gate
         scores: `decode` keeps the gates they set)."""
         k = np.zeros(self.cache_shape, np.float32)
-        tokens = np.array([ids], np.int64)
-        return self.engine.run(self.program("prefill"),
-                               [tokens, np.arange(len(ids)), k, k.copy(), self.slots])
+        return self._prefill(ids, 0, k, k.copy())
+
+    def _prefill(self, ids: list[int], start: int, k: np.ndarray,
+                 v: np.ndarray) -> list[np.ndarray]:
+        """The prefill program on `ids[start:]` over the cache's first `start` positions."""
+        out = self.engine.run(self.program("prefill"),
+                              [np.array([ids[start:]], np.int64), np.arange(start, len(ids)),
+                               k, v, self.slots])
+        return [out[0], *self._written(k, v, start, out[1], out[2]), *out[3:]]
+
+    def _written(self, k: np.ndarray, v: np.ndarray, start: int, new_k: np.ndarray,
+                 new_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The cache after a run from position `start`: the run's rows written into `k`, `v`
+        in place (bundles exported since 2026-12-05, `"cache": "rows"`), or the whole cache
+        the program returned (bundles before)."""
+        if self.bundle.manifest.get("cache") != "rows":
+            return new_k, new_v
+        k[:, :, :, start:start + new_k.shape[3]] = new_k
+        v[:, :, :, start:start + new_v.shape[3]] = new_v
+        return k, v
 
     def extend(self, ids: list[int]) -> list[np.ndarray]:
         """`prefill(ids)`, reusing the last call's cache for the start `ids` shares with it:
@@ -151,17 +170,18 @@ class Runtime:
             # dense), on the same gates
             out = [*self.decode(ids[-1], n, last[2][1], last[2][2], last[2][3]), last[2][3]]
         else:
-            out = self.engine.run(self.program("prefill"),
-                                  [np.array([ids[n:]], np.int64), np.arange(n, len(ids)),
-                                   last[2][1], last[2][2], self.slots])
+            out = self._prefill(ids, n, last[2][1], last[2][2])
         self.typed = (list(ids), self.slots.copy(), out)
         return out
 
     def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray,
                novelty: np.ndarray) -> list[np.ndarray]:
-        """One token at `pos` -> [logits [1, V], k, v]."""
-        return self.engine.run(self.program("decode"), [np.array([[token]]), np.array([pos]),
-                                                        k, v, self.slots, novelty])
+        """One token at `pos` -> [logits [1, V], k, v]: its keys and values written into
+        `k`, `v` at `pos` (`_written`; every position from `pos` on is masked in later runs
+        until written again, so branches from one context share its cache)."""
+        out = self.engine.run(self.program("decode"), [np.array([[token]]), np.array([pos]),
+                                                       k, v, self.slots, novelty])
+        return [out[0], *self._written(k, v, pos, out[1], out[2])]
 
     def program(self, name: str) -> str:
         """The program that serves `name` now: `NAME_gated` (the domain gate, and the spare

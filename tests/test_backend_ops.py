@@ -92,7 +92,8 @@ class Case:
                                                  1 / 7, 1e-8], np.float32)]
         prefill = "prefill_gated" if spare else "prefill"  # the scores of the open slot
         _, k, v, novelty = self.ref.run(prefill, self.inputs["prefill"])
-        self.inputs["decode"] = [self.tokens[:, T:], np.array([T]), k, v, self.slots, novelty]
+        self.inputs["decode"] = [self.tokens[:, T:], np.array([T]), *written(cache, k, v),
+                                 self.slots, novelty]
         self.engines = {}
 
     def engine(self, name: str):
@@ -102,6 +103,13 @@ class Case:
                                                initializers=self.bundle.initializers(name),
                                                live=self.bundle.live(name))
         return self.engines[name]
+
+
+def written(cache: np.ndarray, k: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
+    """Copies of the empty `cache` with a prefill's rows (its first positions) written."""
+    out = [cache.copy(), cache.copy()]
+    out[0][:, :, :, :k.shape[3]], out[1][:, :, :, :v.shape[3]] = k, v
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +152,7 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
     if name == "decode":
         _, k, v, novelty = c.ref.run("prefill", [slots if a is c.slots else a
                                                  for a in c.inputs["prefill"]])
-        inputs = [*inputs[:2], k, v, slots, novelty]
+        inputs = [*inputs[:2], *written(c.inputs["prefill"][2], k, v), slots, novelty]
     got = c.ref.run(name, inputs)
     model = checkpoint.load(c.ckpt).eval()
     if c.bundle.manifest["bits"] != 32:

@@ -55,6 +55,32 @@ def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_programs_read_the_cache_and_return_only_their_rows(tiny_bundle, engine):
+    """prefill and decode return the keys and values of their positions, which the runtime
+    writes into its cache in place; what the cache holds past them does not matter; the
+    ExecuTorch programs take the cache where it lies (not memory-planned: no copy in)."""
+    rt = runtime.open(tiny_bundle, engine)
+    assert rt.bundle.manifest["cache"] == "rows"
+    ids = [1, *rt.sp.encode("The parser reads the next word")]
+    logits, k, v, novelty = rt.prefill(ids)
+    assert k.shape == rt.cache_shape and np.abs(k[:, :, :, :len(ids)]).max() > 0
+    assert not k[:, :, :, len(ids):].any() and not v[:, :, :, len(ids):].any()
+    fresh = rt.prefill(ids + [int(logits[0].argmax())])
+    k[:, :, :, len(ids):], v[:, :, :, len(ids):] = 9.0, -9.0  # past the context: masked
+    step, k2, v2 = rt.decode(int(logits[0].argmax()), len(ids), k, v, novelty)
+    assert k2 is k and v2 is v  # written in place
+    assert np.abs(step - fresh[0]).max() < 1e-3
+    n = len(ids) + 1
+    assert np.abs(k[:, :, :, :n] - fresh[1][:, :, :, :n]).max() < 1e-4
+    assert (k[:, :, :, n:] == 9.0).all()  # nothing past the step written
+    if engine == "executorch":
+        for name in ("prefill", "decode"):
+            meta = rt.engine._method(name).metadata
+            assert not any(meta.input_tensor_meta(i).is_memory_planned() for i in (2, 3))
+        assert list(meta.output_tensor_meta(1).sizes()) == [*k.shape[:3], 1, k.shape[4]]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_score_matches_torch(tiny_bundle, tiny_ckpt, engine):
     model = checkpoint.load(tiny_ckpt)
     want = evaluate.evaluate(model, checkpoint.load_tokenizer(tiny_ckpt), TEXT)

@@ -48,6 +48,12 @@ def _tokens(t: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, ARGS.vocab_size, (1, t), generator=torch.Generator().manual_seed(seed))
 
 
+def _written(cache: torch.Tensor, rows: torch.Tensor, start: int) -> torch.Tensor:
+    """The cache with a run's keys or values [L, 1, Hkv, T, D] written from `start`."""
+    cache[:, :, :, start:start + rows.shape[3]] = rows
+    return cache
+
+
 def _eager(model: layers.CausalLM, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(tokens)[0]  # [T, V]
@@ -89,11 +95,11 @@ def test_prefill_logits_match_eager_for_several_lengths(model, engines, engine):
     for t in (1, 5, 23):  # one export, any T up to the cache length
         tokens = _tokens(t, seed=t)
         k, v = programs.empty_cache(model, LENGTH)
+        k[:, :, :, :] = 5.0  # what the cache holds from the run's first position on is masked
         logits, k_out, v_out, _ = run(tokens, torch.arange(t), k, v, programs.slot_state(model))
         assert logits.shape == (1, ARGS.vocab_size)
         assert (logits[0] - _eager(model, tokens)[-1]).abs().max() <= TOL
-        assert k_out.shape == k.shape and v_out.shape == v.shape
-        assert k_out[:, :, :, t:].abs().max() == 0  # positions past the prompt stay empty
+        assert k_out.shape == v_out.shape == (*k.shape[:3], t, k.shape[4])  # the run's rows
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -102,11 +108,14 @@ def test_prefill_then_decode_equals_full_forward(model, engines, engine):
     want = _eager(model, tokens)
     k, v = programs.empty_cache(model, LENGTH)
     slots = programs.slot_state(model)
-    logits, k, v, nov = engines[engine]["prefill"](tokens[:, :t0], torch.arange(t0), k, v, slots)
+    logits, kr, vr, nov = engines[engine]["prefill"](tokens[:, :t0], torch.arange(t0), k, v,
+                                                     slots)
+    k, v = _written(k, kr, 0), _written(v, vr, 0)
     worst = (logits[0] - want[t0 - 1]).abs().max()
     for i in range(t0, tokens.shape[1]):
-        logits, k, v = engines[engine]["decode"](tokens[:, i:i + 1], torch.tensor([i]), k, v,
-                                                 slots, nov)
+        logits, kr, vr = engines[engine]["decode"](tokens[:, i:i + 1], torch.tensor([i]), k, v,
+                                                   slots, nov)
+        k, v = _written(k, kr, i), _written(v, vr, i)
         worst = max(worst, (logits[0] - want[i]).abs().max())
     assert worst <= TOL
 
@@ -139,12 +148,14 @@ def _greedy(model: layers.CausalLM, run: dict[str, Run], prompt: torch.Tensor,
     k, v = programs.empty_cache(model, LENGTH)
     t = prompt.shape[1]
     slots = programs.slot_state(model)
-    logits, k, v, nov = run["prefill"](prompt, torch.arange(t), k, v, slots)
+    logits, kr, vr, nov = run["prefill"](prompt, torch.arange(t), k, v, slots)
+    k, v = _written(k, kr, 0), _written(v, vr, 0)
     out: list[int] = []
     for i in range(n):
         out.append(int(logits[0].argmax()))
-        logits, k, v = run["decode"](torch.tensor([[out[-1]]]), torch.tensor([t + i]), k, v,
-                                     slots, nov)
+        logits, kr, vr = run["decode"](torch.tensor([[out[-1]]]), torch.tensor([t + i]), k, v,
+                                       slots, nov)
+        k, v = _written(k, kr, t + i), _written(v, vr, t + i)
     return out
 
 

@@ -104,6 +104,7 @@ struct Json {
 struct Bundle {
   std::string dir, pte, ptd, tokenizer, prefill, decode;
   int layers = 0, kv_heads = 0, context = 0, head_dim = 0, slots = 0, version = 0;
+  bool rows = false;  // the programs return their run's keys and values, not the whole cache
   std::vector<float> slot_state;  // [layers, 4, slots]
 
   // Throws std::runtime_error with a one-line reason.
@@ -125,6 +126,7 @@ struct Bundle {
     b.ptd = dir + "/" + m["weights"]["files"]["executorch"]["file"].string;
     b.tokenizer = dir + "/" + m["tokenizer"]["file"].string;
     b.version = int(m["weights"]["version"].num());
+    b.rows = m.has("cache") && m["cache"].string == "rows";
     b.layers = int(c["num_hidden_layers"].num());
     b.kv_heads = int(c["num_key_value_heads"].num());
     b.context = int(m["context"].num());

@@ -54,8 +54,10 @@ std::vector<float> copy(const executorch::aten::Tensor& t) {
   return {p, p + t.numel()};
 }
 
-// The KV cache is passed in and out of the programs, as in the Python runtime: a step
-// returns the logits and the new cache; forking it (one branch per suggestion) is a copy.
+// The KV cache is passed to the programs, which return the keys and values of the positions
+// they ran (bundles with "cache": "rows"; before, the whole new cache); a step holds the
+// logits and the cache with those rows written; forking it (one branch per suggestion) is a
+// copy.
 struct Step {
   std::vector<float> logits, k, v;
 };
@@ -63,9 +65,10 @@ struct Step {
 class Model {
  public:
   Model(const char* pte, const char* ptd, std::vector<int> shape, std::vector<float> slots,
-        std::string prefill, std::string decode)
+        std::string prefill, std::string decode, bool rows)
       : module_(pte, ptd, Module::LoadMode::Mmap), shape_(std::move(shape)),
-        slots_(std::move(slots)), prefill_(std::move(prefill)), decode_(std::move(decode)) {}
+        slots_(std::move(slots)), prefill_(std::move(prefill)), decode_(std::move(decode)),
+        rows_(rows) {}
 
   bool load() {
     return module_.load_method(prefill_) == executorch::runtime::Error::Ok &&
@@ -81,7 +84,8 @@ class Model {
                               cache(zero), slots()});
     novelty_ = copy(out[3].toTensor());
     novelty_shape_.assign(out[3].toTensor().sizes().begin(), out[3].toTensor().sizes().end());
-    return {copy(out[0].toTensor()), copy(out[1].toTensor()), copy(out[2].toTensor())};
+    return {copy(out[0].toTensor()), written(zero, out[1].toTensor(), 0),
+            written(zero, out[2].toTensor(), 0)};
   }
 
   Step decode(int64_t token, int64_t pos, const Step& s) {
@@ -89,12 +93,26 @@ class Model {
                              make_tensor_ptr({1}, std::vector<int64_t>{pos}), cache(s.k),
                              cache(s.v), slots(),
                              make_tensor_ptr(novelty_shape_, std::vector<float>(novelty_))});
-    return {copy(out[0].toTensor()), copy(out[1].toTensor()), copy(out[2].toTensor())};
+    return {copy(out[0].toTensor()), written(s.k, out[1].toTensor(), pos),
+            written(s.v, out[2].toTensor(), pos)};
   }
 
   int context() const { return shape_[2]; }
 
  private:
+  // `cache` with a run's rows [L, 1, Hkv, T, D] written from position `start` (or, from a
+  // bundle before "cache": "rows", the whole cache the program returned)
+  std::vector<float> written(std::vector<float> cache, const executorch::aten::Tensor& out,
+                             int64_t start) const {
+    if (!rows_) return copy(out);
+    const size_t t = size_t(out.size(3)), s = size_t(shape_[2]), d = size_t(shape_[3]);
+    const float* rows = out.const_data_ptr<float>();
+    for (size_t lh = 0; lh < size_t(shape_[0]) * shape_[1]; ++lh)
+      std::copy(rows + lh * t * d, rows + (lh + 1) * t * d,
+                cache.begin() + (lh * s + size_t(start)) * d);
+    return cache;
+  }
+
   size_t cache_size() const { return size_t(shape_[0]) * shape_[1] * shape_[2] * shape_[3]; }
 
   TensorPtr cache(const std::vector<float>& data) const {
@@ -122,6 +140,7 @@ class Model {
   std::vector<float> slots_, novelty_;
   std::vector<executorch::aten::SizesType> novelty_shape_;
   std::string prefill_, decode_;
+  bool rows_;
 };
 
 int argmax(const std::vector<float>& x) {
@@ -170,7 +189,7 @@ int main(int argc, char** argv) {
   auto start = std::chrono::steady_clock::now();
   Model model(bundle.pte.c_str(), bundle.ptd.c_str(),
               {bundle.layers, bundle.kv_heads, bundle.context, bundle.head_dim, bundle.slots},
-              bundle.slot_state, bundle.prefill, bundle.decode);
+              bundle.slot_state, bundle.prefill, bundle.decode, bundle.rows);
   if (!model.load()) {
     std::fprintf(stderr, "moegrow_generate: cannot load %s with %s\n", bundle.pte.c_str(),
                  bundle.ptd.c_str());

@@ -72,17 +72,30 @@ def attend(q, k, v, layer: int, input_pos: torch.Tensor, cache: KVCache | None) 
         return out.transpose(1, 2).reshape(b, t, h * d)
     # With a cache: the exported path. The query heads sharing a kv head are folded into the
     # time axis ([B, Hkv, G*T, D]), so k and v are never expanded to H heads (SDPA's GQA
-    # expands the whole cache, copying it per layer outside XNNPACK), and the mask is
-    # additive; matmul, softmax and add all run in XNNPACK.
-    k, v = cache.update(layer, input_pos, k, v)
+    # expands the whole cache, copying it per layer outside XNNPACK), and the masks are
+    # additive; matmul, softmax and add all run in XNNPACK. The run's own keys and values
+    # (causal among themselves) and the cache's past (the positions before this run's first;
+    # what the cache holds from it on is masked) are scored apart and softmaxed together,
+    # so the cache is only read: a program never copies it to write this run's rows.
+    past_k, past_v = cache.update(layer, input_pos, k, v)
     b, h, t, d = q.shape
-    hkv, s = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     g = h // hkv
-    mask = torch.where(torch.arange(s)[None, :] <= input_pos[:, None], 0.0, float("-inf"))
     q = q.transpose(1, 2).reshape(b, t, hkv, g * d).transpose(1, 2).reshape(b * hkv, t * g, d)
-    scores = torch.bmm(q * d ** -0.5, k.reshape(b * hkv, s, d).transpose(1, 2))  # [B*Hkv, T*G, S]
-    scores = scores + mask.repeat_interleave(g, dim=0)
-    out = torch.bmm(scores.softmax(-1), v.reshape(b * hkv, s, d))  # [B*Hkv, T*G, D]
+    q = q * d ** -0.5
+    causal = torch.where(input_pos[None, :] <= input_pos[:, None], 0.0, float("-inf"))
+    own = torch.bmm(q, k.reshape(b * hkv, t, d).transpose(1, 2)) \
+        + causal.repeat_interleave(g, dim=0)  # [B*Hkv, T*G, T]
+    v = v.reshape(b * hkv, t, d)
+    if past_k is None:
+        out = torch.bmm(own.softmax(-1), v)
+    else:
+        s = past_k.shape[2]
+        before = torch.where(torch.arange(s) < input_pos[:1], 0.0, float("-inf"))
+        # K q^T, then the small result transposed: the cache itself is never transposed
+        past = torch.bmm(past_k.reshape(b * hkv, s, d), q.transpose(1, 2)).transpose(1, 2)
+        p = torch.cat((past + before, own), -1).softmax(-1)  # [B*Hkv, T*G, S + T]
+        out = torch.bmm(p[..., :s], past_v.reshape(b * hkv, s, d)) + torch.bmm(p[..., s:], v)
     return out.reshape(b, hkv, t, g * d).transpose(1, 2).reshape(b, t, h * d)
 
 
