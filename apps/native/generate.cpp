@@ -32,6 +32,7 @@
 #include "host.h"
 #include "tokenizer.h"
 
+using executorch::extension::from_blob;
 using executorch::extension::make_tensor_ptr;
 using executorch::extension::Module;
 using executorch::extension::TensorPtr;
@@ -54,10 +55,10 @@ std::vector<float> copy(const executorch::aten::Tensor& t) {
   return {p, p + t.numel()};
 }
 
-// The KV cache is passed to the programs, which return the keys and values of the positions
-// they ran (bundles with "cache": "rows"; before, the whole new cache); a step holds the
-// logits and the cache with those rows written; forking it (one branch per suggestion) is a
-// copy.
+// The KV cache is read by the programs where it lies (from_blob: no copy), and they return
+// the keys and values of the positions they ran, written into it in place (bundles with
+// "cache": "rows"; before, the programs returned the whole new cache). Each suggestion's
+// branch copies the prefill's step once, not each step.
 struct Step {
   std::vector<float> logits, k, v;
 };
@@ -84,40 +85,45 @@ class Model {
                               cache(zero), slots()});
     novelty_ = copy(out[3].toTensor());
     novelty_shape_.assign(out[3].toTensor().sizes().begin(), out[3].toTensor().sizes().end());
-    return {copy(out[0].toTensor()), written(zero, out[1].toTensor(), 0),
-            written(zero, out[2].toTensor(), 0)};
+    Step s{copy(out[0].toTensor()), std::move(zero), std::vector<float>(cache_size(), 0.f)};
+    write(s.k, out[1].toTensor(), 0);
+    write(s.v, out[2].toTensor(), 0);
+    return s;
   }
 
-  Step decode(int64_t token, int64_t pos, const Step& s) {
+  // one token at `pos`: `s` gets its logits and the token's keys and values
+  void decode(int64_t token, int64_t pos, Step& s) {
     auto out = run(decode_, {make_tensor_ptr({1, 1}, std::vector<int64_t>{token}),
                              make_tensor_ptr({1}, std::vector<int64_t>{pos}), cache(s.k),
                              cache(s.v), slots(),
                              make_tensor_ptr(novelty_shape_, std::vector<float>(novelty_))});
-    return {copy(out[0].toTensor()), written(s.k, out[1].toTensor(), pos),
-            written(s.v, out[2].toTensor(), pos)};
+    s.logits = copy(out[0].toTensor());
+    write(s.k, out[1].toTensor(), pos);
+    write(s.v, out[2].toTensor(), pos);
   }
 
   int context() const { return shape_[2]; }
 
  private:
-  // `cache` with a run's rows [L, 1, Hkv, T, D] written from position `start` (or, from a
+  // a run's rows [L, 1, Hkv, T, D] written into `cache` from position `start` (or, from a
   // bundle before "cache": "rows", the whole cache the program returned)
-  std::vector<float> written(std::vector<float> cache, const executorch::aten::Tensor& out,
-                             int64_t start) const {
-    if (!rows_) return copy(out);
-    const size_t t = size_t(out.size(3)), s = size_t(shape_[2]), d = size_t(shape_[3]);
+  void write(std::vector<float>& cache, const executorch::aten::Tensor& out,
+             int64_t start) const {
     const float* rows = out.const_data_ptr<float>();
+    if (!rows_) {
+      std::copy(rows, rows + out.numel(), cache.begin());
+      return;
+    }
+    const size_t t = size_t(out.size(3)), s = size_t(shape_[2]), d = size_t(shape_[3]);
     for (size_t lh = 0; lh < size_t(shape_[0]) * shape_[1]; ++lh)
       std::copy(rows + lh * t * d, rows + (lh + 1) * t * d,
                 cache.begin() + (lh * s + size_t(start)) * d);
-    return cache;
   }
 
   size_t cache_size() const { return size_t(shape_[0]) * shape_[1] * shape_[2] * shape_[3]; }
 
-  TensorPtr cache(const std::vector<float>& data) const {
-    return make_tensor_ptr({shape_[0], 1, shape_[1], shape_[2], shape_[3]},
-                           std::vector<float>(data));
+  TensorPtr cache(std::vector<float>& data) const {  // read where it lies
+    return from_blob(data.data(), {shape_[0], 1, shape_[1], shape_[2], shape_[3]});
   }
 
   TensorPtr slots() const {
@@ -228,7 +234,7 @@ int main(int argc, char** argv) {
     std::vector<int> word{order[r]};
     Step s = first;
     for (int64_t pos = int64_t(ids.size()); pos < int64_t(ids.size()) + 5; ++pos) {
-      s = model.decode(word.back(), pos, s);
+      model.decode(word.back(), pos, s);
       const int next = argmax(s.logits);
       const std::string& piece = tok.piece(next);
       if (next == kBos || next == kEos || piece.rfind("\xE2\x96\x81", 0) == 0 ||
@@ -252,7 +258,7 @@ int main(int argc, char** argv) {
     const int next = argmax(s.logits);
     if (next == kEos) break;
     greedy.push_back(next);
-    s = model.decode(next, pos, s);
+    model.decode(next, pos, s);
   }
   const double per_token = greedy.empty() ? 0 : ms_since(start) / greedy.size();
   std::vector<int> all(ids.begin() + 1, ids.end());
