@@ -333,7 +333,7 @@ def test_a_table_past_the_config_is_refused(fuzz_bundle, change):
     ("hidden_size", "512", "config 'hidden_size'"),
     ("num_experts_per_tok", 99, "routes 99 experts"),
     ("context", 0, "config 'context'"),
-    ("num_key_value_heads", 7, "could not run program 'score'")])  # the programs' own shapes
+    ("num_key_value_heads", 7, "could not run program 'prefill'")])  # the programs' shapes
 def test_a_config_the_programs_cannot_serve_is_refused(fuzz_bundle, key, value, error):
     """The sizes the runtime reads from the config are checked when the bundle loads; a
     size the programs were not exported with fails as the engine's typed error."""
@@ -349,7 +349,7 @@ def test_a_config_the_programs_cannot_serve_is_refused(fuzz_bundle, key, value, 
     (path / "manifest.json").write_text(json.dumps(manifest))
     try:
         with pytest.raises((bundle_format.BundleError, backends.BackendError), match=error):
-            runtime.open(path, "onnxruntime").score("Der Hund liest.")
+            runtime.open(path, "onnxruntime").suggestions("Der Hund liest.")
     finally:
         (path / "manifest.json").write_text(pristine)
 
