@@ -246,7 +246,7 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
     checkpoint's own `calibration.txt` if it has one; without any, no verdicts).
     `deepen`: lower the growth programs `sweep` and `adam` (default: at 32 bits only). A
     quantized bundle's sweep runs on its frozen quantized weights as the serving programs
-    hold them (`quantize.Frozen`) and trains its spare slots, which it needs.
+    hold them (`frozen.Frozen`) and trains its spare slots, which it needs.
     `strict_steps` > 0 adds strict-PC ones `strict{l}` with that many relaxation steps
     (their size and export time grow with the steps). `spare`: empty expert slots per
     layer for spawning (default SPARE where the bundle has deepening programs, else 0),

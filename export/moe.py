@@ -277,7 +277,7 @@ def routed_codes(experts: layers.Experts, live: int, bits: int, pack) -> dict:
     made from `pack(w, bits)` (`quantize.packed`) of the dense programs' linears ([E*F, C],
     [C, E*F]), so every form serves the same values (int8's down scales span all experts'
     row, as there). `RoutedMoE` serves them; a quantized bundle's deepening programs read
-    them (`quantize.FrozenExperts`): one copy of the base experts in a weight file."""
+    them (`frozen.FrozenExperts`): one copy of the base experts in a weight file."""
     e, f, c = live, experts.gate_proj.shape[1], experts.gate_proj.shape[2]
 
     def codes(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

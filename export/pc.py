@@ -23,7 +23,7 @@ tokens routed to each), nll [W], and energy [E + S] = sum over its tokens of |g_
 eps the error at the layer's output.
 
 A quantized bundle's programs (`bits` 8 or 4) run its frozen linears as the serving programs
-hold them (`quantize.Frozen`: their codes and scales, dequantized in the graph; no fp32 copy
+hold them (`frozen.Frozen`: their codes and scales, dequantized in the graph; no fp32 copy
 of them in the weight file) and differentiate only the spare slots: dwg, dwu, dwd cover the
 last S slots ([S, F, C], [S, C, F]), the rest of the outputs every slot.
 """
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import moe, programs, quantize
+from . import frozen, moe, programs
 from .models import layers
 
 OUTPUTS = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")
@@ -54,7 +54,7 @@ class FixedRouteMoE(moe.DenseMoE):
 
 def expert_weights(mlp: moe.DenseMoE) -> list[str]:
     """The names, inside a MoE block, of the weights of its trainable experts: the base
-    experts' gate, up, down (unless `quantize.Frozen`: a quantized bundle's), then the spare
+    experts' gate, up, down (unless `frozen.Frozen`: a quantized bundle's), then the spare
     slots' (`moe.Slots`)."""
     names = ["gate_proj", "up_proj", "down_proj"] * isinstance(mlp.gate_proj, nn.Linear)
     return [f"{n}.weight" for n in names + ["spare_gate", "spare_up", "spare_down"] * bool(
@@ -63,9 +63,9 @@ def expert_weights(mlp: moe.DenseMoE) -> list[str]:
 
 def _model(model: layers.CausalLM, bits: int) -> layers.CausalLM:
     """The deepening programs' copy of `model`: `FixedRouteMoE` blocks, and at `bits` < 32
-    the quantized bundle's frozen linears (`quantize.freeze`)."""
+    the quantized bundle's frozen linears (`frozen.freeze`)."""
     out = programs.with_moe(model, FixedRouteMoE)
-    return out if bits == 32 else quantize.freeze(out, bits)
+    return out if bits == 32 else frozen.freeze(out, bits)
 
 
 def stack(f: int, grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

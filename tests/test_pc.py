@@ -65,7 +65,7 @@ def test_one_sweep_gives_every_layers_updates(model):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits):
     """A quantized bundle's sweep holds its frozen linears as the serving programs' codes
-    (`quantize.Frozen`; the base experts' in the routed layout, `FrozenExperts`: no fp32
+    (`frozen.Frozen`; the base experts' in the routed layout, `FrozenExperts`: no fp32
     copy of them) and gives the spare slots' updates that autograd gives on the
     dequantized model, the rest of its outputs as well."""
     from moegrow.export import quantize
