@@ -351,6 +351,10 @@ def export(target: str | os.PathLike, out: str | os.PathLike,
             # "rows": prefill and decode return the keys and values of their run only, which
             # the runtime writes into its cache (bundles without the key: the whole cache)
             "cache": "rows",
+            # what each serving program returns (bundles without the key: `score` only
+            # "nll" and "rank", and growth's guard reads the chosen experts from `observe`)
+            "outputs": {name: list(getattr(make, "func", make).outputs)
+                        for name, make in PROGRAMS.items()},
             "tokenizer": manifest.file_entry(tmp, tmp / checkpoint.TOKENIZER),
             "programs": table,
             "weights": {"version": 1, "files": weights},

@@ -54,6 +54,7 @@ def route(moe: nn.Module, x: torch.Tensor):
         logits = logits + moe.closed
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, moe.top_k, dim=-1)
+    moe.chosen = ids  # `Score`'s ids output
     if moe.norm_topk:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return logits, weights.to(x.dtype), ids

@@ -243,7 +243,9 @@ class Decode(Prefill):
 
 
 class Score(nn.Module):
-    """(tokens [1, T] ([BOS] + text), slots) -> NLL [T] and rank [T] of each next token.
+    """(tokens [1, T] ([BOS] + text), slots) -> NLL [T] and rank [T] of each next token, and
+    the ids [L, T, K] of the experts each layer chose at each position (what growth's guard
+    needs to count the tokens that reach a changed expert, without `Observe`'s taps).
 
     Entry t is about tokens[t+1] given tokens[:t+1]: its NLL, and its rank (how many tokens
     scored higher; 0 is a top-1 hit). The last entry (nothing left to predict) is 0. Aligned
@@ -252,7 +254,7 @@ class Score(nn.Module):
     T >= 3.
     """
 
-    outputs = ("nll", "rank")
+    outputs = ("nll", "rank", "ids")
 
     def __init__(self, model: layers.CausalLM, moe: type[nn.Module] = DenseMoE,
                  gated: bool = True):
@@ -268,7 +270,8 @@ class Score(nn.Module):
         gate(self.model, tokens, slot_state(self.model) if slots is None else slots,
              gated=self.gated)
         h, _ = self.model.hidden(tokens)
-        return losses(self.model.lm_head(h[0]).float(), tokens)[:2]
+        ids = torch.stack([block.mlp.chosen for block in self.model.model.layers])
+        return *losses(self.model.lm_head(h[0]).float(), tokens)[:2], ids
 
 
 def losses(logits: torch.Tensor, tokens: torch.Tensor):
