@@ -449,13 +449,11 @@ def _guarded(rt, domain: str, held: list, changed: set, edit, commit, report: di
     text, `edit(work)`, measure again; within `DOMAIN_RISE` and `guard.GUARD_BASE` (or not
     `guarded`) `commit(work)` makes the new version and the runtime serves it. Fills
     `report`'s "guard", "committed", "version" and "reason"."""
-    b = rt.bundle
-    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
-    base = list(rt.windows(ids[len(ids) // 2:].astype(np.int64)))
+    base = guard.base_windows(rt)
     work = Work(rt)
     try:
         before = {"domain": guard.measure(work.rt, held, changed),
-                  "base": guard.measure(work.rt, base, changed)}
+                  "base": guard.base(rt, work.rt, base, changed)}
         edit(work)
         work.reload()
         say("guard: held-out domain replay and base text")
@@ -474,6 +472,7 @@ def _guarded(rt, domain: str, held: list, changed: set, edit, commit, report: di
         else:
             new = commit(work)
             rt.reload(new)
+            guard.remember(rt, after["base"])  # the new version's, for the next guard
             report["committed"], report["version"] = True, new.manifest["weights"]["version"]
     finally:
         work.close()

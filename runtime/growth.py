@@ -249,12 +249,8 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     cut = np.cumsum([len(w) - 1 for w in train])
     train = train[:max(1, int(np.searchsorted(cut, limits.tokens)) + 1)]
     ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
-    ids = ids.astype(np.int64)
-    half = len(ids) // 2
-    # the base guard text as `eval` scores it: no window's first tokens without context
-    # (one that began in odd pieces opened German's gate: docs/growth.md, "What it cost")
-    base_router = guard.windows([ids[:half]], b.context)
-    base_guard = list(rt.windows(ids[half:]))
+    base_router = guard.windows([ids[:len(ids) // 2].astype(np.int64)], b.context)
+    base_guard = guard.base_windows(rt)
     changed = {(s["layer"], s["slot"]) for s in steps}
     say(f"{domain}: {report['verdict']}; " + ", ".join(
         f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps) + "".join(
@@ -262,7 +258,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     work = Work(rt, interrupt)  # the interrupt stops its runs: nothing gets committed
     try:
         before = {"domain": guard.measure(work.rt, held, changed),
-                  "base": guard.measure(work.rt, base_guard, changed)}
+                  "base": guard.base(rt, work.rt, base_guard, changed)}
         report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,
                                  report, say, domain, policy)
         if report["reason"] is None:
@@ -275,6 +271,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
                                     "nothing committed")
             else:
                 _commit(rt, work, steps, domain, report)
+                guard.remember(rt, after["base"])  # the new version's, for the next slice
     finally:
         work.close()
     report["seconds"] = time.monotonic() - start

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import state
+
 HOLDOUT = 5  # every HOLDOUT-th replay window of the domain is held out for the guard
 GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
 
@@ -49,6 +51,41 @@ def measure(rt, windows_: list[Window], changed: set) -> dict:
             mine = [s for lay, s in changed if lay == layer]
             reach[layer] += np.isin(ids[layer], mine).any(-1).sum()
     return {"nll": nll / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist()}
+
+
+def base_windows(rt) -> list[Window]:
+    """The base guard text (the second half of the bundle's calibration ids) as `eval`
+    scores it: no window's first tokens without context (one that began in odd pieces
+    opened German's gate: docs/growth.md, "What it cost")."""
+    b = rt.bundle
+    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
+    return list(rt.windows(ids[len(ids) // 2:].astype(np.int64)))
+
+
+def base(rt, work, windows_: list[Window], changed: set) -> dict:
+    """`measure` of the base guard text under the version `rt` serves, run on its working
+    copy `work` (the same weights), or remembered from an earlier slice or compression on
+    this version and engine (its weights never change: the text's NLL is a constant of it;
+    a remembered one has no "reach", which is only read after a change)."""
+    key = (rt.bundle.manifest["weights"]["version"], rt.backend)
+    tokens = sum(new.stop - new.start for _, new in windows_)
+    with state.connection(rt.bundle.path, create=False) as db:
+        row = db.execute("SELECT nll FROM guard_base WHERE version = ? AND engine = ? AND "
+                         "tokens = ?", (*key, tokens)).fetchone()
+    if row:
+        return {"nll": row[0], "tokens": tokens, "reach": None, "remembered": True}
+    measured = measure(work, windows_, changed)
+    remember(rt, measured)
+    return measured
+
+
+def remember(rt, measured: dict) -> None:
+    """Keep `measure`'s NLL of the base guard text for the version `rt` serves now (after
+    a commit: the working copy's "after", measured on the new version's weights)."""
+    with state.connection(rt.bundle.path, write=True) as db:
+        db.execute("INSERT OR REPLACE INTO guard_base VALUES (?, ?, ?, ?)",
+                   (rt.bundle.manifest["weights"]["version"], rt.backend, measured["nll"],
+                    measured["tokens"]))
 
 
 def verdict(before: dict, after: dict) -> dict:

@@ -251,7 +251,7 @@ class Runtime:
         ids = np.array([BOS] + self.sp.encode(text), np.int64)
         nll, top1, top3 = 0.0, 0, 0
         for chunk, new in self.windows(ids):
-            losses, ranks = (a[new] for a in self.run("score", chunk[None]))
+            losses, ranks = (a[new] for a in self.run("score", chunk[None])[:2])
             nll += float(losses.astype(np.float64).sum())
             top1 += int((ranks < 1).sum())
             top3 += int((ranks < 3).sum())

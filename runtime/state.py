@@ -1,5 +1,6 @@
 """A bundle's state database: one SQLite file under `state/` that holds the error map
-(`errormap.py`) and the version log (`versions.py`). This module owns the file: where it
+(`errormap.py`), the version log (`versions.py`) and the guard's base NLL per version
+(`guard.py`). This module owns the file: where it
 lives, its permissions (user only), how it is opened (WAL, busy timeout), its schema and the
 migrations from older files (`PRAGMA user_version`), and how SQLite's failures reach the
 caller (`StateError`: locked, corrupt, unwritable). The other modules only run SQL on the
@@ -43,6 +44,10 @@ MIGRATIONS = [
         PRIMARY KEY (domain, lam))""",
     # per domain, its token count when its last growth slice was refused (NULL: committed)
     "ALTER TABLE domains ADD COLUMN refused_at INTEGER",
+    # per weights version and engine, the base guard text's NLL (`guard.base`)
+    """CREATE TABLE IF NOT EXISTS guard_base (
+        version INTEGER, engine TEXT, nll REAL, tokens INTEGER,
+        PRIMARY KEY (version, engine))""",
 ]
 VERSION = len(MIGRATIONS)
 

@@ -18,7 +18,7 @@ from conftest import exported, german, run_cli, snapshot
 from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime import experts, gate, growth, guard, versions
+from moegrow.runtime import experts, gate, growth, guard, state, versions
 from moegrow.runtime.session import OBSERVE
 
 
@@ -51,6 +51,25 @@ def test_the_guard_reads_the_chosen_experts_from_score_as_from_observe(grown, tm
     assert fast["tokens"] == slow["tokens"] == len(ids) - 1
     assert fast["nll"] == pytest.approx(slow["nll"], abs=1e-5)
     assert fast["reach"] == slow["reach"] and max(fast["reach"]) > 0.05
+
+
+def test_the_guard_remembers_the_base_text_of_each_version(grown, tmp_path):
+    """The base guard text's NLL is a constant of a weights version: a slice remembers the
+    one it measured before changing anything and, once committed, the new version's
+    (`guard.base`); the next slice or compression reads it instead of scoring the text."""
+    _, after, r = grown
+    shutil.copytree(after, tmp_path / "b")
+    rt = runtime.open(tmp_path / "b", "onnxruntime")
+    windows = guard.base_windows(rt)
+    got = guard.base(rt, rt, windows, set())
+    assert got["remembered"] and got["nll"] == r["guard"]["after"]["base"]["nll"]
+    fresh = guard.measure(rt, windows, set())  # what the served version 2 gives
+    assert fresh["tokens"] == got["tokens"] and fresh["nll"] == pytest.approx(got["nll"],
+                                                                             abs=1e-5)
+    with state.connection(tmp_path / "b") as db:
+        kept = dict(db.execute("SELECT version, nll FROM guard_base WHERE engine = ?",
+                               ("onnxruntime",)).fetchall())
+    assert kept == {1: r["guard"]["before"]["base"]["nll"], 2: got["nll"]}
 
 
 def test_replay_packs_into_windows_that_predict_every_token_once():

@@ -48,8 +48,9 @@ def test_taps_follow_the_definitions(model):
     tokens = _tokens()
     with torch.no_grad():
         nll, rank, ids, gates, update, energy = programs.Observe(model)(tokens)
-        want_nll, want_rank = programs.Score(model)(tokens)
+        want_nll, want_rank, want_ids = programs.Score(model)(tokens)
     assert torch.allclose(nll, want_nll, atol=1e-5) and torch.equal(rank, want_rank)
+    assert torch.equal(ids, want_ids)  # the guard reads the chosen experts from score
     size, moe_inputs = _reference(model, tokens)
     assert size[-1] == 0 and (size[:-1] > 0).all()
     t, k = tokens.shape[1], ARGS.num_experts_per_tok
