@@ -65,8 +65,9 @@ def base_windows(rt) -> list[Window]:
 def base(rt, work, windows_: list[Window], changed: set) -> dict:
     """`measure` of the base guard text under the version `rt` serves, run on its working
     copy `work` (the same weights), or remembered from an earlier slice or compression on
-    this version and engine (its weights never change: the text's NLL is a constant of it;
-    a remembered one has no "reach", which is only read after a change)."""
+    this version and engine, which `remember` keeps after a commit (its weights never
+    change: the text's NLL is a constant of it; a remembered one has no "reach", which is
+    only read after a change). A refused slice writes nothing."""
     key = (rt.bundle.manifest["weights"]["version"], rt.backend)
     tokens = sum(new.stop - new.start for _, new in windows_)
     with state.connection(rt.bundle.path, create=False) as db:
@@ -74,9 +75,7 @@ def base(rt, work, windows_: list[Window], changed: set) -> dict:
                          "tokens = ?", (*key, tokens)).fetchone()
     if row:
         return {"nll": row[0], "tokens": tokens, "reach": None, "remembered": True}
-    measured = measure(work, windows_, changed)
-    remember(rt, measured)
-    return measured
+    return measure(work, windows_, changed)
 
 
 def remember(rt, measured: dict) -> None:

@@ -54,9 +54,9 @@ def test_the_guard_reads_the_chosen_experts_from_score_as_from_observe(grown, tm
 
 
 def test_the_guard_remembers_the_base_text_of_each_version(grown, tmp_path):
-    """The base guard text's NLL is a constant of a weights version: a slice remembers the
-    one it measured before changing anything and, once committed, the new version's
-    (`guard.base`); the next slice or compression reads it instead of scoring the text."""
+    """The base guard text's NLL is a constant of a weights version: a committed slice
+    remembers the new version's (`guard.base`); the next slice or compression reads it
+    instead of scoring the text."""
     _, after, r = grown
     shutil.copytree(after, tmp_path / "b")
     rt = runtime.open(tmp_path / "b", "onnxruntime")
@@ -69,7 +69,7 @@ def test_the_guard_remembers_the_base_text_of_each_version(grown, tmp_path):
     with state.connection(tmp_path / "b") as db:
         kept = dict(db.execute("SELECT version, nll FROM guard_base WHERE engine = ?",
                                ("onnxruntime",)).fetchall())
-    assert kept == {1: r["guard"]["before"]["base"]["nll"], 2: got["nll"]}
+    assert kept == {2: got["nll"]}
 
 
 def test_replay_packs_into_windows_that_predict_every_token_once():
