@@ -212,9 +212,16 @@ class OnnxRuntime:
         ONNX Runtime can save an optimized model from), or not at all ("none")."""
         options = self.ort.SessionOptions()
         options.log_severity_level = 3
-        # no arena: activations are freed after each run (same speed here, 7 MB less
-        # RSS after `score` on the tiny model; docs/benchmarks.md)
+        # no arena for serving: activations are freed after each run (same speed here, 7 MB
+        # less RSS after `score` on the tiny model; docs/benchmarks.md)
         options.enable_cpu_mem_arena = False
+        if name in self.live:
+            # a deepening sweep's activations (~130 MB on the default model) came as fresh
+            # pages at every run (planned as one block, freed after it): page faults took a
+            # third of an int4 slice. Its own arena, unplanned, keeps and reuses them at the
+            # same peak RSS, freed with the slice's working copy (docs/benchmarks.md, "The
+            # sweep's pages")
+            options.enable_cpu_mem_arena, options.enable_mem_pattern = True, False
         if self.threads:
             options.intra_op_num_threads = self.threads
         table = self.initializers.get(name)
