@@ -22,6 +22,10 @@ CLOSED = -1e4  # the score where a class cannot open (export/programs.py MASKED)
 # as well as the base column does: its gate cannot tell the domain from the base
 # (docs/reliability.md: shuffled base text 27.2 nats; 40 of 45 fortunes categories 4.61)
 SEPARABLE = 4 * GATE_LLR
+# nats: a float32 class score this close to its threshold, or a class's sum this close to
+# the best other grown class's, may fall either way in a program (`opened`); float32 sums
+# of 256 log-probabilities differ from these float64 ones by at most ~0.06
+TOL = 0.25
 
 
 def unigram(seqs: list[np.ndarray], vocab: int, prior: np.ndarray | None = None) -> np.ndarray:
@@ -81,3 +85,31 @@ def parent_row(threshold: float, cls: int) -> tuple[float, float, float, float]:
     (equal router rows) took a token's top two wherever the parent was first and pushed its
     second expert out (near registers: docs/growth.md)."""
     return (0.0, -1.0, -threshold, float(cls))
+
+
+def opened(table: np.ndarray, slots: np.ndarray, ids: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Which slots the programs open at each position of one window `ids` under the class
+    table [V, D] and the slot rows [L, 4, slots] (bias, a, t, class: open where a * score
+    >= t, `export/programs.py` `set_gates`), as booleans [L, T, slots]; and where this
+    float64 mirror cannot be sure of the programs' float32 answer (within `TOL`)."""
+    summed = np.cumsum(table[ids].astype(np.float64), 0)  # [T, D]
+    grown = summed.copy()
+    grown[:, 0] = -np.inf  # the base class is never the likeliest grown one
+    ranked = np.sort(grown, 1)
+    top = ranked[:, -1:]
+    second = ranked[:, -2:-1] if grown.shape[1] > 1 else np.full_like(top, -np.inf)
+    other = np.where(grown >= top, second, top)  # the best other grown class's sum
+    ready = (np.arange(len(ids)) + 1 >= GATE_MIN)[:, None]
+    likeliest = summed >= other
+    raw = np.where(ready, summed - summed[:, :1], CLOSED)  # [T, D]
+    tie = ready & (np.abs(summed - other) < TOL)
+    _, coef, thr, cls = slots.transpose(1, 0, 2)  # each [L, slots]
+    c = cls.astype(np.int64)
+    value = raw[:, c] * coef - thr  # [T, L, slots], where the class is the likeliest
+    closed = CLOSED * coef - thr  # where it is not
+    # unsure: near the threshold, or near a tie that decides between value and closed
+    unsure = (coef != 0) & (((np.abs(value) < TOL) & likeliest[:, c])
+                            | (tie[:, c] & ((value >= 0) != (closed >= 0))))
+    open_ = np.where(likeliest[:, c], value, closed) >= 0
+    return open_.transpose(1, 0, 2), unsure.transpose(1, 0, 2)

@@ -263,7 +263,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
                                  report, say, domain, policy)
         if report["reason"] is None:
             after = {"domain": guard.measure(work.rt, held, changed),
-                     "base": guard.measure(work.rt, base_guard, changed)}
+                     "base": guard.after(rt, work, base_guard, changed, before["base"])}
             report["guard"] = g = guard.verdict(before, after)
             if not g["passed"]:
                 report["reason"] = (f"guard: domain perplexity gain {g['domain_gain']:.2%}, "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import state
+from . import experts, gate, state
 
 HOLDOUT = 5  # every HOLDOUT-th replay window of the domain is held out for the guard
 GUARD_BASE = 0.005  # largest relative perplexity rise on the base guard text
@@ -41,16 +41,17 @@ def measure(rt, windows_: list[Window], changed: set) -> dict:
     time of `observe`, whose error taps the guard does not need), else from `observe`."""
     outputs = rt.bundle.manifest.get("outputs", {}).get("score", ())
     program = "score" if "ids" in outputs else "observe"
-    nll, n, reach = 0.0, 0, np.zeros(rt.slots.shape[0])
+    per, n, reach = [], 0, np.zeros(rt.slots.shape[0])
     for w, new in windows_:
         out = rt.run(program, w[None])
-        nll += float(out[0][new].astype(np.float64).sum())
+        per.append(float(out[0][new].astype(np.float64).sum()))
         n += len(out[0][new])
         ids = out[2][:, new]  # [L, T, K]
         for layer in range(ids.shape[0]):
             mine = [s for lay, s in changed if lay == layer]
             reach[layer] += np.isin(ids[layer], mine).any(-1).sum()
-    return {"nll": nll / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist()}
+    return {"nll": sum(per) / max(n, 1), "tokens": n, "reach": (reach / max(n, 1)).tolist(),
+            "windows": per}
 
 
 def base_windows(rt) -> list[Window]:
@@ -78,6 +79,55 @@ def base(rt, work, windows_: list[Window], changed: set) -> dict:
     return measure(work, windows_, changed)
 
 
+def _gates(rt, buf=None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """What decides where each slot is open and what an open slot adds: the class table,
+    the slot rows and the routers of the weights `rt` serves (or of the map `buf`)."""
+    b, engine = rt.bundle, rt.backend
+    routers = [experts.router(b, layer, engine, buf) for layer in range(rt.slots.shape[0])]
+    return experts.domains(b, engine, buf), rt.slots, routers
+
+
+def touched(before, after, windows_: list[Window], changed: set) -> list[bool]:
+    """For each window, whether a program's output on it can differ between the weights of
+    `before` and those of `after` (`_gates` of each; `changed`: the (layer, slot) experts
+    whose weights differ). It cannot where every slot opens at the same positions under
+    both (`gate.opened`, sure of it) and no slot open there differs in its weights, router
+    row or bias: every layer then routes and computes as before. A clone that opens on a
+    few base windows leaves the rest of the base guard text as it was."""
+    (t0, s0, r0), (t1, s1, r1) = before, after
+    differs = {(lay, s) for lay in range(s0.shape[0]) for s in range(s0.shape[2])
+               if (lay, s) in changed or s0[lay, 0, s] != s1[lay, 0, s]
+               or not np.array_equal(r0[lay][s], r1[lay][s])}
+    out = []
+    for w, _ in windows_:
+        (o0, u0), (o1, u1) = gate.opened(t0, s0, w), gate.opened(t1, s1, w)
+        live = (o0 | o1).any(1)  # [L, slots]: open somewhere in the window
+        out.append(bool(u0.any() or u1.any() or (o0 != o1).any()
+                        or any(live[lay, s] for lay, s in differs)))
+    return out
+
+
+def after(rt, work, windows_: list[Window], changed: set, before: dict) -> dict:
+    """`measure` of the base guard text on the working copy `work` after a slice, scoring
+    only the windows the slice can have changed (`touched`): the others keep their NLL
+    under the version `rt` serves (`before`, this text's measure there, remembered or
+    not), which `rt` scores on the touched windows where `before` has no per-window NLL
+    (remembered), unless they are half the text or more. "scored": how many windows ran."""
+    hit = touched(_gates(rt), _gates(work.rt, work.buf), windows_, changed)
+    if "windows" not in before and 2 * sum(hit) >= len(hit):  # scoring them twice costs more
+        hit = [True] * len(hit)
+    mine = [w for w, h in zip(windows_, hit, strict=True) if h]
+    out = measure(work.rt, mine, changed)
+    if "windows" in before:
+        then = sum(x for x, h in zip(before["windows"], hit, strict=True) if h)
+    else:
+        then = measure(rt, mine, changed)["nll"] * out["tokens"]
+    n = before["tokens"]
+    return {"nll": before["nll"] + (out["nll"] * out["tokens"] - then) / max(n, 1),
+            "tokens": n, "reach": [r * out["tokens"] / max(n, 1) for r in out["reach"]],
+            "scored": len(mine), "of": len(windows_)}
+
+
 def remember(rt, measured: dict) -> None:
     """Keep `measure`'s NLL of the base guard text for the version `rt` serves now (after
     a commit: the working copy's "after", measured on the new version's weights)."""
@@ -87,9 +137,14 @@ def remember(rt, measured: dict) -> None:
                     measured["tokens"]))
 
 
+def _brief(measured: dict) -> dict:
+    """{"domain", "base"} measures without their per-window NLL (not for reports)."""
+    return {k: {x: y for x, y in v.items() if x != "windows"} for k, v in measured.items()}
+
+
 def verdict(before: dict, after: dict) -> dict:
     """The guard's report from `measure`'s {"domain", "base"} before and after a slice."""
     rise = float(np.exp(after["base"]["nll"] - before["base"]["nll"]) - 1)
     gain = float(1 - np.exp(after["domain"]["nll"] - before["domain"]["nll"]))
-    return {"before": before, "after": after, "domain_gain": gain, "base_rise": rise,
-            "bound": GUARD_BASE, "passed": gain > 0 and rise <= GUARD_BASE}
+    return {"before": _brief(before), "after": _brief(after), "domain_gain": gain,
+            "base_rise": rise, "bound": GUARD_BASE, "passed": gain > 0 and rise <= GUARD_BASE}

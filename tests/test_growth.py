@@ -72,6 +72,32 @@ def test_the_guard_remembers_the_base_text_of_each_version(grown, tmp_path):
     assert kept == {2: got["nll"]}
 
 
+def test_the_guard_scores_only_the_base_windows_a_clone_can_change(grown, tmp_path):
+    """`guard.touched`: a window where every slot opens as before and no changed slot opens
+    scores exactly as before, so the guard's after-measure skips it (`guard.after`); the
+    slice's own guard scored fewer windows than the text has and still read the NLL that
+    scoring all of them gives."""
+    before, after, r = grown
+    old, new = (runtime.open(p, "onnxruntime") for p in (before, after))
+    windows = guard.base_windows(old)
+    changed = {(s["layer"], s["slot"]) for s in r["plan"]}
+    hit = guard.touched(guard._gates(old), guard._gates(new), windows, changed)
+    assert not all(hit)
+    for (w, count), h in zip(windows, hit, strict=True):
+        if not h:
+            a, b = old.run("score", w[None]), new.run("score", w[None])
+            np.testing.assert_array_equal(a[0][count], b[0][count])
+            assert not np.isin(b[2][:, count], [s for _, s in changed]).any()
+    g = r["guard"]["after"]["base"]
+    assert g["scored"] == sum(hit) < g["of"] == len(windows)
+    full = guard.measure(new, windows, changed)
+    assert g["nll"] == pytest.approx(full["nll"], abs=1e-6) and g["tokens"] == full["tokens"]
+    np.testing.assert_allclose(g["reach"], full["reach"], atol=1e-9)
+    every = guard.touched(guard._gates(old), guard._gates(new), windows,
+                          changed | {(0, 0)})  # a base expert changed in place: all of them
+    assert all(every)
+
+
 def test_replay_packs_into_windows_that_predict_every_token_once():
     rng = np.random.default_rng(0)
     seqs = [np.concatenate([[1], rng.integers(2, 99, n)]) for n in (257, 1, 40, 300, 12)]

@@ -6,6 +6,7 @@ backend-ops matrix (test_backend_ops.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -241,3 +242,33 @@ def test_the_runtimes_numpy_gate_scores_mirror_the_programs(classes):
         np.testing.assert_allclose(gate.scores(table, ids, c), got[:, c], rtol=1e-4,
                                    atol=1e-3)
     assert (got[:programs.GATE_MIN - 1] == -programs.MASKED).all()
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_the_runtimes_numpy_open_slots_mirror_the_programs(classes):
+    """`runtime.gate.opened` (which windows a slice can change: the guard) opens the slots
+    that `programs.set_gates` opens wherever it says it is sure, and is unsure only near a
+    threshold or a tie: rows of base experts, clones (a = 1) and replaced parents (a = -1)
+    with thresholds drawn among the scores themselves."""
+    from moegrow.runtime import gate
+
+    rng = np.random.default_rng(classes)
+    table = np.log(rng.dirichlet(np.full(classes, 0.5), size=50)).astype(np.float32)
+    ids = rng.integers(0, 50, 256)
+    got = programs.scores(torch.from_numpy(table), torch.from_numpy(ids)[None])
+    live = got[got > -programs.MASKED].numpy()
+    layers_, slots = 3, 8
+    rows = np.zeros((layers_, 4, slots), np.float32)  # (bias, a, t, class) per slot
+    for lay in range(layers_):
+        for s in range(4, slots):  # slots 0-3 stay base experts
+            rows[lay, :, s] = (1.0, rng.choice([1.0, -1.0]), rng.choice(live),
+                               rng.integers(1, classes))
+    blocks = [SimpleNamespace(mlp=SimpleNamespace()) for _ in range(layers_)]
+    model = SimpleNamespace(model=SimpleNamespace(layers=blocks))  # what set_gates reads
+    programs.set_gates(model, torch.from_numpy(rows), got)
+    want = np.stack([b.mlp.slot_open.numpy() > 0 for b in model.model.layers])  # [L, T, S]
+    mine, unsure = gate.opened(table, rows, ids)
+    assert mine.shape == want.shape == unsure.shape
+    np.testing.assert_array_equal(mine[~unsure], want[~unsure])
+    assert mine[:, :, :4].all() and not unsure[:, :, :4].any()  # base experts: always open
+    assert 0 < unsure.mean() < 0.05  # thresholds drawn from the scores: a few are close
