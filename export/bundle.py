@@ -7,7 +7,8 @@ Layout (format version 2):
     tokenizer.model
     programs/model.pte       ExecuTorch: methods prefill, decode, score, observe (and with
                              spare slots their `_gated` forms: `PROGRAMS`),
-                             in fp32 bundles sweep (every layer's local updates) and
+                             in fp32 bundles sweep (every layer's local updates), with
+                             spare slots sweep_spare (the spare slots' alone), and
                              adam (growth's optimizer step; strict0.. with
                              --strict-steps: `pc.py`); no weights
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
@@ -195,6 +196,10 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bo
     if deepen:  # every layer's updates from one forward and one backward; growth's Adam
         program = pc.Sweep(model, model.args.max_position_embeddings, bits)
         methods["sweep"] = (program, *program.example())
+        if bits == 32 and model.spare:  # a slice that trains clones alone (the base
+            # experts' weight gradients left out, as a quantized bundle's sweep always does)
+            program = pc.Sweep(model, model.args.max_position_embeddings, bits, spare=True)
+            methods["sweep_spare"] = (program, *program.example())
         program = pc.Adam(model)
         methods["adam"] = (program, *program.example())
     for layer in range(model.args.num_hidden_layers if strict_steps else 0):

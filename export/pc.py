@@ -52,11 +52,12 @@ class FixedRouteMoE(moe.DenseMoE):
         return self.combine(x, gates)[0].reshape(shape), logits
 
 
-def expert_weights(mlp: moe.DenseMoE) -> list[str]:
+def expert_weights(mlp: moe.DenseMoE, spare: bool = False) -> list[str]:
     """The names, inside a MoE block, of the weights of its trainable experts: the base
-    experts' gate, up, down (unless `frozen.Frozen`: a quantized bundle's), then the spare
-    slots' (`moe.Slots`)."""
-    names = ["gate_proj", "up_proj", "down_proj"] * isinstance(mlp.gate_proj, nn.Linear)
+    experts' gate, up, down (unless `frozen.Frozen`: a quantized bundle's, or `spare`),
+    then the spare slots' (`moe.Slots`)."""
+    base = isinstance(mlp.gate_proj, nn.Linear) and not spare
+    names = ["gate_proj", "up_proj", "down_proj"] * base
     return [f"{n}.weight" for n in names + ["spare_gate", "spare_up", "spare_down"] * bool(
         mlp.spare)]
 
@@ -155,8 +156,9 @@ class Deepen(nn.Module):
         super().__init__()
         self._build(model, [layer], length, bits)
 
-    def _build(self, model: layers.CausalLM, at: list[int], length: int, bits: int) -> None:
-        targets, names, buffers = self._setup(Loss(model, at, bits), at, length)
+    def _build(self, model: layers.CausalLM, at: list[int], length: int, bits: int,
+               spare: bool = False) -> None:
+        targets, names, buffers = self._setup(Loss(model, at, bits), at, length, spare)
         width = model.args.hidden_size
 
         def sweep(params, bufs, tokens, valid, slots):
@@ -173,9 +175,10 @@ class Deepen(nn.Module):
 
         self.sweep = _trace(sweep, self.loss, self.example()[0])
 
-    def _setup(self, loss: nn.Module, at: list[int], length: int):
+    def _setup(self, loss: nn.Module, at: list[int], length: int, spare: bool = False):
         """Hold `loss` (whose parameters the traced sweep reads) -> the names of the expert
-        weights of the layers `at`, of every parameter and of every buffer."""
+        weights of the layers `at` (`expert_weights`), of every parameter and of every
+        buffer."""
         self.loss, self.length, self.at = loss, length, at
         # not `self.mlp`: a second name for the layer's weights in the exported program,
         # the same in every deepen{l}, makes ExecuTorch's weight file keep one layer's only
@@ -183,7 +186,7 @@ class Deepen(nn.Module):
         self.hidden = mlps[0].hidden
         self.targets = [f"model.model.layers.{i}.mlp.{n}" for i, mlp in zip(at, mlps,
                                                                             strict=True)
-                        for n in expert_weights(mlp)]
+                        for n in expert_weights(mlp, spare)]
         return (self.targets, [n for n, _ in loss.named_parameters()],
                 [n for n, _ in loss.named_buffers()])
 
@@ -210,11 +213,15 @@ class Sweep(Deepen):
     """The fixed-prediction exact sweep for the experts of every layer at once: one
     forward pass and one top-down transport (the NLL's backward) give each layer's local
     updates, as `deepen{l}` gives one layer's. Outputs as `Deepen`'s with a leading layer
-    axis [L, ...] on dwg, dwu, dwd, count, energy and x (nll [W], novelty [W, D] once)."""
+    axis [L, ...] on dwg, dwu, dwd, count, energy and x (nll [W], novelty [W, D] once).
+    With `spare`, the gradients of the spare slots only (as a quantized bundle's always
+    are): an fp32 bundle's `sweep_spare`, for a slice that trains clones alone, without
+    the base experts' weight gradients (a fifth of an fp32 sweep's time)."""
 
-    def __init__(self, model: layers.CausalLM, length: int, bits: int = 32):
+    def __init__(self, model: layers.CausalLM, length: int, bits: int = 32,
+                 spare: bool = False):
         nn.Module.__init__(self)
-        self._build(model, list(range(model.args.num_hidden_layers)), length, bits)
+        self._build(model, list(range(model.args.num_hidden_layers)), length, bits, spare)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:

@@ -44,8 +44,9 @@ class Reference:
             layer = name.removeprefix("deepen").removeprefix("strict")
             if name in bundle.PROGRAMS:
                 self.programs[name] = bundle.PROGRAMS[name](self.model)
-            elif name == "sweep":
-                self.programs[name] = pc.Sweep(self.source, self.context, bits)
+            elif name in ("sweep", "sweep_spare"):
+                self.programs[name] = pc.Sweep(self.source, self.context, bits,
+                                               spare=name == "sweep_spare")
             elif name == "adam":
                 self.programs[name] = pc.Adam(self.model)
             elif layer.isdigit() and int(layer) < self.model.args.num_hidden_layers:

@@ -312,7 +312,8 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     layers = sorted({s["layer"] for s in steps})
     # every layer's updates from one sweep (one forward, one backward); strict PC: one
     # program per planned layer
-    report["programs"] = [f"strict{lay}" for lay in layers] if limits.strict else ["sweep"]
+    report["programs"] = [f"strict{lay}" for lay in layers] if limits.strict else [_sweep(
+        work.rt.bundle, steps)]
     live = work.live(set(report["programs"]))
     grads = {key: [np.zeros_like(w) for w in ws] for key, ws in params.items()}  # per step
     order = [w for _ in range(limits.passes) for w in train]
@@ -331,7 +332,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
             g.fill(0)
         energy, routed = 0.0, 0.0
         for w in batch:
-            for layer, d in _updates(work.rt, w, layers, limits.strict):
+            for layer, d in _updates(work.rt, w, layers, report["programs"]):
                 for (lay, slot), g in grads.items():
                     if lay == layer and slot < d["first"]:  # never planned (`plan`)
                         raise GrowthError(f"expert ({lay}, {slot}) is frozen (quantized)")
@@ -377,14 +378,23 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     return None
 
 
-def _updates(rt, window: np.ndarray, layers: list[int], strict: bool):
+def _sweep(b, steps: list[dict]) -> str:
+    """The sweep a plan needs: `sweep_spare` (the spare slots' gradients alone; fp32
+    bundles exported since 2026-12-05) when it trains clones only, else `sweep`."""
+    live = b.config.get("num_local_experts") or b.config["num_experts"]  # the base experts
+    spare = "sweep_spare" in b.manifest["programs"] and all(s["slot"] >= live for s in steps)
+    return "sweep_spare" if spare else "sweep"
+
+
+def _updates(rt, window: np.ndarray, layers: list[int], programs: list[str]):
     """(layer, that layer's deepening outputs) for each of `layers` on one window: from one
-    `sweep` of every layer, or (strict PC) from each layer's own program."""
-    if strict:
+    sweep of every layer (`programs`: [`_sweep`'s]), or (strict PC) from each layer's own
+    program."""
+    if programs[0].startswith("strict"):
         for layer in layers:
-            yield layer, rt.deepen(layer, window, strict)
+            yield layer, rt.deepen(layer, window, True)
     else:
-        d = rt.sweep(window)
+        d = rt.sweep(window, programs[0])
         for layer in layers:
             yield layer, {k: d[k][layer] for k in ("dwg", "dwu", "dwd", "count", "energy")
                           } | {"first": d["first"]}

@@ -288,14 +288,15 @@ class Runtime:
         tokens[0, :len(ids)] = ids
         return tokens, (np.arange(window) < len(ids) - 1).astype(np.float32)
 
-    def sweep(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    def sweep(self, ids: np.ndarray, program: str = "sweep") -> dict[str, np.ndarray]:
         """Every layer's local updates at once on one window: one forward pass and one
         top-down transport (the bundle's `sweep` program, bundles exported since
-        2026-12-02), as `deepen`'s for each layer with a leading layer axis on "dwg",
-        "dwu", "dwd", "count", "energy" and "x" ("nll" and "novelty" once), and "first":
-        the first slot the gradients cover (0; a quantized bundle's cover its spare slots
-        only: dwg[..., s - first, :, :] is slot s's; none covers a pool slot)."""
-        out = dict(zip(DEEPEN, self.run("sweep", *self._window(ids)), strict=True))
+        2026-12-02, or `sweep_spare`), as `deepen`'s for each layer with a leading layer
+        axis on "dwg", "dwu", "dwd", "count", "energy" and "x" ("nll" and "novelty" once),
+        and "first": the first slot the gradients cover (0; a quantized bundle's and
+        `sweep_spare`'s cover the spare slots only: dwg[..., s - first, :, :] is slot s's;
+        none covers a pool slot)."""
+        out = dict(zip(DEEPEN, self.run(program, *self._window(ids)), strict=True))
         return out | {"first": self._first(out)}
 
     def _first(self, out: dict) -> int:

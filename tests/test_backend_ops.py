@@ -4,10 +4,10 @@ program x engine x bit width against the torch reference.
 Bundles: `conftest.exports`, one `moegrow export` per architecture (a tiny Mixtral, OLMoE
 and Qwen3-MoE checkpoint; the quantized OLMoE and Qwen3-MoE ones from one-layer checkpoints,
 which halves their lowering time) and bit width (32, 8, 4), both engines, shared with the
-CLI's end-to-end test. The growth programs (`sweep`, `adam`) are in the fp32 ones and
-Mixtral's int4 one only (`conftest.DEEPENING`: the quantized sweeps are the same code for
-every architecture and width, and they take most of the lowering time), so the matrix has
-their rows there.
+CLI's end-to-end test. The growth programs (`sweep`, `adam`; `sweep_spare` at fp32) are in
+the fp32 ones and Mixtral's int4 one only (`conftest.DEEPENING`: the quantized sweeps are
+the same code for every architecture and width, and they take most of the lowering time),
+so the matrix has their rows there.
 Reference: `export/reference.py`, the same program modules in eager torch
 on the weights the quantized programs serve (`quantize.dequantized`; both engines serve
 torchao's codes), with the backends' `run(name, arrays)`. The `torch` column checks the
@@ -37,8 +37,10 @@ from moegrow.runtime import bundle as bundle_format
 pytestmark = pytest.mark.slow  # waits for the exports (conftest.exports)
 
 ARCHS = ("mixtral", "olmoe", "qwen3_moe")
-PROGRAMS = ("prefill", "decode", "score", "observe", "sweep", "adam")
-GROWTH = ("sweep", "adam")  # the programs of the bundles with deepening (`DEEPENING`)
+PROGRAMS = ("prefill", "decode", "score", "observe", "sweep", "sweep_spare", "adam")
+GROWTH = ("sweep", "sweep_spare", "adam")  # the programs of the bundles with deepening
+# (`DEEPENING`); `sweep_spare` in the fp32 ones with spare slots only, Mixtral's (a
+# quantized `sweep` is spare-only)
 ENGINES = ("torch", "executorch", "onnxruntime")
 NMSE = {32: 1e-9, 8: 1e-2, 4: 3e-2}
 # ExecuTorch at int4 (XNNPACK's int8 activations per token on torchao's int4 weights): the
@@ -80,7 +82,8 @@ class Case:
         valid = (np.arange(context) < T - 1).astype(np.float32)
         self.inputs = {"prefill": [tokens, np.arange(T), cache, cache.copy(), self.slots],
                        "score": [tokens, self.slots], "observe": [tokens, self.slots],
-                       "sweep": [window, valid, self.slots]}
+                       "sweep": [window, valid, self.slots],
+                       "sweep_spare": [window, valid, self.slots]}
         _, f, width = layout.dims(config)  # an Adam step from random state at step 3,
         shapes = [(f, width), (f, width), (width, f)] * 4  # and rows no token reached
         state = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -165,11 +168,12 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
         w = [a - hyper[0] * b * hyper[1] / (np.sqrt(c * hyper[2]) + hyper[4])
              for a, b, c in zip(w, m, v, strict=True)]
         return got, [*w, *m, *v], c.ref.program(name).outputs
-    if name == "sweep":  # against autograd layer by layer, stacked
+    if name in ("sweep", "sweep_spare"):  # against autograd layer by layer, stacked
         window, valid = (torch.from_numpy(a) for a in inputs[:2])
         want = [deepen_autograd(c.ref.model, i, window, valid, torch.from_numpy(slots))[:3]
                 for i in range(len(got[0]))]
-        trained = got[0].shape[1]  # a quantized bundle's sweep trains its spare slots only
+        trained = got[0].shape[1]  # a quantized bundle's sweep and sweep_spare train the
+        # spare slots only
         return got[:3], [torch.stack(w)[:, -trained:].numpy() for w in zip(*want, strict=True)
                          ], ("dwg", "dwu", "dwd")
     with torch.no_grad():
@@ -188,7 +192,8 @@ def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple
 
 MATRIX = [(arch, program, engine, bits) for arch in ARCHS for program in PROGRAMS
           for engine in ENGINES for bits in BITS
-          if program not in GROWTH or (arch, bits) in DEEPENING]
+          if program not in GROWTH or (arch, bits) in DEEPENING
+          and (program != "sweep_spare" or (arch, bits) == ("mixtral", 32))]
 
 
 @pytest.mark.parametrize(("arch", "program", "engine", "bits"), MATRIX,

@@ -29,7 +29,7 @@ def test_manifest_names_every_file_with_its_checksum(tiny_bundle):
     assert set(manifest["programs"]) == {"prefill", "decode", "score", "observe",
                                          "prefill_gated", "decode_gated", "score_gated",
                                          "observe_gated",
-                                         "sweep", "adam"}
+                                         "sweep", "sweep_spare", "adam"}
     assert manifest["deepening"] == {"strict_steps": 0, "strict_eta": 0.1}
     weights = manifest["weights"]["files"]
     assert manifest["weights"]["version"] == 1 and set(weights) == set(ENGINES)
@@ -276,7 +276,7 @@ def test_onnx_programs_take_every_weight_from_the_shared_map(tiny_bundle, tmp_pa
 
     b = bundle_format.load(tiny_bundle)
     tables = b.initializers("onnxruntime")
-    deepen = {"sweep"}
+    deepen = {"sweep", "sweep_spare"}
     assert set(tables) == {"prefill", "decode", "score", "observe", "prefill_gated",
                            "decode_gated", "score_gated", "observe_gated", "adam", *deepen}
     assert b.live("onnxruntime") == deepen and b.live("executorch") == set()

@@ -98,6 +98,20 @@ def test_the_guard_scores_only_the_base_windows_a_clone_can_change(grown, tmp_pa
     assert all(every)
 
 
+def test_a_slice_of_clones_alone_sweeps_without_the_base_experts_gradients(tiny_bundle,
+                                                                          exports):
+    """`sweep_spare` (fp32 bundles) for a plan whose every slot is a spare one; `sweep`
+    where a base expert deepens in place, and in a bundle without it (int4: its `sweep`
+    covers the spare slots alone already)."""
+    b = bundle_format.load(tiny_bundle)
+    live = b.config["num_local_experts"]
+    assert growth._sweep(b, [{"slot": live}, {"slot": live + 1}]) == "sweep_spare"
+    assert growth._sweep(b, [{"slot": live}, {"slot": 0}]) == "sweep"
+    q4 = bundle_format.load(exported(exports["mixtral", 4]))
+    assert "sweep_spare" not in q4.manifest["programs"]
+    assert growth._sweep(q4, [{"slot": live}]) == "sweep"
+
+
 def test_replay_packs_into_windows_that_predict_every_token_once():
     rng = np.random.default_rng(0)
     seqs = [np.concatenate([[1], rng.integers(2, 99, n)]) for n in (257, 1, 40, 300, 12)]
@@ -154,7 +168,7 @@ def test_the_same_slice_runs_on_executorch(grown, tmp_path):
     path = tmp_path / "et"
     shutil.copytree(before, path)
     et = runtime.open(path, "executorch").idle(600, tokens=4096, steps=8)
-    assert r["programs"] == et["programs"] == ["sweep"]
+    assert r["programs"] == et["programs"] == ["sweep_spare"]  # clones alone: `_sweep`
     assert et["plan"] == r["plan"] and et["class"] == r["class"], et["reason"]
     assert et["committed"] and et["steps"] == 8 and et["guard"]["domain_gain"] > 0.02
     assert et["threshold"] == pytest.approx(r["threshold"])
