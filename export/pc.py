@@ -216,7 +216,7 @@ class Sweep(Deepen):
     axis [L, ...] on dwg, dwu, dwd, count, energy and x (nll [W], novelty [W, D] once).
     With `spare`, the gradients of the spare slots only (as a quantized bundle's always
     are): an fp32 bundle's `sweep_spare`, for a slice that trains clones alone, without
-    the base experts' weight gradients (a fifth of an fp32 sweep's time)."""
+    the base experts' weight gradients (a quarter of an fp32 sweep's time)."""
 
     def __init__(self, model: layers.CausalLM, length: int, bits: int = 32,
                  spare: bool = False):

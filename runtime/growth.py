@@ -28,7 +28,8 @@
      updates of the new router rows that push them below the k-th logit on replayed base
      positions that open the gate;
   4. PC deepening: the bundle's `sweep` program (every layer's updates from one forward
-     and one backward; `strict{l}` per layer for strict PC) on batches of domain replay
+     and one backward; `sweep_spare` for clones alone where the bundle has it, `_sweep`;
+     `strict{l}` per layer for strict PC) on batches of domain replay
      windows; Adam on the changed experts only (the bundle's `adam` program), written
      into the working copy in place. Programs that read their expert weights at every
      run (`Bundle.live`: ONNX Runtime) see them at once; ExecuTorch's are reloaded after
