@@ -243,3 +243,21 @@ def snapshot(path) -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def grown(tiny_bundle, tmp_path_factory):
+    """(bundle before, bundle after one committed slice, the slice's report): growth's and
+    the guard's tests read it (they copy a bundle before they change it)."""
+    import shutil
+
+    from moegrow import runtime
+
+    before = tmp_path_factory.mktemp("grow") / "before"
+    shutil.copytree(tiny_bundle, before)
+    rt = runtime.open(before, "onnxruntime")
+    rt.observe(german(400), "de")
+    after = before.with_name("after")
+    shutil.copytree(before, after)
+    report = runtime.open(after, "onnxruntime").idle(600, tokens=4096, steps=8)
+    return before, after, report
