@@ -100,6 +100,24 @@ def give_back() -> None:
 _trim = None  # glibc's malloc_trim, looked up at the first call
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MiB: the high-water mark of its own memory
+    (`VmHWM` in /proc/self/status, Linux), else `ru_maxrss` (KiB on Linux). On Linux
+    `ru_maxrss` is not the process's own: it carries the parent's resident memory at the
+    fork across exec, so a benchmark child spawned by a 377 MB parent read at least 377 MB
+    whatever it used (docs/benchmarks.md, "The children's peak")."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # not on Windows
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 @contextlib.contextmanager
 def _engine_log():
     """Send file descriptor 2 to a temporary file, and `sys.stderr` (ExecuTorch's bindings
@@ -180,6 +198,20 @@ class ExecuTorch:
         except RuntimeError as e:  # inputs that do not fit the program (`_run_error`)
             raise _run_error("executorch", name, e) from None
         return [o.numpy() for o in outs]
+
+    def release(self) -> list[str]:
+        """Drop every loaded method (and program), their packed weights with them; returns
+        their names, which load again at their next run (or `prepare`)."""
+        names = list(self.methods)
+        self.methods.clear()
+        self.loaded.clear()
+        give_back()
+        return names
+
+    def prepare(self, names: list[str]) -> None:
+        """Load methods `names` now."""
+        for name in names:
+            self._method(name)
 
 
 class OnnxRuntime:
@@ -263,6 +295,14 @@ class OnnxRuntime:
         """Load programs `names` now (their shared packed weights written, `prepacked`)."""
         for name in names:
             self._session(name)
+
+    def release(self) -> list[str]:
+        """Drop every session, the memory it holds with it; returns their names, which load
+        again at their next run (or `prepare`)."""
+        names = list(self.sessions)
+        self.sessions.clear()
+        give_back()
+        return names
 
     def run(self, name: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
         check = self.interrupt.check if self.interrupt else lambda: None

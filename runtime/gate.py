@@ -2,7 +2,8 @@
 
 Every program computes the gate itself (`export/programs.py` `scores`, `gate`): the table
 `domains` [V, D] in the weight file holds a unigram log-probability per token for the base
-(class 0) and each grown domain, and a clone of class c opens where the context's summed
+(class 0) and each grown domain (whose column models case-folded groups of pieces,
+`new_class`), and a clone of class c opens where the context's summed
 log-likelihood under c, minus the base's, reaches its threshold while c is the likeliest
 grown class. Growth fills a new class's column (`new_class`) and calibrates the threshold
 on base replay (`threshold`) here, without running a program: `scores` mirrors the
@@ -37,16 +38,38 @@ def unigram(seqs: list[np.ndarray], vocab: int, prior: np.ndarray | None = None)
     return np.log((counts + SMOOTH * prior) / (counts.sum() + SMOOTH))
 
 
+def case_groups(pieces: list[str]) -> np.ndarray:
+    """The tokenizer's pieces [V] -> a group id per piece: pieces equal once lowercased
+    ("▁The", "▁the", "▁THE") share one. A domain's class scores a group, not a piece
+    (`new_class`), so text in capitals or at the start of a sentence reads as the same
+    domain: GPL-3's warranty text in capitals, never in the training replay, shut its
+    clones' gate on 21% of its held-out positions (docs/growth.md, near registers)."""
+    key: dict[str, int] = {}
+    return np.array([key.setdefault(p.lower(), len(key)) for p in pieces], np.int64)
+
+
 def new_class(table: np.ndarray, used: set[int], train: list[np.ndarray],
-              base: list[np.ndarray]) -> int | None:
+              base: list[np.ndarray], groups: np.ndarray | None = None) -> int | None:
     """A free class (a column of `table` that no class in `used` holds) for a domain with
     training replay `train`, written into `table` in place with the base's column (a
-    unigram model of `base`); None when every class is used."""
+    unigram model of `base`); None when every class is used. With `groups` (`case_groups`,
+    one id per token) the domain's model is of groups, smoothed toward the base's group
+    probabilities, and splits a group's probability among its pieces as the base does: a
+    token's log-likelihood ratio against the base is its group's, and a group of one piece
+    keeps the plain unigram's."""
     free = [c for c in range(1, table.shape[1]) if c not in used]
     if not free:
         return None
-    table[:, 0] = unigram(base, table.shape[0])
-    table[:, free[0]] = unigram(train, table.shape[0], np.exp(table[:, 0].astype(np.float64)))
+    vocab = table.shape[0]
+    table[:, 0] = base_col = unigram(base, vocab)
+    if groups is None:
+        table[:, free[0]] = unigram(train, vocab, np.exp(base_col))
+        return free[0]
+    prior = np.bincount(groups, np.exp(base_col))  # the base's group probabilities
+    counts = np.bincount(groups, np.bincount(np.concatenate(train), minlength=vocab),
+                         len(prior))
+    mine = (counts + SMOOTH * prior) / (counts.sum() + SMOOTH)
+    table[:, free[0]] = base_col + np.log(mine / prior)[groups]
     return free[0]
 
 

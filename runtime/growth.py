@@ -54,13 +54,12 @@ budget's "learning" bytes (`plan.learning`: experts past it wait for a later sli
 
 from __future__ import annotations
 
-import resource
 import time
 from typing import Any
 
 import numpy as np
 
-from . import errormap, experts, gate, guard, verdicts, versions
+from . import backends, errormap, experts, gate, guard, verdicts, versions
 from .plan import TAKEOVER, GrowthError, Limits, NoSlotError, choose, compressed, learning, plan
 from .work import Work
 
@@ -128,7 +127,10 @@ def _domain_class(work: Work, domain: str, train: list[np.ndarray],
     mine = [c for c, d in used.items() if d == domain]
     if mine:
         return mine[0]
-    cls = gate.new_class(table, set(used), train, base)
+    sp = work.rt.sp
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    pieces += [f"<unnamed {i}>" for i in range(len(pieces), table.shape[0])]
+    cls = gate.new_class(table, set(used), train, base, gate.case_groups(pieces))
     if cls is None:
         raise GrowthError(f"the domain gate has no free class for {domain!r} (it holds "
                           f"{table.shape[1] - 1}); nothing was changed")
@@ -166,7 +168,7 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
              or report.get("inseparable"))
     if tried and not report.get("policy"):  # a policy stop is not the domain's doing
         errormap.Store(rt.bundle.path).outcome(report["domain"], report["committed"])
-    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report["peak_rss_mb"] = backends.peak_rss_mb()
     report["accounted_bytes"] = (rt.weights.stat().st_size + report.get("work_file_bytes", 0)
                                  + report.get("bytes", 0))
     return report
@@ -256,6 +258,10 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     say(f"{domain}: {report['verdict']}; " + ", ".join(
         f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps) + "".join(
         f"; no free slot for L{layer} e{parent}" for layer, parent in report["skipped"]))
+    # the serving programs' sessions go for the slice, their memory with them (the working
+    # copy has its own); they load again after it (`Runtime.idle`)
+    release = getattr(rt.engine, "release", None)  # the torch reference has none
+    report["released"] = release() if release else []
     work = Work(rt, interrupt)  # the interrupt stops its runs: nothing gets committed
     try:
         before = {"domain": guard.measure(work.rt, held, changed),

@@ -327,7 +327,9 @@ class Runtime:
         each guarded; the most converged domain first, `compress.ripe`, until the layers
         have a slot), then (every bundle) in layers still full the least earning of other
         domains' spawned experts retired (`compress.retire`); "reclaimed": their reports.
-        After a commit the new version's serving programs load ("prepare_seconds")."""
+        The serving programs' sessions are dropped for the slice ("released"); after it the
+        new version's serving programs load, or without a commit those released
+        ("prepare_seconds")."""
         def reclaim(growing: str, layers: list[int]) -> list[dict]:
             out = []
             ripe = compress.ripe(self.bundle, errormap.Store(self.bundle.path).read(), layers,
@@ -340,13 +342,15 @@ class Runtime:
             return out + compress.retire(self, layers, growing, progress)
         report = growth.idle(self, seconds, domain, growth.Limits(**limits), progress,
                              reclaim, interrupt, policy)
-        if report["committed"]:  # the new version's serving programs, now, not at the next
-            # keystroke: ONNX Runtime writes their shared packed weights as it first loads
-            # them (`backends.OnnxRuntime.prepare`), which takes seconds on a larger model
+        # the new version's serving programs, or those the slice released, now, not at the
+        # next keystroke: ONNX Runtime writes their shared packed weights as it first loads
+        # them (`backends.OnnxRuntime.prepare`), which takes seconds on a larger model
+        names = ([self.program(name) for name in ("prefill", "decode", "score")]
+                 if report["committed"] else report.get("released"))
+        prepare = getattr(self.engine, "prepare", None)  # the torch reference has none
+        if names and prepare:
             start = time.monotonic()
-            prepare = getattr(self.engine, "prepare", None)  # the torch reference has none
-            if prepare:
-                prepare([self.program(name) for name in ("prefill", "decode", "score")])
+            prepare(names)
             report["prepare_seconds"] = time.monotonic() - start
         backends.give_back()  # the slice's working copy and activations, freed
         return report

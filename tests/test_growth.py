@@ -78,7 +78,10 @@ def test_the_same_slice_runs_on_executorch(grown, tmp_path):
     before, _, r = grown
     path = tmp_path / "et"
     shutil.copytree(before, path)
-    et = runtime.open(path, "executorch").idle(600, tokens=4096, steps=8)
+    rt = runtime.open(path, "executorch")
+    rt.score("the keyboard serves while it waits")
+    et = rt.idle(600, tokens=4096, steps=8)
+    assert et["released"] == ["score"]  # the serving method, dropped for the slice
     assert r["programs"] == et["programs"] == ["sweep_spare"]  # clones alone: `_sweep`
     assert et["plan"] == r["plan"] and et["class"] == r["class"], et["reason"]
     assert et["committed"] and et["steps"] == 8 and et["guard"]["domain_gain"] > 0.02
@@ -128,6 +131,26 @@ def test_the_domain_gate_holds_the_domains_class_and_opens_for_it_alone(grown, t
     buf.flush()
     work.reload()
     assert opens(work, french) < 0.05 and opens(work, german(40, seed=9)) > 0.8
+
+
+def test_the_domains_class_reads_a_word_in_capitals_as_the_word(grown):
+    """The committed class scores case-folded groups of pieces (`gate.case_groups`): every
+    piece whose lowercase form is a piece too ("▁The", "▁the") has its log-likelihood ratio
+    against the base, so a domain's text in capitals or starting a sentence reads as the
+    domain's; the class is still a distribution."""
+    _, after, _ = grown
+    rt = runtime.open(after, "onnxruntime")
+    table = experts.domains(rt.bundle).astype(np.float64)
+    llr = table[:, 1] - table[:, 0]
+    pieces = [rt.sp.id_to_piece(i) for i in range(rt.sp.get_piece_size())]
+    index = {p: i for i, p in enumerate(pieces)}
+    pairs = [(i, index[p.lower()]) for i, p in enumerate(pieces)
+             if p.lower() != p and p.lower() in index]
+    assert len(pairs) > 10  # the test tokenizer's 17
+    np.testing.assert_allclose(llr[[a for a, _ in pairs]], llr[[b for _, b in pairs]],
+                               atol=1e-5)
+    assert np.ptp(llr) > 2  # the domain's groups differ from the base's
+    assert np.exp(table[:, 1]).sum() == pytest.approx(1, abs=1e-4)
 
 
 def test_a_clone_replaces_its_parent_where_its_gate_opens(grown):
@@ -203,6 +226,7 @@ def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
     base_before = rt.run("observe", tokens)
     r = rt.idle(600, tokens=4096, steps=8)
     assert r["verdict"] == "spawn" and r["committed"] and r["version"] == 2, r["reason"]
+    assert r["released"] == ["observe"]  # the serving session, dropped for the slice
     assert all(s["how"] == "spawn" for s in r["plan"])
     assert r["guard"]["after"]["domain"]["nll"] < r["guard"]["before"]["domain"]["nll"]
     new = bundle_format.load(path)
@@ -250,8 +274,12 @@ def test_a_non_finite_update_is_discarded(grown, tmp_path):
     path = tmp_path / "b"
     shutil.copytree(before, path)
     files = {p: p.read_bytes() for p in path.rglob("*") if p.is_file() and "state" not in p.parts}
-    r = runtime.open(path, "onnxruntime").idle(600, tokens=4096, steps=8, lr=float("inf"))
+    rt = runtime.open(path, "onnxruntime")
+    rt.score("the keyboard serves while it waits")
+    r = rt.idle(600, tokens=4096, steps=8, lr=float("inf"))
     assert not r["committed"] and "NaN or inf" in r["reason"], r["reason"]
+    # the serving session dropped for the slice loads again after it, nothing committed
+    assert r["released"] == ["score"] and set(rt.engine.sessions) == {"score"}
     assert {p: p.read_bytes() for p in files} == files
     assert not (path / "state" / "work.onnxruntime").exists()
 

@@ -5,8 +5,8 @@ The parent (`bench_adapt`) tokenizes once: the first N ids of [BOS] + encode(tra
 each held-out text the first EVAL_CAP predicted tokens. Each method runs in its own process
 (`tools/child.py`), `python -m moegrow.tools.adapt WORKDIR` for the torch methods and
 `python -m moegrow.tools.adapt_pc WORKDIR` for the PC ones (the device runtime, no torch), so
-its peak RSS (`ru_maxrss`) is its own. WORKDIR holds job.json ({"method", "base", "passes",
-"seed", "threads", "locus", "bundle"}), train.npy and the eval ids heldout.npy, old.npy
+its peak RSS (`backends.peak_rss_mb`) is its own. WORKDIR holds job.json ({"method", "base",
+"passes", "seed", "threads", "locus", "bundle"}), train.npy and the eval ids heldout.npy, old.npy
 (other.npy with --other; `child.eval_ids` reads them); the child writes result.json, and
 its stderr lines reach the parent's `progress`.
 

@@ -3,7 +3,8 @@
 `spawn(workdir, progress, module)` runs `python -m module WORKDIR`; that module's
 `child(workdir, work)` reads WORKDIR/job.json, calls `work(job, workdir, say)` (its stderr
 lines reach the parent's `progress`) and writes result.json: what `work` returned plus
-"peak_rss_mb" (the process's `ru_maxrss`) and "torch_loaded" (whether torch was imported),
+"peak_rss_mb" (the process's own peak, `backends.peak_rss_mb`: not `ru_maxrss`, which
+carries the parent's memory across exec) and "torch_loaded" (whether torch was imported),
 or {"error": message} when it raised. Each method's peak RSS is its own, and a method
 that runs on the device runtime alone (`tools/adapt_pc.py`: pc) never loads torch, so its
 memory is the device's, not a desktop's. This module imports no torch.
@@ -12,13 +13,13 @@ memory is the device's, not a desktop's. This module imports no torch.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from moegrow.runtime import backends
 
 Progress = Callable[[str], None]
 
@@ -43,7 +44,7 @@ def child(workdir: Path, work: Callable[[dict, Path, Progress], dict]) -> int:
     except Exception as e:  # reported in the results; the other methods still run
         result = {"error": f"{type(e).__name__}: {e}"}
         say(result["error"])
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = backends.peak_rss_mb()
     result["torch_loaded"] = "torch" in sys.modules
     (workdir / "result.json").write_text(json.dumps(result))
     return 1 if "error" in result else 0
