@@ -199,12 +199,15 @@ class ExecuTorch:
             raise _run_error("executorch", name, e) from None
         return [o.numpy() for o in outs]
 
-    def release(self) -> list[str]:
-        """Drop every loaded method (and program), their packed weights with them; returns
-        their names, which load again at their next run (or `prepare`)."""
-        names = list(self.methods)
-        self.methods.clear()
-        self.loaded.clear()
+    def release(self, keep: set[str]) -> list[str]:
+        """Drop the loaded methods but those named in `keep`, their packed weights with
+        them (and the programs no kept method needs); returns the names dropped, which load
+        again at their next run (or `prepare`)."""
+        names = [n for n in self.methods if n not in keep]
+        for name in names:
+            del self.methods[name]
+        needed = {self.files[n] for n in self.methods}
+        self.loaded = {p: program for p, program in self.loaded.items() if p in needed}
         give_back()
         return names
 
@@ -296,11 +299,12 @@ class OnnxRuntime:
         for name in names:
             self._session(name)
 
-    def release(self) -> list[str]:
-        """Drop every session, the memory it holds with it; returns their names, which load
-        again at their next run (or `prepare`)."""
-        names = list(self.sessions)
-        self.sessions.clear()
+    def release(self, keep: set[str]) -> list[str]:
+        """Drop the sessions but those named in `keep`, the memory they hold with them;
+        returns the names dropped, which load again at their next run (or `prepare`)."""
+        names = [n for n in self.sessions if n not in keep]
+        for name in names:
+            del self.sessions[name]
         give_back()
         return names
 

@@ -63,6 +63,10 @@ from . import backends, errormap, experts, gate, guard, verdicts, versions
 from .plan import TAKEOVER, GrowthError, Limits, NoSlotError, choose, compressed, learning, plan
 from .work import Work
 
+# the programs a keystroke runs stay loaded through a slice: a keystroke that interrupts it
+# would otherwise load them again (+35-40 ms on the default model; docs/benchmarks.md)
+KEYBOARD = {"prefill", "decode", "prefill_gated", "decode_gated"}
+
 __all__ = ["TAKEOVER", "GrowthError", "Limits", "NoSlotError", "choose", "compressed", "idle",
            "learning", "plan"]
 
@@ -259,9 +263,9 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
         f"{s['how']} L{s['layer']} e{s['parent']}" for s in steps) + "".join(
         f"; no free slot for L{layer} e{parent}" for layer, parent in report["skipped"]))
     # the serving programs' sessions go for the slice, their memory with them (the working
-    # copy has its own); they load again after it (`Runtime.idle`)
+    # copy has its own), but the keyboard's; they load again after it (`Runtime.idle`)
     release = getattr(rt.engine, "release", None)  # the torch reference has none
-    report["released"] = release() if release else []
+    report["released"] = release(KEYBOARD) if release else []
     work = Work(rt, interrupt)  # the interrupt stops its runs: nothing gets committed
     try:
         before = {"domain": guard.measure(work.rt, held, changed),
