@@ -6,10 +6,12 @@ error that reaches the layer's output is then exactly d nll / d z_{layer+1}, and
 updates of every expert of the layer (PC.md, "Local weight updates") are the NLL gradient
 restricted to those experts, with every router's gates and top-k held fixed.
 
-The sweep is written once, in torch, as the gradient of the windowed NLL: at export time
-`torch.func.grad` is traced by `make_fx` into plain aten ops (the VJPs of every sublayer above
-the layer, the final norm's and the head's), so the program the engines run contains no
-autograd and the device never traces anything. Two details make that trace exportable:
+The sweep is written once, in torch, as the gradient of the windowed NLL (`Loss`), taken a
+layer at a time (`Layered`: each layer's activations are made again from its input when
+the error reaches it, so a sweep holds one layer's, not all): at export time
+`torch.func.vjp` is traced by `make_fx` into plain aten ops (the VJPs of every sublayer
+above the layer, the final norm's and the head's), so the program the engines run contains
+no autograd and the device never traces anything. Two details make that trace exportable:
 attention runs through the explicit (cached-path) matmuls, since the decomposition of
 SDPA's CPU backward gives wrong gradients, and the one `empty_permuted` buffer the trace
 leaves (fully overwritten) becomes `zeros`, which ExecuTorch accepts.
@@ -29,6 +31,8 @@ last S slots ([S, F, C], [S, C, F]), the rest of the outputs every slot.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +93,8 @@ class Loss(nn.Module):
     [N, W, E], the gate's class scores [W, D] ("novelty"), the router inputs [N, W, C])) for
     the N layers `at`; probe n is added to layer at[n]'s output, so d loss / d probe is the
     error arriving there. The gates are set as in every program (`programs.gate`). `bits`:
-    the bundle's (`_model`)."""
+    the bundle's (`_model`). The eager reference: the programs take its gradients with
+    `Layered`."""
 
     def __init__(self, model: layers.CausalLM, at: list[int], bits: int = 32):
         super().__init__()
@@ -115,6 +120,106 @@ class Loss(nn.Module):
         return nll.sum(), (nll, torch.stack(gates), nov, torch.stack(router_in))
 
 
+def _fresh(module: nn.Module, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Copies of `module`'s buffers (a quantized bundle's codes and scales) made to depend
+    on `t`: the weights the module dequantizes from them are computed once `t` is, not
+    hoisted to the start of the program by an engine (and held live from there)."""
+    ready = t.reshape(-1)[0] == t.reshape(-1)[0]
+    return {n: torch.where(ready, b, b) for n, b in module.named_buffers()}
+
+
+class Layered(nn.Module):
+    """`loss`'s gradients a layer at a time (checkpointed per layer): the forward keeps each
+    layer's input, then the top-down transport runs each layer again from its input as the
+    error reaches it and takes that layer's VJP (its input's error, its `targets`'
+    gradients). The same numbers as `torch.func.grad` of `Loss`, with one layer's
+    activations live instead of every layer's (a dense MoE's hidden over all its experts is
+    most of them), for a second forward of every layer but the top one (whose activations
+    stay live until its VJP anyway). The second run reads the error arriving at the layer
+    (times 0), so that no engine merges it with the first or runs it before the layers
+    above are done; it dequantizes nothing again: both runs read the same weights
+    (`_fresh`, one node each after `_trace`'s CSE)."""
+
+    def __init__(self, loss: Loss, targets: list[str]):
+        super().__init__()
+        self.loss, self.targets = loss, targets
+
+    def forward(self, tokens: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor):
+        m, at = self.loss.model, self.loss.at
+        blocks = m.model.layers
+        nov = _gate(m, tokens, slots)
+        pos = torch.arange(tokens.shape[1])
+        cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
+
+        def layer(i: int, x: torch.Tensor):
+            """Layer i's output on x as a function of x and its targets (for `vjp`), with
+            the gates and router inputs it saw; its buffers `fresh[i]` both times."""
+            def run(x, weights):
+                out = torch.func.functional_call(blocks[i], fresh[i] | weights,
+                                                 (x, cos, sin, pos, programs.Cache()))
+                return out[0], (blocks[i].mlp.last, blocks[i].mlp.input)
+            prefix = f"model.model.layers.{i}."
+            mine = {n[len(prefix):]: functools.reduce(getattr, n[len(prefix):].split("."),
+                                                      blocks[i])
+                    for n in self.targets if n.startswith(prefix)}
+            return torch.func.vjp(run, x, mine, has_aux=True)
+
+        x = m.model.embed_tokens(tokens)
+        inputs, fresh, vjps, gates, router_in = [], [], {}, [], []
+        for i in range(len(blocks)):
+            inputs.append(x)
+            fresh.append(_fresh(blocks[i], x))
+            # the top layer's activations stay live until its VJP anyway (the head's comes
+            # between): kept, not recomputed
+            x, vjp, (g, r) = layer(i, x)
+            if i == len(blocks) - 1:
+                vjps[i] = vjp
+            if i in at:
+                gates.append(g)
+                router_in.append(r)
+
+        def head(x):
+            logits = torch.func.functional_call(m.lm_head, _fresh(m.lm_head, x),
+                                                (m.model.norm(x),))
+            nll = programs.losses(logits[0].float(), tokens)[0] * valid
+            return nll.sum(), nll
+
+        err, nll = torch.func.grad(head, has_aux=True)(x)
+        grads, eps = {}, []
+        for i in range(len(blocks) - 1, min(at) - 1, -1):
+            if i in at:
+                eps.insert(0, err[0])
+            vjp = vjps.pop(i, None) or layer(i, inputs[i] + 0 * err[0, 0, 0])[1]
+            err, dw = vjp(err)
+            grads |= {f"model.model.layers.{i}.{n}": g for n, g in dw.items()}
+        return ([grads[t] for t in self.targets], torch.stack(eps), nll, torch.stack(gates),
+                nov, torch.stack(router_in))
+
+
+def _cse(g: torch.fx.Graph) -> None:
+    """One node for equal computations (`Layered`'s second run of a layer dequantizes the
+    weights its first run did; ExecuTorch runs the graph as it is): an op with a schema
+    that mutates nothing and gives values (not `empty`'s), on the same arguments as an
+    earlier node, is that node."""
+    def key(a):
+        if isinstance(a, (list, tuple)):
+            return tuple(key(x) for x in a)
+        return tuple(sorted((k, key(v)) for k, v in a.items())) if isinstance(a, dict) else a
+
+    seen = {}
+    for node in list(g.nodes):
+        schema = getattr(node.target, "_schema", None)
+        if (node.op != "call_function" or schema is None or schema.is_mutable
+                or schema.name.startswith("aten::empty")):
+            continue
+        k = (node.target, key(node.args), key(node.kwargs))
+        if k in seen:
+            node.replace_all_uses_with(seen[k])
+            g.erase_node(node)
+        else:
+            seen[k] = node
+
+
 def _trace(fn, module: nn.Module, example: tuple[torch.Tensor, ...]):
     """`fn(params, buffers, *example)` traced by make_fx into plain aten ops (no autograd
     left), with the one fully overwritten `empty_permuted` buffer made `zeros` for
@@ -130,6 +235,7 @@ def _trace(fn, module: nn.Module, example: tuple[torch.Tensor, ...]):
     graph = make_fx(fn, decomposition_table=core_aten_decompositions())(
         [p.detach() for p in module.parameters()], list(module.buffers()), *example)
     g = graph.graph
+    _cse(g)
     for node in list(g.nodes):
         if node.target == torch.ops.aten.empty_permuted.default:
             node.target, node.args = torch.ops.aten.zeros.default, (node.args[0],)
@@ -159,19 +265,14 @@ class Deepen(nn.Module):
     def _build(self, model: layers.CausalLM, at: list[int], length: int, bits: int,
                spare: bool = False) -> None:
         targets, names, buffers = self._setup(Loss(model, at, bits), at, length, spare)
-        width = model.args.hidden_size
+        layered = Layered(self.loss, targets)
 
         def sweep(params, bufs, tokens, valid, slots):
             state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))
-
-            def loss(target, probe):
-                return torch.func.functional_call(self.loss, state | target,
-                                                  (tokens, valid, probe, slots))
-
-            (d, eps), (nll, gates, nov, x) = torch.func.grad(loss, argnums=(0, 1),
-                                                             has_aux=True)(
-                {n: state[n] for n in targets}, torch.zeros(len(at), tokens.shape[1], width))
-            return *[d[t] for t in targets], eps, nll, gates, nov, x
+            d, *out = torch.func.functional_call(layered, {f"loss.{n}": t for n, t in
+                                                           state.items()},
+                                                 (tokens, valid, slots))
+            return *d, *out
 
         self.sweep = _trace(sweep, self.loss, self.example()[0])
 

@@ -103,6 +103,24 @@ def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_a_quantized_sweep_dequantizes_each_weight_once():
+    """The sweep runs every layer but the top one twice (`pc.Layered`: its activations are
+    not held until the backward); both runs read one dequantization of each frozen weight
+    (one Floor per int4 weight after `pc._cse`, not one per run)."""
+    from moegrow.export import frozen
+
+    args = mixtral.ModelArgs(vocab_size=97, hidden_size=64, intermediate_size=64,
+                             num_hidden_layers=3, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4,
+                             num_experts_per_tok=2, max_position_embeddings=32)
+    sweep = pc.Sweep(programs.with_spare(random_moe(args), 2), W, 4)
+    modules = list(sweep.loss.modules())
+    weights = (sum(isinstance(m, frozen.Frozen) and m.bits == 4 for m in modules)
+               + 3 * sum(isinstance(m, frozen.FrozenExperts) for m in modules))
+    floors = sum(n.target == torch.ops.aten.floor.default for n in sweep.sweep.graph.nodes)
+    assert weights == 7 * args.num_hidden_layers and floors == weights
+
+
 def test_the_adam_program_steps_as_torch_adam(model):
     """`pc.Adam` (growth's optimizer, a program): three steps equal torch.optim.Adam's on
     the summed gradients over the step's tokens."""

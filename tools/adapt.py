@@ -207,13 +207,17 @@ def flops_per_token(args, method: str, locus: dict[int, list[int]] | None = None
 def pc_flops(args, method: str, r: dict) -> float:
     """A PC method's FLOPs from its child's result (tokens trained, plan, sweeps): pc and
     pc-inplace run one `sweep` per trained token (a forward and a backward over every layer
-    with every layer's expert weight gradients): full fine-tuning's estimate, an upper
-    bound (the sweep takes no attention weight gradients). pc-strict, per layer in the
+    with every layer's expert weight gradients, each layer but the top one run again before
+    its backward: `pc.Layered`): full fine-tuning's estimate plus that second forward of
+    the layers below the top, an upper bound (the sweep takes no attention weight
+    gradients, a quantized bundle's no base expert's). pc-strict, per layer in the
     plan: one feed-forward pass, then locus-bp's forward-and-backward for that layer's
     experts `sweeps` times (the unrolled program computes every step; shares: a balanced
     router)."""
     if method != "pc-strict":
-        return flops_per_token(args, "full") * r["tokens"]
+        again = (args.num_hidden_layers - 1) * (flops_per_token(args, "full") / 3 - 2 * (
+            args.hidden_size * args.vocab_size)) / args.num_hidden_layers
+        return (flops_per_token(args, "full") + again) * r["tokens"]
     shares = np.full((args.num_hidden_layers, args.experts),
                      args.num_experts_per_tok / args.experts)
     layers_: dict[int, list[int]] = {}
