@@ -215,9 +215,10 @@ def pc_flops(args, method: str, r: dict) -> float:
     experts `sweeps` times (the unrolled program computes every step; shares: a balanced
     router)."""
     if method != "pc-strict":
-        again = (args.num_hidden_layers - 1) * (flops_per_token(args, "full") / 3 - 2 * (
-            args.hidden_size * args.vocab_size)) / args.num_hidden_layers
-        return (flops_per_token(args, "full") + again) * r["tokens"]
+        fwd = flops_per_token(args, "full") / 3
+        blocks = fwd - 2 * args.hidden_size * args.vocab_size  # the forward, less the head's
+        n = args.num_hidden_layers
+        return (3 * fwd + blocks * (n - 1) / n) * r["tokens"]
     shares = np.full((args.num_hidden_layers, args.experts),
                      args.num_experts_per_tok / args.experts)
     layers_: dict[int, list[int]] = {}
