@@ -126,16 +126,17 @@ class Runtime:
 
     def prefill(self, ids: list[int]) -> list[np.ndarray]:
         """Fresh cache, then `ids` -> [last logits [1, V], k, v, novelty] (the context's gate
-        scores: `decode` keeps the gates they set)."""
+        scores: `decode` keeps the gates they set; zeros where the one-pass program served,
+        `form`: no slot opened anywhere, so none opens for `decode` either)."""
         k = np.zeros(self.cache_shape, np.float32)
         return self._prefill(ids, 0, k, k.copy())
 
     def _prefill(self, ids: list[int], start: int, k: np.ndarray,
                  v: np.ndarray) -> list[np.ndarray]:
         """The prefill program on `ids[start:]` over the cache's first `start` positions."""
-        out = self.engine.run(self.program("prefill"),
-                              [np.array([ids[start:]], np.int64), np.arange(start, len(ids)),
-                               k, v, self.slots])
+        name = self.program("prefill") if start else self.form("prefill", ids)
+        out = self.engine.run(name, [np.array([ids[start:]], np.int64),
+                                     np.arange(start, len(ids)), k, v, self.slots])
         return [out[0], *self._written(k, v, start, out[1], out[2]), *out[3:]]
 
     def _written(self, k: np.ndarray, v: np.ndarray, start: int, new_k: np.ndarray,
@@ -179,24 +180,68 @@ class Runtime:
         """One token at `pos` -> [logits [1, V], k, v]: its keys and values written into
         `k`, `v` at `pos` (`_written`; every position from `pos` on is masked in later runs
         until written again, so branches from one context share its cache)."""
-        out = self.engine.run(self.program("decode"), [np.array([[token]]), np.array([pos]),
-                                                       k, v, self.slots, novelty])
+        name = self.program("decode")
+        if name == "decode_gated" and self._one_pass_too and not self.opens(novelty):
+            name = "decode"  # the gates the prefill left are shut: the same outputs
+        out = self.engine.run(name, [np.array([[token]]), np.array([pos]), k, v, self.slots,
+                                     novelty])
         return [out[0], *self._written(k, v, pos, out[1], out[2])]
 
     def program(self, name: str) -> str:
         """The program that serves `name` now: `NAME_gated` (the domain gate, and the spare
         slots computed) while a spawned expert exists and the bundle has that form,
         else `name` (in a bundle with spare slots: one pass, every spawned slot closed,
-        the cost of a bundle without slots; export/programs.py)."""
+        the cost of a bundle without slots; export/programs.py); on a given text, `form`
+        may still pick `name`."""
         gated = f"{name}_gated"
         if self.slots[:, 1].any() and gated in self.bundle.manifest["programs"]:
             return gated
         return name
 
+    @property
+    def _one_pass_too(self) -> bool:
+        """Whether a gated program's one-pass form serves where no spawned slot opens
+        (`form`, `opens`): on an engine whose programs share one copy of the weights (ONNX
+        Runtime), where one more program costs its own buffers only; not on ExecuTorch,
+        where it would cost another packed copy of the weights. Not for bundles before the
+        domain gate ([L, 3, slots]: their gated programs gate on their own novelty)."""
+        return getattr(self.engine, "shares_weights", False) and self.slots.shape[1] == 4
+
+    def form(self, name: str, ids) -> str:
+        """`program(name)` for a run on one window `ids`, or `name` itself where its gated
+        form would open no spawned (or pool) slot at any position of it (`gate.opened`,
+        sure of it; `_one_pass_too`): the one-pass program routes over the same open base
+        experts (a clone's parent is open wherever the clone is shut) and never computes a
+        spare slot, so it gives the gated one's outputs at the cost of a bundle without
+        slots. Base text typed or scored beside a grown domain pays nothing for it."""
+        gated = self.program(name)
+        if gated == name or not self._one_pass_too:
+            return gated
+        table = experts.domains(self.bundle, self.backend,
+                                np.memmap(self.weights, np.uint8, mode="r"))
+        opened, unsure = gate.opened(table, self.slots, np.asarray(ids, np.int64))
+        return gated if (opened | unsure)[:, :, self._live:].any() else name
+
+    @property
+    def _live(self) -> int:
+        """The base experts: slots from here on are spare, spawned or pool ones."""
+        return self.bundle.config.get("num_local_experts") or self.bundle.config["num_experts"]
+
+    def opens(self, novelty: np.ndarray) -> bool:
+        """Whether `prefill`'s class scores `novelty` [1, D] open a spawned (or pool) slot in
+        some layer, as the programs' gates decide (`export.programs.set_gates`): `decode`
+        keeps them, and where none opens serves through the one-pass program as `form`
+        says. Always True for bundles before the domain gate."""
+        if self.slots.shape[1] < 4:
+            return True
+        _, coef, threshold, cls = (a[:, self._live:] for a in self.slots.transpose(1, 0, 2))
+        mine = novelty[0].astype(np.float32)[cls.astype(np.int64)]
+        return bool((mine * coef >= threshold).any())
+
     def run(self, program: str, tokens: np.ndarray, *more: np.ndarray) -> list[np.ndarray]:
         """`score`, `observe`, `deepen{l}`, `strict{l}`, `sweep` on tokens [1, T] (and a deepen
         program's `valid`), with the bundle's slot state (`program`)."""
-        return self.engine.run(self.program(program), [tokens, *more, self.slots])
+        return self.engine.run(self.form(program, tokens[0]), [tokens, *more, self.slots])
 
     def generate(self, prompt: str, max_new: int = 32) -> Iterator[str]:
         """The greedy continuation, piece by piece; stops at EOS."""
@@ -345,8 +390,9 @@ class Runtime:
         # the new version's serving programs, or those the slice released, now, not at the
         # next keystroke: ONNX Runtime writes their shared packed weights as it first loads
         # them (`backends.OnnxRuntime.prepare`), which takes seconds on a larger model
-        names = ([self.program(name) for name in ("prefill", "decode", "score")]
-                 if report["committed"] else report.get("released"))
+        forms = ("prefill", "decode", "score")  # and the one-pass ones too (`form`)
+        names = [*dict.fromkeys([*map(self.program, forms), *forms * self._one_pass_too])]
+        names = names if report["committed"] else report.get("released")
         prepare = getattr(self.engine, "prepare", None)  # the torch reference has none
         if names and prepare:
             start = time.monotonic()

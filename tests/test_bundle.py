@@ -324,7 +324,8 @@ def test_bench_memory_reports_each_engine(capsys, tiny_bundle, tmp_path):
 def test_bench_overhead_gate_against_the_model_without_slots(capsys, tiny_bundle, exports,
                                                              tmp_path):
     """`bench overhead --gate`: `score` with the spare slots empty runs the one-pass
-    program, with a clone the gated one; all three score alike. Bad peers exit 2."""
+    program, and with a clone whose gate stays shut too (`Runtime.form`), the gated one
+    where it opens; the first three score alike. Bad peers exit 2."""
     peer = tmp_path / "no-slots"  # the same checkpoint, ONNX Runtime only, --spare 0
     shutil.copytree(exported(exports["mixtral", "strict"]), peer)
     before = snapshot(tmp_path)
@@ -335,7 +336,9 @@ def test_bench_overhead_gate_against_the_model_without_slots(capsys, tiny_bundle
     assert set(r) >= {"onnxruntime", "with_clone"} and "executorch" not in r  # peer: ORT only
     assert r["onnxruntime"] > 0 and r["with_clone"]["onnxruntime"] > 0
     assert r["programs"] == {"onnxruntime/none": "score", "onnxruntime/empty": "score",
-                             "onnxruntime/clone": "score_gated"}
+                             "onnxruntime/clone": "score", "onnxruntime/open": "score_gated"}
+    assert set(r["suggest"]["onnxruntime"]) == {"empty", "clone", "open"}
+    assert r["with_open_clone"]["onnxruntime"] > 0
     assert r["max_nll_difference"] < 1e-4
     assert snapshot(tmp_path) == before  # no --out: nothing written
     for argv, says in (([str(peer)], "no spare slots"),

@@ -75,8 +75,8 @@ def bench_overhead(bundle_dir: str, gate: bool, text_file: Path | None, out: Pat
                    as_json: bool) -> None:
     """Cost of the error taps: `observe` against `score` on the same text, both engines,
     interleaved in one run. With --gate, the cost of spare slots and the domain gate:
-    {"executorch": r, "onnxruntime": r} with empty slots (goal 1.00x) and "with_clone"
-    (goal <= 1.2x)."""
+    {"executorch": r, "onnxruntime": r} with empty slots (goal 1.00x), "with_clone" (its
+    gate shut, goal <= 1.2x) and "with_open_clone" (its gate open everywhere)."""
     from moegrow.tools import bench as bench_lib
     from moegrow.tools import gate as gate_lib
 

@@ -10,6 +10,9 @@ with its own three runtimes:
     empty   the bundle as exported: every spare slot empty      -> {engine: empty / none}
     clone   one spawned slot per layer (a gate that never opens:
             the clone's cost, the base's outputs)               -> "with_clone": {engine: ...}
+    open    the same slots with a gate open at every position
+            (a keyboard typing the grown domain's text; not
+            the base's outputs)                                 -> "with_open_clone"
 
 Goals (issue 12): empty 1.00x, with a clone <= 1.2x. The three must score alike (the spawned
 gate stays shut, spare slots are masked): "max_nll_difference" says how far apart they are.
@@ -34,6 +37,7 @@ from moegrow.runtime import bundle as bundle_format
 from .bench import _time, text_ids
 
 CLOSED_CLONE = (0.0, 1.0, 1e9)  # router bias, gate coefficient, threshold: never opens
+OPEN_CLONE = (0.0, 1.0, -1e9)  # always open
 
 
 class GateError(ValueError):
@@ -87,11 +91,12 @@ def bench_gate(bundle: str | Path, out: Path | None = None, text: str | None = N
         rts = {}
         for e in engines:
             full = runtime.Runtime(b, e, threads)
-            clone = copy.copy(full)  # the same engine, another slot state
-            clone.slots = full.slots.copy()
-            clone.slots[:, :len(CLOSED_CLONE), -spare] = CLOSED_CLONE  # class 0: the base
-            rts |= {(e, "none"): runtime.Runtime(peer, e, threads), (e, "empty"): full,
-                    (e, "clone"): clone}
+            rts |= {(e, "none"): runtime.Runtime(peer, e, threads), (e, "empty"): full}
+            for which, row in (("clone", CLOSED_CLONE), ("open", OPEN_CLONE)):
+                clone = copy.copy(full)  # the same engine, another slot state
+                clone.slots = full.slots.copy()
+                clone.slots[:, :len(row), -spare] = row  # class 0: the base
+                rts[e, which] = clone
         first = rts[engines[0], "empty"]
         ids = text_ids(first, text)
         windows = [chunk[None] for chunk, _ in first.windows(ids)]
@@ -113,11 +118,13 @@ def bench_gate(bundle: str | Path, out: Path | None = None, text: str | None = N
         keys = {k: statistics.median(v) for k, v in typing.items()}
         result = {e: med[e, "empty"] / med[e, "none"] for e in engines}
         result |= {"with_clone": {e: med[e, "clone"] / med[e, "none"] for e in engines},
-                   "suggest": {e: {w: keys[e, w] / keys[e, "none"] for w in ("empty", "clone")}
-                               for e in engines},
+                   "with_open_clone": {e: med[e, "open"] / med[e, "none"] for e in engines},
+                   "suggest": {e: {w: keys[e, w] / keys[e, "none"]
+                                   for w in ("empty", "clone", "open")} for e in engines},
                    "seconds": {f"{e}/{w}": t for (e, w), t in med.items()},
                    "suggest_seconds": {f"{e}/{w}": t for (e, w), t in keys.items()},
-                   "programs": {f"{e}/{w}": rt.program("score") for (e, w), rt in rts.items()},
+                   "programs": {f"{e}/{w}": rt.form("score", windows[0][0])
+                                for (e, w), rt in rts.items()},
                    "max_nll_difference": diff, "tokens": len(ids) - 1,
                    "windows": len(windows), "rounds": rounds, "threads": threads,
                    "spare_experts": spare}
@@ -127,15 +134,16 @@ def bench_gate(bundle: str | Path, out: Path | None = None, text: str | None = N
     lines = [f"# moegrow bench overhead --gate: {bundle}", "",
              f"`score` on {len(ids) - 1} tokens in {len(windows)} windows, {threads} thread(s), "
              f"medians of {rounds} interleaved rounds, against the same model without spare "
-             f"slots. Goals: empty spare slots 1.00x, with a clone <= 1.2x. The outputs differ "
-             f"by at most {diff:.2g} nats.", "",
+             f"slots. Goals: empty spare slots 1.00x, with a clone (gate shut) <= 1.2x. Empty "
+             f"and shut score as the bundle without slots within {diff:.2g} nats; the open "
+             "clone (every gate open) is the cost of typing the grown domain.", "",
              "| engine | program | no slots s | empty s | empty / none | clone s | "
-             "clone / none |", "|---|---|---|---|---|---|---|"]
+             "clone / none | open clone s | open / none |", "|" + "---|" * 9]
     for e in engines:
         for what, t in (("score", med), ("suggest", keys)):
-            lines.append(f"| {e} | {what} | {t[e, 'none']:.4f} | {t[e, 'empty']:.4f} | "
-                         f"{t[e, 'empty'] / t[e, 'none']:.3f}x | {t[e, 'clone']:.4f} | "
-                         f"{t[e, 'clone'] / t[e, 'none']:.3f}x |")
+            lines.append(f"| {e} | {what} | {t[e, 'none']:.4f} | " + " | ".join(
+                f"{t[e, w]:.4f} | {t[e, w] / t[e, 'none']:.3f}x"
+                for w in ("empty", "clone", "open")) + " |")
     report = "\n".join(lines) + "\n"
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
