@@ -69,7 +69,8 @@ class Runtime:
         self.cache_shape = (c["num_hidden_layers"], 1, c["num_key_value_heads"],
                             bundle.context, head_dim)
         self.slots = slot_state(bundle)
-        self.typed: tuple | None = None  # the last `suggestions` context: (ids, slots, outputs)
+        self.typed: tuple | None = None  # the last `suggestions` context: (ids, slots,
+        # outputs, whether the one-pass prefill ran it)
 
     def reload(self, bundle: bundle_format.Bundle | None = None) -> None:
         """Serve `bundle` (a new version of this one) from now on; without it, load this
@@ -133,10 +134,11 @@ class Runtime:
 
     def _prefill(self, ids: list[int], start: int, k: np.ndarray,
                  v: np.ndarray) -> list[np.ndarray]:
-        """The prefill program on `ids[start:]` over the cache's first `start` positions."""
-        name = self.program("prefill") if start else self.form("prefill", ids)
-        out = self.engine.run(name, [np.array([ids[start:]], np.int64),
-                                     np.arange(start, len(ids)), k, v, self.slots])
+        """The prefill program (`form`, on the whole of `ids`: a gated one only from
+        `start` 0) on `ids[start:]` over the cache's first `start` positions."""
+        out = self.engine.run(self.form("prefill", ids), [np.array([ids[start:]], np.int64),
+                                                          np.arange(start, len(ids)), k, v,
+                                                          self.slots])
         return [out[0], *self._written(k, v, start, out[1], out[2]), *out[3:]]
 
     def _written(self, k: np.ndarray, v: np.ndarray, start: int, new_k: np.ndarray,
@@ -155,11 +157,11 @@ class Runtime:
         a keyboard extends the same text a character at a time, so only the pieces from the
         first that changed run (prefill at their positions over the cached keys and values,
         or one decode step for one piece; a position past them is masked, whatever it
-        holds). Not while a spawned expert serves (`program`): the domain gate's class
-        scores sum over the whole context."""
+        holds). Only where the one-pass prefill serves both contexts (`form`): where a
+        spawned slot opens, the domain gate's class scores sum over the whole context."""
         last, n = self.typed, 0
-        if last is not None and self.program("prefill") == "prefill" \
-                and np.array_equal(last[1], self.slots):
+        one_pass = self.form("prefill", ids) == "prefill"
+        if last is not None and one_pass and last[3] and np.array_equal(last[1], self.slots):
             common = min(len(last[0]), len(ids))
             n = next((i for i in range(common) if last[0][i] != ids[i]), common)
             if n == len(ids) == len(last[0]):
@@ -172,7 +174,7 @@ class Runtime:
             out = [*self.decode(ids[-1], n, last[2][1], last[2][2], last[2][3]), last[2][3]]
         else:
             out = self._prefill(ids, n, last[2][1], last[2][2])
-        self.typed = (list(ids), self.slots.copy(), out)
+        self.typed = (list(ids), self.slots.copy(), out, one_pass)
         return out
 
     def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray,

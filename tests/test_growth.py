@@ -185,40 +185,6 @@ def test_a_clone_replaces_its_parent_where_its_gate_opens(grown):
 
 
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
-def test_one_pass_programs_serve_where_no_clone_opens(grown, engine):
-    """On base text no clone opens: on ONNX Runtime `score`, `prefill` and `decode` run the
-    one-pass programs (no spare slot computed) with the gated ones' outputs; on the grown
-    domain's text a clone opens and the gated programs run. ExecuTorch keeps the gated
-    ones (another program there would pack another copy of the weights)."""
-    _, after, _ = grown
-    rt = runtime.open(after, engine)
-    cal = np.fromfile(rt.bundle.path / rt.bundle.manifest["calibration"]["guard"]["file"],
-                      np.int32).astype(np.int64)
-    base = [1, *cal[len(cal) // 2:][:40]]
-    text = [1, *rt.sp.encode(german(20, seed=9))[:40]]
-    for ids, opens in ((base, False), (text, True)):
-        one_pass = engine == "onnxruntime" and not opens
-        assert rt.form("score", ids) == ("score" if one_pass else "score_gated")
-        assert rt.form("prefill", ids) == ("prefill" if one_pass else "prefill_gated")
-        tokens = np.array([ids])
-        np.testing.assert_array_equal(rt.run("score", tokens)[0],
-                                      rt.engine.run("score_gated", [tokens, rt.slots])[0])
-        zero = np.zeros(rt.cache_shape, np.float32)
-        gated = rt.engine.run("prefill_gated", [tokens, np.arange(len(ids)), zero, zero,
-                                                rt.slots])
-        logits, k, v, novelty = rt.prefill(ids)
-        np.testing.assert_array_equal(logits, gated[0])
-        assert rt.opens(gated[3]) == opens  # the context's own class scores
-        token = int(logits[0].argmax())
-        inputs = [np.array([[token]]), np.array([len(ids)]), k, v, rt.slots, gated[3]]
-        want = rt.engine.run("decode_gated", inputs)[0]
-        got = rt.decode(token, len(ids), k.copy(), v.copy(), novelty)[0]
-        np.testing.assert_allclose(got, want, atol=1e-5)
-        if opens:  # the clones change what the one-pass program would say
-            assert np.abs(rt.engine.run("decode", inputs)[0] - want).max() > 1e-3
-
-
-@pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
 def test_only_the_clone_and_its_router_row_change(grown, engine):
     before, after, r = grown
     old, new = bundle_format.load(before), bundle_format.load(after)
