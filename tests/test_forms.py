@@ -12,10 +12,11 @@ from moegrow import runtime
 
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
 def test_one_pass_programs_serve_where_no_clone_opens(grown, engine):
-    """On base text no clone opens: on ONNX Runtime `score`, `prefill` and `decode` run the
-    one-pass programs (no spare slot computed) with the gated ones' outputs; on the grown
-    domain's text a clone opens and the gated programs run. ExecuTorch keeps the gated
-    ones (another program there would pack another copy of the weights)."""
+    """On base text no clone opens: on ONNX Runtime `score`, `observe`, `prefill` and
+    `decode` run the one-pass programs (no spare slot computed) with the gated ones'
+    outputs; on the grown domain's text a clone opens and the gated programs run.
+    ExecuTorch keeps the gated ones (another program there would pack another copy of the
+    weights)."""
     _, after, _ = grown
     rt = runtime.open(after, engine)
     cal = np.fromfile(rt.bundle.path / rt.bundle.manifest["calibration"]["guard"]["file"],
@@ -26,9 +27,12 @@ def test_one_pass_programs_serve_where_no_clone_opens(grown, engine):
         one_pass = engine == "onnxruntime" and not opens
         assert rt.form("score", ids) == ("score" if one_pass else "score_gated")
         assert rt.form("prefill", ids) == ("prefill" if one_pass else "prefill_gated")
+        assert rt.form("observe", ids) == ("observe" if one_pass else "observe_gated")
         tokens = np.array([ids])
-        np.testing.assert_array_equal(rt.run("score", tokens)[0],
-                                      rt.engine.run("score_gated", [tokens, rt.slots])[0])
+        for name in ("score", "observe"):  # every output: NLL, ranks, the error map's taps
+            for got, want in zip(rt.run(name, tokens),
+                                 rt.engine.run(f"{name}_gated", [tokens, rt.slots]), strict=True):
+                np.testing.assert_array_equal(got, want)
         zero = np.zeros(rt.cache_shape, np.float32)
         gated = rt.engine.run("prefill_gated", [tokens, np.arange(len(ids)), zero, zero,
                                                 rt.slots])
