@@ -4,6 +4,8 @@ is reused there, and ExecuTorch keeps the gated programs."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from conftest import german
@@ -11,13 +13,13 @@ from moegrow import runtime
 
 
 @pytest.mark.parametrize("engine", ["executorch", "onnxruntime"])
-def test_one_pass_programs_serve_where_no_clone_opens(grown, engine):
+def test_one_pass_programs_serve_where_no_clone_opens(grown, engine, tmp_path):
     """On base text no clone opens: on ONNX Runtime `score`, `observe`, `prefill` and
     `decode` run the one-pass programs (no spare slot computed) with the gated ones'
     outputs; on the grown domain's text a clone opens and the gated programs run.
     ExecuTorch keeps the gated ones (another program there would pack another copy of the
     weights)."""
-    _, after, _ = grown
+    after = shutil.copytree(grown[1], tmp_path / "b")  # loading writes packed weights there
     rt = runtime.open(after, engine)
     cal = np.fromfile(rt.bundle.path / rt.bundle.manifest["calibration"]["guard"]["file"],
                       np.int32).astype(np.int64)
@@ -48,12 +50,12 @@ def test_one_pass_programs_serve_where_no_clone_opens(grown, engine):
             assert np.abs(rt.engine.run("decode", inputs)[0] - want).max() > 1e-3
 
 
-def test_typing_beside_a_clone_reuses_the_context_where_no_clone_opens(grown):
+def test_typing_beside_a_clone_reuses_the_context_where_no_clone_opens(grown, tmp_path):
     """On ONNX Runtime a keyboard typing base text beside a clone extends its cached context
     (`Runtime.extend` over the one-pass prefill) and suggests what a fresh context gives;
     typing the clone's domain prefills the whole context at each keystroke (the gate's
     class scores sum over all of it)."""
-    _, after, _ = grown
+    after = shutil.copytree(grown[1], tmp_path / "b")  # loading writes packed weights there
     rt, fresh = runtime.open(after, "onnxruntime"), runtime.open(after, "onnxruntime")
     ran, run = [], rt.engine.run
 
