@@ -110,12 +110,10 @@ def parent_row(threshold: float, cls: int) -> tuple[float, float, float, float]:
     return (0.0, -1.0, -threshold, float(cls))
 
 
-def opened(table: np.ndarray, slots: np.ndarray, ids: np.ndarray
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Which slots the programs open at each position of one window `ids` under the class
-    table [V, D] and the slot rows [L, 4, slots] (bias, a, t, class: open where a * score
-    >= t, `export/programs.py` `set_gates`), as booleans [L, T, slots]; and where this
-    float64 mirror cannot be sure of the programs' float32 answer (within `TOL`)."""
+def _sums(table: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each class's summed log-probability at each position of `ids` [T, D] (float64), the
+    best other grown class's sum [T, D], and whether a position has `GATE_MIN` tokens
+    [T, 1]: what the programs' `scores` decide from."""
     summed = np.cumsum(table[ids].astype(np.float64), 0)  # [T, D]
     grown = summed.copy()
     grown[:, 0] = -np.inf  # the base class is never the likeliest grown one
@@ -123,7 +121,25 @@ def opened(table: np.ndarray, slots: np.ndarray, ids: np.ndarray
     top = ranked[:, -1:]
     second = ranked[:, -2:-1] if grown.shape[1] > 1 else np.full_like(top, -np.inf)
     other = np.where(grown >= top, second, top)  # the best other grown class's sum
-    ready = (np.arange(len(ids)) + 1 >= GATE_MIN)[:, None]
+    return summed, other, (np.arange(len(ids)) + 1 >= GATE_MIN)[:, None]
+
+
+def context_scores(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Every class's gate score at every position of `ids` [T, D], as the programs compute
+    it (`export/programs.py` `scores`, float64 here): what a `decode` program takes as
+    `novelty` to gate one more position of a context (`Runtime.extend`). Where `opened`
+    is sure, a program given these gates its slots as its own prefill would."""
+    summed, other, ready = _sums(table, ids)
+    return np.where(ready & (summed >= other), summed - summed[:, :1], CLOSED)
+
+
+def opened(table: np.ndarray, slots: np.ndarray, ids: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Which slots the programs open at each position of one window `ids` under the class
+    table [V, D] and the slot rows [L, 4, slots] (bias, a, t, class: open where a * score
+    >= t, `export/programs.py` `set_gates`), as booleans [L, T, slots]; and where this
+    float64 mirror cannot be sure of the programs' float32 answer (within `TOL`)."""
+    summed, other, ready = _sums(table, ids)
     likeliest = summed >= other
     raw = np.where(ready, summed - summed[:, :1], CLOSED)  # [T, D]
     tie = ready & (np.abs(summed - other) < TOL)

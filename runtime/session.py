@@ -23,6 +23,9 @@ from . import bundle as bundle_format
 
 BOS, EOS = 1, 2
 OBSERVE = ("nll", "rank", "ids", "gates", "update", "energy")  # the observe program's outputs
+# new pieces of a typed context that `extend` runs as decode steps where the domain gate may
+# open (more: the whole context is prefilled; a keystroke changes one or two pieces)
+STEPS = 4
 DEEPEN = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")  # a deepen program's
 
 
@@ -157,25 +160,62 @@ class Runtime:
         a keyboard extends the same text a character at a time, so only the pieces from the
         first that changed run (prefill at their positions over the cached keys and values,
         or one decode step for one piece; a position past them is masked, whatever it
-        holds). Only where the one-pass prefill serves both contexts (`form`): where a
-        spawned slot opens, the domain gate's class scores sum over the whole context."""
-        last, n = self.typed, 0
+        holds). Where a spawned slot may open (the gated form, `form`), the domain gate's
+        class scores sum over the whole context, which a prefill from the middle cannot
+        see: the new pieces (up to `STEPS`) run as decode steps, each gated by the scores
+        the runtime mirrors for its position (`gate.context_scores`), or, where that mirror
+        is unsure of a gate, the whole context is prefilled."""
+        last, n, rows = self.typed, 0, None
         one_pass = self.form("prefill", ids) == "prefill"
-        if last is not None and one_pass and last[3] and np.array_equal(last[1], self.slots):
+        mirror = self._mirrored
+        if last is not None and np.array_equal(last[1], self.slots) and (mirror or one_pass
+                                                                          and last[3]):
             common = min(len(last[0]), len(ids))
             n = next((i for i in range(common) if last[0][i] != ids[i]), common)
             if n == len(ids) == len(last[0]):
                 return last[2]
         n = min(n, len(ids) - 1)  # at least the last piece runs: its logits are the answer
+        if n and not one_pass:
+            rows = self._gates(ids, n)
+            n = n if rows is not None else 0
         if n == 0:
             out = self.prefill(ids)
+        elif rows is not None:  # decode steps, each on its position's gates
+            k, v = last[2][1], last[2][2]
+            for pos in range(n, len(ids)):
+                logits, k, v = self.decode(ids[pos], pos, k, v, rows[pos - n:pos - n + 1])
+            out = [logits, k, v, rows[-1:]]
         elif n == len(ids) - 1:  # one piece: the decode program (routed, where prefill is
-            # dense), on the same gates
-            out = [*self.decode(ids[-1], n, last[2][1], last[2][2], last[2][3]), last[2][3]]
+            # dense), on the one-pass form's gates (every spawned slot shut)
+            out = [*self.decode(ids[-1], n, last[2][1], last[2][2],
+                                np.zeros_like(last[2][3])), np.zeros_like(last[2][3])]
         else:
             out = self._prefill(ids, n, last[2][1], last[2][2])
         self.typed = (list(ids), self.slots.copy(), out, one_pass)
         return out
+
+    @property
+    def _mirrored(self) -> bool:
+        """Whether the runtime can compute the programs' gates itself (`gate.opened`,
+        `gate.context_scores`): bundles with the domain gate and its present score."""
+        return (self.slots.shape[1] == 4
+                and self.bundle.manifest["experts"].get("gate") == "base-and-argmax")
+
+    def _gates(self, ids: list[int], n: int) -> np.ndarray | None:
+        """The class scores [len(ids) - n, D] (float32) that gate positions n.. of `ids` as
+        a prefill of all of `ids` would (`gate.context_scores`); None where they are more
+        than `STEPS` or the mirror is unsure of some slot's gate at one of them."""
+        if not self._mirrored or len(ids) - n > STEPS:
+            return None
+        table, window = self._table(), np.asarray(ids, np.int64)
+        if gate.opened(table, self.slots, window)[1][:, n:].any():
+            return None
+        return gate.context_scores(table, window)[n:].astype(np.float32)
+
+    def _table(self) -> np.ndarray:
+        """The domain gate's class table [V, D] (a view of the weight file)."""
+        return experts.domains(self.bundle, self.backend,
+                               np.memmap(self.weights, np.uint8, mode="r"))
 
     def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray,
                novelty: np.ndarray) -> list[np.ndarray]:
@@ -219,9 +259,7 @@ class Runtime:
         gated = self.program(name)
         if gated == name or not self._one_pass_too:
             return gated
-        table = experts.domains(self.bundle, self.backend,
-                                np.memmap(self.weights, np.uint8, mode="r"))
-        opened, unsure = gate.opened(table, self.slots, np.asarray(ids, np.int64))
+        opened, unsure = gate.opened(self._table(), self.slots, np.asarray(ids, np.int64))
         return gated if (opened | unsure)[:, :, self._live:].any() else name
 
     @property

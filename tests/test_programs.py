@@ -230,8 +230,8 @@ def test_the_gate_scores_each_class_against_the_base_where_it_is_the_likeliest_g
 
 @pytest.mark.parametrize("classes", [2, 3, 5])
 def test_the_runtimes_numpy_gate_scores_mirror_the_programs(classes):
-    """`runtime.gate.scores` (the threshold's calibration) equals `programs.scores` for every
-    class, the base's included."""
+    """`runtime.gate.scores` (the threshold's calibration) and `gate.context_scores` (a
+    typed context's gates) equal `programs.scores` for every class, the base's included."""
     from moegrow.runtime import gate
 
     rng = np.random.default_rng(classes)
@@ -241,14 +241,16 @@ def test_the_runtimes_numpy_gate_scores_mirror_the_programs(classes):
     for c in range(classes):
         np.testing.assert_allclose(gate.scores(table, ids, c), got[:, c], rtol=1e-4,
                                    atol=1e-3)
+    np.testing.assert_allclose(gate.context_scores(table, ids), got, rtol=1e-4, atol=1e-3)
     assert (got[:programs.GATE_MIN - 1] == -programs.MASKED).all()
 
 
 @pytest.mark.parametrize("classes", [2, 3, 5])
 def test_the_runtimes_numpy_open_slots_mirror_the_programs(classes):
     """`runtime.gate.opened` (which windows a slice can change: the guard) opens the slots
-    that `programs.set_gates` opens wherever it says it is sure, and is unsure only near a
-    threshold or a tie: rows of base experts, clones (a = 1) and replaced parents (a = -1)
+    that `programs.set_gates` opens wherever it says it is sure, and so do the programs'
+    gates set from `gate.context_scores` (what `Runtime.extend` gives `decode`); it is unsure
+    only near a threshold or a tie: rows of base experts, clones (a = 1) and replaced parents (a = -1)
     with thresholds drawn among the scores themselves."""
     from moegrow.runtime import gate
 
@@ -272,3 +274,8 @@ def test_the_runtimes_numpy_open_slots_mirror_the_programs(classes):
     np.testing.assert_array_equal(mine[~unsure], want[~unsure])
     assert mine[:, :, :4].all() and not unsure[:, :, :4].any()  # base experts: always open
     assert 0 < unsure.mean() < 0.05  # thresholds drawn from the scores: a few are close
+    for t in range(len(ids)):  # one position at a time, as a decode step takes them
+        row = gate.context_scores(table, ids)[t:t + 1].astype(np.float32)
+        programs.set_gates(model, torch.from_numpy(rows), torch.from_numpy(row))
+        mirrored = np.stack([b.mlp.slot_open.numpy()[0] > 0 for b in model.model.layers])
+        np.testing.assert_array_equal(mirrored[~unsure[:, t]], want[:, t][~unsure[:, t]])
