@@ -249,9 +249,9 @@ def test_the_runtimes_numpy_gate_scores_mirror_the_programs(classes):
 def test_the_runtimes_numpy_open_slots_mirror_the_programs(classes):
     """`runtime.gate.opened` (which windows a slice can change: the guard) opens the slots
     that `programs.set_gates` opens wherever it says it is sure, and so do the programs'
-    gates set from `gate.context_scores` (what `Runtime.extend` gives `decode`); it is unsure
-    only near a threshold or a tie: rows of base experts, clones (a = 1) and replaced parents (a = -1)
-    with thresholds drawn among the scores themselves."""
+    gates set from `gate.context_scores` (what `Runtime.extend` gives `decode`); it is
+    unsure only near a threshold or a tie: rows of base experts, clones (a = 1) and replaced
+    parents (a = -1) with thresholds drawn among the scores themselves."""
     from moegrow.runtime import gate
 
     rng = np.random.default_rng(classes)
