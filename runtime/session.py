@@ -74,6 +74,7 @@ class Runtime:
         self.slots = slot_state(bundle)
         self.typed: tuple | None = None  # the last `suggestions` context: (ids, slots,
         # outputs, whether the one-pass prefill ran it)
+        self._map: np.memmap | None = None  # the weight file, read by `_table`
 
     def reload(self, bundle: bundle_format.Bundle | None = None) -> None:
         """Serve `bundle` (a new version of this one) from now on; without it, load this
@@ -81,7 +82,7 @@ class Runtime:
         if self.backend not in backends.ENGINES:
             raise backends.BackendError(f"backend {self.backend!r} serves its own weights: it "
                                         "cannot load a new weights version")
-        self.typed = None
+        self.typed = self._map = None
         if bundle is not None:
             self.bundle, self.slots = bundle, slot_state(bundle)
             self.weights = bundle.weights(self.backend)
@@ -213,9 +214,11 @@ class Runtime:
         return gate.context_scores(table, window)[n:].astype(np.float32)
 
     def _table(self) -> np.ndarray:
-        """The domain gate's class table [V, D] (a view of the weight file)."""
-        return experts.domains(self.bundle, self.backend,
-                               np.memmap(self.weights, np.uint8, mode="r"))
+        """The domain gate's class table [V, D] (a copy from the weight file, mapped once per
+        load: a keystroke asks for it)."""
+        if self._map is None:
+            self._map = np.memmap(self.weights, np.uint8, mode="r")
+        return experts.domains(self.bundle, self.backend, self._map)
 
     def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray,
                novelty: np.ndarray) -> list[np.ndarray]:
