@@ -214,8 +214,8 @@ class Runtime:
         return gate.context_scores(table, window)[n:].astype(np.float32)
 
     def _table(self) -> np.ndarray:
-        """The domain gate's class table [V, D] (a copy from the weight file, mapped once per
-        load: a keystroke asks for it)."""
+        """The domain gate's class table [V, D]: a view of the weight file, mapped once per
+        load (a keystroke asks for it; growth's in-place writes show through the map)."""
         if self._map is None:
             self._map = np.memmap(self.weights, np.uint8, mode="r")
         return experts.domains(self.bundle, self.backend, self._map)
