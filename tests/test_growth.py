@@ -210,9 +210,10 @@ def test_only_the_clone_and_its_router_row_change(grown, engine):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
-def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
+def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path, capsys):
     """A quantized bundle exported with --deepen has fp32 spare slots: growth clones its
-    int4 experts there (from their dequantized weights) and never writes them."""
+    int4 experts there (from their dequantized weights) and never writes them (`idle
+    --place inplace`: one line, exit 2, nothing changed)."""
     path = tmp_path / "q4"
     shutil.copytree(exported(exports["mixtral", 4]), path)
     rt = runtime.open(path, "onnxruntime")
@@ -221,6 +222,8 @@ def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
     rt.observe(german(400), "de")
     with pytest.raises(growth.GrowthError, match="frozen"):
         rt.idle(600, tokens=4096, steps=8, place="inplace")
+    code, _, err = run_cli(capsys, "idle", str(path), "--place", "inplace")
+    assert code == 2 and "frozen" in err and err.count("\n") == 1
     old = bundle_format.load(path)
     ids = np.fromfile(path / old.manifest["calibration"]["guard"]["file"], np.int32)
     tokens = ids[None, :old.context].astype(np.int64)
@@ -398,6 +401,8 @@ def test_idle_with_nothing_to_grow_and_bad_bundles(tiny_bundle, capsys, tmp_path
     assert code == 2 and err.count("\n") == 1
     code, _, err = run_cli(capsys, "idle", str(path), "--passes", "0")
     assert code == 2 and "--passes" in err and err.count("\n") == 1
+    code, _, err = run_cli(capsys, "idle", str(path), "--place", "everywhere")
+    assert code == 2 and "--place" in err and err.count("\n") == 1
 
 
 COMMIT = """

@@ -92,9 +92,14 @@ def compress(bundle_dir: str, domain: str | None, backend: str, as_json: bool) -
 @click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
               show_default=True, help="The engine that runs the PC programs (ONNX Runtime's "
               "sweeps are 2-4x faster than ExecuTorch's here); the commit serves both.")
+@click.option("--place", type=click.Choice(["auto", "inplace"]), default=growth.Limits.place,
+              show_default=True, help="auto: clone the named experts behind the domain's "
+              "gate (in place only once a layer has no free slot); inplace: deepen the named "
+              "experts themselves, no gate, for all text (fp32 bundles: text in the base's own "
+              "register, which a gate cannot tell from it, gains more so; docs/growth.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
 def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps: int,
-         passes: int, strict: bool, backend: str, as_json: bool) -> None:
+         passes: int, strict: bool, backend: str, place: str, as_json: bool) -> None:
     """One idle slice of growth on BUNDLE: from the error map's verdict, clone the named
     experts into spare slots behind the domain's gate (an expert the base never chose
     deepens in place once its layer has no free slot), run bounded PC steps on the domain's
@@ -103,7 +108,7 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
     rt = runtime.open(bundle_dir, backend)
     with console.Bars() as bars:  # the plan, then the PC steps as a bar on a terminal
         r = rt.idle(seconds, domain, progress=bars, tokens=tokens, steps=steps, passes=passes,
-                    strict=strict)
+                    strict=strict, place=place)
     what = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
                      + (f"->e{s['slot']}" if s["how"] == "spawn" else "") for s in r["plan"])
     guard = r["guard"] or {}
