@@ -38,8 +38,9 @@
   5. guard (`guard.py`): on held-out domain replay (the replay packed into windows; every
      `guard.HOLDOUT`-th window, never trained on) the NLL must fall, and on the base guard
      text (the second half of the bundle's calibration tokens, in `Runtime.windows` as
-     `eval` scores it) the perplexity must not rise by more than `guard.GUARD_BASE`; else
-     nothing is kept.
+     `eval` scores it) the perplexity must not rise by more than `guard.GUARD_BASE`, nor,
+     where an expert changed in place (it serves every domain), on any other grown
+     domain's held-out replay; else nothing is kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
      rows (`versions.commit`, which logs it), and the runtime reloads it.
 Reclaim: with a `reclaim(domain, layers)` callback (`Runtime.idle` passes one), a plan
@@ -266,20 +267,30 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     # copy has its own), but the keyboard's; they load again after it (`Runtime.idle`)
     release = getattr(rt.engine, "release", None)  # the torch reference has none
     report["released"] = release(KEYBOARD) if release else []
+    # an expert changed in place serves every domain: the other grown domains' held-out
+    # replay is guarded too (clones sit behind their own domain's gate)
+    others = {d: guard.split(store.replay(d), b.context)[1] for d in sorted(
+        {r["domain"] for r in b.manifest["experts"]["table"] if r.get("kind") == "spawned"}
+        - {domain}) if any(s["how"] == "inplace" for s in steps)}
     work = Work(rt, interrupt)  # the interrupt stops its runs: nothing gets committed
     try:
         before = {"domain": guard.measure(work.rt, held, changed),
-                  "base": guard.base(rt, work.rt, base_guard, changed)}
+                  "base": guard.base(rt, work.rt, base_guard, changed),
+                  "others": {d: guard.measure(work.rt, w, changed) for d, w in others.items()}}
         report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,
                                  report, say, domain, policy)
         if report["reason"] is None:
             after = {"domain": guard.measure(work.rt, held, changed),
-                     "base": guard.after(rt, work, base_guard, changed, before["base"])}
+                     "base": guard.after(rt, work, base_guard, changed, before["base"]),
+                     "others": {d: guard.measure(work.rt, w, changed)
+                                for d, w in others.items()}}
             report["guard"] = g = guard.verdict(before, after)
             if not g["passed"]:
+                worst = max(g["others_rise"].items(), key=lambda x: x[1], default=None)
                 report["reason"] = (f"guard: domain perplexity gain {g['domain_gain']:.2%}, "
-                                    f"base rise {g['base_rise']:.2%} (bound {g['bound']:.1%}); "
-                                    "nothing committed")
+                                    f"base rise {g['base_rise']:.2%}"
+                                    + (f", {worst[0]} rise {worst[1]:.2%}" if worst else "")
+                                    + f" (bound {g['bound']:.1%}); nothing committed")
             else:
                 _commit(rt, work, steps, domain, report)
                 guard.remember(rt, after["base"])  # the new version's, for the next slice

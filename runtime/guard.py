@@ -139,12 +139,20 @@ def remember(rt, measured: dict) -> None:
 
 def _brief(measured: dict) -> dict:
     """{"domain", "base"} measures without their per-window NLL (not for reports)."""
-    return {k: {x: y for x, y in v.items() if x != "windows"} for k, v in measured.items()}
+    return {k: {x: y for x, y in v.items() if x != "windows"} for k, v in measured.items()
+            if k != "others"}
 
 
 def verdict(before: dict, after: dict) -> dict:
-    """The guard's report from `measure`'s {"domain", "base"} before and after a slice."""
-    rise = float(np.exp(after["base"]["nll"] - before["base"]["nll"]) - 1)
+    """The guard's report from `measure`'s {"domain", "base", "others"} before and after a
+    slice ("others": {domain: measure} of the other grown domains' held-out replay, which a
+    slice that changes experts in place must not worsen by more than the base's bound)."""
+    def rise(b: dict, a: dict) -> float:
+        return float(np.exp(a["nll"] - b["nll"]) - 1)
+    base = rise(before["base"], after["base"])
     gain = float(1 - np.exp(after["domain"]["nll"] - before["domain"]["nll"]))
+    others = {d: rise(m, after["others"][d]) for d, m in before.get("others", {}).items()}
     return {"before": _brief(before), "after": _brief(after), "domain_gain": gain,
-            "base_rise": rise, "bound": GUARD_BASE, "passed": gain > 0 and rise <= GUARD_BASE}
+            "base_rise": base, "others_rise": others, "bound": GUARD_BASE,
+            "passed": gain > 0 and base <= GUARD_BASE
+            and all(r <= GUARD_BASE for r in others.values())}

@@ -304,6 +304,37 @@ def test_a_second_slice_deepens_the_same_clone(grown, tmp_path):
     assert spare(path) == spare(after)  # no new slot taken
 
 
+def test_a_slice_in_place_is_guarded_on_the_other_grown_domains(grown, tmp_path,
+                                                                monkeypatch):
+    """An expert deepened in place serves every domain: the guard of such a slice measures
+    the other grown domains' held-out replay too (German's, whose clones the bundle has)
+    and refuses a rise above the base's bound; a slice of clones does not need to. (The
+    new domain's plan is turned in place: on the tiny model it names experts whose clones
+    German holds, which no other domain may change in place, so `plan` spawns them.)"""
+    path = tmp_path / "b"
+    shutil.copytree(grown[1], path)
+    rt = runtime.open(path, "onnxruntime")
+    rt.observe(german(300, seed=11), "notes")
+    live = rt.bundle.config.get("num_local_experts") or rt.bundle.config["num_experts"]
+    planned = growth.plan
+
+    def in_place(*args):
+        steps, skipped = planned(*args)
+        return [{"layer": s["layer"], "parent": s["parent"] % live,
+                 "slot": s["parent"] % live, "how": "inplace"} for s in steps[:1]], skipped
+    monkeypatch.setattr(growth, "plan", in_place)
+    r = rt.idle(600, "notes", tokens=2048, steps=3, place="inplace")
+    g = r["guard"]
+    assert r["plan"] and all(s["how"] == "inplace" for s in r["plan"]), r["reason"]
+    assert set(g["others_rise"]) == {"de"} and np.isfinite(g["others_rise"]["de"])
+    assert g["passed"] == (g["domain_gain"] > 0 and g["base_rise"] <= g["bound"]
+                           and g["others_rise"]["de"] <= g["bound"])
+    assert r["committed"] == g["passed"]
+    if not g["passed"] and g["others_rise"]["de"] > g["bound"]:
+        assert "de rise" in r["reason"]
+    assert grown[2]["guard"]["others_rise"] == {}  # German's own slice: clones only
+
+
 def test_a_slice_holds_its_learning_state_within_the_budget(grown, tmp_path):
     """The budget keeps bytes for a slice's learning state (each changed expert's fp32
     weights, gradient and two Adam moments): a slice changes no more experts than they
