@@ -109,20 +109,22 @@ def router(bundle: bundle_format.Bundle, layer: int, engine: str | None = None,
 
 
 def domains(bundle: bundle_format.Bundle, engine: str | None = None,
-            buf: np.ndarray | None = None) -> np.ndarray:
-    """The domain gate's class table [V, D] (`export.programs.with_spare`): a copy from the
-    engine's weight file, or with `buf` (a writable map of a working copy) a view whose
-    columns can be assigned. Raises ExpertError for a bundle without one."""
+            buf: np.ndarray | None = None, path: Path | None = None) -> np.ndarray:
+    """The domain gate's class table [V, D] (`export.programs.with_spare`): a copy read from
+    the engine's weight file (or the file at `path`: a working copy), or with `buf` (a
+    writable map of a working copy) a view whose columns can be assigned. Raises
+    ExpertError for a bundle without one."""
     engine = engine or bundle.engines()[0]
     entry = (bundle.manifest["experts"].get("domains") or {}).get(engine)
     if not entry:
         raise ExpertError(f"{bundle.path}: no domain gate table (a bundle exported before "
                           "moegrow had one, or without spare slots): export it again to grow")
-    src = np.memmap(bundle.weights(engine), np.uint8, mode="r") if buf is None else buf
     rows, cols = entry["shape"]
-    view = src[entry["offset"]:entry["offset"] + 4 * rows * cols].view(np.float32)
-    view = view.reshape(rows, cols)
-    return np.array(view) if buf is None else view
+    if buf is None:  # one read, no map left open (a keystroke asks: `Runtime.form`)
+        return np.fromfile(path or bundle.weights(engine), np.float32, rows * cols,
+                           offset=entry["offset"]).reshape(rows, cols)
+    return buf[entry["offset"]:entry["offset"] + 4 * rows * cols].view(np.float32).reshape(
+        rows, cols)
 
 
 def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:

@@ -74,7 +74,6 @@ class Runtime:
         self.slots = slot_state(bundle)
         self.typed: tuple | None = None  # the last `suggestions` context: (ids, slots,
         # outputs, whether the one-pass prefill ran it)
-        self._map: np.memmap | None = None  # the weight file, read by `_table`
 
     def reload(self, bundle: bundle_format.Bundle | None = None) -> None:
         """Serve `bundle` (a new version of this one) from now on; without it, load this
@@ -82,7 +81,7 @@ class Runtime:
         if self.backend not in backends.ENGINES:
             raise backends.BackendError(f"backend {self.backend!r} serves its own weights: it "
                                         "cannot load a new weights version")
-        self.typed = self._map = None
+        self.typed = None
         if bundle is not None:
             self.bundle, self.slots = bundle, slot_state(bundle)
             self.weights = bundle.weights(self.backend)
@@ -214,11 +213,8 @@ class Runtime:
         return gate.context_scores(table, window)[n:].astype(np.float32)
 
     def _table(self) -> np.ndarray:
-        """The domain gate's class table [V, D]: a view of the weight file, mapped once per
-        load (a keystroke asks for it; growth's in-place writes show through the map)."""
-        if self._map is None:
-            self._map = np.memmap(self.weights, np.uint8, mode="r")
-        return experts.domains(self.bundle, self.backend, self._map)
+        """The domain gate's class table [V, D], read from this runtime's weight file."""
+        return experts.domains(self.bundle, self.backend, path=self.weights)
 
     def decode(self, token: int, pos: int, k: np.ndarray, v: np.ndarray,
                novelty: np.ndarray) -> list[np.ndarray]:
