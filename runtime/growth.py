@@ -269,21 +269,25 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     report["released"] = release(KEYBOARD) if release else []
     # an expert changed in place serves every domain: the other grown domains' held-out
     # replay is guarded too (clones sit behind their own domain's gate)
-    others = {d: guard.split(store.replay(d), b.context)[1] for d in sorted(
-        {r["domain"] for r in b.manifest["experts"]["table"] if r.get("kind") == "spawned"}
-        - {domain}) if any(s["how"] == "inplace" for s in steps)}
+    others = {}
+    if any(s["how"] == "inplace" for s in steps):
+        grown = {r["domain"] for r in b.manifest["experts"]["table"]
+                 if r.get("kind") == "spawned"} - {domain}
+        others = {d: guard.split(store.replay(d), b.context)[1] for d in sorted(grown)}
     work = Work(rt, interrupt)  # the interrupt stops its runs: nothing gets committed
+
+    def measure_others() -> dict:
+        return {d: guard.measure(work.rt, w, changed) for d, w in others.items()}
     try:
         before = {"domain": guard.measure(work.rt, held, changed),
                   "base": guard.base(rt, work.rt, base_guard, changed),
-                  "others": {d: guard.measure(work.rt, w, changed) for d, w in others.items()}}
+                  "others": measure_others()}
         report["reason"] = _grow(work, steps, train, base_router, limits, k, deadline,
                                  report, say, domain, policy)
         if report["reason"] is None:
             after = {"domain": guard.measure(work.rt, held, changed),
                      "base": guard.after(rt, work, base_guard, changed, before["base"]),
-                     "others": {d: guard.measure(work.rt, w, changed)
-                                for d, w in others.items()}}
+                     "others": measure_others()}
             report["guard"] = g = guard.verdict(before, after)
             if not g["passed"]:
                 worst = max(g["others_rise"].items(), key=lambda x: x[1], default=None)

@@ -167,9 +167,8 @@ class Runtime:
         is unsure of a gate, the whole context is prefilled."""
         last, n, rows = self.typed, 0, None
         one_pass = self.form("prefill", ids) == "prefill"
-        mirror = self._mirrored
-        if last is not None and np.array_equal(last[1], self.slots) and (mirror or one_pass
-                                                                          and last[3]):
+        reusable = self._mirrored or one_pass and last is not None and last[3]
+        if last is not None and reusable and np.array_equal(last[1], self.slots):
             common = min(len(last[0]), len(ids))
             n = next((i for i in range(common) if last[0][i] != ids[i]), common)
             if n == len(ids) == len(last[0]):
@@ -187,8 +186,8 @@ class Runtime:
             out = [logits, k, v, rows[-1:]]
         elif n == len(ids) - 1:  # one piece: the decode program (routed, where prefill is
             # dense), on the one-pass form's gates (every spawned slot shut)
-            out = [*self.decode(ids[-1], n, last[2][1], last[2][2],
-                                np.zeros_like(last[2][3])), np.zeros_like(last[2][3])]
+            shut = np.zeros_like(last[2][3])
+            out = [*self.decode(ids[-1], n, last[2][1], last[2][2], shut), shut]
         else:
             out = self._prefill(ids, n, last[2][1], last[2][2])
         self.typed = (list(ids), self.slots.copy(), out, one_pass)
