@@ -27,6 +27,9 @@ SEPARABLE = 4 * GATE_LLR
 # the best other grown class's, may fall either way in a program (`opened`); float32 sums
 # of 256 log-probabilities differ from these float64 ones by at most ~0.06
 TOL = 0.25
+REACH = 2 / 3  # a domain's gate that opens on less of its newest replay than this serves
+# too little of its text through clones: growth deepens in place instead (`reach`)
+REACH_MIN = 512  # tokens of newest replay `reach` needs to judge (fewer: no judgement)
 
 
 def unigram(seqs: list[np.ndarray], vocab: int, prior: np.ndarray | None = None) -> np.ndarray:
@@ -98,6 +101,27 @@ def threshold(table: np.ndarray, gate: str | None, base: list[np.ndarray], cls: 
     replay's 99th percentile of that score (so at most ~1% of base positions open it)."""
     score = np.concatenate([scores(table, w, cls, gate)[:len(w) - 1] for w in base])
     return float(max(GATE_LLR, np.quantile(score, 1 - BASE_OPEN)))
+
+
+def reach(table: np.ndarray, gate: str | None, used: set[int], windows: list[np.ndarray],
+          base: list[np.ndarray], groups: np.ndarray | None = None) -> tuple[float, int]:
+    """(the share of positions of the newest third of a domain's replay `windows` where a
+    class built from the older two thirds opens, the positions counted): what a clone's
+    gate would serve of text the domain has not shown yet. A unigram class learns a text's
+    topics as well as its register; on text in the base's own register the topics are all
+    it has, and they change with the next text: base-2's class opened on 99% of its
+    training replay's held-out windows and on 18.5% of its held-out text (docs/growth.md,
+    placement). The class takes a free column beside the grown classes in `used`, as
+    growth's would (none free, or no newest third: (1.0, 0)); `table` is not changed."""
+    cut = max(1, len(windows) * 2 // 3)
+    t = table.copy()
+    cls = new_class(t, used, windows[:cut], base, groups)
+    if cls is None:
+        return 1.0, 0
+    thr = threshold(t, gate, base, cls)
+    newest = [scores(t, w, cls, gate)[GATE_MIN - 1:len(w) - 1] for w in windows[cut:]]
+    s = np.concatenate(newest) if newest else np.zeros(0)
+    return (float(np.mean(s >= thr)) if len(s) else 1.0), len(s)
 
 
 def parent_row(threshold: float, cls: int) -> tuple[float, float, float, float]:

@@ -56,6 +56,7 @@ budget's "learning" bytes (`plan.learning`: experts past it wait for a later sli
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -132,14 +133,47 @@ def _domain_class(work: Work, domain: str, train: list[np.ndarray],
     mine = [c for c, d in used.items() if d == domain]
     if mine:
         return mine[0]
-    sp = work.rt.sp
-    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    pieces += [f"<unnamed {i}>" for i in range(len(pieces), table.shape[0])]
-    cls = gate.new_class(table, set(used), train, base, gate.case_groups(pieces))
+    cls = gate.new_class(table, set(used), train, base, _groups(work.rt, table.shape[0]))
     if cls is None:
         raise GrowthError(f"the domain gate has no free class for {domain!r} (it holds "
                           f"{table.shape[1] - 1}); nothing was changed")
     return cls
+
+
+def _groups(rt, vocab: int) -> np.ndarray:
+    """`gate.case_groups` of the runtime's tokenizer, padded to the table's `vocab` rows."""
+    pieces = [rt.sp.id_to_piece(i) for i in range(rt.sp.get_piece_size())]
+    return gate.case_groups(pieces + [f"<unnamed {i}>" for i in range(len(pieces), vocab)])
+
+
+def _base_replay(b) -> list[np.ndarray]:
+    """The base text a new class and its threshold are calibrated on: the first half of
+    the bundle's calibration tokens in windows (the second half is the guard's)."""
+    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
+    return guard.windows([ids[:len(ids) // 2].astype(np.int64)], b.context)
+
+
+def placement(rt, domain: str, limits: Limits, store=None) -> tuple[Limits, dict | None]:
+    """The limits a slice of `domain` runs under, and why: under `place="auto"` a domain
+    without clones yet, on an fp32 bundle, whose gate would open on less than
+    `gate.REACH` of the newest third of its replay (`gate.reach`, from a class of the older
+    two thirds, on at least `gate.REACH_MIN` positions) is deepened in place: its clones
+    would serve too little of its next text (text in the base's own register); else the
+    limits as given. The second value: {"place", "reach", "positions"} when judged."""
+    b = rt.bundle
+    rows = b.manifest["experts"]["table"]
+    if (limits.place != "auto" or b.manifest["bits"] != 32 or "domains" not in b.manifest[
+            "experts"] or any(r.get("domain") == domain for r in rows)):
+        return limits, None
+    windows = guard.split((store or errormap.Store(b.path)).replay(domain), b.context)[0]
+    table = experts.domains(b, rt.backend, path=rt.weights)
+    used = {r["class"] for r in rows if r.get("kind") == "spawned" and "class" in r}
+    share, n = gate.reach(table, b.manifest["experts"].get("gate"), used, windows,
+                          _base_replay(b), _groups(rt, table.shape[0]))
+    if n < gate.REACH_MIN:
+        return limits, None
+    place = "inplace" if share < gate.REACH else "clones"
+    return replace(limits, place=place), {"place": place, "reach": share, "positions": n}
 
 
 def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
@@ -217,7 +251,8 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     judged = verdicts.judge(seen, b.manifest["calibration"], limits.experts or k)
     growing = {d: v for d, v in judged.items() if v["verdict"] != "nothing"}
     if domain is None:
-        domain = choose(rt, growing, verdicts.ranked(judged), seen, limits)
+        domain = choose(rt, growing, verdicts.ranked(judged), seen, limits,
+                        lambda d: placement(rt, d, limits, store)[0])
     report["domain"] = domain
     if domain is None or domain not in growing:
         report["reason"] = ("nothing to grow: no observed domain needs it, or those that do "
@@ -227,6 +262,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
                                  f"{judged.get(domain, {}).get('verdict', 'not observed')}")
         return report
     report["verdict"] = growing[domain]["verdict"]
+    limits, report["placement"] = placement(rt, domain, limits, store)
     try:
         steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
         done = compressed(b, domain)  # skipped, but wanting no slot
@@ -256,8 +292,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
         return report
     cut = np.cumsum([len(w) - 1 for w in train])
     train = train[:max(1, int(np.searchsorted(cut, limits.tokens)) + 1)]
-    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
-    base_router = guard.windows([ids[:len(ids) // 2].astype(np.int64)], b.context)
+    base_router = _base_replay(b)
     base_guard = guard.base_windows(rt)
     changed = {(s["layer"], s["slot"]) for s in steps}
     say(f"{domain}: {report['verdict']}; " + ", ".join(
@@ -268,11 +303,12 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     release = getattr(rt.engine, "release", None)  # the torch reference has none
     report["released"] = release(KEYBOARD) if release else []
     # an expert changed in place serves every domain: the other grown domains' held-out
-    # replay is guarded too (clones sit behind their own domain's gate)
+    # replay (their clones', and what they deepened in place) is guarded too (clones sit
+    # behind their own domain's gate)
     others = {}
     if any(s["how"] == "inplace" for s in steps):
-        grown = {r["domain"] for r in b.manifest["experts"]["table"]
-                 if r.get("kind") == "spawned"} - {domain}
+        grown = {d for r in b.manifest["experts"]["table"] for d in r.get("deepened", [])
+                 + ([r["domain"]] if r.get("kind") == "spawned" else [])} - {domain}
         others = {d: guard.split(store.replay(d), b.context)[1] for d in sorted(grown)}
     work = Work(rt, interrupt)  # the interrupt stops its runs: nothing gets committed
 
@@ -430,7 +466,12 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
     b = rt.bundle
     changes = {(s["layer"], s["slot"]): work.rt.expert(s["layer"], s["slot"]) for s in steps}
     routers, rows = {}, {}
+    table_rows = {(r["layer"], r["slot"]): r for r in b.manifest["experts"]["table"]}
     for s in steps:
+        if s["how"] == "inplace":  # who changed a base expert: guarded as a grown domain
+            key = (s["layer"], s["slot"])
+            rows[key] = {"deepened": sorted(set(table_rows[key].get("deepened", []))
+                                            | {domain})}
         if s["how"] == "spawn":
             key = (s["layer"], s["slot"])
             routers[key] = np.array(work.router(s["layer"])[s["slot"]])
@@ -441,7 +482,8 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
     summary = {k: v for k, v in report.items() if k not in ("guard", "energy", "update_norm")}
     summary |= {"committed": True, "energy": report["energy"][-1:],
                 "guard": {k: report["guard"][k] for k in ("domain_gain", "base_rise")}}
-    table = experts.domains(b, work.rt.backend, work.buf) if rows else None
+    table = (experts.domains(b, work.rt.backend, work.buf)
+             if any(s["how"] == "spawn" for s in steps) else None)
     new = versions.commit(b, changes, routers, rows, summary, table)
     rt.reload(new)
     report["committed"], report["version"] = True, new.manifest["weights"]["version"]

@@ -42,8 +42,9 @@ class Limits:
     router_steps: int = 0  # hinge steps on the clones' router rows (off: it forgot more)
     router_lr: float = 0.1
     strict: bool = False  # the strict PC schedule (bundles exported with --strict-steps)
-    place: str = "auto"  # "auto": cloned (idle experts in place when no slot is free);
-    # "inplace": all in place
+    place: str = "auto"  # "clones": cloned (idle experts in place when no slot is free);
+    # "inplace": all in place; "auto": in place where the domain's gate would serve too
+    # little of its text (`growth.placement`), else as "clones"
 
 
 def compressed(bundle, domain: str) -> set[tuple[int, int]]:
@@ -57,12 +58,13 @@ def compressed(bundle, domain: str) -> set[tuple[int, int]]:
 def _placed(rt, limits: Limits) -> bool:
     """Whether the bundle's base experts are frozen (quantized: clones only); GrowthError
     for a `limits.place` the bundle cannot honour, whichever domain grows."""
-    if limits.place not in ("auto", "inplace"):
-        raise GrowthError(f"place must be 'auto' or 'inplace', got {limits.place!r}")
+    if limits.place not in ("auto", "clones", "inplace"):
+        raise GrowthError(f"place must be 'auto', 'clones' or 'inplace', got {limits.place!r}")
     frozen = rt.bundle.manifest["bits"] != 32  # quantized base experts: clones only
     if frozen and limits.place == "inplace":
         raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
-                          "are quantized and frozen: it grows clones only (place 'auto')")
+                          "are quantized and frozen: it grows clones only (place 'auto' or "
+                          "'clones')")
     return frozen
 
 
@@ -97,7 +99,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
             clones[row["layer"], row["parent"]] = row["slot"]
         elif row.get("kind") == "spawned":
             others.add((row["layer"], row["slot"]))
-    if not clones and limits.place == "auto":  # the domain's first clones bring its class:
+    if not clones and limits.place != "inplace":  # the domain's first clones bring its class:
         # where it wins, other domains' gates close, so the domain's tokens leave the other
         # clones they reach now; those are cloned too (after the named ones), so it keeps
         # what they gave it (a work slice that cloned layer 0 only lost science's clones in
@@ -166,12 +168,14 @@ def learning(bundle, steps: list[dict]) -> tuple[list[dict], list[dict]]:
     return steps[:n], steps[n:]
 
 
-def choose(rt, growing: dict, ranked: list[str], seen: dict, limits: Limits) -> str | None:
+def choose(rt, growing: dict, ranked: list[str], seen: dict, limits: Limits,
+           placed=None) -> str | None:
     """The domain to grow when none is asked for: the most wanted one with a plan that
     needs no other domain's slot, else the most wanted one that has no free slot (reclaim
     may free one), else None (the rest have nothing left: compressed). A domain whose last
     slice was refused waits until a slice's worth of new tokens (`limits.tokens`) was
-    observed: the same replay would be refused again."""
+    observed: the same replay would be refused again. `placed(domain)`: the limits a
+    domain's plan is made under (`growth.placement`), default `limits`."""
     _placed(rt, limits)  # not the domain's fault: said, not passed over
     blocked = None
     for d in ranked:
@@ -179,7 +183,7 @@ def choose(rt, growing: dict, ranked: list[str], seen: dict, limits: Limits) -> 
         if at is not None and seen["domains"][d]["tokens"] - at < limits.tokens:
             continue
         try:
-            plan(rt, growing[d], d, seen, limits)
+            plan(rt, growing[d], d, seen, placed(d) if placed else limits)
             return d
         except NoSlotError:
             blocked = blocked or d

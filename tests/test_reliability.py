@@ -211,11 +211,11 @@ def test_forget_leaves_no_trace_of_the_text_in_any_file(tiny_bundle, tmp_path):
 def test_poisoned_input_never_commits_a_regression(capsys, tiny_bundle, corpus_dir, text,
                                                    tmp_path):
     """`moegrow bench poison` on the tiny bundle, every case once, as the product grows
-    (gated clones) and in place (the base experts themselves, where only the guard
-    protects the base): no committed slice makes the independent base text worse than the
-    guard's bound, the guard refuses the in-place slices that would (shuffled base text,
-    very long words), and prompts at and past the context are answered or refused with
-    `InputError`."""
+    (gated clones, or in place where a gate would serve too little of the text) and in
+    place (the base experts themselves, where only the guard protects the base): no
+    committed slice makes the independent base text worse than the guard's bound, the
+    guard refuses the in-place slices that would (shuffled base text, very long words),
+    and prompts at and past the context are answered or refused with `InputError`."""
     from moegrow.tools import poison
 
     code, out, err = run(capsys, "bench", "poison", str(tiny_bundle), "--old",
@@ -230,8 +230,8 @@ def test_poisoned_input_never_commits_a_regression(capsys, tiny_bundle, corpus_d
         else:
             assert row["reason"]
     refused = [row for row in r["rows"] if (row["reason"] or "").startswith("guard")]
-    assert refused and all(row["place"] == "inplace" and row["guard_base_rise"] > poison.BOUND
-                           for row in refused)
+    assert refused and all(row["placed"] == "inplace" and row["guard_base_rise"] > poison.BOUND
+                           for row in refused)  # in place as asked, or as `auto` chose
     assert all(row["base_rise"] == 0 for row in refused)  # nothing of it was committed
     assert all(v == "answered" or v.startswith("InputError") for v in r["serving"].values())
     assert r["serving"]["past-context/score"] == "answered"  # scored in windows

@@ -92,19 +92,22 @@ def compress(bundle_dir: str, domain: str | None, backend: str, as_json: bool) -
 @click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
               show_default=True, help="The engine that runs the PC programs (ONNX Runtime's "
               "sweeps are 2-4x faster than ExecuTorch's here); the commit serves both.")
-@click.option("--place", type=click.Choice(["auto", "inplace"]), default=growth.Limits.place,
-              show_default=True, help="auto: clone the named experts behind the domain's "
-              "gate (in place only once a layer has no free slot); inplace: deepen the named "
-              "experts themselves, no gate, for all text (fp32 bundles: text in the base's own "
-              "register, which a gate cannot tell from it, gains more so; docs/growth.md).")
+@click.option("--place", type=click.Choice(["auto", "clones", "inplace"]),
+              default=growth.Limits.place, show_default=True,
+              help="clones: clone the named experts behind the domain's gate (in place only "
+              "once a layer has no free slot); inplace: deepen the named experts themselves, "
+              "no gate, for all text (fp32 bundles); auto: in place where a gate would open "
+              "on under 2/3 of the domain's newest replay (text in the base's own register, "
+              "which a gate cannot tell from it: docs/growth.md, placement), else clones.")
 @click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
 def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps: int,
          passes: int, strict: bool, backend: str, place: str, as_json: bool) -> None:
     """One idle slice of growth on BUNDLE: from the error map's verdict, clone the named
     experts into spare slots behind the domain's gate (an expert the base never chose
-    deepens in place once its layer has no free slot), run bounded PC steps on the domain's
-    replay text, and commit a new weights version only if the guard passes (held-out domain
-    text improves, base text does not worsen by more than 0.5%)."""
+    deepens in place once its layer has no free slot; on fp32 bundles text a gate cannot
+    tell from the base's deepens the named experts in place: --place), run bounded PC steps
+    on the domain's replay text, and commit a new weights version only if the guard passes
+    (held-out domain text improves, base text does not worsen by more than 0.5%)."""
     rt = runtime.open(bundle_dir, backend)
     with console.Bars() as bars:  # the plan, then the PC steps as a bar on a terminal
         r = rt.idle(seconds, domain, progress=bars, tokens=tokens, steps=steps, passes=passes,
@@ -112,8 +115,10 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
     what = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
                      + (f"->e{s['slot']}" if s["how"] == "spawn" else "") for s in r["plan"])
     guard = r["guard"] or {}
-    text = (f"{r['domain']}: {r['verdict'] or 'nothing'}; {what or 'no change planned'}; "
-            f"{r['steps']} steps on {r['tokens']} tokens"
+    placed = r.get("placement") or {}
+    text = (f"{r['domain']}: {r['verdict'] or 'nothing'}; {what or 'no change planned'}"
+            + (f" (its gate would open on {placed['reach']:.0%} of its newest replay)"
+               if placed else "") + f"; {r['steps']} steps on {r['tokens']} tokens"
             + (f"; domain ppl {-guard['domain_gain']:+.2%}, base ppl "
                f"{guard['base_rise']:+.2%}" if guard else "")
             + (f"; committed version {r['version']}" if r["committed"] else

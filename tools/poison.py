@@ -9,7 +9,8 @@ text's words in random order: base statistics, no sentences), `long-words` (word
 200-3,000 letters), and `mixed` (the base text with every tenth word replaced by random
 bytes). For each case and seed, on a
 fresh copy of the bundle: observe the text, run one growth slice for it with the default
-limits, as the product grows (`auto`: gated clones) and, on an fp32 bundle, with every
+limits, as the product grows (`auto`: gated clones, or in place where a gate would serve
+too little of the text: `growth.placement`) and, on an fp32 bundle, with every
 update in place (`inplace`: the base experts themselves change, ungated: updates that can
 hurt the base, which only the guard stands against), and measure the base held-out text
 (the first 40,000 characters of `--old`: never observed, an independent judge beside the
@@ -111,7 +112,9 @@ def run_case(src: Path, work: Path, case: str, seed: int, text: str, old: str, b
         rise = after["base"] / before["base"] - 1
         worse = after["own"] > before["own"] * (1 + 1e-6)
         guard = r.get("guard") or {}
-        return {"case": case, "seed": seed, "place": place, "tokens": observed["tokens"],
+        placed = (r.get("placement") or {}).get("place", place)  # auto's choice
+        return {"case": case, "seed": seed, "place": place, "placed": placed,
+                "tokens": observed["tokens"],
                 "verdict": r.get("verdict"), "committed": bool(r.get("committed")),
                 "reason": r.get("reason"), "guard_base_rise": guard.get("base_rise"),
                 "guard_domain_gain": guard.get("domain_gain"), "before": before,
@@ -189,7 +192,9 @@ def report(r: dict) -> str:
              "base held-out | own held-out | why not |", "|---" * 10 + "|"]
     for x in r["rows"]:
         why = (x["reason"] or "").replace("|", "/")[:80]
-        lines.append(f"| {x['case']} | {x['seed']} | {x['place']} | {x['tokens']} | "
+        place = x["place"] + (f" ({x['placed']})" if x.get("placed", x["place"]) != x["place"]
+                              else "")
+        lines.append(f"| {x['case']} | {x['seed']} | {place} | {x['tokens']} | "
                      f"{x['verdict']} | "
                      f"{'yes' if x['committed'] else 'no'} | {_pct(x['guard_base_rise'])} / "
                      f"{_pct(x['guard_domain_gain'])} | {_pct(x['base_rise'])} | "

@@ -1,0 +1,98 @@
+"""Where growth puts a domain's update (`growth.placement`, `gate.reach`): clones behind the
+domain's gate where that gate would open on the domain's next text, the named experts
+themselves (in place, fp32 bundles) where it would not: text in the base's own register,
+which a unigram class tells from the base by its topics alone."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+from conftest import exported, german, run_cli, synthetic_text
+from moegrow import runtime
+from moegrow.runtime import bundle as bundle_format
+from moegrow.runtime import gate, growth
+
+
+def _windows(rng, tokens, n=12, length=64):
+    return [np.concatenate([[1], rng.choice(tokens, length - 1)]) for _ in range(n)]
+
+
+def test_reach_is_what_a_class_of_the_older_replay_opens_on_the_newest():
+    """A domain that keeps its words: the class of its older two thirds opens on its newest
+    third; one whose topics move on (the base's own register, word by word the base's):
+    it does not. The table is left as it was, and a class is taken beside the used ones."""
+    rng = np.random.default_rng(0)
+    vocab = 40
+    table = np.zeros((vocab, 3), np.float32)
+    table[:, 2] = np.log(1 / vocab)  # a grown class, used
+    base = _windows(rng, np.arange(2, vocab), 40)
+    kept = _windows(rng, np.arange(2, 8))
+    moving = _windows(rng, np.arange(2, 8), 8) + _windows(rng, np.arange(20, 26), 4)
+    before = table.copy()
+    share, n = gate.reach(table, "base-and-argmax", {2}, kept, base)
+    assert share > 0.95 and n == 4 * (64 - gate.GATE_MIN)
+    share, n = gate.reach(table, "base-and-argmax", {2}, moving, base)
+    assert share < 0.05 and n == 4 * (64 - gate.GATE_MIN)
+    assert np.array_equal(table, before)
+    assert gate.reach(table, "base-and-argmax", {1, 2}, kept, base) == (1.0, 0)  # no class free
+
+
+def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bundle,
+                                                                         tmp_path):
+    """Under `auto` on the tiny fp32 bundle: notes in its own register (its pretraining
+    text's kind) deepen the named experts in place, the rows record who did; German, which
+    its gate tells apart, spawns clones; a second in-place domain's guard then scores the
+    held-out replay of both (others_rise). `--place clones` keeps the old rule."""
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    rt = runtime.open(path, "onnxruntime")
+    rt.observe(synthetic_text(300, seed=11), "notes")
+    r = rt.idle(600, "notes", tokens=2048, steps=3)
+    p = r["placement"]
+    assert p["place"] == "inplace" and p["reach"] < gate.REACH <= 1
+    assert p["positions"] >= gate.REACH_MIN
+    assert r["plan"] and all(s["how"] == "inplace" and s["slot"] == s["parent"]
+                             for s in r["plan"])
+    assert r["committed"], r["reason"]
+    assert r["guard"]["base_rise"] <= r["guard"]["bound"] and r["guard"]["others_rise"] == {}
+    table = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
+    assert all(table[s["layer"], s["slot"]]["deepened"] == ["notes"] for s in r["plan"])
+    assert sum("deepened" in x for x in table.values()) == len(r["plan"])
+
+    rt.observe(german(300), "de")
+    r = rt.idle(600, "de", tokens=2048, steps=3)
+    assert r["placement"]["place"] == "clones" and r["placement"]["reach"] >= gate.REACH
+    assert r["committed"] and all(s["how"] == "spawn" for s in r["plan"]), r["reason"]
+
+    rt.observe(synthetic_text(300, seed=12), "mail")
+    r = rt.idle(600, "mail", tokens=2048, steps=3)
+    assert r["placement"]["place"] == "inplace" and r["guard"], r["reason"]
+    assert set(r["guard"]["others_rise"]) == {"notes", "de"}
+
+    rt.observe(synthetic_text(300, seed=13), "todo")  # judged only under auto
+    clones = growth.Limits(place="clones")
+    assert growth.placement(rt, "todo", clones) == (clones, None)
+    assert growth.placement(rt, "todo", growth.Limits())[1]["place"] == "inplace"
+
+
+def test_idle_says_where_it_placed_and_refuses_a_bad_place(capsys, tiny_bundle, tmp_path):
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    runtime.open(path, "onnxruntime").observe(synthetic_text(300, seed=11), "notes")
+    before = bundle_format.load(path).manifest
+    code, _, err = run_cli(capsys, "idle", str(path), "--place", "sideways")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert bundle_format.load(path).manifest == before
+    code, out, err = run_cli(capsys, "idle", str(path), "--tokens", "2048", "--steps", "2")
+    assert code == 0, err
+    assert "inplace L" in out and "of its newest replay" in out
+
+
+def test_a_quantized_bundle_keeps_to_clones(exports, tmp_path):
+    """int4 base experts are frozen: `auto` does not judge the place (clones, as before)."""
+    path = tmp_path / "q"
+    shutil.copytree(exported(exports["mixtral", 4]), path)
+    rt = runtime.open(path, "onnxruntime")
+    rt.observe(synthetic_text(300, seed=11), "notes")
+    assert growth.placement(rt, "notes", growth.Limits()) == (growth.Limits(), None)
