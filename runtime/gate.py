@@ -27,6 +27,8 @@ SEPARABLE = 4 * GATE_LLR
 # the best other grown class's, may fall either way in a program (`opened`); float32 sums
 # of 256 log-probabilities differ from these float64 ones by at most ~0.06
 TOL = 0.25
+OPEN = 2 * CLOSED  # a threshold every score reaches, `CLOSED` too: a clone open everywhere
+# (an int4 bundle's "in place": its base experts are frozen, `plan`)
 REACH = 2 / 3  # a domain's gate that opens on less of its newest replay than this serves
 # too little of its text through clones: growth deepens in place instead (`reach`)
 REACH_MIN = 512  # tokens of newest replay `reach` needs to judge (fewer: no judgement)

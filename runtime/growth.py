@@ -88,8 +88,9 @@ def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits
     its logit is pushed down (the domain keeps reaching the clone wherever it reached the
     parent: the clone wins that tie by BIAS)."""
     out = {}
-    for layer in sorted({s["layer"] for s in steps if s["how"] == "spawn"}):
-        clones = [s["slot"] for s in steps if s["how"] == "spawn" and s["layer"] == layer]
+    gated = [s for s in steps if s["how"] == "spawn" and not s.get("open")]
+    for layer in sorted({s["layer"] for s in gated}):
+        clones = [s["slot"] for s in gated if s["layer"] == layer]
         sets = []
         for w in base:
             d = work.rt.deepen(layer, w, False)
@@ -155,16 +156,21 @@ def _base_replay(b) -> list[np.ndarray]:
 
 def placement(rt, domain: str, limits: Limits, store=None) -> tuple[Limits, dict | None]:
     """The limits a slice of `domain` runs under, and why: under `place="auto"` a domain
-    without clones yet, on an fp32 bundle, whose gate would open on less than
-    `gate.REACH` of the newest third of its replay (`gate.reach`, from a class of the older
-    two thirds, on at least `gate.REACH_MIN` positions) is deepened in place: its clones
-    would serve too little of its next text (text in the base's own register); else the
-    limits as given. The second value: {"place", "reach", "positions"} when judged."""
+    without clones yet whose gate would open on less than `gate.REACH` of the newest
+    third of its replay (`gate.reach`, from a class of the older two thirds, on at least
+    `gate.REACH_MIN` positions) is placed in place: its clones would serve too little of
+    its next text (text in the base's own register). In place, an fp32 bundle deepens the
+    named experts themselves, an int4 bundle (frozen experts) clones them open everywhere
+    (`plan`), and a domain with such clones stays in place; else the limits as given. The
+    second value: {"place", "reach", "positions"} when judged."""
     b = rt.bundle
     rows = b.manifest["experts"]["table"]
-    if (limits.place != "auto" or b.manifest["bits"] != 32 or "domains" not in b.manifest[
-            "experts"] or any(r.get("domain") == domain for r in rows)):
+    if limits.place != "auto" or "domains" not in b.manifest["experts"]:
         return limits, None
+    mine = [r for r in rows if r.get("kind") == "spawned" and r.get("domain") == domain]
+    if mine:  # placed once: clones open everywhere (int4 in place) stay so
+        wide = all(r["threshold"] <= gate.OPEN for r in mine)
+        return (replace(limits, place="inplace") if wide else limits), None
     windows = guard.split((store or errormap.Store(b.path)).replay(domain), b.context)[0]
     table = experts.domains(b, rt.backend, path=rt.weights)
     used = {r["class"] for r in rows if r.get("kind") == "spawned" and "class" in r}
@@ -306,7 +312,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     # replay (their clones', and what they deepened in place) is guarded too (clones sit
     # behind their own domain's gate)
     others = {}
-    if any(s["how"] == "inplace" for s in steps):
+    if limits.place == "inplace" or any(s["how"] == "inplace" for s in steps):
         grown = {d for r in b.manifest["experts"]["table"] for d in r.get("deepened", [])
                  + ([r["domain"]] if r.get("kind") == "spawned" else [])} - {domain}
         others = {d: guard.split(store.replay(d), b.context)[1] for d in sorted(grown)}
@@ -345,8 +351,12 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
           domain: str, policy) -> str | None:
     """Spawn, train the router rows, then PC steps; returns why it stopped early, or None."""
     if any(s["how"] == "spawn" for s in steps):
-        report["class"] = cls = _domain_class(work, domain, train, base)
-        report["threshold"] = threshold = _threshold(work, base, cls)
+        if any(s.get("open") for s in steps):  # in place on a frozen bundle: no gate
+            cls, threshold = 0, gate.OPEN
+        else:
+            cls = _domain_class(work, domain, train, base)
+            threshold = _threshold(work, base, cls)
+        report["class"], report["threshold"] = cls, threshold
         if threshold > gate.SEPARABLE:
             report["inseparable"] = True  # recorded as refused: wait for new text
             return (f"the domain gate cannot tell {domain!r} from base text (its threshold "
@@ -357,8 +367,10 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
                 work.set_expert(s["layer"], s["slot"], work.rt.expert(s["layer"], s["parent"]))
                 work.router(s["layer"])[s["slot"]] = work.router(s["layer"])[s["parent"]]
                 work.rt.slots[s["layer"], :, s["slot"]] = (BIAS, 1.0, threshold, cls)
-                if not work.rt.slots[s["layer"], :, s["parent"]].any():  # the first clone
-                    # of that expert replaces it where its gate opens (`gate.parent_row`)
+                parent = work.rt.slots[s["layer"], :, s["parent"]]
+                if not parent.any() or parent[2] <= gate.OPEN:  # the first clone of that
+                    # expert (or of a clone open everywhere) replaces it where its gate
+                    # opens (`gate.parent_row`)
                     work.rt.slots[s["layer"], :, s["parent"]] = gate.parent_row(threshold, cls)
                     s["replaces"] = True
     work.reload()

@@ -2,8 +2,10 @@
 
 `plan` turns a domain's verdict into steps: a named expert is cloned into a free spare slot
 of its layer ("spawn"), its clone deepened further ("clone"), or, with no slot left, an idle
-expert of an fp32 bundle deepened in place; `choose` picks the domain when none is asked
-for. `NoSlotError` names the layers without a free slot, for the reclaim (`compress.py`).
+expert of an fp32 bundle deepened in place; placed in place (`Limits.place`), an fp32
+bundle's named experts are deepened themselves, an int4 bundle's cloned open everywhere.
+`choose` picks the domain when none is asked for. `NoSlotError` names the layers without a
+free slot, for the reclaim (`compress.py`).
 """
 
 from __future__ import annotations
@@ -56,16 +58,11 @@ def compressed(bundle, domain: str) -> set[tuple[int, int]]:
 
 
 def _placed(rt, limits: Limits) -> bool:
-    """Whether the bundle's base experts are frozen (quantized: clones only); GrowthError
-    for a `limits.place` the bundle cannot honour, whichever domain grows."""
+    """Whether the bundle's base experts are frozen (quantized: clones only, "inplace" as
+    clones open everywhere); GrowthError for a `limits.place` that is none of the three."""
     if limits.place not in ("auto", "clones", "inplace"):
         raise GrowthError(f"place must be 'auto', 'clones' or 'inplace', got {limits.place!r}")
-    frozen = rt.bundle.manifest["bits"] != 32  # quantized base experts: clones only
-    if frozen and limits.place == "inplace":
-        raise GrowthError(f"the base experts of this int{rt.bundle.manifest['bits']} bundle "
-                          "are quantized and frozen: it grows clones only (place 'auto' or "
-                          "'clones')")
-    return frozen
+    return rt.bundle.manifest["bits"] != 32
 
 
 def plan(rt, verdict: dict, domain: str, seen: dict,
@@ -90,7 +87,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                 if mine:
                     named.append((int(layer), max(mine, key=mine.get)))
     frozen = _placed(rt, limits)
-    free, clones, others = {}, {}, set()
+    free, clones, others, cloned, under = {}, {}, set(), set(), {}
     done = compressed(rt.bundle, domain)
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
@@ -99,6 +96,8 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
             clones[row["layer"], row["parent"]] = row["slot"]
         elif row.get("kind") == "spawned":
             others.add((row["layer"], row["slot"]))
+            cloned.add((row["layer"], row["parent"]))
+            under[row["layer"], row["slot"]] = row["parent"]
     if not clones and limits.place != "inplace":  # the domain's first clones bring its class:
         # where it wins, other domains' gates close, so the domain's tokens leave the other
         # clones they reach now; those are cloned too (after the named ones), so it keeps
@@ -116,6 +115,9 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
     out, per_layer, skipped, taken = [], {}, [], set()
     for layer, parent in named:
         parent = own.get((layer, parent), parent)  # a clone of its own, named: its parent
+        while limits.place == "inplace" and not frozen and (layer, parent) in under:
+            parent = under[layer, parent]  # another domain's clone: the base expert under
+            # it, which the domain's text reaches wherever that clone's gate is shut
         if per_layer.get(layer, 0) >= k or (layer, parent) in taken:
             continue
         if (layer, parent) in done:
@@ -130,6 +132,14 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                         "how": "clone"})
         elif limits.place == "inplace" and not frozen and (layer, parent) not in others:
             out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
+        elif limits.place == "inplace" and frozen:  # a clone open everywhere takes the
+            # parent's place for all text (`gate.OPEN`); not beside another domain's clone
+            # of it (both would open, and tie for a token's first two experts)
+            if (layer, parent) in others | cloned or not free.get(layer):
+                skipped.append([layer, parent])
+                continue
+            out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
+                        "how": "spawn", "open": True})
         elif free.get(layer):  # behind the domain's gate: no other text reaches it
             out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
                         "how": "spawn"})

@@ -89,10 +89,44 @@ def test_idle_says_where_it_placed_and_refuses_a_bad_place(capsys, tiny_bundle, 
     assert "inplace L" in out and "of its newest replay" in out
 
 
-def test_a_quantized_bundle_keeps_to_clones(exports, tmp_path):
-    """int4 base experts are frozen: `auto` does not judge the place (clones, as before)."""
+def test_in_place_on_an_int4_bundle_clones_open_for_all_text(exports, tmp_path,
+                                                              monkeypatch):
+    """int4 base experts are frozen: placed in place, the named experts are cloned into
+    fp32 spare slots open for all text (`gate.OPEN`), each closing its parent everywhere,
+    so every text that reached the parent reaches the clone; later slices deepen those
+    clones, and another domain's gated clone of one closes it where its own gate opens."""
     path = tmp_path / "q"
     shutil.copytree(exported(exports["mixtral", 4]), path)
     rt = runtime.open(path, "onnxruntime")
     rt.observe(synthetic_text(300, seed=11), "notes")
-    assert growth.placement(rt, "notes", growth.Limits()) == (growth.Limits(), None)
+    r = rt.idle(600, "notes", tokens=2048, steps=3)
+    assert r["placement"]["place"] == "inplace" and r["committed"], r["reason"]
+    assert r["plan"] and all(s["how"] == "spawn" and s["open"] for s in r["plan"])
+    assert r["threshold"] == gate.OPEN and r["class"] == 0
+    g = r["guard"]
+    assert min(max(g["after"][t]["reach"]) for t in ("domain", "base")) > 0.05  # all text
+    table = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
+    slots = rt.slots
+    for s in r["plan"]:
+        assert table[s["layer"], s["slot"]]["threshold"] == gate.OPEN
+        assert table[s["layer"], s["slot"]]["bits"] == 32 and table[s["layer"], s["parent"]][
+            "bits"] == 4
+        ids = np.array([1] + rt.sp.encode(synthetic_text(20, seed=3)), np.int64)[:64]
+        opened, unsure = gate.opened(rt._table(), slots, ids)
+        assert opened[s["layer"], :, s["slot"]].all() and not unsure.any()
+        assert not opened[s["layer"], :, s["parent"]].any()
+    again = rt.idle(600, "notes", tokens=2048, steps=2)
+    assert [(s["layer"], s["slot"], s["how"]) for s in again["plan"]] == [
+        (s["layer"], s["slot"], "clone") for s in r["plan"]]
+    # German's gated clone of an open clone closes it where German's gate opens
+    rt.observe(german(300), "de")
+    layer, slot = r["plan"][0]["layer"], r["plan"][0]["slot"]
+    free = [x["slot"] for x in rt.bundle.manifest["experts"]["table"]
+            if x["layer"] == layer and x["kind"] == "spare"]
+    step = {"layer": layer, "parent": slot, "slot": free[0], "how": "spawn"}
+    monkeypatch.setattr(growth, "plan", lambda *args: ([dict(step)], []))
+    de = rt.idle(600, "de", tokens=2048, steps=2)
+    assert de["plan"][0]["replaces"] and de["threshold"] >= gate.GATE_LLR
+    if de["committed"]:
+        np.testing.assert_allclose(rt.slots[layer, :, slot],
+                                   gate.parent_row(de["threshold"], de["class"]))

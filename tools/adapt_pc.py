@@ -115,7 +115,8 @@ def sequence(job: dict, workdir: Path, say) -> dict:
             "reason": r["reason"], "verdict": r["verdict"],
             "version": rt.bundle.manifest["weights"]["version"],
             "plan": [f"{s['how']} L{s['layer']} e{s['parent']}" for s in r["plan"]],
-            "skipped": r["skipped"], "reclaimed": [  # other domains compressed first
+            "skipped": r["skipped"], "placement": r.get("placement"),
+            "reclaimed": [  # other domains compressed first
                 {k: c[k] for k in ("domain", "moves", "committed", "reason",
                                    "reclaimed_bytes")} | {"guard": c["guard"] and {
                     k: c["guard"][k] for k in ("domain_rise", "base_rise")}}

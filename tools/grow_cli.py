@@ -96,7 +96,8 @@ def compress(bundle_dir: str, domain: str | None, backend: str, as_json: bool) -
               default=growth.Limits.place, show_default=True,
               help="clones: clone the named experts behind the domain's gate (in place only "
               "once a layer has no free slot); inplace: deepen the named experts themselves, "
-              "no gate, for all text (fp32 bundles); auto: in place where a gate would open "
+              "no gate, for all text (int4 bundles, whose experts are frozen: clones open "
+              "for all text take their place); auto: in place where a gate would open "
               "on under 2/3 of the domain's newest replay (text in the base's own register, "
               "which a gate cannot tell from it: docs/growth.md, placement), else clones.")
 @click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
@@ -104,8 +105,8 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
          passes: int, strict: bool, backend: str, place: str, as_json: bool) -> None:
     """One idle slice of growth on BUNDLE: from the error map's verdict, clone the named
     experts into spare slots behind the domain's gate (an expert the base never chose
-    deepens in place once its layer has no free slot; on fp32 bundles text a gate cannot
-    tell from the base's deepens the named experts in place: --place), run bounded PC steps
+    deepens in place once its layer has no free slot; text a gate cannot tell from the
+    base's deepens the named experts in place: --place), run bounded PC steps
     on the domain's replay text, and commit a new weights version only if the guard passes
     (held-out domain text improves, base text does not worsen by more than 0.5%)."""
     rt = runtime.open(bundle_dir, backend)
@@ -113,7 +114,8 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
         r = rt.idle(seconds, domain, progress=bars, tokens=tokens, steps=steps, passes=passes,
                     strict=strict, place=place)
     what = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}"
-                     + (f"->e{s['slot']}" if s["how"] == "spawn" else "") for s in r["plan"])
+                     + (f"->e{s['slot']}" if s["how"] == "spawn" else "")
+                     + (" (open to all text)" if s.get("open") else "") for s in r["plan"])
     guard = r["guard"] or {}
     placed = r.get("placement") or {}
     text = (f"{r['domain']}: {r['verdict'] or 'nothing'}; {what or 'no change planned'}"
