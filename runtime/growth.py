@@ -169,7 +169,7 @@ def placement(rt, domain: str, limits: Limits, store=None) -> tuple[Limits, dict
         return limits, None
     mine = [r for r in rows if r.get("kind") == "spawned" and r.get("domain") == domain]
     if mine:  # placed once: clones open everywhere (int4 in place) stay so
-        wide = all(r["threshold"] <= gate.OPEN for r in mine)
+        wide = all(r.get("threshold", 0) <= gate.OPEN for r in mine)
         return (replace(limits, place="inplace") if wide else limits), None
     windows = guard.split((store or errormap.Store(b.path)).replay(domain), b.context)[0]
     table = experts.domains(b, rt.backend, path=rt.weights)

@@ -96,8 +96,9 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
             clones[row["layer"], row["parent"]] = row["slot"]
         elif row.get("kind") == "spawned":
             others.add((row["layer"], row["slot"]))
-            cloned.add((row["layer"], row["parent"]))
-            under[row["layer"], row["slot"]] = row["parent"]
+            if "parent" in row:  # (a placeholder row may have none)
+                cloned.add((row["layer"], row["parent"]))
+                under[row["layer"], row["slot"]] = row["parent"]
     if not clones and limits.place != "inplace":  # the domain's first clones bring its class:
         # where it wins, other domains' gates close, so the domain's tokens leave the other
         # clones they reach now; those are cloned too (after the named ones), so it keeps
