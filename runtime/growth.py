@@ -4,7 +4,10 @@
   1. domain and plan, from the error map's verdicts (`verdicts.judge`): `deepen` names experts,
      `spawn` names layers (the parent there is the expert the domain's tokens pick most);
      with a domain's first clones (its class), other domains' clones that its tokens reach
-     now are cloned for it too (`TAKEOVER`). A named expert is cloned into a free spare
+     now are cloned for it too (`TAKEOVER`). Under `Limits.place` "auto" a domain whose gate
+     would open on too little of its newest replay is placed in place (`placement`): an
+     fp32 bundle deepens the named experts themselves, an int4 bundle clones them open for
+     all text. A named expert is cloned into a free spare
      slot of its layer (its parent is never changed; a quantized parent's clone starts from
      its dequantized weights, the fp32 copy the deepening programs hold); one that the base
      calibration never chose (idle) deepens in place when its layer has no free slot left
@@ -56,13 +59,24 @@ budget's "learning" bytes (`plan.learning`: experts past it wait for a later sli
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from . import backends, errormap, experts, gate, guard, verdicts, versions
-from .plan import TAKEOVER, GrowthError, Limits, NoSlotError, choose, compressed, learning, plan
+from .plan import (
+    TAKEOVER,
+    GrowthError,
+    Limits,
+    NoSlotError,
+    base_replay,
+    choose,
+    compressed,
+    groups,
+    learning,
+    placement,
+    plan,
+)
 from .work import Work
 
 # the programs a keystroke runs stay loaded through a slice: a keystroke that interrupts it
@@ -70,7 +84,7 @@ from .work import Work
 KEYBOARD = {"prefill", "decode", "prefill_gated", "decode_gated"}
 
 __all__ = ["TAKEOVER", "GrowthError", "Limits", "NoSlotError", "choose", "compressed", "idle",
-           "learning", "plan"]
+           "learning", "placement", "plan"]
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
@@ -134,52 +148,11 @@ def _domain_class(work: Work, domain: str, train: list[np.ndarray],
     mine = [c for c, d in used.items() if d == domain]
     if mine:
         return mine[0]
-    cls = gate.new_class(table, set(used), train, base, _groups(work.rt, table.shape[0]))
+    cls = gate.new_class(table, set(used), train, base, groups(work.rt, table.shape[0]))
     if cls is None:
         raise GrowthError(f"the domain gate has no free class for {domain!r} (it holds "
                           f"{table.shape[1] - 1}); nothing was changed")
     return cls
-
-
-def _groups(rt, vocab: int) -> np.ndarray:
-    """`gate.case_groups` of the runtime's tokenizer, padded to the table's `vocab` rows."""
-    pieces = [rt.sp.id_to_piece(i) for i in range(rt.sp.get_piece_size())]
-    return gate.case_groups(pieces + [f"<unnamed {i}>" for i in range(len(pieces), vocab)])
-
-
-def _base_replay(b) -> list[np.ndarray]:
-    """The base text a new class and its threshold are calibrated on: the first half of
-    the bundle's calibration tokens in windows (the second half is the guard's)."""
-    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
-    return guard.windows([ids[:len(ids) // 2].astype(np.int64)], b.context)
-
-
-def placement(rt, domain: str, limits: Limits, store=None) -> tuple[Limits, dict | None]:
-    """The limits a slice of `domain` runs under, and why: under `place="auto"` a domain
-    without clones yet whose gate would open on less than `gate.REACH` of the newest
-    third of its replay (`gate.reach`, from a class of the older two thirds, on at least
-    `gate.REACH_MIN` positions) is placed in place: its clones would serve too little of
-    its next text (text in the base's own register). In place, an fp32 bundle deepens the
-    named experts themselves, an int4 bundle (frozen experts) clones them open everywhere
-    (`plan`), and a domain with such clones stays in place; else the limits as given. The
-    second value: {"place", "reach", "positions"} when judged."""
-    b = rt.bundle
-    rows = b.manifest["experts"]["table"]
-    if limits.place != "auto" or "domains" not in b.manifest["experts"]:
-        return limits, None
-    mine = [r for r in rows if r.get("kind") == "spawned" and r.get("domain") == domain]
-    if mine:  # placed once: clones open everywhere (int4 in place) stay so
-        wide = all(r.get("threshold", 0) <= gate.OPEN for r in mine)
-        return (replace(limits, place="inplace") if wide else limits), None
-    windows = guard.split((store or errormap.Store(b.path)).replay(domain), b.context)[0]
-    table = experts.domains(b, rt.backend, path=rt.weights)
-    used = {r["class"] for r in rows if r.get("kind") == "spawned" and "class" in r}
-    share, n = gate.reach(table, b.manifest["experts"].get("gate"), used, windows,
-                          _base_replay(b), _groups(rt, table.shape[0]))
-    if n < gate.REACH_MIN:
-        return limits, None
-    place = "inplace" if share < gate.REACH else "clones"
-    return replace(limits, place=place), {"place": place, "reach": share, "positions": n}
 
 
 def _threshold(work: Work, base: list[np.ndarray], cls: int) -> float:
@@ -298,7 +271,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
         return report
     cut = np.cumsum([len(w) - 1 for w in train])
     train = train[:max(1, int(np.searchsorted(cut, limits.tokens)) + 1)]
-    base_router = _base_replay(b)
+    base_router = base_replay(b)
     base_guard = guard.base_windows(rt)
     changed = {(s["layer"], s["slot"]) for s in steps}
     say(f"{domain}: {report['verdict']}; " + ", ".join(

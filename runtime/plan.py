@@ -4,15 +4,19 @@
 of its layer ("spawn"), its clone deepened further ("clone"), or, with no slot left, an idle
 expert of an fp32 bundle deepened in place; placed in place (`Limits.place`), an fp32
 bundle's named experts are deepened themselves, an int4 bundle's cloned open everywhere.
-`choose` picks the domain when none is asked for. `NoSlotError` names the layers without a
-free slot, for the reclaim (`compress.py`).
+`placement` decides, under `Limits.place` "auto", whether a domain goes in place (its gate
+would serve too little of its next text); `choose` picks the domain when none is asked
+for. `NoSlotError` names the layers without a free slot, for the reclaim (`compress.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 from moegrow.device_kernels import layout
+
+from . import errormap, experts, gate, guard
 
 TAKEOVER = 0.1  # another domain's clone that this share of a new domain's tokens reach is
 # cloned for it too (see `plan`)
@@ -201,3 +205,46 @@ def choose(rt, growing: dict, ranked: list[str], seen: dict, limits: Limits,
         except GrowthError:
             continue
     return blocked
+
+
+def groups(rt, vocab: int) -> np.ndarray:
+    """`gate.case_groups` of the runtime's tokenizer, padded to the table's `vocab` rows."""
+    pieces = [rt.sp.id_to_piece(i) for i in range(rt.sp.get_piece_size())]
+    return gate.case_groups(pieces + [f"<unnamed {i}>" for i in range(len(pieces), vocab)])
+
+
+def base_replay(b) -> list[np.ndarray]:
+    """The base text a new class and its threshold are calibrated on: the first half of
+    the bundle's calibration tokens in windows (the second half is the guard's)."""
+    ids = np.fromfile(b.path / b.manifest["calibration"]["guard"]["file"], np.int32)
+    return guard.windows([ids[:len(ids) // 2].astype(np.int64)], b.context)
+
+
+def placement(rt, domain: str, limits: Limits, store=None) -> tuple[Limits, dict | None]:
+    """The limits a slice of `domain` runs under, and why: under `place="auto"` a domain
+    without clones yet whose gate would open on less than `gate.REACH` of the newest
+    third of its replay (`gate.reach`, from a class of the older two thirds, on at least
+    `gate.REACH_MIN` positions) is placed in place: its clones would serve too little of
+    its next text (text in the base's own register). In place, an fp32 bundle deepens the
+    named experts themselves, an int4 bundle (frozen experts) clones them open everywhere
+    (`plan`), and a domain with such clones stays in place; else the limits as given. The
+    second value: {"place", "reach", "positions"} when judged."""
+    b = rt.bundle
+    rows = b.manifest["experts"]["table"]
+    if limits.place != "auto" or "domains" not in b.manifest["experts"]:
+        return limits, None
+    mine = [r for r in rows if r.get("kind") == "spawned" and r.get("domain") == domain]
+    if mine:  # placed once: clones open everywhere (int4 in place) stay so
+        wide = all(r.get("threshold", 0) <= gate.OPEN for r in mine)
+        return (replace(limits, place="inplace") if wide else limits), None
+    windows = guard.split((store or errormap.Store(b.path)).replay(domain), b.context)[0]
+    if len(windows) < 3:  # no newest third to judge on
+        return limits, None
+    table = experts.domains(b, rt.backend, path=rt.weights)
+    used = {r["class"] for r in rows if r.get("kind") == "spawned" and "class" in r}
+    share, n = gate.reach(table, b.manifest["experts"].get("gate"), used, windows,
+                          base_replay(b), groups(rt, table.shape[0]))
+    if n < gate.REACH_MIN:
+        return limits, None
+    place = "inplace" if share < gate.REACH else "clones"
+    return replace(limits, place=place), {"place": place, "reach": share, "positions": n}
