@@ -229,9 +229,15 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     k = b.config["num_experts_per_tok"]
     judged = verdicts.judge(seen, b.manifest["calibration"], limits.experts or k)
     growing = {d: v for d, v in judged.items() if v["verdict"] != "nothing"}
+    placed: dict[str, tuple] = {}  # per domain, judged once (`choose` asks for several)
+
+    def place(d: str) -> tuple[Limits, dict | None]:
+        if d not in placed:
+            placed[d] = placement(rt, d, limits, store)
+        return placed[d]
     if domain is None:
         domain = choose(rt, growing, verdicts.ranked(judged), seen, limits,
-                        lambda d: placement(rt, d, limits, store)[0])
+                        lambda d: place(d)[0])
     report["domain"] = domain
     if domain is None or domain not in growing:
         report["reason"] = ("nothing to grow: no observed domain needs it, or those that do "
@@ -241,7 +247,7 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
                                  f"{judged.get(domain, {}).get('verdict', 'not observed')}")
         return report
     report["verdict"] = growing[domain]["verdict"]
-    limits, report["placement"] = placement(rt, domain, limits, store)
+    limits, report["placement"] = place(domain)
     try:
         steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
         done = compressed(b, domain)  # skipped, but wanting no slot

@@ -91,7 +91,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                 if mine:
                     named.append((int(layer), max(mine, key=mine.get)))
     frozen = _placed(rt, limits)
-    free, clones, others, cloned, under = {}, {}, set(), set(), {}
+    free, clones, others, under = {}, {}, set(), {}
     done = compressed(rt.bundle, domain)
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
@@ -101,7 +101,6 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
         elif row.get("kind") == "spawned":
             others.add((row["layer"], row["slot"]))
             if "parent" in row:  # (a placeholder row may have none)
-                cloned.add((row["layer"], row["parent"]))
                 under[row["layer"], row["slot"]] = row["parent"]
     if not clones and limits.place != "inplace":  # the domain's first clones bring its class:
         # where it wins, other domains' gates close, so the domain's tokens leave the other
@@ -117,6 +116,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
               if r.get("kind") in ("spare", "pool")}  # stale statistics (`compress`)
     named = [x for x in dict.fromkeys(named) if x not in vacant]
     own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
+    cloned = {(layer, parent) for (layer, _), parent in under.items()}  # others' parents
     out, per_layer, skipped, taken = [], {}, [], set()
     for layer, parent in named:
         parent = own.get((layer, parent), parent)  # a clone of its own, named: its parent

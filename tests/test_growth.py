@@ -210,7 +210,7 @@ def test_only_the_clone_and_its_router_row_change(grown, engine):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
 
 
-def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path, capsys):
+def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
     """A quantized bundle exported with --deepen has fp32 spare slots: growth clones its
     int4 experts there (from their dequantized weights) and never writes them (in place
     too: tests/test_placement.py)."""
@@ -305,8 +305,8 @@ def test_a_slice_in_place_is_guarded_on_the_other_grown_domains(grown, tmp_path,
     """An expert deepened in place serves every domain: the guard of such a slice measures
     the other grown domains' held-out replay too (German's, whose clones the bundle has)
     and refuses a rise above the base's bound; a slice of clones does not need to. (The
-    new domain's plan is turned in place: on the tiny model it names experts whose clones
-    German holds, which no other domain may change in place, so `plan` spawns them.)"""
+    new domain's plan is turned in place on base experts: on the tiny model German text
+    would be placed as clones.)"""
     path = tmp_path / "b"
     shutil.copytree(grown[1], path)
     rt = runtime.open(path, "onnxruntime")
