@@ -320,6 +320,9 @@ def _compress(rt, domain: str | None, progress, bits: dict | int | None,
                 "kind": "spawned", "bits": width,
                 "bytes": layout.expert_bytes(b.config, width), "from_slot": old}
             rows[layer, old] = dict.fromkeys(FIELDS) | {"kind": "spare"}
+            for kid in children(b, layer, old):  # another domain's clone of it: its slot
+                # row (`gate.parent_row` where the kid replaces it) moved with it (`edit`)
+                rows[layer, kid["slot"]] = {"parent": to}
         report["reclaimed_bytes"] = sum(layout.expert_bytes(b.config, 32)
                                         - layout.expert_bytes(b.config, width)
                                         for _, _, width in moves)
@@ -385,6 +388,12 @@ def retire(rt, layers: list[int], keep: str | None = None, progress=None) -> lis
     return out
 
 
+def children(bundle, layer: int, parent: int | None, but: dict | None = None) -> list[dict]:
+    """The table rows of `layer`'s clones of slot `parent` (other than `but`)."""
+    return [r for r in bundle.manifest["experts"]["table"] if r.get("kind") == "spawned"
+            and r["layer"] == layer and r.get("parent") == parent and r is not but]
+
+
 def has_free(bundle, layer: int, kind: str = "spare") -> bool:
     """Whether `layer` has a free slot of `kind` ("spare" or "pool")."""
     return any(r["layer"] == layer and r.get("kind") == kind
@@ -411,24 +420,33 @@ def _retire(rt, expert: dict, say) -> dict[str, Any]:
                             f"L{layer} e{slot} costs it; kept")
         report["seconds"] = time.monotonic() - start
         return report
-    heir = [r for r in rows.values() if r is not row and r.get("kind") == "spawned"
-            and r["layer"] == layer and r.get("parent") == row.get("parent")]
+    # other domains' clones of it take its parent as theirs; one that replaced it (or else
+    # another clone of the parent) replaces the parent in its place
+    kids = sorted(children(b, layer, slot), key=lambda r: not r.get("replaces"))
+    heir = kids + children(b, layer, row.get("parent"), but=row)
     heir = heir[0] if row.get("replaces") and heir else None
     say(f"retire {domain}'s L{layer} e{slot} (routes {expert['share']:.1%} of its tokens)")
 
     def edit(work: Work) -> None:
         work.router(layer)[slot] = 0.0
         work.rt.slots[layer, :, slot] = CLOSED[:work.rt.slots.shape[1]]
-        if row.get("replaces"):  # the parent opens again, or closes for its other clone
+        if row.get("replaces"):  # the parent opens again (a base expert everywhere, a clone
+            # open everywhere as its own row says), or closes for its other clone
+            up = rows[layer, row["parent"]]
             work.rt.slots[layer, :, row["parent"]] = (
-                gate.parent_row(heir["threshold"], heir["class"]) if heir else 0.0)
+                gate.parent_row(heir["threshold"], heir["class"]) if heir else
+                (up["bias"], 1.0, up["threshold"], up.get("class", 0))
+                if up.get("kind") == "spawned" else 0.0)
 
     def commit(work: Work):
         routers = {(layer, slot): np.zeros_like(work.router(layer)[slot])}
         change = {(layer, slot): dict.fromkeys((*FIELDS, "from_slot")) | {
             "kind": "spare" if expert["bits"] == 32 else "pool"}}
+        for kid in kids:
+            change[layer, kid["slot"]] = {"parent": row.get("parent"), "replaces": False}
         if heir:
-            change[layer, heir["slot"]] = {"replaces": True}
+            change[layer, heir["slot"]] = change.get((layer, heir["slot"]), {}) | {
+                "replaces": True}
         report["reclaimed_bytes"] = expert["bytes"]
         new = versions.commit(b, {}, routers, change, {
             "what": "retire", "domain": domain, "layer": layer, "slot": slot,

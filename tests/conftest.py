@@ -150,7 +150,12 @@ def exports(tiny_ckpt, corpus_dir, tmp_path_factory):
             # linears, `moe.Pooled`, at every width: test_compress.py lowers one alone)
             ("mixtral", "pool2"): ["--calibration", str(corpus_dir / "heldout.txt"),
                                    "--engines", "onnxruntime", "--spare", "1", "--pool", "1",
-                                   "--pool-bits", "4,2"]}
+                                   "--pool-bits", "4,2"],
+            # int4 with two spare slots and an int4 pool of one: open clones (int4 in
+            # place) compressed and retired under another domain's clone (test_placement)
+            ("mixtral", "pool4"): ["--calibration", str(corpus_dir / "heldout.txt"),
+                                   "--engines", "onnxruntime", "--deepen", "--spare", "2",
+                                   "--pool", "1"]}
     # the others without spare slots, and the quantized ones as `moegrow export --bits N`
     # makes them by default, without the deepening programs (`DEEPENING`): the gate and the
     # quantized sweeps are the same code for every architecture and bit width, and their
@@ -161,7 +166,7 @@ def exports(tiny_ckpt, corpus_dir, tmp_path_factory):
 
     def run(key, more):
         out = root / f"{key[0]}-{key[1]}"
-        bits = key[1] if isinstance(key[1], int) else 32
+        bits = key[1] if isinstance(key[1], int) else 4 if key[1] == "pool4" else 32
         # the quantized OLMoE and Qwen3-MoE bundles from one-layer checkpoints: ExecuTorch's
         # lowering time grows with the layers (each adds ~12 XNNPACK partitions), and
         # Mixtral's cover several layers at every width

@@ -1,7 +1,8 @@
 """Where growth puts a domain's update (`growth.placement`, `gate.reach`): clones behind the
 domain's gate where that gate would open on the domain's next text, the named experts
 themselves (in place, fp32 bundles) where it would not: text in the base's own register,
-which a unigram class tells from the base by its topics alone."""
+which a unigram class tells from the base by its topics alone; int4 clones open for all
+text through compression and retirement."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from conftest import exported, german, run_cli, synthetic_text
 from moegrow import runtime
 from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime import gate, growth
+from moegrow.runtime import compress, errormap, gate, growth, guard
 
 
 def _windows(rng, tokens, n=12, length=64):
@@ -93,8 +94,9 @@ def test_in_place_on_an_int4_bundle_clones_open_for_all_text(exports, tmp_path,
                                                               monkeypatch):
     """int4 base experts are frozen: placed in place, the named experts are cloned into
     fp32 spare slots open for all text (`gate.OPEN`), each closing its parent everywhere,
-    so every text that reached the parent reaches the clone; later slices deepen those
-    clones, and another domain's gated clone of one closes it where its own gate opens."""
+    so every text that reached the parent reaches the clone (on both engines); later
+    slices deepen those clones, and another domain's gated clone of one closes it where its
+    own gate opens."""
     path = tmp_path / "q"
     shutil.copytree(exported(exports["mixtral", 4]), path)
     rt = runtime.open(path, "onnxruntime")
@@ -115,6 +117,12 @@ def test_in_place_on_an_int4_bundle_clones_open_for_all_text(exports, tmp_path,
         opened, unsure = gate.opened(rt._table(), slots, ids)
         assert opened[s["layer"], :, s["slot"]].all() and not unsure.any()
         assert not opened[s["layer"], :, s["parent"]].any()
+    # ExecuTorch serves the same open clones: the same experts chosen, the same NLL
+    ids = np.array([1] + rt.sp.encode(synthetic_text(20, seed=3)), np.int64)[None, :64]
+    ort, et = (runtime.open(path, e).run("observe", ids) for e in ("onnxruntime", "executorch"))
+    np.testing.assert_array_equal(et[2], ort[2])
+    assert abs(float(et[0].mean()) / float(ort[0].mean()) - 1) < 0.01
+    assert any((ort[2][s["layer"]] == s["slot"]).any() for s in r["plan"])
     again = rt.idle(600, "notes", tokens=2048, steps=2)
     assert [(s["layer"], s["slot"], s["how"]) for s in again["plan"]] == [
         (s["layer"], s["slot"], "clone") for s in r["plan"]]
@@ -130,3 +138,55 @@ def test_in_place_on_an_int4_bundle_clones_open_for_all_text(exports, tmp_path,
     if de["committed"]:
         np.testing.assert_allclose(rt.slots[layer, :, slot],
                                    gate.parent_row(de["threshold"], de["class"]))
+
+
+def _as_guarded(rt, report: dict, domain: str) -> None:
+    """The committed version serves what its guard measured on the working copy."""
+    _, held = guard.split(errormap.Store(rt.bundle.path).replay(domain), rt.bundle.context)
+    after = report["guard"]["after"]
+    assert abs(guard.measure(rt, held, set())["nll"] - after["domain"]["nll"]) < 1e-6
+    assert abs(guard.measure(rt, guard.base_windows(rt), set())["nll"]
+               - after["base"]["nll"]) < 1e-6
+
+
+def test_an_open_clone_under_another_domains_clone_compresses_and_retires(
+        exports, tmp_path, monkeypatch):
+    """An open clone (int4 in place) that German's gated clone replaces where German's gate
+    opens: compressed into the pool, German's clone follows it (its parent is the pool
+    slot, whose row closes there; the freed spare slot stays shut); retired, German's clone
+    replaces the base expert under it. Each committed version serves exactly what its
+    guard measured on the working copy."""
+    path = tmp_path / "q"
+    shutil.copytree(exported(exports["mixtral", "pool4"]), path)
+    rt = runtime.open(path, "onnxruntime")
+    rt.observe(synthetic_text(300, seed=11), "notes")
+    r = rt.idle(600, "notes", tokens=2048, steps=3, place="inplace")
+    assert r["committed"] and r["plan"][0]["open"], r["reason"]
+    layer, slot, parent = (r["plan"][0][k] for k in ("layer", "slot", "parent"))
+    rt.observe(german(300), "de")
+    kid = next(x["slot"] for x in rt.bundle.manifest["experts"]["table"]
+               if x["layer"] == layer and x["kind"] == "spare")
+    step = {"layer": layer, "parent": slot, "slot": kid, "how": "spawn"}
+    monkeypatch.setattr(growth, "plan", lambda *args: ([dict(step)], []))
+    de = rt.idle(600, "de", tokens=2048, steps=2)
+    assert de["committed"] and de["plan"][0]["replaces"], de["reason"]
+    shut = gate.parent_row(de["threshold"], de["class"])
+    c = compress.compress(rt, "notes", bits=4, guarded=False)  # (its guard: base +0.8%)
+    assert c["committed"], c["reason"]
+    to = next(m["to"] for m in c["moves"] if (m["layer"], m["from"]) == (layer, slot))
+    rows = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
+    assert rows[layer, kid]["parent"] == to and rows[layer, to]["threshold"] == gate.OPEN
+    np.testing.assert_allclose(rt.slots[layer, :, to], shut)
+    np.testing.assert_array_equal(rt.slots[layer, :, slot], compress.CLOSED)
+    _as_guarded(rt, c, "notes")
+    monkeypatch.setattr(compress, "DOMAIN_RISE", np.inf)
+    monkeypatch.setattr(guard, "GUARD_BASE", np.inf)
+    seen = errormap.Store(path).read()
+    gone = compress._retire(rt, next(x for x in compress.earning(rt.bundle, seen)
+                                     if (x["layer"], x["slot"]) == (layer, to)), print)
+    assert gone["committed"], gone["reason"]
+    rows = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
+    assert rows[layer, kid]["parent"] == parent and rows[layer, kid]["replaces"]
+    np.testing.assert_allclose(rt.slots[layer, :, parent], shut)
+    np.testing.assert_array_equal(rt.slots[layer, :, to], compress.CLOSED)
+    _as_guarded(rt, gone, "notes")
