@@ -73,14 +73,18 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
          limits: Limits) -> tuple[list[dict], list[list[int]]]:
     """([{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}], skipped) for one
     domain's verdict ("clone": the domain's existing clone of that parent, deepened
-    further). A named expert whose clone finds no free slot in its layer (other domains took
-    them) is skipped, [layer, parent]; GrowthError when that leaves nothing to do."""
+    further): the experts it names, placed in place its `experts_in_place` (every layer's
+    busiest: `verdicts.judge`). A named expert whose clone finds no free slot in its layer
+    (other domains took them) is skipped, [layer, parent]; GrowthError when that leaves
+    nothing to do."""
     cal = rt.bundle.manifest["calibration"]["layers"]
     k = limits.experts or rt.bundle.config["num_experts_per_tok"]
-    named = [tuple(p) for p in verdict["experts"]]
-    if verdict["verdict"] == "spawn":  # per named layer the expert the domain routes to most:
-        # its clone takes that expert's share of the domain's tokens (issue 13: the experts
-        # with the lowest mean update were ones German rarely picks, 0.02-27% reach)
+    wide = limits.place == "inplace" and "experts_in_place" in verdict
+    named = [tuple(p) for p in verdict["experts_in_place" if wide else "experts"]]
+    if verdict["verdict"] == "spawn" and not wide:  # per named layer the expert the domain
+        # routes to most: its clone takes that expert's share of the domain's tokens (issue
+        # 13: the experts with the lowest mean update were ones German rarely picks, 0.02-27%
+        # reach)
         counts: dict[tuple[int, int], float] = {}
         for layer, expert, d, count, *_ in seen["stats"]:
             if d == domain and count:
@@ -118,6 +122,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
     own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
     cloned = {(layer, parent) for (layer, _), parent in under.items()}  # others' parents
     out, per_layer, skipped, taken = [], {}, [], set()
+    opened = {layer for layer, _ in clones}  # layers with an open clone of the domain's
     for layer, parent in named:
         parent = own.get((layer, parent), parent)  # a clone of its own, named: its parent
         while limits.place == "inplace" and not frozen and (layer, parent) in under:
@@ -139,10 +144,15 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
             out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
         elif limits.place == "inplace" and frozen:  # a clone open everywhere takes the
             # parent's place for all text (`gate.OPEN`); not beside another domain's clone
-            # of it (both would open, and tie for a token's first two experts)
+            # of it (both would open, and tie for a token's first two experts); one per
+            # layer and domain (not wanted, not skipped: no reclaim frees a slot for it), so
+            # a domain its gate isolates finds a spare slot left
+            if layer in opened:
+                continue
             if (layer, parent) in others | cloned or not free.get(layer):
                 skipped.append([layer, parent])
                 continue
+            opened.add(layer)
             out.append({"layer": layer, "parent": parent, "slot": free[layer].pop(0),
                         "how": "spawn", "open": True})
         elif free.get(layer):  # behind the domain's gate: no other text reaches it

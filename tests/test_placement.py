@@ -55,6 +55,11 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
     assert p["positions"] >= gate.REACH_MIN
     assert r["plan"] and all(s["how"] == "inplace" and s["slot"] == s["parent"]
                              for s in r["plan"])
+    # in place, no clone's memory to spend: every layer's busiest experts, not only the
+    # layers the verdict names for clones
+    layers, k = (rt.bundle.config[x] for x in ("num_hidden_layers", "num_experts_per_tok"))
+    per = [sum(s["layer"] == layer for s in r["plan"]) for layer in range(layers)]
+    assert 1 <= min(per) and max(per) <= k, per
     assert r["committed"], r["reason"]
     assert r["guard"]["base_rise"] <= r["guard"]["bound"] and r["guard"]["others_rise"] == {}
     table = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
@@ -104,6 +109,9 @@ def test_in_place_on_an_int4_bundle_clones_open_for_all_text(exports, tmp_path,
     r = rt.idle(600, "notes", tokens=2048, steps=3)
     assert r["placement"]["place"] == "inplace" and r["committed"], r["reason"]
     assert r["plan"] and all(s["how"] == "spawn" and s["open"] for s in r["plan"])
+    # one open clone per layer (the busiest expert), a spare slot left for a gated domain
+    assert sorted(s["layer"] for s in r["plan"]) == list(range(rt.bundle.config[
+        "num_hidden_layers"]))
     assert r["threshold"] == gate.OPEN and r["class"] == 0
     g = r["guard"]
     assert min(max(g["after"][t]["reach"]) for t in ("domain", "base")) > 0.05  # all text

@@ -65,6 +65,9 @@ def test_judge_decides_from_what_can_be_won_and_the_anchors_and_names_what_to_gr
     assert got["register"]["novelty_se"] == pytest.approx(1.5 / np.sqrt(4000) / 8)
     # excess in layer 0: expert 2 has 1.5 of the 1.8 per choice: it alone covers half
     assert got["register"]["experts"] == [[0, 2]]
+    # in place: every layer's k busiest by excess (layer 1 has none: by update mass)
+    assert got["register"]["experts_in_place"] == [[0, 2], [0, 1], [1, 0], [1, 1]]
+    assert got["known"]["experts_in_place"] == []
     assert got["register"]["layers"]["0"]["named"] and not got["register"]["layers"]["1"]["named"]
     # no layer beyond its spread and no expert above its base mean: the busiest experts of
     # the layer with the highest update novelty (all even here: 2 of 4 carry half)
