@@ -6,8 +6,9 @@
      with a domain's first clones (its class), other domains' clones that its tokens reach
      now are cloned for it too (`TAKEOVER`). Under `Limits.place` "auto" a domain whose gate
      would open on too little of its newest replay is placed in place (`placement`): an
-     fp32 bundle deepens the named experts themselves, an int4 bundle clones them open for
-     all text. A named expert is cloned into a free spare
+     fp32 bundle deepens the named experts themselves and every layer's busiest (other
+     domains' clones and their parents aside), an int4 bundle clones them open for all text
+     (one per layer). A named expert is cloned into a free spare
      slot of its layer (its parent is never changed; a quantized parent's clone starts from
      its dequantized weights, the fp32 copy the deepening programs hold); one that the base
      calibration never chose (idle) deepens in place when its layer has no free slot left

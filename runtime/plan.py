@@ -73,14 +73,14 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
          limits: Limits) -> tuple[list[dict], list[list[int]]]:
     """([{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}], skipped) for one
     domain's verdict ("clone": the domain's existing clone of that parent, deepened
-    further): the experts it names, placed in place its `experts_in_place` (every layer's
-    busiest: `verdicts.judge`). A named expert whose clone finds no free slot in its layer
-    (other domains took them) is skipped, [layer, parent]; GrowthError when that leaves
-    nothing to do."""
+    further): the experts it names, placed in place then its `experts_in_place` (every
+    layer's busiest: `verdicts.judge`) other than other domains' clones and their parents.
+    A named expert whose clone finds no free slot in its layer (other domains took them) is
+    skipped, [layer, parent]; GrowthError when that leaves nothing to do."""
     cal = rt.bundle.manifest["calibration"]["layers"]
     k = limits.experts or rt.bundle.config["num_experts_per_tok"]
     wide = limits.place == "inplace" and "experts_in_place" in verdict
-    named = [tuple(p) for p in verdict["experts_in_place" if wide else "experts"]]
+    named = [tuple(p) for p in verdict["experts"]]
     if verdict["verdict"] == "spawn" and not wide:  # per named layer the expert the domain
         # routes to most: its clone takes that expert's share of the domain's tokens (issue
         # 13: the experts with the lowest mean update were ones German rarely picks, 0.02-27%
@@ -118,9 +118,14 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
         named += [(layer, expert) for _, layer, expert in reached]
     vacant = {(r["layer"], r["slot"]) for r in rt.bundle.manifest["experts"]["table"]
               if r.get("kind") in ("spare", "pool")}  # stale statistics (`compress`)
+    cloned = {(layer, parent) for (layer, _), parent in under.items()}  # others' parents
+    if wide:  # in place, after the verdict's: every layer's busiest, but no other domain's
+        # clone nor a parent of one (that domain's text reaches it where its gate is shut: a
+        # sequence's science rose 0.78% when base-2 deepened them all; docs/growth.md)
+        named += [x for p in verdict["experts_in_place"]
+                  if (x := tuple(p)) not in others and x not in cloned]
     named = [x for x in dict.fromkeys(named) if x not in vacant]
     own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
-    cloned = {(layer, parent) for (layer, _), parent in under.items()}  # others' parents
     out, per_layer, skipped, taken = [], {}, [], set()
     opened = {layer for layer, _ in clones}  # layers with an open clone of the domain's
     for layer, parent in named:
@@ -236,9 +241,10 @@ def placement(rt, domain: str, limits: Limits, store=None) -> tuple[Limits, dict
     third of its replay (`gate.reach`, from a class of the older two thirds, on at least
     `gate.REACH_MIN` positions) is placed in place: its clones would serve too little of
     its next text (text in the base's own register). In place, an fp32 bundle deepens the
-    named experts themselves, an int4 bundle (frozen experts) clones them open everywhere
-    (`plan`), and a domain with such clones stays in place; else the limits as given. The
-    second value: {"place", "reach", "positions"} when judged."""
+    named experts and every layer's busiest themselves, an int4 bundle (frozen experts)
+    clones them open everywhere, one per layer (`plan`), and a domain with such clones
+    stays in place; else the limits as given. The second value: {"place", "reach",
+    "positions"} when judged."""
     b = rt.bundle
     rows = b.manifest["experts"]["table"]
     if limits.place != "auto" or "domains" not in b.manifest["experts"]:

@@ -76,6 +76,15 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
     assert r["placement"]["place"] == "inplace" and r["guard"], r["reason"]
     assert set(r["guard"]["others_rise"]) == {"notes", "de"}
 
+    # in place, beyond the verdict's own: no other domain's clone nor a parent of one
+    de = {(x["layer"], x["parent"]) for x in rt.bundle.manifest["experts"]["table"]
+          if x.get("domain") == "de"}
+    verdict = {"verdict": "deepen", "experts": [], "experts_in_place": [
+        [layer, e] for layer in range(layers) for e in range(4)]}
+    steps, _ = growth.plan(rt, verdict, "mail", errormap.Store(path).read(),
+                           growth.Limits(place="inplace", experts=4))
+    assert steps and de and not {(s["layer"], s["parent"]) for s in steps} & de
+
     rt.observe(synthetic_text(300, seed=13), "todo")  # judged only under auto
     clones = growth.Limits(place="clones")
     assert growth.placement(rt, "todo", clones) == (clones, None)

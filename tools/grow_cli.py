@@ -95,11 +95,12 @@ def compress(bundle_dir: str, domain: str | None, backend: str, as_json: bool) -
 @click.option("--place", type=click.Choice(["auto", "clones", "inplace"]),
               default=growth.Limits.place, show_default=True,
               help="clones: clone the named experts behind the domain's gate (in place only "
-              "once a layer has no free slot); inplace: deepen the named experts themselves, "
-              "no gate, for all text (int4 bundles, whose experts are frozen: clones open "
-              "for all text take their place); auto: in place where a gate would open "
-              "on under 2/3 of the domain's newest replay (text in the base's own register, "
-              "which a gate cannot tell from it: docs/growth.md, placement), else clones.")
+              "once a layer has no free slot); inplace: deepen the named experts and every "
+              "layer's busiest themselves, no gate, for all text (int4 bundles, whose experts "
+              "are frozen: clones open for all text take their place); auto: in place where "
+              "a gate would open on under 2/3 of the domain's newest replay (text in the "
+              "base's own register, which a gate cannot tell from it: docs/growth.md, "
+              "placement), else clones.")
 @click.option("--json", "as_json", is_flag=True, help="Print what the slice did as JSON.")
 def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps: int,
          passes: int, strict: bool, backend: str, place: str, as_json: bool) -> None:
