@@ -95,7 +95,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
                 if mine:
                     named.append((int(layer), max(mine, key=mine.get)))
     frozen = _placed(rt, limits)
-    free, clones, others, under = {}, {}, set(), {}
+    free, clones, others, under, shared = {}, {}, set(), {}, set()
     done = compressed(rt.bundle, domain)
     for row in rt.bundle.manifest["experts"]["table"]:
         if row.get("kind") == "spare":
@@ -106,6 +106,8 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
             others.add((row["layer"], row["slot"]))
             if "parent" in row:  # (a placeholder row may have none)
                 under[row["layer"], row["slot"]] = row["parent"]
+            if row.get("threshold", 0) <= gate.OPEN and row.get("bits", 32) == 32:
+                shared.add((row["layer"], row["slot"]))  # open for all text, fp32
     if not clones and limits.place != "inplace":  # the domain's first clones bring its class:
         # where it wins, other domains' gates close, so the domain's tokens leave the other
         # clones they reach now; those are cloned too (after the named ones), so it keeps
@@ -123,11 +125,12 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
         # clone nor a parent of one (that domain's text reaches it where its gate is shut: a
         # sequence's science rose 0.78% when base-2 deepened them all; docs/growth.md)
         named += [x for p in verdict["experts_in_place"]
-                  if (x := tuple(p)) not in others and x not in cloned]
+                  if (x := tuple(p)) not in others - shared and x not in cloned]
     named = [x for x in dict.fromkeys(named) if x not in vacant]
     own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
     out, per_layer, skipped, taken = [], {}, [], set()
-    opened = {layer for layer, _ in clones}  # layers with an open clone of the domain's
+    opened = {layer for layer, _ in [*clones, *shared]}  # layers with an open clone of
+    # the domain's, or another in-place domain's (int4 in place: deepened, no slot taken)
     for layer, parent in named:
         parent = own.get((layer, parent), parent)  # a clone of its own, named: its parent
         while limits.place == "inplace" and not frozen and (layer, parent) in under:
@@ -146,6 +149,10 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
             out.append({"layer": layer, "parent": parent, "slot": clones[layer, parent],
                         "how": "clone"})
         elif limits.place == "inplace" and not frozen and (layer, parent) not in others:
+            out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
+        elif limits.place == "inplace" and frozen and (layer, parent) in shared:  # another
+            # in-place domain's open clone serves all text, as a base expert of an fp32
+            # bundle does: deepened in place (its row records who did), guarded on its domain
             out.append({"layer": layer, "parent": parent, "slot": parent, "how": "inplace"})
         elif limits.place == "inplace" and frozen:  # a clone open everywhere takes the
             # parent's place for all text (`gate.OPEN`); not beside another domain's clone

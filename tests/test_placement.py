@@ -109,8 +109,8 @@ def test_in_place_on_an_int4_bundle_clones_open_for_all_text(exports, tmp_path,
     """int4 base experts are frozen: placed in place, the named experts are cloned into
     fp32 spare slots open for all text (`gate.OPEN`), each closing its parent everywhere,
     so every text that reached the parent reaches the clone (on both engines); later
-    slices deepen those clones, and another domain's gated clone of one closes it where its
-    own gate opens."""
+    slices deepen those clones, so does a second domain placed in place, and another
+    domain's gated clone of one closes it where its own gate opens."""
     path = tmp_path / "q"
     shutil.copytree(exported(exports["mixtral", 4]), path)
     rt = runtime.open(path, "onnxruntime")
@@ -143,6 +143,20 @@ def test_in_place_on_an_int4_bundle_clones_open_for_all_text(exports, tmp_path,
     again = rt.idle(600, "notes", tokens=2048, steps=2)
     assert [(s["layer"], s["slot"], s["how"]) for s in again["plan"]] == [
         (s["layer"], s["slot"], "clone") for s in r["plan"]]
+    # a second domain in place deepens those open clones (as an fp32 bundle's base experts),
+    # takes no spare slot, and is guarded on the first
+    spare = [(x["layer"], x["slot"]) for x in rt.bundle.manifest["experts"]["table"]
+             if x["kind"] == "spare"]
+    rt.observe(synthetic_text(300, seed=12), "mail")
+    mail = rt.idle(600, "mail", tokens=2048, steps=2)
+    assert mail["placement"]["place"] == "inplace" and mail["plan"], mail["reason"]
+    assert {(s["layer"], s["slot"], s["how"]) for s in mail["plan"]} <= {
+        (s["layer"], s["slot"], "inplace") for s in r["plan"]}
+    assert "notes" in mail["guard"]["others_rise"]
+    rows = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
+    assert [key for key, x in rows.items() if x["kind"] == "spare"] == spare
+    assert not mail["committed"] or all(rows[s["layer"], s["slot"]]["deepened"] == ["mail"]
+                                        for s in mail["plan"])
     # German's gated clone of an open clone closes it where German's gate opens
     rt.observe(german(300), "de")
     layer, slot = r["plan"][0]["layer"], r["plan"][0]["slot"]
