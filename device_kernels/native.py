@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("routed_moe.cpp")
+SOURCE = Path(__file__).with_name("routed_moe.cpp")  # routed_moe and pooled_moe
 NAME = "libmoegrow_kernels.so"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden",
          "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DET_EVENT_TRACER_ENABLED",
@@ -103,8 +103,9 @@ def load() -> Path:
 
 def dequant(codes: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
     """Rows [..., R, K*bits/8] of uint8 codes and scales [..., R, K/G] -> fp32 [..., R, K]."""
-    if bits == 4:
-        q = np.stack([codes & 15, codes >> 4], -1).reshape(*codes.shape[:-1], -1)
+    if bits < 8:  # 8 / bits codes to a byte, the first in the lowest bits
+        q = np.stack([(codes >> s) & ((1 << bits) - 1) for s in range(0, 8, bits)], -1)
+        q = q.reshape(*codes.shape[:-1], -1)
     else:
         q = codes
     q = q.astype(np.float32) - (1 << (bits - 1))
@@ -133,3 +134,24 @@ def reference(x: np.ndarray, gates: np.ndarray, fc1: np.ndarray, fc1_scales: np.
     h = (g / (1.0 + np.exp(-g)) * u).astype(np.float32)  # [N, E, F]
     h = activations(h).astype(np.float64)
     return np.einsum("ne,nef,ecf->nc", gates.astype(np.float64), h, w2).astype(np.float32)
+
+
+def pooled_reference(x: np.ndarray, gates: np.ndarray, gate: np.ndarray, gate_scales: np.ndarray,
+                     up: np.ndarray, up_scales: np.ndarray, down: np.ndarray,
+                     down_scales: np.ndarray, bits: int) -> np.ndarray:
+    """`routed_moe.cpp`'s `pooled_moe` in numpy: a run of n pool slots in the pool's layout
+    (`layout.packed` codes [n*F, C/32, 32*bits/8] and flat scales, down [C, n*F/32, ...])
+    rearranged into the routed one, then `reference`."""
+    n, c = gates.shape[1], x.shape[1]
+    f = gate.shape[0] // n
+
+    def rows(codes: np.ndarray, scales: np.ndarray, count: int) -> tuple:
+        return codes.reshape(count, -1), scales.reshape(count, -1)
+
+    (g, gs), (u, us), (d, ds) = (rows(gate, gate_scales, n * f), rows(up, up_scales, n * f),
+                                 rows(down, down_scales, c))
+    fc1 = np.stack([g.reshape(n, f, -1), u.reshape(n, f, -1)], 2).reshape(n, 2 * f, -1)
+    fc1_scales = np.stack([gs.reshape(n, f, -1), us.reshape(n, f, -1)], 2).reshape(n, 2 * f, -1)
+    fc2 = d.reshape(c, n, -1).transpose(1, 0, 2)
+    fc2_scales = ds.reshape(c, n, -1).transpose(1, 0, 2)
+    return reference(x, gates, fc1, fc1_scales, fc2, fc2_scales, bits)

@@ -14,6 +14,16 @@
 // first input in the low nibble. Each chosen expert's rows are read once for all the tokens
 // that chose it. The torch reference is `export/moe.py`'s `_routed_moe` (fp32 activations),
 // the numpy one `device_kernels/native.py`'s `reference`; `tests/test_kernels.py`.
+//
+// moegrow::pooled_moe.out: the same sums over a run of n pool slots of equal width in the
+// pool's own layout (`export/moe.py` `Pooled`, `device_kernels/layout.py` q8/q4/q2: the
+// bytes `runtime/compress.py` writes), so a gated program reads only the pool slots its
+// tokens chose instead of dequantizing every one at every run:
+//   gates      float [N, n]
+//   gate, up   uint8 [n*F, C/32, 32*bits/8], scales float [n*F*C/32] (row e*F + f)
+//   down       uint8 [C, n*F/32, 32*bits/8], scales float [C*n*F/32] (expert e's inputs
+//              are groups e*F/32 .. (e+1)*F/32 - 1 of every row)
+// bits 8, 4 or 2 (2: four codes to a byte, the first in the lowest bits, zero point 2).
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
@@ -40,7 +50,7 @@ constexpr int64_t kGrain = 64;  // rows per task of ExecuTorch's thread pool
 // One token's input quantized to int8 per group of 32 (scale max|x| / 127, rounded to
 // nearest even, as llama.cpp's q8_0; XNNPACK's are per token), in the order the
 // codes of one group unpack to: at 4 bits the even inputs then the odd ones (low nibbles
-// then high nibbles of the group's 16 bytes), at 8 bits as they come. `sums` holds each
+// then high nibbles of the group's 16 bytes), at 8 and 2 bits as they come. `sums` holds each
 // group's sum of codes (the codes' zero point 2^(bits-1) times it is subtracted once).
 struct Activation {
   std::vector<int8_t> q;
@@ -78,7 +88,7 @@ inline float dot(int64_t bits, const uint8_t* codes, const float* w, const Activ
   __m256 acc = _mm256_setzero_ps();
   const __m128i low = _mm_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8(-128);
-  for (; g < groups; ++g, codes += bytes, x += kGroup) {
+  for (; bits != 2 && g < groups; ++g, codes += bytes, x += kGroup) {
     __m256i u = bits == 4
         ? [&] {
             const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
@@ -105,13 +115,69 @@ inline float dot(int64_t bits, const uint8_t* codes, const float* w, const Activ
   for (; g < groups; ++g, codes += bytes, x += kGroup) {  // portable: the same sums
     int32_t sum = 0;
     for (int64_t i = 0; i < kGroup; ++i) {
-      const int32_t c = bits == 4 ? (i < kGroup / 2 ? codes[i] & 15 : codes[i - kGroup / 2] >> 4)
-                                  : codes[i];
+      const int32_t c = bits == 4   ? (i < kGroup / 2 ? codes[i] & 15 : codes[i - kGroup / 2] >> 4)
+                        : bits == 2 ? (codes[i / 4] >> (2 * (i % 4))) & 3
+                                    : codes[i];
       sum += (c - zero) * x[i];
     }
     total += w[g] * a.scale[g] * static_cast<float>(sum);
   }
   return total;
+}
+
+// The rows of one projection of every expert: row r of expert e at codes + e * e_codes +
+// r * r_codes (bytes), its group scales at scales + e * e_scales + r * r_scales.
+struct Rows {
+  const uint8_t* codes;
+  const float* scales;
+  int64_t e_codes, r_codes, e_scales, r_scales;
+  const uint8_t* row(int64_t e, int64_t r) const { return codes + e * e_codes + r * r_codes; }
+  const float* scale(int64_t e, int64_t r) const { return scales + e * e_scales + r * r_scales; }
+};
+
+// out [N, C] = sum over experts e with gates[n, e] != 0 of gates[n, e] * down_e(silu(gate_e
+// x) * up_e x), each chosen expert's rows read once for all the tokens that chose it.
+void moe(const float* xs, const float* gs, int64_t n, int64_t c, int64_t f, int64_t experts,
+         int64_t bits, const Rows& gate, const Rows& up, const Rows& down, float* ys) {
+  std::memset(ys, 0, sizeof(float) * n * c);
+  // the (expert, token) pairs with a gate, expert by expert
+  std::vector<int64_t> pair_token, first{0}, used;
+  for (int64_t e = 0; e < experts; ++e) {
+    for (int64_t t = 0; t < n; ++t)
+      if (gs[t * experts + e] != 0.f) pair_token.push_back(t);
+    if (static_cast<int64_t>(pair_token.size()) > first.back())
+      used.push_back(e), first.push_back(static_cast<int64_t>(pair_token.size()));
+  }
+  std::vector<Activation> inputs(n), hidden(pair_token.size());
+  for (int64_t t = 0; t < n; ++t) inputs[t].set(xs + t * c, c, bits);
+  std::vector<float> h(pair_token.size() * f);
+  const auto experts_used = static_cast<int64_t>(used.size());
+  // the gate and up rows r of every chosen expert, split over the threads
+  executorch::extension::parallel_for(0, experts_used * f, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t at = lo; at < hi; ++at) {
+      const int64_t j = at / f, r = at % f, e = used[j];
+      for (int64_t p = first[j]; p < first[j + 1]; ++p) {
+        const Activation& a = inputs[pair_token[p]];
+        const float g = dot(bits, gate.row(e, r), gate.scale(e, r), a, c),
+                    u = dot(bits, up.row(e, r), up.scale(e, r), a, c);
+        h[p * f + r] = g / (1.f + std::exp(-g)) * u;
+      }
+    }
+  });
+  for (size_t p = 0; p < pair_token.size(); ++p) hidden[p].set(h.data() + p * f, f, bits);
+  // every output row r sums the chosen experts' down rows r: each thread owns its rows
+  executorch::extension::parallel_for(0, c, kGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = 0; j < experts_used; ++j) {
+      const int64_t e = used[j];
+      for (int64_t r = lo; r < hi; ++r) {
+        for (int64_t p = first[j]; p < first[j + 1]; ++p) {
+          const int64_t t = pair_token[p];
+          ys[t * c + r] += gs[t * experts + e] * dot(bits, down.row(e, r), down.scale(e, r),
+                                                     hidden[p], f);
+        }
+      }
+    }
+  });
 }
 
 Tensor& routed_moe_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& gates,
@@ -134,59 +200,60 @@ Tensor& routed_moe_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor&
                       InvalidArgument, out, "routed_moe: shapes do not match the layout");
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
                   InvalidArgument, out);
-  const float* xs = x.const_data_ptr<float>();
-  const float* gs = gates.const_data_ptr<float>();
+  const int64_t row1 = c * bits / 8, row2 = f * bits / 8, g1 = c / kGroup, g2 = f / kGroup;
   const uint8_t* w1 = fc1.const_data_ptr<uint8_t>();
   const float* s1 = fc1_scales.const_data_ptr<float>();
-  const uint8_t* w2 = fc2.const_data_ptr<uint8_t>();
-  const float* s2 = fc2_scales.const_data_ptr<float>();
-  float* ys = out.mutable_data_ptr<float>();
-  std::memset(ys, 0, sizeof(float) * n * c);
-  const int64_t row1 = c * bits / 8, row2 = f * bits / 8;
-  // the (expert, token) pairs with a gate, expert by expert: each chosen expert's rows are
-  // read once for all its tokens
-  std::vector<int64_t> pair_token, first{0}, used;
-  for (int64_t e = 0; e < experts; ++e) {
-    for (int64_t t = 0; t < n; ++t)
-      if (gs[t * experts + e] != 0.f) pair_token.push_back(t);
-    if (static_cast<int64_t>(pair_token.size()) > first.back())
-      used.push_back(e), first.push_back(static_cast<int64_t>(pair_token.size()));
-  }
-  std::vector<Activation> inputs(n), hidden(pair_token.size());
-  for (int64_t t = 0; t < n; ++t) inputs[t].set(xs + t * c, c, bits);
-  std::vector<float> h(pair_token.size() * f);
-  const auto experts_used = static_cast<int64_t>(used.size());
-  // gate row 2r and up row 2r + 1 of every chosen expert, split over the threads
-  executorch::extension::parallel_for(0, experts_used * f, kGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t at = lo; at < hi; ++at) {
-      const int64_t j = at / f, r = at % f, e = used[j];
-      const uint8_t* q = w1 + (e * 2 * f + 2 * r) * row1;
-      const float* sc = s1 + (e * 2 * f + 2 * r) * (c / kGroup);
-      for (int64_t p = first[j]; p < first[j + 1]; ++p) {
-        const Activation& a = inputs[pair_token[p]];
-        const float g = dot(bits, q, sc, a, c), u = dot(bits, q + row1, sc + c / kGroup, a, c);
-        h[p * f + r] = g / (1.f + std::exp(-g)) * u;
-      }
-    }
-  });
-  for (size_t p = 0; p < pair_token.size(); ++p) hidden[p].set(h.data() + p * f, f, bits);
-  // every output row r sums the chosen experts' down rows r: each thread owns its rows
-  executorch::extension::parallel_for(0, c, kGrain, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = 0; j < experts_used; ++j) {
-      const int64_t e = used[j];
-      for (int64_t r = lo; r < hi; ++r) {
-        const uint8_t* q = w2 + (e * c + r) * row2;
-        const float* sc = s2 + (e * c + r) * (f / kGroup);
-        for (int64_t p = first[j]; p < first[j + 1]; ++p) {
-          const int64_t t = pair_token[p];
-          ys[t * c + r] += gs[t * experts + e] * dot(bits, q, sc, hidden[p], f);
-        }
-      }
-    }
-  });
+  // gate row 2r and up row 2r + 1 of fc1
+  const Rows gate{w1, s1, 2 * f * row1, 2 * row1, 2 * f * g1, 2 * g1},
+      up{w1 + row1, s1 + g1, 2 * f * row1, 2 * row1, 2 * f * g1, 2 * g1},
+      down{fc2.const_data_ptr<uint8_t>(), fc2_scales.const_data_ptr<float>(), c * row2, row2,
+           c * g2, g2};
+  moe(x.const_data_ptr<float>(), gates.const_data_ptr<float>(), n, c, f, experts, bits, gate,
+      up, down, out.mutable_data_ptr<float>());
+  return out;
+}
+
+Tensor& pooled_moe_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& gates,
+                       const Tensor& gate_codes, const Tensor& gate_scales,
+                       const Tensor& up_codes, const Tensor& up_scales, const Tensor& down_codes,
+                       const Tensor& down_scales, int64_t bits, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, bits == 2 || bits == 4 || bits == 8, InvalidArgument, out,
+                      "pooled_moe: bits must be 2, 4 or 8");
+  ET_KERNEL_CHECK_MSG(ctx, x.dim() == 2 && gates.dim() == 2 && gate_codes.dim() == 3 &&
+                               up_codes.dim() == 3 && down_codes.dim() == 3 &&
+                               x.scalar_type() == ScalarType::Float &&
+                               gates.scalar_type() == ScalarType::Float &&
+                               gate_codes.scalar_type() == ScalarType::Byte &&
+                               up_codes.scalar_type() == ScalarType::Byte &&
+                               down_codes.scalar_type() == ScalarType::Byte,
+                      InvalidArgument, out, "pooled_moe: unexpected ranks or dtypes");
+  const int64_t n = x.size(0), c = x.size(1), experts = gates.size(1);
+  const int64_t f = experts ? gate_codes.size(0) / experts : 0;
+  const int64_t row1 = c * bits / 8, row2 = f * bits / 8, g1 = c / kGroup, g2 = f / kGroup;
+  ET_KERNEL_CHECK_MSG(ctx, gates.size(0) == n && experts > 0 && c % kGroup == 0 &&
+                               f % kGroup == 0 && gate_codes.size(0) == experts * f &&
+                               gate_codes.size(1) * gate_codes.size(2) == row1 &&
+                               up_codes.sizes() == gate_codes.sizes() &&
+                               down_codes.size(0) == c &&
+                               down_codes.size(1) * down_codes.size(2) == experts * row2 &&
+                               gate_scales.numel() == experts * f * g1 &&
+                               up_scales.numel() == experts * f * g1 &&
+                               down_scales.numel() == c * experts * g2,
+                      InvalidArgument, out, "pooled_moe: shapes do not match the layout");
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
+                  InvalidArgument, out);
+  const Rows gate{gate_codes.const_data_ptr<uint8_t>(), gate_scales.const_data_ptr<float>(),
+                  f * row1, row1, f * g1, g1},
+      up{up_codes.const_data_ptr<uint8_t>(), up_scales.const_data_ptr<float>(), f * row1, row1,
+         f * g1, g1},
+      down{down_codes.const_data_ptr<uint8_t>(), down_scales.const_data_ptr<float>(), row2,
+           experts * row2, g2, experts * g2};
+  moe(x.const_data_ptr<float>(), gates.const_data_ptr<float>(), n, c, f, experts, bits, gate,
+      up, down, out.mutable_data_ptr<float>());
   return out;
 }
 
 }  // namespace
 
 EXECUTORCH_LIBRARY(moegrow, "routed_moe.out", routed_moe_out);
+EXECUTORCH_LIBRARY(moegrow, "pooled_moe.out", pooled_moe_out);

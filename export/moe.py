@@ -117,13 +117,18 @@ class Pooled(nn.Module):
             return torch.onnx.ops.symbolic(
                 "com.microsoft::MatMulNBits", (x, self.codes, self.scales),
                 {"K": self.in_features, "N": self.out_features, "bits": self.bits,
-                 "block_size": POOL_GROUP, "accuracy_level": 0},
+                 "block_size": POOL_GROUP, "accuracy_level": POOL_ACCURACY[self.bits]},
                 dtype=x.dtype, shape=(*x.shape[:-1], self.out_features), version=1)
         return F.linear(x, dequant(self.codes, self.scales, self.bits, self.out_features,
                                    self.in_features))
 
 
 POOL_GROUP = 32  # the pool's quantization group along each linear's input
+# ONNX Runtime's `MatMulNBits` accuracy level per pool width: at 8 and 2 bits its CPU
+# kernel has no fp32-activation fast path (level 0 dequantizes the weight at every run:
+# 100-145 us against 8-11 us at level 4, activations in int8 per block, for a [384, 192]
+# linear on one token; docs/compress.md); at 4 bits level 0 is as fast and exact
+POOL_ACCURACY = {8: 4, 4: 0, 2: 4}
 
 
 def runs(bits: list[int]) -> list[tuple[int, int]]:
@@ -188,15 +193,26 @@ class Slots(nn.Module):
 
     def spare_out(self, x: torch.Tensor, gates: torch.Tensor):
         """The spare and pool slots on x [N, C] with gates [N, E + S + P] -> (output
-        [N, C], hidden [N, S + P, F])."""
+        [N, C], hidden [N, S + P, F], or None where the pool is routed). With
+        `routed_pool` (ExecuTorch's serving programs, `quantize.route_pool`) each run of
+        pool slots is `moegrow::pooled_moe`, a kernel that reads only the slots its tokens
+        chose (the dense form dequantizes every slot at every run in portable kernels);
+        ONNX Runtime runs the dense form (`MatMulNBits` on the same bytes)."""
         out, hs, first = 0, [], self.live
+        routed = getattr(self, "routed_pool", False) and not torch.onnx.is_in_onnx_export()
         for n, name in self.groups:
             g, u, d = (getattr(self, f"{name}_{p}") for p in ("gate", "up", "down"))
-            h = (F.silu(g(x)) * u(x)).reshape(-1, n, self.hidden)
-            out = out + d((h * gates[:, first:first + n, None]).reshape(-1, n * self.hidden))
-            hs.append(h)
+            if routed and name != "spare":
+                out = out + torch.ops.moegrow.pooled_moe(
+                    x, gates[:, first:first + n].contiguous(), g.codes, g.scales, u.codes,
+                    u.scales, d.codes, d.scales, g.bits)
+            else:
+                h = (F.silu(g(x)) * u(x)).reshape(-1, n, self.hidden)
+                out = out + d((h * gates[:, first:first + n, None]).reshape(-1,
+                                                                            n * self.hidden))
+                hs.append(h)
             first += n
-        return out, torch.cat(hs, 1)
+        return out, (None if routed and self.pool else torch.cat(hs, 1))
 
 
 class DenseMoE(Slots):
@@ -225,7 +241,7 @@ class DenseMoE(Slots):
                                                                        self.hidden))
         if self.spare or self.pool:
             more, hs = self.spare_out(x, gates)
-            out, h = out + more, torch.cat([h, hs], 1)
+            out, h = out + more, None if hs is None else torch.cat([h, hs], 1)
         return out, h
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,6 +353,32 @@ _LIB.impl("routed_moe.out", lambda *a, out: out.copy_(_routed_moe(*a)), "Composi
 _LIB.impl("routed_moe.out", lambda *a, out: out, "Meta")
 
 
+def _pooled_moe(x: torch.Tensor, gates: torch.Tensor, gate_codes: torch.Tensor,
+                gate_scales: torch.Tensor, up_codes: torch.Tensor, up_scales: torch.Tensor,
+                down_codes: torch.Tensor, down_scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """`moegrow::pooled_moe` in torch: a run of n pool slots (`Pooled` codes and scales) on
+    x [N, C], weighted by gates [N, n], every slot computed (fp32 activations): what
+    `Slots.spare_out` computes densely, and the reference of `routed_moe.cpp`'s
+    `pooled_moe`, which reads only the chosen slots' rows."""
+    n, c = gates.shape[1], x.shape[1]
+    f = gate_codes.shape[0] // n
+    wg, wu = (dequant(q, s, bits, n * f, c) for q, s in ((gate_codes, gate_scales),
+                                                          (up_codes, up_scales)))
+    h = (F.silu(F.linear(x, wg)) * F.linear(x, wu)).reshape(-1, n, f)
+    return F.linear((h * gates[..., None]).reshape(-1, n * f),
+                    dequant(down_codes, down_scales, bits, c, n * f))
+
+
+_POOL = ("Tensor x, Tensor gates, Tensor gate_codes, Tensor gate_scales, Tensor up_codes, "
+         "Tensor up_scales, Tensor down_codes, Tensor down_scales, int bits")
+_LIB.define(f"pooled_moe({_POOL}) -> Tensor")
+_LIB.define(f"pooled_moe.out({_POOL}, *, Tensor(a!) out) -> Tensor(a!)")
+_LIB.impl("pooled_moe", _pooled_moe, "CompositeExplicitAutograd")
+_LIB.impl("pooled_moe", lambda x, *_: torch.empty_like(x), "Meta")
+_LIB.impl("pooled_moe.out", lambda *a, out: out.copy_(_pooled_moe(*a)), "CompositeExplicitAutograd")
+_LIB.impl("pooled_moe.out", lambda *a, out: out, "Meta")
+
+
 def swiglu(z: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of interleaved pre-activations [..., 2] (`routed_codes`' fc1 rows)."""
     return F.silu(z[..., 0]) * z[..., 1]
@@ -410,7 +452,7 @@ class RoutedMoE(Slots):
         if self.spare or self.pool:
             more, hs = self.spare_out(x, gates)
             out = out + more
-            h = None if h is None else torch.cat([h, hs], 1)
+            h = None if h is None or hs is None else torch.cat([h, hs], 1)
         if h is not None:
             self.last = (ids, weights, h)  # `Observe`'s error taps
         return out.reshape(shape), logits

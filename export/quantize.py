@@ -404,14 +404,31 @@ def for_pte(program: nn.Module, bits: int, route: bool | None = None) -> nn.Modu
                                                    bits))
 
 
+# the ExecuTorch programs whose pool slots run through `moegrow::pooled_moe` (reading only
+# the slots chosen): the serving ones without error taps (`Observe` needs every slot's
+# activation, a deepening program the gradient through them: both keep the dense form)
+PTE_POOLED = (programs.Prefill, programs.Decode, programs.Score)
+
+
+def route_pool(program: nn.Module) -> nn.Module:
+    """`program`, or a copy whose pool slots are routed (`moe.Slots.spare_out`) where it is
+    one of `PTE_POOLED` and has a pool."""
+    if type(program) not in PTE_POOLED or not getattr(program.model, "pool", 0):
+        return program
+    out = copy.deepcopy(program)
+    for block in out.model.model.layers:
+        block.mlp.routed_pool = True
+    return out
+
+
 def to_pte(methods: dict, path: Path | str, data: Path | str | None = None,
            bits: int = 32, progress=None) -> Path:
-    """`lower.to_pte` with int`bits` weights in every method (32: the programs as they are)."""
+    """`lower.to_pte` with int`bits` weights in every method (32: the programs as they are),
+    the pool routed (`route_pool`)."""
     from . import lower
 
-    if bits != 32:
-        methods = {name: (for_pte(program, bits), inputs, shapes)
-                   for name, (program, inputs, shapes) in methods.items()}
+    methods = {name: (route_pool(program if bits == 32 else for_pte(program, bits)), inputs,
+                      shapes) for name, (program, inputs, shapes) in methods.items()}
     return lower.to_pte(methods, path, data, progress)
 
 

@@ -128,6 +128,11 @@ def test_a_clone_moves_into_the_pool_on_both_engines(grown, tmp_path):
             ids[layer][ids[layer] == frm] = to
         np.testing.assert_array_equal(got[2], ids)
         assert abs(float(got[0].mean()) / float(before[engine][0].mean()) - 1) < 0.05
+        # the serving programs (on ExecuTorch the pool routed: `moegrow::pooled_moe`, which
+        # reads only the chosen slots, activations in int8 per group) give observe's NLL
+        served = runtime.open(path, engine).run("score", text[None])
+        np.testing.assert_array_equal(served[2], got[2])  # the same experts chosen
+        assert np.abs(served[0] - got[0]).max() < 0.02, np.abs(served[0] - got[0]).max()
     assert compress.compress(rt)["reason"].startswith("nothing to compress")
     versions.rollback(bundle_format.load(path), 2)
     for engine in ENGINES:

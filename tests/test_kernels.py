@@ -1,9 +1,10 @@
-"""moegrow's own ExecuTorch kernel `moegrow::routed_moe` (`device_kernels/routed_moe.cpp`,
-built with the machine's compiler against the executorch wheel): lowered into a `.pte` as the
-quantized bundles hold it and run by ExecuTorch's runtime, against its numpy reference
-(`native.reference`: the same int8 activations, float64 sums) and the torch op the programs
-are exported from (fp32 activations: the quantization of the activations apart). The whole
-bundles' routed programs are in the backend-ops matrix (test_backend_ops.py)."""
+"""moegrow's own ExecuTorch kernels `moegrow::routed_moe` and `moegrow::pooled_moe`
+(`device_kernels/routed_moe.cpp`, built with the machine's compiler against the executorch
+wheel): lowered into a `.pte` as the bundles hold them and run by ExecuTorch's runtime,
+against their numpy references (`native.reference`, `native.pooled_reference`: the same
+int8 activations, float64 sums) and the torch ops the programs are exported from (fp32
+activations: the quantization of the activations apart). The whole bundles' routed programs
+are in the backend-ops matrix (test_backend_ops.py), the routed pool in test_compress.py."""
 
 from __future__ import annotations
 
@@ -155,3 +156,58 @@ def test_a_missing_compiler_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(native.KernelError, match="needs a C\\+\\+ compiler"):
         native.library()
     assert not any(tmp_path.iterdir())  # nothing left behind
+
+
+class _Pool(torch.nn.Module):
+    """A run of `moe.Pooled` slots as `moe.Slots.spare_out` routes them on ExecuTorch."""
+
+    def __init__(self, slots: int, bits: int, rng):
+        super().__init__()
+        self.bits = bits
+        w = lambda *shape: torch.from_numpy(rng.normal(0, 0.05, shape).astype(np.float32))  # noqa: E731
+        self.gate, self.up = moe.Pooled(w(slots * F, C), bits), moe.Pooled(w(slots * F, C), bits)
+        self.down = moe.Pooled(w(C, slots * F), bits)
+
+    def codes(self) -> list[np.ndarray]:
+        return [t.numpy() for p in (self.gate, self.up, self.down) for t in (p.codes, p.scales)]
+
+    def forward(self, x, gates):
+        return torch.ops.moegrow.pooled_moe(x, gates, self.gate.codes, self.gate.scales,
+                                            self.up.codes, self.up.scales, self.down.codes,
+                                            self.down.scales, self.bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pooled_moe_kernel_reads_the_pools_layout(bits, tmp_path):
+    """`moegrow::pooled_moe` on a run of pool slots in the pool's own layout (what
+    `runtime.compress` writes) equals its numpy reference (`native.pooled_reference`),
+    the dense form the programs ran before (`Pooled` linears, fp32 activations: the
+    activations' int8 rounding apart) and reads only the slots chosen."""
+    rng = np.random.default_rng(bits)
+    pool = _Pool(3, bits, rng)
+    n = torch.export.Dim("n", min=1, max=64)
+    x = rng.standard_normal((6, C)).astype(np.float32)
+    gates = np.zeros((6, 3), np.float32)
+    gates[0, 0], gates[2, :2], gates[3, 2], gates[5, 0] = 0.7, (0.4, 0.6), 1.0, 0.2  # 1, 4: none
+    path = lower.to_pte({"forward": (pool, (torch.from_numpy(x), torch.from_numpy(gates)),
+                                     {"x": {0: n}, "gates": {0: n}})}, tmp_path / "p.pte")
+    got = _run(path, x, gates)
+    want = native.pooled_reference(x, gates, *pool.codes(), bits)
+    assert _nmse(got, want) < 1e-10
+    assert not got[1].any() and not got[4].any()
+    dense = torch.from_numpy(x)
+    h = (torch.nn.functional.silu(pool.gate(dense)) * pool.up(dense)).reshape(-1, 3, F)
+    dense = pool.down((h * torch.from_numpy(gates)[..., None]).reshape(-1, 3 * F)).detach()
+    torch_out = pool(torch.from_numpy(x), torch.from_numpy(gates)).detach()
+    np.testing.assert_array_equal(torch_out.numpy(), dense.numpy())  # the op is the dense form
+    assert 1e-8 < _nmse(got, dense.numpy()) < 1e-3
+    codes = pool.codes()  # slot 1 chosen by token 2 only: with its gate 0, its codes are not read
+    gates[2, 1] = 0
+    codes[2][F:2 * F] ^= 0xFF
+    np.testing.assert_array_equal(native.pooled_reference(x, gates, *codes, bits),
+                                  native.pooled_reference(x, gates, *pool.codes(), bits))
+    one = _run(path, x, gates)
+    pool.up.codes[F:2 * F] ^= 0xFF
+    np.testing.assert_array_equal(_run(lower.to_pte(
+        {"forward": (pool, (torch.from_numpy(x), torch.from_numpy(gates)), None)},
+        tmp_path / "q.pte"), x, gates), one)

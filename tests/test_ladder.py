@@ -69,7 +69,8 @@ def test_the_pool_format_round_trips_and_writes_one_expert_only(bits):
 def test_both_engines_serve_a_pool_linear_as_its_reference(bits, tmp_path):
     """A pool linear (`moe.Pooled`) lowered alone: ONNX Runtime's `MatMulNBits` and
     ExecuTorch's in-graph dequantization on XNNPACK serve x @ W^T with W the numpy
-    reference's values (`layout.unpack`) at each width of the ladder."""
+    reference's values (`layout.unpack`) at each width of the ladder (ONNX Runtime at int8
+    and int2 with its activations in int8 per block, `moe.POOL_ACCURACY`)."""
     import onnxruntime as ort
     from executorch.runtime import Runtime
     from moegrow.export import lower
@@ -82,7 +83,10 @@ def test_both_engines_serve_a_pool_linear_as_its_reference(bits, tmp_path):
         48, -1), bits).T
     lower.to_onnx(linear, (x,), tmp_path / "p.onnx")
     got = ort.InferenceSession(str(tmp_path / "p.onnx")).run(None, {"x": x.numpy()})[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if moe.POOL_ACCURACY[bits]:  # int8 activations per block (its fast path): nearly
+        assert 1e-9 < ((got - want) ** 2).sum() / (want ** 2).sum() < 1e-4
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     lower.to_pte({"forward": (linear, (x,), None)}, tmp_path / "p.pte")
     method = Runtime.get().load_program(tmp_path / "p.pte").load_method("forward")
     np.testing.assert_allclose(method.execute([x])[0].numpy(), want, rtol=1e-4, atol=1e-4)
@@ -122,4 +126,5 @@ def test_the_int2_rung_serves_what_its_reference_says(exports, tmp_path):
     text = np.array([1] + rt.sp.encode(german(40, seed=9))[:new.context - 1])
     got = runtime.open(path, "onnxruntime").run("observe", text[None])
     want = runtime.open(grown, "onnxruntime").run("observe", text[None])
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    # int2 slots run with int8 activations (`moe.POOL_ACCURACY`), the fp32 slot without
+    assert np.abs(got[0] - want[0]).max() < 0.02, np.abs(got[0] - want[0]).max()
