@@ -211,3 +211,42 @@ def test_pooled_moe_kernel_reads_the_pools_layout(bits, tmp_path):
     np.testing.assert_array_equal(_run(lower.to_pte(
         {"forward": (pool, (torch.from_numpy(x), torch.from_numpy(gates)), None)},
         tmp_path / "q.pte"), x, gates), one)
+
+
+def test_spare_moe_kernel_reads_only_the_chosen_spare_slots(tmp_path):
+    """`moegrow::spare_moe` (a decode step's fp32 spare slots) equals the dense form the
+    programs ran before (`Slots.spare_out`: every slot computed) in fp32, and an unchosen
+    slot's weights are never read."""
+    rng = np.random.default_rng(5)
+    s = 2
+    w = {k: torch.from_numpy(rng.normal(0, 0.05, shape).astype(np.float32))
+         for k, shape in (("g", (s * F, C)), ("u", (s * F, C)), ("d", (C, s * F)))}
+
+    class Spare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for k, v in w.items():
+                self.register_buffer(k, v.clone())
+
+        def forward(self, x, gates):
+            return torch.ops.moegrow.spare_moe(x, gates, self.g, self.u, self.d)
+
+    x = rng.standard_normal((3, C)).astype(np.float32)
+    gates = np.array([[0.6, 0.0], [0.0, 0.0], [0.3, 0.5]], np.float32)
+    n = torch.export.Dim("n", min=1, max=64)
+    spare = Spare()
+    path = lower.to_pte({"forward": (spare, (torch.from_numpy(x), torch.from_numpy(gates)),
+                                     {"x": {0: n}, "gates": {0: n}})}, tmp_path / "s.pte")
+    got = _run(path, x, gates)
+    xt, gt = torch.from_numpy(x), torch.from_numpy(gates)
+    h = (torch.nn.functional.silu(xt @ w["g"].T) * (xt @ w["u"].T)).reshape(3, s, F)
+    dense = ((h * gt[..., None]).reshape(3, -1) @ w["d"].T).numpy()
+    np.testing.assert_array_equal(spare(xt, gt).numpy(), dense)  # the op is the dense form
+    assert _nmse(got, dense) < 1e-10 and not got[1].any()
+    one = _run(path, x[:1], gates[:1])  # token 0 chose slot 0 only: slot 1 never read
+    spare.g[F:] = spare.u[F:] = float("nan")
+    spare.d[:, F:] = float("nan")
+    again = _run(lower.to_pte({"forward": (spare, (torch.from_numpy(x[:1]),
+                                                   torch.from_numpy(gates[:1])), None)},
+                              tmp_path / "t.pte"), x[:1], gates[:1])
+    np.testing.assert_array_equal(again, one)
