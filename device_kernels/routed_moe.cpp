@@ -24,10 +24,6 @@
 //   down       uint8 [C, n*F/32, 32*bits/8], scales float [C*n*F/32] (expert e's inputs
 //              are groups e*F/32 .. (e+1)*F/32 - 1 of every row)
 // bits 8, 4 or 2 (2: four codes to a byte, the first in the lowest bits, zero point 2).
-//
-// moegrow::spare_moe.out: the same sums over the S fp32 spare slots (`Slots`' linears
-// `spare_gate`, `spare_up` [S*F, C], `spare_down` [C, S*F], the weights growth writes),
-// fp32 activations: a decode step reads only the slots its token chose.
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/thread_parallel_interface.h>
@@ -129,32 +125,14 @@ inline float dot(int64_t bits, const uint8_t* codes, const float* w, const Activ
   return total;
 }
 
-// An fp32 row times an fp32 input (the spare slots' weights): eight partial sums, which the
-// compiler vectorizes without reassociating anything itself.
-inline float dot32(const float* w, const float* x, int64_t k) {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += w[i + j] * x[i + j];
-  float total = 0.f;
-  for (; i < k; ++i) total += w[i] * x[i];
-  for (int j = 0; j < 8; ++j) total += acc[j];
-  return total;
-}
-
 // The rows of one projection of every expert: row r of expert e at codes + e * e_codes +
-// r * r_codes (bytes), its group scales at scales + e * e_scales + r * r_scales; at 32 bits
-// the rows are fp32 weights (no scales) and the inputs are read as they are.
+// r * r_codes (bytes), its group scales at scales + e * e_scales + r * r_scales.
 struct Rows {
   const uint8_t* codes;
   const float* scales;
   int64_t e_codes, r_codes, e_scales, r_scales;
-  float dot(int64_t bits, int64_t e, int64_t r, const float* x, const Activation& a,
-            int64_t k) const {
-    const uint8_t* row = codes + e * e_codes + r * r_codes;
-    if (bits == 32) return dot32(reinterpret_cast<const float*>(row), x, k);
-    return ::dot(bits, row, scales + e * e_scales + r * r_scales, a, k);
-  }
+  const uint8_t* row(int64_t e, int64_t r) const { return codes + e * e_codes + r * r_codes; }
+  const float* scale(int64_t e, int64_t r) const { return scales + e * e_scales + r * r_scales; }
 };
 
 // out [N, C] = sum over experts e with gates[n, e] != 0 of gates[n, e] * down_e(silu(gate_e
@@ -170,10 +148,8 @@ void moe(const float* xs, const float* gs, int64_t n, int64_t c, int64_t f, int6
     if (static_cast<int64_t>(pair_token.size()) > first.back())
       used.push_back(e), first.push_back(static_cast<int64_t>(pair_token.size()));
   }
-  const bool quantized = bits != 32;
-  std::vector<Activation> inputs(quantized ? n : 0), hidden(quantized ? pair_token.size() : 0);
-  for (int64_t t = 0; quantized && t < n; ++t) inputs[t].set(xs + t * c, c, bits);
-  const Activation none;
+  std::vector<Activation> inputs(n), hidden(pair_token.size());
+  for (int64_t t = 0; t < n; ++t) inputs[t].set(xs + t * c, c, bits);
   std::vector<float> h(pair_token.size() * f);
   const auto experts_used = static_cast<int64_t>(used.size());
   // the gate and up rows r of every chosen expert, split over the threads
@@ -181,16 +157,14 @@ void moe(const float* xs, const float* gs, int64_t n, int64_t c, int64_t f, int6
     for (int64_t at = lo; at < hi; ++at) {
       const int64_t j = at / f, r = at % f, e = used[j];
       for (int64_t p = first[j]; p < first[j + 1]; ++p) {
-        const int64_t t = pair_token[p];
-        const Activation& a = quantized ? inputs[t] : none;
-        const float g = gate.dot(bits, e, r, xs + t * c, a, c),
-                    u = up.dot(bits, e, r, xs + t * c, a, c);
+        const Activation& a = inputs[pair_token[p]];
+        const float g = dot(bits, gate.row(e, r), gate.scale(e, r), a, c),
+                    u = dot(bits, up.row(e, r), up.scale(e, r), a, c);
         h[p * f + r] = g / (1.f + std::exp(-g)) * u;
       }
     }
   });
-  for (size_t p = 0; quantized && p < pair_token.size(); ++p)
-    hidden[p].set(h.data() + p * f, f, bits);
+  for (size_t p = 0; p < pair_token.size(); ++p) hidden[p].set(h.data() + p * f, f, bits);
   // every output row r sums the chosen experts' down rows r: each thread owns its rows
   executorch::extension::parallel_for(0, c, kGrain, [&](int64_t lo, int64_t hi) {
     for (int64_t j = 0; j < experts_used; ++j) {
@@ -198,9 +172,8 @@ void moe(const float* xs, const float* gs, int64_t n, int64_t c, int64_t f, int6
       for (int64_t r = lo; r < hi; ++r) {
         for (int64_t p = first[j]; p < first[j + 1]; ++p) {
           const int64_t t = pair_token[p];
-          ys[t * c + r] += gs[t * experts + e] *
-                           down.dot(bits, e, r, h.data() + p * f,
-                                    quantized ? hidden[p] : none, f);
+          ys[t * c + r] += gs[t * experts + e] * dot(bits, down.row(e, r), down.scale(e, r),
+                                                     hidden[p], f);
         }
       }
     }
@@ -280,39 +253,7 @@ Tensor& pooled_moe_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor&
   return out;
 }
 
-Tensor& spare_moe_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& gates,
-                      const Tensor& gate_w, const Tensor& up_w, const Tensor& down_w,
-                      Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, x.dim() == 2 && gates.dim() == 2 && gate_w.dim() == 2 &&
-                               up_w.dim() == 2 && down_w.dim() == 2 &&
-                               x.scalar_type() == ScalarType::Float &&
-                               gates.scalar_type() == ScalarType::Float &&
-                               gate_w.scalar_type() == ScalarType::Float &&
-                               up_w.scalar_type() == ScalarType::Float &&
-                               down_w.scalar_type() == ScalarType::Float,
-                      InvalidArgument, out, "spare_moe: unexpected ranks or dtypes");
-  const int64_t n = x.size(0), c = x.size(1), experts = gates.size(1);
-  const int64_t f = experts ? gate_w.size(0) / experts : 0;
-  ET_KERNEL_CHECK_MSG(ctx, gates.size(0) == n && experts > 0 && f > 0 &&
-                               gate_w.size(0) == experts * f && gate_w.size(1) == c &&
-                               up_w.sizes() == gate_w.sizes() && down_w.size(0) == c &&
-                               down_w.size(1) == experts * f,
-                      InvalidArgument, out, "spare_moe: shapes do not match");
-  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok,
-                  InvalidArgument, out);
-  const int64_t word = sizeof(float);
-  auto bytes = [](const Tensor& t) { return reinterpret_cast<const uint8_t*>(
-                                         t.const_data_ptr<float>()); };
-  const Rows gate{bytes(gate_w), nullptr, f * c * word, c * word, 0, 0},
-      up{bytes(up_w), nullptr, f * c * word, c * word, 0, 0},
-      down{bytes(down_w), nullptr, f * word, experts * f * word, 0, 0};
-  moe(x.const_data_ptr<float>(), gates.const_data_ptr<float>(), n, c, f, experts, 32, gate, up,
-      down, out.mutable_data_ptr<float>());
-  return out;
-}
-
 }  // namespace
 
-EXECUTORCH_LIBRARY(moegrow, "spare_moe.out", spare_moe_out);
 EXECUTORCH_LIBRARY(moegrow, "routed_moe.out", routed_moe_out);
 EXECUTORCH_LIBRARY(moegrow, "pooled_moe.out", pooled_moe_out);

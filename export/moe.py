@@ -193,32 +193,28 @@ class Slots(nn.Module):
 
     def spare_out(self, x: torch.Tensor, gates: torch.Tensor):
         """The spare and pool slots on x [N, C] with gates [N, E + S + P] -> (output
-        [N, C], hidden [N, S + P, F], or None where a kernel serves them). With
-        `routed_pool` (ExecuTorch's serving programs, `quantize.route_slots`) each run of
+        [N, C], hidden [N, S + P, F], or None where the pool is routed). With
+        `routed_pool` (ExecuTorch's serving programs, `quantize.route_pool`) each run of
         pool slots is `moegrow::pooled_moe`, a kernel that reads only the slots its tokens
         chose (the dense form dequantizes every slot at every run in portable kernels);
-        with `routed_spare` (ExecuTorch's decode) the spare slots are `moegrow::spare_moe`
-        likewise. ONNX Runtime runs the dense form (`MatMulNBits` on the pool's bytes)."""
+        ONNX Runtime runs the dense form (`MatMulNBits` on the same bytes). The fp32 spare
+        slots stay dense on both engines (a kernel for them was slower than XNNPACK's
+        GEMMs even in decode: docs/growth.md)."""
         out, hs, first = 0, [], self.live
-        onnx = torch.onnx.is_in_onnx_export()
-        pool = getattr(self, "routed_pool", False) and not onnx
-        spare = getattr(self, "routed_spare", False) and not onnx
+        pool = getattr(self, "routed_pool", False) and not torch.onnx.is_in_onnx_export()
         for n, name in self.groups:
             g, u, d = (getattr(self, f"{name}_{p}") for p in ("gate", "up", "down"))
             if pool and name != "spare":
                 out = out + torch.ops.moegrow.pooled_moe(
                     x, gates[:, first:first + n].contiguous(), g.codes, g.scales, u.codes,
                     u.scales, d.codes, d.scales, g.bits)
-            elif spare and name == "spare":
-                out = out + torch.ops.moegrow.spare_moe(
-                    x, gates[:, first:first + n].contiguous(), g.weight, u.weight, d.weight)
             else:
                 h = (F.silu(g(x)) * u(x)).reshape(-1, n, self.hidden)
                 out = out + d((h * gates[:, first:first + n, None]).reshape(-1,
                                                                             n * self.hidden))
                 hs.append(h)
             first += n
-        return out, (None if pool and self.pool or spare and self.spare else torch.cat(hs, 1))
+        return out, (None if pool and self.pool else torch.cat(hs, 1))
 
 
 class DenseMoE(Slots):
@@ -345,20 +341,6 @@ def _routed_moe(x: torch.Tensor, gates: torch.Tensor, fc1: torch.Tensor,
     return torch.einsum("nef,ecf->nc", h * gates[..., None], w2)
 
 
-# ExecuTorch's routed quantized MoE (`RoutedMoE` in a `.pte`): a custom op whose kernel is
-# `device_kernels/routed_moe.cpp` (`device_kernels.native`); torch.export keeps it as one
-# node (CompositeExplicitAutograd), ExecuTorch's memory planning runs its out variant.
-_LIB = torch.library.Library("moegrow", "DEF")
-_SCHEMA = ("Tensor x, Tensor gates, Tensor fc1, Tensor fc1_scales, Tensor fc2, "
-           "Tensor fc2_scales, int bits")
-_LIB.define(f"routed_moe({_SCHEMA}) -> Tensor")
-_LIB.define(f"routed_moe.out({_SCHEMA}, *, Tensor(a!) out) -> Tensor(a!)")
-_LIB.impl("routed_moe", _routed_moe, "CompositeExplicitAutograd")
-_LIB.impl("routed_moe", lambda x, *_: torch.empty_like(x), "Meta")
-_LIB.impl("routed_moe.out", lambda *a, out: out.copy_(_routed_moe(*a)), "CompositeExplicitAutograd")
-_LIB.impl("routed_moe.out", lambda *a, out: out, "Meta")
-
-
 def _pooled_moe(x: torch.Tensor, gates: torch.Tensor, gate_codes: torch.Tensor,
                 gate_scales: torch.Tensor, up_codes: torch.Tensor, up_scales: torch.Tensor,
                 down_codes: torch.Tensor, down_scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -375,31 +357,28 @@ def _pooled_moe(x: torch.Tensor, gates: torch.Tensor, gate_codes: torch.Tensor,
                     dequant(down_codes, down_scales, bits, c, n * f))
 
 
-def _spare_moe(x: torch.Tensor, gates: torch.Tensor, gate_w: torch.Tensor, up_w: torch.Tensor,
-               down_w: torch.Tensor) -> torch.Tensor:
-    """`moegrow::spare_moe` in torch: the S fp32 spare slots (`Slots`' linears' weights) on
-    x [N, C] weighted by gates [N, S], every slot computed, as `Slots.spare_out`'s dense
-    form; `routed_moe.cpp`'s `spare_moe` reads only the chosen slots' rows."""
-    h = (F.silu(F.linear(x, gate_w)) * F.linear(x, up_w)).reshape(*gates.shape, -1)
-    return F.linear((h * gates[..., None]).reshape(x.shape[0], -1), down_w)
+# moegrow's ExecuTorch kernels (`device_kernels/routed_moe.cpp`, `device_kernels.native`): the
+# routed quantized MoE (`RoutedMoE` in a `.pte`) and the pool slots read only where chosen
+# (`Slots.spare_out`). torch.export keeps each as one node
+# (CompositeExplicitAutograd: the torch functions above are their references), ExecuTorch's
+# memory planning runs its out variant.
+_LIB = torch.library.Library("moegrow", "DEF")
 
 
-_SPARE = "Tensor x, Tensor gates, Tensor gate_w, Tensor up_w, Tensor down_w"
-_LIB.define(f"spare_moe({_SPARE}) -> Tensor")
-_LIB.define(f"spare_moe.out({_SPARE}, *, Tensor(a!) out) -> Tensor(a!)")
-_LIB.impl("spare_moe", _spare_moe, "CompositeExplicitAutograd")
-_LIB.impl("spare_moe", lambda x, *_: torch.empty_like(x), "Meta")
-_LIB.impl("spare_moe.out", lambda *a, out: out.copy_(_spare_moe(*a)), "CompositeExplicitAutograd")
-_LIB.impl("spare_moe.out", lambda *a, out: out, "Meta")
+def _op(name: str, schema: str, impl) -> None:
+    _LIB.define(f"{name}({schema}) -> Tensor")
+    _LIB.define(f"{name}.out({schema}, *, Tensor(a!) out) -> Tensor(a!)")
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    _LIB.impl(name, lambda x, *_: torch.empty_like(x), "Meta")
+    _LIB.impl(f"{name}.out", lambda *a, out: out.copy_(impl(*a)), "CompositeExplicitAutograd")
+    _LIB.impl(f"{name}.out", lambda *a, out: out, "Meta")
 
-_POOL = ("Tensor x, Tensor gates, Tensor gate_codes, Tensor gate_scales, Tensor up_codes, "
-         "Tensor up_scales, Tensor down_codes, Tensor down_scales, int bits")
-_LIB.define(f"pooled_moe({_POOL}) -> Tensor")
-_LIB.define(f"pooled_moe.out({_POOL}, *, Tensor(a!) out) -> Tensor(a!)")
-_LIB.impl("pooled_moe", _pooled_moe, "CompositeExplicitAutograd")
-_LIB.impl("pooled_moe", lambda x, *_: torch.empty_like(x), "Meta")
-_LIB.impl("pooled_moe.out", lambda *a, out: out.copy_(_pooled_moe(*a)), "CompositeExplicitAutograd")
-_LIB.impl("pooled_moe.out", lambda *a, out: out, "Meta")
+
+_op("routed_moe", "Tensor x, Tensor gates, Tensor fc1, Tensor fc1_scales, Tensor fc2, "
+    "Tensor fc2_scales, int bits", _routed_moe)
+_op("pooled_moe", "Tensor x, Tensor gates, Tensor gate_codes, Tensor gate_scales, "
+    "Tensor up_codes, Tensor up_scales, Tensor down_codes, Tensor down_scales, int bits",
+    _pooled_moe)
 
 
 def swiglu(z: torch.Tensor) -> torch.Tensor:

@@ -406,33 +406,28 @@ def for_pte(program: nn.Module, bits: int, route: bool | None = None) -> nn.Modu
 
 # the ExecuTorch programs whose pool slots run through `moegrow::pooled_moe` (reading only
 # the slots chosen): the serving ones without error taps (`Observe` needs every slot's
-# activation, a deepening program the gradient through them: both keep the dense form);
-# and those whose fp32 spare slots run through `moegrow::spare_moe`: decode (one token;
-# over many, XNNPACK's GEMMs beat the kernel's row-by-row dots, as for `PTE_ROUTED`)
+# activation, a deepening program the gradient through them: both keep the dense form)
 PTE_POOLED = (programs.Prefill, programs.Decode, programs.Score)
-PTE_SPARE = (programs.Decode,)
 
 
-def route_slots(program: nn.Module) -> nn.Module:
-    """`program`, or a copy whose pool slots (`PTE_POOLED`) and spare slots (`PTE_SPARE`)
-    are served by moegrow's kernels (`moe.Slots.spare_out`), where it has them."""
-    pool = type(program) in PTE_POOLED and getattr(program.model, "pool", 0)
-    spare = type(program) in PTE_SPARE and getattr(program.model, "spare", 0)
-    if not (pool or spare):
+def route_pool(program: nn.Module) -> nn.Module:
+    """`program`, or a copy whose pool slots are routed (`moe.Slots.spare_out`) where it is
+    one of `PTE_POOLED` and has a pool."""
+    if type(program) not in PTE_POOLED or not getattr(program.model, "pool", 0):
         return program
     out = copy.deepcopy(program)
     for block in out.model.model.layers:
-        block.mlp.routed_pool, block.mlp.routed_spare = bool(pool), bool(spare)
+        block.mlp.routed_pool = True
     return out
 
 
 def to_pte(methods: dict, path: Path | str, data: Path | str | None = None,
            bits: int = 32, progress=None) -> Path:
     """`lower.to_pte` with int`bits` weights in every method (32: the programs as they are),
-    the spare and pool slots routed where it pays (`route_slots`)."""
+    the pool routed (`route_pool`)."""
     from . import lower
 
-    methods = {name: (route_slots(program if bits == 32 else for_pte(program, bits)), inputs,
+    methods = {name: (route_pool(program if bits == 32 else for_pte(program, bits)), inputs,
                       shapes) for name, (program, inputs, shapes) in methods.items()}
     return lower.to_pte(methods, path, data, progress)
 
