@@ -214,7 +214,7 @@ class Slots(nn.Module):
                                                                             n * self.hidden))
                 hs.append(h)
             first += n
-        return out, (None if pool and self.pool else torch.cat(hs, 1))
+        return out, (None if pool else torch.cat(hs, 1))
 
 
 class DenseMoE(Slots):
