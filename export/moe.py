@@ -155,6 +155,8 @@ class Slots(nn.Module):
     those bits (`Pooled`), kept out of routing like the spare ones in a one-pass
     program."""
 
+    taps = False  # the program reads every slot's hidden activation (`Observe`, `pc`)
+
     def __init__(self, moe: layers.MoE, gated: bool = True):
         super().__init__()
         self.gate, self.top_k, self.norm_topk = moe.gate, moe.top_k, moe.norm_topk
@@ -196,25 +198,35 @@ class Slots(nn.Module):
         [N, C], hidden [N, S + P, F], or None where the pool is routed). With
         `routed_pool` (ExecuTorch's serving programs, `quantize.route_pool`) each run of
         pool slots is `moegrow::pooled_moe`, a kernel that reads only the slots its tokens
-        chose (the dense form dequantizes every slot at every run in portable kernels);
-        ONNX Runtime runs the dense form (`MatMulNBits` on the same bytes). The fp32 spare
-        slots stay dense on both engines (a kernel for them was slower than XNNPACK's
-        GEMMs even in decode: docs/growth.md)."""
+        chose (the dense form dequantizes every slot at every run in portable kernels).
+        On ONNX Runtime each run of slots (the fp32 spare ones, and the pool's through
+        `MatMulNBits` on the same bytes) takes only the rows of the tokens that chose one of
+        its slots (NonZero, Gather, ScatterND), so a decode step whose token chose none reads
+        no byte of them, unless the program's taps need every slot's activation (`taps`:
+        `Observe`, the deepening programs). ExecuTorch keeps the spare slots dense (a kernel
+        for them was slower than XNNPACK's GEMMs even in decode: docs/growth.md)."""
         out, hs, first = 0, [], self.live
         pool = getattr(self, "routed_pool", False) and not torch.onnx.is_in_onnx_export()
+        rows = torch.onnx.is_in_onnx_export() and not self.taps
         for n, name in self.groups:
             g, u, d = (getattr(self, f"{name}_{p}") for p in ("gate", "up", "down"))
+            mine = gates[:, first:first + n]
             if pool and name != "spare":
                 out = out + torch.ops.moegrow.pooled_moe(
-                    x, gates[:, first:first + n].contiguous(), g.codes, g.scales, u.codes,
-                    u.scales, d.codes, d.scales, g.bits)
+                    x, mine.contiguous(), g.codes, g.scales, u.codes, u.scales, d.codes,
+                    d.scales, g.bits)
+            elif rows:  # only the tokens that chose one of these slots (none: no byte read)
+                at = torch.nonzero((mine != 0).any(1)).squeeze(1)
+                xs = x.index_select(0, at)
+                h = (F.silu(g(xs)) * u(xs)).reshape(-1, n, self.hidden)
+                y = d((h * mine.index_select(0, at)[:, :, None]).reshape(-1, n * self.hidden))
+                out = out + torch.zeros_like(x).index_add(0, at, y)
             else:
                 h = (F.silu(g(x)) * u(x)).reshape(-1, n, self.hidden)
-                out = out + d((h * gates[:, first:first + n, None]).reshape(-1,
-                                                                            n * self.hidden))
+                out = out + d((h * mine[:, :, None]).reshape(-1, n * self.hidden))
                 hs.append(h)
             first += n
-        return out, (None if pool else torch.cat(hs, 1))
+        return out, (None if pool or rows else torch.cat(hs, 1))
 
 
 class DenseMoE(Slots):
@@ -402,6 +414,7 @@ class RoutedMoE(Slots):
                  hidden: bool = False):
         super().__init__(moe, gated)
         self.bits, self.accuracy_level, self.dense_hidden = bits, accuracy_level, hidden
+        self.taps = hidden
         fc = routed_codes(moe.experts, self.live, bits, pack)
         self.group = fc.pop("group")
         for name, t in fc.items():

@@ -47,6 +47,8 @@ OUTPUTS = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")
 class FixedRouteMoE(moe.DenseMoE):
     """`DenseMoE` whose gates are constants for the gradient (the router is held fixed)."""
 
+    taps = True  # the sweeps differentiate every slot
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])

@@ -312,6 +312,7 @@ class Observe(Score):
         cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
         x = m.model.embed_tokens(tokens)
         for block in m.model.layers:
+            block.mlp.taps = True  # every slot's activation (`moe.Slots.spare_out`)
             x, _ = block(x, cos, sin, pos, None)
         x = x[0].float()  # [T, C], the last residual stream
         logits = m.lm_head(m.model.norm(x)).float()

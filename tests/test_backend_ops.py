@@ -269,3 +269,41 @@ def test_a_written_clone_serves_alike_in_prefill_and_decode(exports, tmp_path, b
             assert nmse(step, whole) < (1e-8 if bits == 32 else 1e-3), (engine, nmse(step, whole))
             steps.append(step)
         assert nmse(steps[1], steps[0]) > 1e-2  # the clone is served (stale weights: ~1)
+
+
+@pytest.mark.parametrize("bits", (32, 4))
+def test_onnxruntime_reads_no_spare_slot_no_token_chose(exports, tmp_path, bits):
+    """ONNX Runtime's gated serving programs compute the spare slots only on the rows of
+    the tokens that chose one (`moe.Slots.spare_out`): with every slot closed, weights that
+    overflow to inf wherever they are multiplied (1e30 x the parent's) leave prefill,
+    decode and score exactly as the one-pass programs serve them; a dense form multiplies
+    every row by them (inf x a zero gate: NaN)."""
+    import shutil
+
+    from moegrow.runtime import experts, versions
+
+    path = tmp_path / "b"
+    shutil.copytree(exported(exports["mixtral", bits]), path)
+    b = bundle_format.load(path)
+    config = b.config
+    live, layers = config["num_local_experts"], config["num_hidden_layers"]
+    b = versions.commit(b, {(layer, live + s): [w * 1e30 for w in experts.read(b, layer, 0)]
+                            for layer in range(layers)
+                            for s in range(config["spare_experts"])}, report={"what": "test"})
+    slots = session.slot_state(b)  # every spare slot closed
+    tokens = np.random.default_rng(4).integers(3, config["vocab_size"], (1, T + 1))
+    head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    cache = np.zeros((layers, 1, config["num_key_value_heads"], b.context, head), np.float32)
+    e = backends.load("onnxruntime", b.programs("onnxruntime"), b.weights("onnxruntime"),
+                      threads=1, initializers=b.initializers("onnxruntime"),
+                      live=b.live("onnxruntime"))
+    out = {}
+    for form in ("", "_gated"):
+        prefill = e.run(f"prefill{form}", [tokens[:, :T], np.arange(T), cache, cache.copy(),
+                                           slots])
+        out[form] = [prefill[0], e.run(f"decode{form}", [
+            tokens[:, T:], np.array([T]), *written(cache, prefill[1], prefill[2]), slots,
+            prefill[3]])[0], e.run(f"score{form}", [tokens, slots])[0]]
+    for one_pass, gated in zip(out[""], out["_gated"], strict=True):
+        assert np.isfinite(gated).all()
+        assert nmse(gated, one_pass) < 1e-10
