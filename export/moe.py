@@ -476,7 +476,10 @@ class RoutedMoE(Slots):
 class MeanNorm(nn.Module):
     """`layers.RMSNorm` whose mean of squares is a matmul with a constant [1/C]*C row: XNNPACK
     delegates linears but not a mean over the last axis, so the eager norm splits every layer
-    into several delegate partitions with portable kernels between them."""
+    into several delegate partitions with portable kernels between them. In an ONNX export
+    the norm is written as x / sqrt(mean(x^2) + eps), the pattern ONNX Runtime fuses into one
+    `SimplifiedLayerNormalization` node (the matmul form stayed five nodes: 9 norms of the
+    default model took 100 us a decode step against 53 fused, docs/benchmarks.md)."""
 
     def __init__(self, norm: layers.RMSNorm):
         super().__init__()
@@ -486,6 +489,9 @@ class MeanNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
+        if torch.onnx.is_in_onnx_export():
+            return self.weight * (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+                                  ).to(x.dtype)
         return self.weight * (xf * torch.rsqrt(F.linear(xf * xf, self.average) + self.eps)
                               ).to(x.dtype)
 

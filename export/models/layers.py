@@ -40,6 +40,15 @@ def rope(input_pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Te
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
+    if torch.onnx.is_in_onnx_export():  # ONNX Runtime's fused kernel on x [B, H, T, D], the
+        # same sums: row t of the run's cos/sin halves is position t (one node for the six
+        # below: 48 -> 19 us a decode step for the default model's 8, docs/benchmarks.md)
+        t = x.shape[-2]
+        return torch.onnx.ops.symbolic(
+            "com.microsoft::RotaryEmbedding",
+            (x, torch.arange(t)[None].expand(x.shape[0], t), cos[:, :half].contiguous(),
+             sin[:, :half].contiguous()),
+            {"interleaved": 0}, dtype=x.dtype, shape=x.shape, version=1)
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
