@@ -478,8 +478,8 @@ class MeanNorm(nn.Module):
     delegates linears but not a mean over the last axis, so the eager norm splits every layer
     into several delegate partitions with portable kernels between them. In an ONNX export
     the norm is written as x / sqrt(mean(x^2) + eps), the pattern ONNX Runtime fuses into one
-    `SimplifiedLayerNormalization` node (the matmul form stayed five nodes: 9 norms of the
-    default model took 100 us a decode step against 53 fused, docs/benchmarks.md)."""
+    `SimplifiedLayerNormalization` node (the matmul form stays five; rsqrt exports as Sqrt
+    and Reciprocal, which it does not fuse: docs/benchmarks.md)."""
 
     def __init__(self, norm: layers.RMSNorm):
         super().__init__()

@@ -307,3 +307,25 @@ def test_onnxruntime_reads_no_spare_slot_no_token_chose(exports, tmp_path, bits)
     for one_pass, gated in zip(out[""], out["_gated"], strict=True):
         assert np.isfinite(gated).all()
         assert nmse(gated, one_pass) < 1e-10
+
+
+def test_onnxruntime_fuses_the_norms_and_rotary_embeddings(exports, tmp_path):
+    """The ONNX forms of the norm and the rotary embedding stay the ones ONNX Runtime runs as
+    one node each (`moe.MeanNorm`, `layers.apply_rope`): after its optimizer, every norm of
+    the int4 Mixtral's decode is a `SimplifiedLayerNormalization` and every rotation of q
+    and k a `RotaryEmbedding` (their values: the matrix above)."""
+    import onnx
+
+    b = bundle_format.load(exported(exports["mixtral", 4]))
+    config = b.config
+    layers = config["num_hidden_layers"]
+    path = tmp_path / "decode.onnx"
+    e = backends.load("onnxruntime", b.programs("onnxruntime"), b.weights("onnxruntime"),
+                      threads=1, initializers=b.initializers("onnxruntime"))
+    options = e._options("decode", b.programs("onnxruntime")["decode"])
+    options.optimized_model_filepath = str(path)
+    e.ort.InferenceSession(str(b.programs("onnxruntime")["decode"]), options)
+    ops = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 2 * layers + 1
+    assert ops.count("RotaryEmbedding") == 2 * layers
+    assert "Sqrt" not in ops and "Neg" not in ops
