@@ -1,6 +1,6 @@
 // moegrow::routed_moe.out: a quantized MoE layer that reads only the chosen experts, as an
 // ExecuTorch kernel (XNNPACK has no quantized gather-then-matmul, so a delegated MoE runs
-// every expert). The routed layout is `export/moe.py`'s `routed_codes` (the bytes ONNX
+// every expert). The routed layout is `export/codes.py`'s `routed_codes` (the bytes ONNX
 // Runtime's QMoE reads):
 //   x          float [N, C]       the tokens
 //   gates      float [N, E]       each token's weight on each base expert, 0 off its top k
@@ -12,7 +12,7 @@
 //                                 gates[n, e] * W2_e (silu(W1g_e x) * (W1u_e x))
 // Codes are unsigned, value = (code - 2^(bits-1)) * scale; at 4 bits two to a byte, the
 // first input in the low nibble. Each chosen expert's rows are read once for all the tokens
-// that chose it. The torch reference is `export/moe.py`'s `_routed_moe` (fp32 activations),
+// that chose it. The torch reference is `export/codes.py`'s `_routed_moe` (fp32 activations),
 // the numpy one `device_kernels/native.py`'s `reference`; `tests/test_kernels.py`.
 //
 // moegrow::pooled_moe.out: the same sums over a run of n pool slots of equal width in the

@@ -45,6 +45,7 @@ from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
 from moegrow.runtime.session import BOS
 
 from . import calibrate, checkpoint, lower, moe, pc, programs, quantize
+from .codes import routed_codes
 from .models import layers
 
 
@@ -169,10 +170,10 @@ def _frozen(raw: bytes, experts: layers.Experts, layer: int, part: tuple[int, in
 def _routed(raw: bytes, experts: layers.Experts, layer: int, live: int,
             bits: int) -> list[dict]:
     """Layout entries of a quantized bundle's base experts (slots 0 .. `live` - 1) in the
-    routed layout (`moe.routed_codes`, order "routed": gate and up in fc1's alternate rows,
+    routed layout (`codes.routed_codes`, order "routed": gate and up in fc1's alternate rows,
     down per expert in fc2), where `raw` has it (every program that reads them holds it:
     ONNX Runtime's serving ones, both engines' deepening ones); none where it does not."""
-    fc = moe.routed_codes(experts, live, bits, quantize.packed)
+    fc = routed_codes(experts, live, bits, quantize.packed)
     at = {k: raw.find(fc[k].numpy().tobytes()) for k in ("fc1", "fc1_scales", "fc2",
                                                           "fc2_scales")}
     if min(at.values()) < 0:

@@ -3,7 +3,7 @@
 A sweep must differentiate the values the bundle serves, without an fp32 copy of them:
 `Frozen` holds a linear as the ONNX serving programs' own codes and scales
 (`quantize.packed`), `FrozenExperts` a MoE block's base experts in the routed layout
-(`moe.routed_codes`), both dequantized in plain ops at every run; `freeze` puts them into
+(`codes.routed_codes`), both dequantized in plain ops at every run; `freeze` puts them into
 a program's model in place.
 """
 
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import moe, quantize
+from . import quantize
+from .codes import dequant, routed_codes
 
 
 class Frozen(nn.Module):
@@ -33,7 +34,7 @@ class Frozen(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return moe.dequant(self.codes, self.scales, self.bits, self.out_features,
+        return dequant(self.codes, self.scales, self.bits, self.out_features,
                            self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,7 @@ class Frozen(nn.Module):
 
 class FrozenExperts(nn.Module):
     """A MoE block's frozen int`bits` base experts in a quantized bundle's deepening programs:
-    the routed layout's codes and scales (`moe.routed_codes`, the bytes ONNX Runtime's
+    the routed layout's codes and scales (`codes.routed_codes`, the bytes ONNX Runtime's
     serving programs hold), dequantized in plain ops at every run; `weight(proj)` is the
     linear the block's `DenseMoE.combine` calls ([E*F, C] gate and up, [C, E*F] down). The
     buffers are shaped so that no op views one of them (ExecuTorch cannot emit a view of a
@@ -52,7 +53,7 @@ class FrozenExperts(nn.Module):
     def __init__(self, mlp: nn.Module, bits: int):
         super().__init__()
         self.bits = bits
-        fc = moe.routed_codes(mlp.source[0].experts, mlp.live, bits,
+        fc = routed_codes(mlp.source[0].experts, mlp.live, bits,
                               quantize.packed)
         e, f2, c = fc["fc1_scales"].shape[0], fc["fc1_scales"].shape[1], fc["fc2"].shape[1]
         self.shape, self.group = (e, f2 // 2, c), fc["group"]
@@ -64,11 +65,11 @@ class FrozenExperts(nn.Module):
     def weight(self, proj: str) -> torch.Tensor:
         e, f, c = self.shape
         if proj == "down_proj":  # [E, C, F] -> [C, E*F]
-            w = moe.dequant(self.fc2, self.fc2_scales, self.bits, e * c, f)
+            w = dequant(self.fc2, self.fc2_scales, self.bits, e * c, f)
             return w.reshape(e, c, f).permute(1, 0, 2).reshape(c, e * f)
         row = int(proj == "up_proj")  # gate and up rows alternate in fc1
         codes = self.fc1[:, :, row].reshape(e * f, c // self.group, -1)
-        return moe.dequant(codes, self.fc1_scales[:, :, row].reshape(-1), self.bits, e * f, c)
+        return dequant(codes, self.fc1_scales[:, :, row].reshape(-1), self.bits, e * f, c)
 
 
 class _Part(nn.Module):

@@ -8,7 +8,7 @@ lookup, not a matmul) and the norms.
 
 The quantizers take plain constant-weight linears only; XNNPACK has no quantized gather,
 so a dense MoE block (`dense(program)`, which `quantize_for_pte` calls) runs every expert.
-Serving programs read only the chosen experts' codes instead, in `moe.routed_codes`' layout
+Serving programs read only the chosen experts' codes instead, in `codes.routed_codes`' layout
 (`routed(program, bits)`: `moe.RoutedMoE`): ONNX Runtime through its `QMoE` contrib op
 (`ROUTED`; `observe`, whose error taps need every expert's activation, also runs gate and
 up densely over the same bytes), ExecuTorch through moegrow's own kernel

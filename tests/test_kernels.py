@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from moegrow.device_kernels import native
-from moegrow.export import lower, moe  # noqa: F401  (moe defines torch.ops.moegrow)
+from moegrow.export import lower, moe  # noqa: F401  (through `codes`: torch.ops.moegrow)
 
 E, F, C = 4, 64, 96  # experts, hidden, model width: multiples of the group of 32
 

@@ -12,6 +12,7 @@ from conftest import exported, german
 from moegrow import runtime
 from moegrow.device_kernels import layout
 from moegrow.export import moe
+from moegrow.export.codes import dequant
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import compress, errormap, experts, guard, versions
 
@@ -21,7 +22,7 @@ def test_the_pool_format_round_trips_and_writes_one_expert_only(bits):
     """`layout.packed` is within scale/2 of the weight (int2: on its four levels, and no
     worse than the max |w| scale); `quantize_into` writes one expert's groups of a [C, P*F]
     down projection (and [P*F, C] gate) and no other byte; the programs' torch
-    dequantization (`moe.dequant`) equals the numpy one exactly."""
+    dequantization (`codes.dequant`) equals the numpy one exactly."""
     rng = np.random.default_rng(0)
     slots, hidden, width = 3, 64, 32
     dims = (5, hidden, width)  # two base slots, then the pool's three
@@ -46,7 +47,7 @@ def test_the_pool_format_round_trips_and_writes_one_expert_only(bits):
         else:
             step = np.abs(stacked[1]).max() / ((1 << (bits - 1)) - 1)
             assert np.abs(back - stacked[1]).max() <= step / 2 * 1.0001
-        torch_w = moe.dequant(torch.from_numpy(codes), torch.from_numpy(scales), bits, *w.shape)
+        torch_w = dequant(torch.from_numpy(codes), torch.from_numpy(scales), bits, *w.shape)
         want = np.stack([layout.dequantized(buf, entry, s, dims) for s in (2, 3, 4)])
         got = torch_w.numpy()
         got = got.reshape(out, slots, in_).transpose(1, 0, 2) if proj == "down_proj" else \

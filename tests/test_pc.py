@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import deepen_autograd, exported, random_moe
-from moegrow.export import checkpoint, moe, pc, programs
+from moegrow.export import checkpoint, pc, programs
+from moegrow.export.codes import routed_codes
 from moegrow.export.models import mixtral
 
 ARGS = mixtral.ModelArgs(vocab_size=97, hidden_size=48, intermediate_size=40,
@@ -89,7 +90,7 @@ def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits)
     assert not any(n.endswith(("mlp.gate_proj.weight", "q_proj.weight", "lm_head.weight"))
                    for n in names)  # nothing quantized is held in fp32
     codes = {t.numpy().tobytes() for t in frozen.loss.buffers() if t.dtype == torch.uint8}
-    fc = moe.routed_codes(model.model.layers[1].mlp.experts, 4, bits, quantize.packed)
+    fc = routed_codes(model.model.layers[1].mlp.experts, 4, bits, quantize.packed)
     assert {fc["fc1"].numpy().tobytes(), fc["fc2"].numpy().tobytes()} <= codes
     w = model.model.layers[1].mlp.experts.down_proj.detach()[:4]  # not the dense layout's
     assert quantize.packed(w.permute(1, 0, 2).reshape(64, -1), bits)[0].tobytes() not in codes
