@@ -139,12 +139,18 @@ class Layered(nn.Module):
     most of them), for a second forward of every layer but the top one (whose activations
     stay live until its VJP anyway). The second run reads the error arriving at the layer
     (times 0), so that no engine merges it with the first or runs it before the layers
-    above are done; it dequantizes nothing again: both runs read the same weights
-    (`_fresh`, one node each after `_trace`'s CSE)."""
+    above are done; it reads the first run's dequantized weights (one node each after
+    `_trace`'s CSE), which stay live from the forward to that layer's VJP.
 
-    def __init__(self, loss: Loss, targets: list[str]):
+    `lean` (ONNX Runtime's quantized programs): the top layer runs again too, and each
+    second run dequantizes its layer's weights again (its codes through `_fresh` of that
+    run's input, so no engine merges the two): the default int4 sweep's peak in use 59 ->
+    46 MB in ONNX Runtime for ~5% more time. ExecuTorch's portable kernels dequantize
+    slowly (+47% a sweep); an fp32 sweep has nothing to dequantize and gained nothing."""
+
+    def __init__(self, loss: Loss, targets: list[str], lean: bool = False):
         super().__init__()
-        self.loss, self.targets = loss, targets
+        self.loss, self.targets, self.lean = loss, targets, lean
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor):
         m, at = self.loss.model, self.loss.at
@@ -153,11 +159,11 @@ class Layered(nn.Module):
         pos = torch.arange(tokens.shape[1])
         cos, sin = layers.rope(pos, m.args.dim_head, m.args.rope_theta)
 
-        def layer(i: int, x: torch.Tensor):
+        def layer(i: int, x: torch.Tensor, bufs: dict[str, torch.Tensor]):
             """Layer i's output on x as a function of x and its targets (for `vjp`), with
-            the gates and router inputs it saw; its buffers `fresh[i]` both times."""
+            the gates and router inputs it saw; its codes and scales `bufs`."""
             def run(x, weights):
-                out = torch.func.functional_call(blocks[i], fresh[i] | weights,
+                out = torch.func.functional_call(blocks[i], bufs | weights,
                                                  (x, cos, sin, pos, programs.Cache()))
                 return out[0], (blocks[i].mlp.last, blocks[i].mlp.input)
             prefix = f"model.model.layers.{i}."
@@ -172,9 +178,9 @@ class Layered(nn.Module):
             inputs.append(x)
             fresh.append(_fresh(blocks[i], x))
             # the top layer's activations stay live until its VJP anyway (the head's comes
-            # between): kept, not recomputed
-            x, vjp, (g, r) = layer(i, x)
-            if i == len(blocks) - 1:
+            # between): kept, not recomputed, unless lean
+            x, vjp, (g, r) = layer(i, x, fresh[i])
+            if i == len(blocks) - 1 and not self.lean:
                 vjps[i] = vjp
             if i in at:
                 gates.append(g)
@@ -191,7 +197,10 @@ class Layered(nn.Module):
         for i in range(len(blocks) - 1, min(at) - 1, -1):
             if i in at:
                 eps.insert(0, err[0])
-            vjp = vjps.pop(i, None) or layer(i, inputs[i] + 0 * err[0, 0, 0])[1]
+            if i not in vjps:
+                x = inputs[i] + 0 * err[0, 0, 0]
+                vjps[i] = layer(i, x, _fresh(blocks[i], x) if self.lean else fresh[i])[1]
+            vjp = vjps.pop(i)
             err, dw = vjp(err)
             grads |= {f"model.model.layers.{i}.{n}": g for n, g in dw.items()}
         return ([grads[t] for t in self.targets], torch.stack(eps), nll, torch.stack(gates),
@@ -265,9 +274,9 @@ class Deepen(nn.Module):
         self._build(model, [layer], length, bits)
 
     def _build(self, model: layers.CausalLM, at: list[int], length: int, bits: int,
-               spare: bool = False) -> None:
+               spare: bool = False, lean: bool = False) -> None:
         targets, names, buffers = self._setup(Loss(model, at, bits), at, length, spare)
-        layered = Layered(self.loss, targets)
+        layered = Layered(self.loss, targets, lean)
 
         def sweep(params, bufs, tokens, valid, slots):
             state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))
@@ -319,12 +328,14 @@ class Sweep(Deepen):
     axis [L, ...] on dwg, dwu, dwd, count, energy and x (nll [W], novelty [W, D] once).
     With `spare`, the gradients of the spare slots only (as a quantized bundle's always
     are): an fp32 bundle's `sweep_spare`, for a slice that trains clones alone, without
-    the base experts' weight gradients (a quarter of an fp32 sweep's time)."""
+    the base experts' weight gradients (a quarter of an fp32 sweep's time). `lean`: as
+    `Layered`'s (ONNX Runtime's programs)."""
 
     def __init__(self, model: layers.CausalLM, length: int, bits: int = 32,
-                 spare: bool = False):
+                 spare: bool = False, lean: bool = False):
         nn.Module.__init__(self)
-        self._build(model, list(range(model.args.num_hidden_layers)), length, bits, spare)
+        self._build(model, list(range(model.args.num_hidden_layers)), length, bits, spare,
+                    lean)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:

@@ -48,13 +48,15 @@ def test_default_schedule_is_the_gradient_of_the_layers_experts(model, layer):
             assert dwg[e].abs().max() == dwu[e].abs().max() == dwd[e].abs().max() == 0
 
 
-def test_one_sweep_gives_every_layers_updates(model):
+@pytest.mark.parametrize("lean", [False, True])
+def test_one_sweep_gives_every_layers_updates(model, lean):
     """`Sweep`: one forward pass and one backward give what `deepen{l}` gives for each
-    layer l (the NLL's gradient is the same whichever layers it is taken for)."""
+    layer l (the NLL's gradient is the same whichever layers it is taken for), the top
+    layer run again for its backward (`lean`) or not."""
     tokens, valid = _tokens(seed=3), torch.ones(W)
     valid[-1] = 0
     with torch.no_grad():
-        every = pc.Sweep(model, W)(tokens, valid)
+        every = pc.Sweep(model, W, lean=lean)(tokens, valid)
         for layer in range(ARGS.num_hidden_layers):
             one = pc.Deepen(model, layer, W)(tokens, valid)
             for name, a, b in zip(pc.OUTPUTS, every, one, strict=True):
@@ -63,12 +65,13 @@ def test_one_sweep_gives_every_layers_updates(model):
                 torch.testing.assert_close(a_, b_, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits):
+@pytest.mark.parametrize("bits, lean", [(8, False), (4, False), (4, True)])
+def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits, lean):
     """A quantized bundle's sweep holds its frozen linears as the serving programs' codes
     (`frozen.Frozen`; the base experts' in the routed layout, `FrozenExperts`: no fp32
     copy of them) and gives the spare slots' updates that autograd gives on the
-    dequantized model, the rest of its outputs as well."""
+    dequantized model, the rest of its outputs as well (its backward's second run of a
+    layer on the first run's dequantized weights, or `lean`: dequantizing them again)."""
     from moegrow.export import quantize
 
     args = mixtral.ModelArgs(vocab_size=97, hidden_size=64, intermediate_size=64,
@@ -85,7 +88,7 @@ def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits)
     slots[:, 2] = 0.0
     tokens, valid = _tokens(seed=4), torch.ones(W)
     valid[-1] = 0
-    frozen = pc.Sweep(model, W, bits)
+    frozen = pc.Sweep(model, W, bits, lean=lean)
     names = [n for n, _ in frozen.loss.named_parameters()]
     assert not any(n.endswith(("mlp.gate_proj.weight", "q_proj.weight", "lm_head.weight"))
                    for n in names)  # nothing quantized is held in fp32
@@ -104,22 +107,27 @@ def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_quantized_sweep_dequantizes_each_weight_once():
+def test_a_quantized_sweep_dequantizes_each_weight_once_or_per_run():
     """The sweep runs every layer but the top one twice (`pc.Layered`: its activations are
     not held until the backward); both runs read one dequantization of each frozen weight
-    (one Floor per int4 weight after `pc._cse`, not one per run)."""
+    (one Floor per int4 weight after `pc._cse`, not one per run: ExecuTorch's), or, `lean`
+    (ONNX Runtime's), every layer runs twice and the second run dequantizes again."""
     from moegrow.export import frozen
 
     args = mixtral.ModelArgs(vocab_size=97, hidden_size=64, intermediate_size=64,
                              num_hidden_layers=3, num_attention_heads=4,
                              num_key_value_heads=2, num_local_experts=4,
                              num_experts_per_tok=2, max_position_embeddings=32)
-    sweep = pc.Sweep(programs.with_spare(random_moe(args), 2), W, 4)
-    modules = list(sweep.loss.modules())
-    weights = (sum(isinstance(m, frozen.Frozen) and m.bits == 4 for m in modules)
-               + 3 * sum(isinstance(m, frozen.FrozenExperts) for m in modules))
-    floors = sum(n.target == torch.ops.aten.floor.default for n in sweep.sweep.graph.nodes)
-    assert weights == 7 * args.num_hidden_layers and floors == weights
+    model = programs.with_spare(random_moe(args), 2)
+    for lean in (False, True):
+        sweep = pc.Sweep(model, W, 4, lean=lean)
+        modules = list(sweep.loss.modules())
+        weights = (sum(isinstance(m, frozen.Frozen) and m.bits == 4 for m in modules)
+                   + 3 * sum(isinstance(m, frozen.FrozenExperts) for m in modules))
+        floors = sum(n.target == torch.ops.aten.floor.default
+                     for n in sweep.sweep.graph.nodes)
+        assert weights == 7 * args.num_hidden_layers
+        assert floors == weights * (1 + lean)
 
 
 def test_the_adam_program_steps_as_torch_adam(model):
