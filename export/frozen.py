@@ -79,8 +79,12 @@ class _Part(nn.Module):
         super().__init__()
         self.experts, self.proj = [experts], proj  # a list: not a submodule of each part
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.experts[0].weight(self.proj)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.experts[0].weight(self.proj))
+        return F.linear(x, self.weight)
 
 
 def freeze(model: nn.Module, bits: int) -> nn.Module:

@@ -140,6 +140,7 @@ class Slots(nn.Module):
     program."""
 
     taps = False  # the program reads every slot's hidden activation (`Observe`, `pc`)
+    rows = False  # computed on the rows of the tokens that chose a slot, taps or not (`pc`)
 
     def __init__(self, moe: layers.MoE, gated: bool = True):
         super().__init__()
@@ -192,7 +193,7 @@ class Slots(nn.Module):
         out, hs, first = 0, [], self.live
         onnx = torch.onnx.is_in_onnx_export()
         pool = getattr(self, "routed_pool", False) and not onnx
-        rows = onnx and not self.taps
+        rows = self.rows or (onnx and not self.taps)
         for n, name in self.groups:
             g, u, d = (getattr(self, f"{name}_{p}") for p in ("gate", "up", "down"))
             mine = gates[:, first:first + n]
@@ -251,6 +252,40 @@ class DenseMoE(Slots):
         out, h = self.combine(x, gates)
         self.last = (ids, weights, h)  # for `Observe`'s error taps; dead code elsewhere
         return out.reshape(shape), logits
+
+
+class FixedRouteMoE(DenseMoE):
+    """`DenseMoE` whose gates are constants for the gradient (the router is held fixed): the
+    deepening programs' (`pc`)."""
+
+    taps = True  # the sweeps differentiate every slot
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, weights, ids = self.route(x)
+        gates = torch.zeros_like(logits).scatter(1, ids, weights).detach()  # [N, E + S]
+        self.last, self.input = gates, x
+        return self.combine(x, gates)[0].reshape(shape), logits
+
+    def combine(self, x: torch.Tensor, gates: torch.Tensor):
+        """With `rows` (ONNX Runtime's sweeps): each base expert on the rows of the tokens
+        that chose it (NonZero, Gather, ScatterND: top-k of E is k/E of the dense
+        products), the spare slots likewise (`Slots.spare_out`); the same sums."""
+        if not self.rows:
+            return super().combine(x, gates)
+        f = self.hidden
+        wg, wu, wd = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        out = torch.zeros_like(x)
+        for e in range(self.live):
+            at = torch.nonzero(gates[:, e] != 0).squeeze(1)
+            xs = x.index_select(0, at)
+            h = F.silu(xs @ wg[e * f:(e + 1) * f].T) * (xs @ wu[e * f:(e + 1) * f].T)
+            y = (h * gates.index_select(0, at)[:, e:e + 1]) @ wd[:, e * f:(e + 1) * f].T
+            out = out.index_add(0, at, y)
+        if self.spare or self.pool:
+            out = out + self.spare_out(x, gates)[0]
+        return out, None
 
 
 class GatherMoE(Slots):

@@ -44,20 +44,6 @@ from .models import layers
 OUTPUTS = ("dwg", "dwu", "dwd", "count", "nll", "energy", "novelty", "x")
 
 
-class FixedRouteMoE(moe.DenseMoE):
-    """`DenseMoE` whose gates are constants for the gradient (the router is held fixed)."""
-
-    taps = True  # the sweeps differentiate every slot
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        logits, weights, ids = self.route(x)
-        gates = torch.zeros_like(logits).scatter(1, ids, weights).detach()  # [N, E + S]
-        self.last, self.input = gates, x
-        return self.combine(x, gates)[0].reshape(shape), logits
-
-
 def expert_weights(mlp: moe.DenseMoE, spare: bool = False) -> list[str]:
     """The names, inside a MoE block, of the weights of its trainable experts: the base
     experts' gate, up, down (unless `frozen.Frozen`: a quantized bundle's, or `spare`),
@@ -69,9 +55,9 @@ def expert_weights(mlp: moe.DenseMoE, spare: bool = False) -> list[str]:
 
 
 def _model(model: layers.CausalLM, bits: int) -> layers.CausalLM:
-    """The deepening programs' copy of `model`: `FixedRouteMoE` blocks, and at `bits` < 32
+    """The deepening programs' copy of `model`: `moe.FixedRouteMoE` blocks, and at `bits` < 32
     the quantized bundle's frozen linears (`frozen.freeze`)."""
-    out = programs.with_moe(model, FixedRouteMoE)
+    out = programs.with_moe(model, moe.FixedRouteMoE)
     return out if bits == 32 else frozen.freeze(out, bits)
 
 
@@ -231,7 +217,7 @@ def _cse(g: torch.fx.Graph) -> None:
             seen[k] = node
 
 
-def _trace(fn, module: nn.Module, example: tuple[torch.Tensor, ...]):
+def _trace(fn, module: nn.Module, example: tuple[torch.Tensor, ...], symbolic: bool = False):
     """`fn(params, buffers, *example)` traced by make_fx into plain aten ops (no autograd
     left), with the one fully overwritten `empty_permuted` buffer made `zeros` for
     ExecuTorch, and every matrix product written as a batch of one (`bmm`): XNNPACK
@@ -243,7 +229,8 @@ def _trace(fn, module: nn.Module, example: tuple[torch.Tensor, ...]):
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    graph = make_fx(fn, decomposition_table=core_aten_decompositions())(
+    graph = make_fx(fn, decomposition_table=core_aten_decompositions(),
+                    tracing_mode="symbolic" if symbolic else "real")(
         [p.detach() for p in module.parameters()], list(module.buffers()), *example)
     g = graph.graph
     _cse(g)
@@ -274,8 +261,10 @@ class Deepen(nn.Module):
         self._build(model, [layer], length, bits)
 
     def _build(self, model: layers.CausalLM, at: list[int], length: int, bits: int,
-               spare: bool = False, lean: bool = False) -> None:
+               spare: bool = False, lean: bool = False, rows: bool = False) -> None:
         targets, names, buffers = self._setup(Loss(model, at, bits), at, length, spare)
+        for block in self.loss.model.model.layers:
+            block.mlp.rows = rows
         layered = Layered(self.loss, targets, lean)
 
         def sweep(params, bufs, tokens, valid, slots):
@@ -285,7 +274,8 @@ class Deepen(nn.Module):
                                                  (tokens, valid, slots))
             return *d, *out
 
-        self.sweep = _trace(sweep, self.loss, self.example()[0])
+        # rows: data-dependent shapes (NonZero), traced symbolically
+        self.sweep = _trace(sweep, self.loss, self.example()[0], symbolic=rows)
 
     def _setup(self, loss: nn.Module, at: list[int], length: int, spare: bool = False):
         """Hold `loss` (whose parameters the traced sweep reads) -> the names of the expert
@@ -332,10 +322,10 @@ class Sweep(Deepen):
     `Layered`'s (ONNX Runtime's programs)."""
 
     def __init__(self, model: layers.CausalLM, length: int, bits: int = 32,
-                 spare: bool = False, lean: bool = False):
+                 spare: bool = False, lean: bool = False, rows: bool = False):
         nn.Module.__init__(self)
         self._build(model, list(range(model.args.num_hidden_layers)), length, bits, spare,
-                    lean)
+                    lean, rows)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:

@@ -48,15 +48,16 @@ def test_default_schedule_is_the_gradient_of_the_layers_experts(model, layer):
             assert dwg[e].abs().max() == dwu[e].abs().max() == dwd[e].abs().max() == 0
 
 
-@pytest.mark.parametrize("lean", [False, True])
-def test_one_sweep_gives_every_layers_updates(model, lean):
+@pytest.mark.parametrize("lean, rows", [(False, False), (True, False), (False, True)])
+def test_one_sweep_gives_every_layers_updates(model, lean, rows):
     """`Sweep`: one forward pass and one backward give what `deepen{l}` gives for each
     layer l (the NLL's gradient is the same whichever layers it is taken for), the top
-    layer run again for its backward (`lean`) or not."""
+    layer run again for its backward (`lean`) or not, each expert on all tokens or on the
+    rows of those that chose it (`rows`)."""
     tokens, valid = _tokens(seed=3), torch.ones(W)
     valid[-1] = 0
     with torch.no_grad():
-        every = pc.Sweep(model, W, lean=lean)(tokens, valid)
+        every = pc.Sweep(model, W, lean=lean, rows=rows)(tokens, valid)
         for layer in range(ARGS.num_hidden_layers):
             one = pc.Deepen(model, layer, W)(tokens, valid)
             for name, a, b in zip(pc.OUTPUTS, every, one, strict=True):
@@ -65,13 +66,14 @@ def test_one_sweep_gives_every_layers_updates(model, lean):
                 torch.testing.assert_close(a_, b_, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("bits, lean", [(8, False), (4, False), (4, True)])
+@pytest.mark.parametrize("bits, lean", [(8, False), (4, False), (4, True), (8, True)])
 def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits, lean):
     """A quantized bundle's sweep holds its frozen linears as the serving programs' codes
     (`frozen.Frozen`; the base experts' in the routed layout, `FrozenExperts`: no fp32
     copy of them) and gives the spare slots' updates that autograd gives on the
     dequantized model, the rest of its outputs as well (its backward's second run of a
-    layer on the first run's dequantized weights, or `lean`: dequantizing them again)."""
+    layer on the first run's dequantized weights, or ONNX Runtime's form: `lean`,
+    dequantizing them again, and `rows`, each expert on the tokens that chose it)."""
     from moegrow.export import quantize
 
     args = mixtral.ModelArgs(vocab_size=97, hidden_size=64, intermediate_size=64,
@@ -88,7 +90,7 @@ def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits,
     slots[:, 2] = 0.0
     tokens, valid = _tokens(seed=4), torch.ones(W)
     valid[-1] = 0
-    frozen = pc.Sweep(model, W, bits, lean=lean)
+    frozen = pc.Sweep(model, W, bits, lean=lean, rows=lean)  # ONNX Runtime's form
     names = [n for n, _ in frozen.loss.named_parameters()]
     assert not any(n.endswith(("mlp.gate_proj.weight", "q_proj.weight", "lm_head.weight"))
                    for n in names)  # nothing quantized is held in fp32
@@ -105,6 +107,22 @@ def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits,
     for name, a, b in zip(pc.OUTPUTS, got, want, strict=True):
         b = b[:, 4:] if name in ("dwg", "dwu", "dwd") else b
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_sweep_on_rows_skips_an_expert_no_token_chose(model):
+    """`rows`: on a window where no token chose one expert of a layer, that expert is
+    computed on no row, and the sweep still equals the dense one; then another window (other
+    row counts) through the same program (traced with the row counts symbolic, not the
+    example's)."""
+    dense, rows = pc.Sweep(model, W), pc.Sweep(model, W, rows=True)
+    valid = torch.ones(W)
+    with torch.no_grad():
+        for seed in (1, 3):
+            tokens = _tokens(seed=seed)
+            want, got = dense(tokens, valid), rows(tokens, valid)
+            assert (want[3] == 0).any() == (seed == 1)  # count: layer 2's expert 2 on seed 1
+            for name, a, b in zip(pc.OUTPUTS, got, want, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_a_quantized_sweep_dequantizes_each_weight_once_or_per_run():
