@@ -318,8 +318,9 @@ class Sweep(Deepen):
     axis [L, ...] on dwg, dwu, dwd, count, energy and x (nll [W], novelty [W, D] once).
     With `spare`, the gradients of the spare slots only (as a quantized bundle's always
     are): an fp32 bundle's `sweep_spare`, for a slice that trains clones alone, without
-    the base experts' weight gradients (a quarter of an fp32 sweep's time). `lean`: as
-    `Layered`'s (ONNX Runtime's programs)."""
+    the base experts' weight gradients (a quarter of an fp32 sweep's time). ONNX Runtime's
+    programs: `lean` (`Layered`'s) and `rows` (each expert on the rows of the tokens that
+    chose it, `moe.FixedRouteMoE`; traced with symbolic shapes, `_trace`)."""
 
     def __init__(self, model: layers.CausalLM, length: int, bits: int = 32,
                  spare: bool = False, lean: bool = False, rows: bool = False):
