@@ -125,6 +125,28 @@ def test_a_sweep_on_rows_skips_an_expert_no_token_chose(model):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [32, 4])
+def test_the_onnx_sweep_folds_its_shape_arithmetic_not_its_weights(exports, bits):
+    """ONNX Runtime's sweeps are exported unoptimized (`fold_weights = False`: a folded
+    transpose or dequantization of a weight would be a copy a commit never updates), then
+    their scalars and shape arithmetic are folded (`lower.fold_shapes`): folding the
+    bundle's program again finds nothing, and every weight is still read by an op. (Their
+    outputs against torch: the engines' parity tests on the same bundles,
+    test_backend_ops.py.)"""
+    import onnx
+    import onnx_ir as ir
+    from moegrow.export import lower
+
+    path = exported(exports["mixtral", bits]) / "programs" / "sweep.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    model = ir.from_proto(proto)
+    lower.fold_shapes(model)
+    assert len(model.graph) == len(proto.graph.node) > 0
+    weights = {t.name for t in proto.graph.initializer if np.prod(t.dims) > 64}
+    assert weights and weights <= {i for n in proto.graph.node for i in n.input}
+
+
 def test_a_quantized_sweep_dequantizes_each_weight_once_or_per_run():
     """The sweep runs every layer but the top one twice (`pc.Layered`: its activations are
     not held until the backward); both runs read one dequantization of each frozen weight
