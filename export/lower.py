@@ -95,7 +95,7 @@ def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: 
 
     Input names are the forward's argument names.
     """
-    path = Path(path)
+    path, fold = Path(path), getattr(program, "fold_weights", True)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # pytree deprecations inside the exporter
         warnings.filterwarnings("ignore", message="The tensor attributes")  # as in `export`
@@ -104,8 +104,8 @@ def to_onnx(program: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: 
             output_names=list(output_names) if output_names else None, verbose=False,
             # a program that transposes its weights (the deepening sweeps) must keep the
             # transposes as ops: folded, they become copies a weights commit would not update
-            optimize=getattr(program, "fold_weights", True))
-        if not getattr(program, "fold_weights", True):
+            optimize=fold)
+        if not fold:
             fold_shapes(onnx_program.model)
     onnx_program.save(path)
     return path
