@@ -470,11 +470,12 @@ libc = ctypes.CDLL(None)
 libc.mallopt(-3, 64 << 20)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-blocks = [libc.malloc(1 << 20) for _ in range(64)]
+blocks = sorted(libc.malloc(1 << 20) for _ in range(129))
 for b in blocks:
     ctypes.memset(b, 1, 1 << 20)
-pin = libc.malloc(256 << 10)  # above them: free alone cannot shrink the heap
-for b in blocks:
+# every other block, never the highest: each freed block has one in use above it, so free
+# alone can neither merge them nor shrink the heap, wherever the heap put them
+for b in blocks[:-1:2]:
     libc.free(b)
 freed = rss_mb()
 backends.give_back()
