@@ -467,7 +467,7 @@ from moegrow.runtime import backends
 from moegrow.tools.memory import rss_mb
 libc = ctypes.CDLL(None)
 # M_MMAP_THRESHOLD: 1 MB blocks come from the heap, as they do once glibc freed one that large
-libc.mallopt(-3, 64 << 20)
+assert libc.mallopt(-3, 16 << 20) == 1
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 blocks = sorted(libc.malloc(1 << 20) for _ in range(129))
