@@ -128,11 +128,13 @@ class Layered(nn.Module):
     above are done; it reads the first run's dequantized weights (one node each after
     `_trace`'s CSE), which stay live from the forward to that layer's VJP.
 
-    `lean` (ONNX Runtime's quantized programs): the top layer runs again too, and each
-    second run dequantizes its layer's weights again (its codes through `_fresh` of that
-    run's input, so no engine merges the two): the default int4 sweep's peak in use 59 ->
-    46 MB in ONNX Runtime for ~5% more time. ExecuTorch's portable kernels dequantize
-    slowly (+47% a sweep); an fp32 sweep has nothing to dequantize and gained nothing."""
+    `lean` (ONNX Runtime's quantized programs): the top layer runs again too, each second
+    run dequantizes its layer's weights again (`_fresh` of that run's input, so no engine
+    merges the two; the int4 sweep's peak in use 59 -> 46 MB for ~5% more time), and the
+    head runs over chunks of tokens (`_chunked_head`). ExecuTorch's portable kernels
+    dequantize slowly (+47% a sweep); an fp32 sweep has nothing to dequantize."""
+
+    chunk = 64  # tokens per chunk of a lean sweep's loss head (`_chunked_head`)
 
     def __init__(self, loss: Loss, targets: list[str], lean: bool = False):
         super().__init__()
@@ -178,7 +180,8 @@ class Layered(nn.Module):
             nll = programs.losses(logits[0].float(), tokens)[0] * valid
             return nll.sum(), nll
 
-        err, nll = torch.func.grad(head, has_aux=True)(x)
+        err, nll = (self._chunked_head(x, tokens, valid) if self.lean
+                    else torch.func.grad(head, has_aux=True)(x))
         grads, eps = {}, []
         for i in range(len(blocks) - 1, min(at) - 1, -1):
             if i in at:
@@ -191,6 +194,27 @@ class Layered(nn.Module):
             grads |= {f"model.model.layers.{i}.{n}": g for n, g in dw.items()}
         return ([grads[t] for t in self.targets], torch.stack(eps), nll, torch.stack(gates),
                 nov, torch.stack(router_in))
+
+    def _chunked_head(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor):
+        """`head`'s gradient and NLL `chunk` tokens at a time: one chunk's [chunk, vocab]
+        tensors live, not the window's (docs/benchmarks.md). A chunk's input reads the one
+        before's error and NLL (times 0): ONNX Runtime ends one before it starts the next."""
+        m, w = self.loss.model, int(tokens.shape[1])
+        nxt, keep = tokens[0].roll(-1), torch.where(torch.arange(w) < w - 1, valid, 0.0)
+
+        def head(x, nxt, keep):
+            logits = torch.func.functional_call(m.lm_head, _fresh(m.lm_head, x),
+                                                (m.model.norm(x),))[0].float()
+            nll = (torch.logsumexp(logits, dim=-1) - logits.gather(1, nxt[:, None])[:, 0]) * keep
+            return nll.sum(), nll
+        errs, nlls, tie = [], [], 0.0
+        for a in range(0, w, self.chunk):
+            b = a + self.chunk
+            err, nll = torch.func.grad(head, has_aux=True)(x[:, a:b] + tie, nxt[a:b], keep[a:b])
+            errs.append(err)
+            nlls.append(nll)
+            tie = 0 * (err[0, 0, 0] + nll[-1])
+        return torch.cat(errs, 1) + tie, torch.cat(nlls)
 
 
 def _cse(g: torch.fx.Graph) -> None:

@@ -49,11 +49,12 @@ def test_default_schedule_is_the_gradient_of_the_layers_experts(model, layer):
 
 
 @pytest.mark.parametrize("lean, rows", [(False, False), (True, False), (False, True)])
-def test_one_sweep_gives_every_layers_updates(model, lean, rows):
+def test_one_sweep_gives_every_layers_updates(model, lean, rows, monkeypatch):
     """`Sweep`: one forward pass and one backward give what `deepen{l}` gives for each
     layer l (the NLL's gradient is the same whichever layers it is taken for), the top
-    layer run again for its backward (`lean`) or not, each expert on all tokens or on the
-    rows of those that chose it (`rows`)."""
+    layer run again for its backward and the loss head over chunks of tokens (`lean`) or
+    not, each expert on all tokens or on the rows of those that chose it (`rows`)."""
+    monkeypatch.setattr(pc.Layered, "chunk", 10)  # chunks of 10, 10 and 4 of the 24
     tokens, valid = _tokens(seed=3), torch.ones(W)
     valid[-1] = 0
     with torch.no_grad():
@@ -67,15 +68,18 @@ def test_one_sweep_gives_every_layers_updates(model, lean, rows):
 
 
 @pytest.mark.parametrize("bits, lean", [(8, False), (4, False), (4, True), (8, True)])
-def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits, lean):
+def test_a_quantized_sweep_trains_the_spare_slots_through_the_served_codes(bits, lean,
+                                                                          monkeypatch):
     """A quantized bundle's sweep holds its frozen linears as the serving programs' codes
     (`frozen.Frozen`; the base experts' in the routed layout, `FrozenExperts`: no fp32
     copy of them) and gives the spare slots' updates that autograd gives on the
     dequantized model, the rest of its outputs as well (its backward's second run of a
     layer on the first run's dequantized weights, or ONNX Runtime's form: `lean`,
-    dequantizing them again, and `rows`, each expert on the tokens that chose it)."""
+    dequantizing them again, the loss head over chunks of tokens, and `rows`, each expert on
+    the tokens that chose it)."""
     from moegrow.export import quantize
 
+    monkeypatch.setattr(pc.Layered, "chunk", 10)
     args = mixtral.ModelArgs(vocab_size=97, hidden_size=64, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, num_local_experts=4,
