@@ -196,25 +196,13 @@ class Layered(nn.Module):
                 nov, torch.stack(router_in))
 
     def _chunked_head(self, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor):
-        """`head`'s gradient and NLL `chunk` tokens at a time: one chunk's [chunk, vocab]
-        tensors live, not the window's (docs/benchmarks.md). A chunk's input reads the one
-        before's error and NLL (times 0): ONNX Runtime ends one before it starts the next."""
-        m, w = self.loss.model, int(tokens.shape[1])
-        nxt, keep = tokens[0].roll(-1), torch.where(torch.arange(w) < w - 1, valid, 0.0)
-
-        def head(x, nxt, keep):
-            logits = torch.func.functional_call(m.lm_head, _fresh(m.lm_head, x),
-                                                (m.model.norm(x),))[0].float()
-            nll = (torch.logsumexp(logits, dim=-1) - logits.gather(1, nxt[:, None])[:, 0]) * keep
-            return nll.sum(), nll
-        errs, nlls, tie = [], [], 0.0
-        for a in range(0, w, self.chunk):
-            b = a + self.chunk
-            err, nll = torch.func.grad(head, has_aux=True)(x[:, a:b] + tie, nxt[a:b], keep[a:b])
-            errs.append(err)
-            nlls.append(nll)
-            tie = 0 * (err[0, 0, 0] + nll[-1])
-        return torch.cat(errs, 1) + tie, torch.cat(nlls)
+        """`head`'s gradient and NLL `chunk` tokens at a time (`programs.chunked_nll_grad`):
+        one chunk's [chunk, vocab] tensors live, not the window's (docs/benchmarks.md)."""
+        m = self.loss.model
+        return programs.chunked_nll_grad(
+            lambda x: torch.func.functional_call(m.lm_head, _fresh(m.lm_head, x),
+                                                 (m.model.norm(x),))[0].float(),
+            x, tokens, valid, self.chunk)
 
 
 def _cse(g: torch.fx.Graph) -> None:

@@ -284,6 +284,29 @@ def losses(logits: torch.Tensor, tokens: torch.Tensor):
     return torch.where(valid, nll, 0.0), torch.where(valid, rank, 0), valid
 
 
+def chunked_nll_grad(logits_of, x: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                     chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """d (NLL of tokens [1, T] times valid [T], summed) / d x [1, T, C] and that NLL [T],
+    taken `chunk` positions at a time (`logits_of`: x's positions -> logits [n, V]): the
+    numbers of `losses` on the whole window. Each chunk's input reads the one before's error
+    and NLL (times 0), so that an engine ends one chunk before it starts the next."""
+    t = int(tokens.shape[1])
+    nxt, keep = tokens[0].roll(-1), torch.where(torch.arange(t) < t - 1, valid, 0.0)
+
+    def nll_of(x, nxt, keep):
+        logits = logits_of(x)
+        nll = (torch.logsumexp(logits, dim=-1) - logits.gather(1, nxt[:, None])[:, 0]) * keep
+        return nll.sum(), nll
+    errs, nlls, tie = [], [], 0.0
+    for a in range(0, t, chunk):
+        b = a + chunk
+        err, nll = torch.func.grad(nll_of, has_aux=True)(x[:, a:b] + tie, nxt[a:b], keep[a:b])
+        errs.append(err)
+        nlls.append(nll)
+        tie = 0 * (err[0, 0, 0] + nll[-1])
+    return torch.cat(errs, 1) + tie, torch.cat(nlls)
+
+
 class Observe(Score):
     """`Score` plus the error taps of every MoE layer, in the same forward pass.
 
