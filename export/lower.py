@@ -167,6 +167,21 @@ def fold_transposes(model, mutable: Callable[[str], bool]) -> None:
     graph.initializer.extend(alive)
 
 
+def strip_notes(graph) -> None:
+    """Drop, in place, what the exporter writes for people and not for engines: each node's
+    metadata (its torch source: namespace, class hierarchy, FX node, stack trace) and doc
+    string, and the graph's value_info (intermediate shapes, which ONNX Runtime infers
+    again), subgraphs included. ONNX Runtime holds them for a session's life: the default
+    int4 sweep's session 34 -> 20 MB of heap, its file 5.6 -> 0.9 MB (docs/benchmarks.md)."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for a in node.attribute:
+            for sub in [a.g] * a.HasField("g") + list(a.graphs):
+                strip_notes(sub)
+    del graph.value_info[:]
+
+
 def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int = 1024,
                   mutable: Callable[[str], bool] | None = None
                   ) -> tuple[Path, dict[str, list], set[str]]:
@@ -191,6 +206,7 @@ def share_weights(models: Sequence[Path | str], data: Path | str, min_bytes: int
     with open(data, "wb") as f:
         for path in models:
             model = onnx.load(str(path))
+            strip_notes(model.graph)
             if mutable is not None:
                 fold_transposes(model, mutable)
             table = []

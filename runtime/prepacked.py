@@ -31,7 +31,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -43,6 +42,7 @@ from . import experts
 
 PACK, INDEX = "pack.data", "index.json"
 ALIGN = 4096  # blobs of a page or more start on a page: the kernels read them in place
+EXTERNAL = 1  # TensorProto.DataLocation: the tensor's bytes are in a file
 
 
 def _stamp(path: Path) -> list:
@@ -85,27 +85,58 @@ def _whole(folder: Path) -> bool:
         return False
 
 
+@functools.cache
+def _model_class():
+    """A protobuf message class that reads an ONNX model as far as its graph's initializers'
+    external data (ModelProto.graph, GraphProto.initializer, TensorProto.external_data and
+    data_location, the same field numbers) and keeps every other field as it came, byte for
+    byte: what `_merge` rewrites, without the onnx package, whose import holds 15 MB of
+    this process's memory for the rest of its life (docs/benchmarks.md)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="moegrow/onnx_initializers.proto",
+                                               package="moegrow_onnx")
+    for message, fields in (
+            ("Entry", [("key", 1, field.TYPE_STRING, 0), ("value", 2, field.TYPE_STRING, 0)]),
+            ("Tensor", [("external_data", 13, ".moegrow_onnx.Entry", 1),
+                        ("data_location", 14, field.TYPE_INT32, 0)]),
+            ("Graph", [("initializer", 5, ".moegrow_onnx.Tensor", 1)]),
+            ("Model", [("graph", 7, ".moegrow_onnx.Graph", 0)])):
+        m = proto.message_type.add(name=message)
+        for name, number, kind, repeated in fields:
+            f = m.field.add(name=name, number=number, label=(
+                field.LABEL_REPEATED if repeated else field.LABEL_OPTIONAL))
+            if isinstance(kind, str):
+                f.type, f.type_name = field.TYPE_MESSAGE, kind
+            else:
+                f.type = kind
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("moegrow_onnx.Model"))
+
+
 def _merge(model_path: Path, folder: Path, name: str) -> None:
     """Move the optimized model at `model_path` (and its data file) into `folder`: its blobs
     appended to the pack unless already there, its references rewritten to point at them."""
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = _model_class().FromString(model_path.read_bytes())
     index_path, pack_path = folder / INDEX, folder / PACK
     index = {"size": 0, "blobs": {}}
     if _whole(folder):
         index = json.loads(index_path.read_text())
     blobs, sources = index["blobs"], {}
     fd = os.open(pack_path, os.O_RDWR | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "r+b") as pack:
+    with os.fdopen(fd, "r+b") as pack, contextlib.ExitStack() as files:
         pack.truncate(index["size"])  # bytes past the index: a merge that did not finish
         pack.seek(index["size"])
 
         def put(location: str, offset: int, length: int) -> int:
-            if location not in sources:
-                with open(model_path.parent / location, "rb") as f:
-                    sources[location] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            blob = sources[location][offset:offset + length]
+            if location not in sources:  # read, not mapped: a map's pages would count in
+                # the process's resident memory while it merges (26 MB of the default
+                # int4 model's `idle` peak, docs/benchmarks.md)
+                sources[location] = files.enter_context(open(model_path.parent / location,
+                                                             "rb"))
+            blob = os.pread(sources[location].fileno(), length, offset)
             digest = hashlib.sha256(blob).hexdigest()
             if digest not in blobs:
                 pad = -pack.tell() % (ALIGN if length >= ALIGN else 64)
@@ -115,7 +146,7 @@ def _merge(model_path: Path, folder: Path, name: str) -> None:
             return blobs[digest]
 
         for tensor in model.graph.initializer:
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            if tensor.data_location != EXTERNAL:
                 continue
             entries = {e.key: e for e in tensor.external_data}
             location = entries["location"].value
@@ -129,8 +160,6 @@ def _merge(model_path: Path, folder: Path, name: str) -> None:
                         buffers[i] = f"{put(location, int(offset), int(length))};{length};{align}"
                     e.value = "|".join([head, *buffers])
             entries["location"].value = PACK
-        for m in sources.values():
-            m.close()
         pack.flush()
         os.fsync(pack.fileno())
         index["size"] = pack.tell()

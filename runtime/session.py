@@ -412,7 +412,8 @@ class Runtime:
         domains' spawned experts retired (`compress.retire`); "reclaimed": their reports.
         The serving programs' sessions are dropped for the slice ("released"); after it the
         new version's serving programs load, or without a commit those released
-        ("prepare_seconds")."""
+        ("prepare_seconds"), and stay loaded in the forms loaded before the slice
+        ("loaded": the programs loaded after it)."""
         def reclaim(growing: str, layers: list[int]) -> list[dict]:
             out = []
             ripe = compress.ripe(self.bundle, errormap.Store(self.bundle.path).read(), layers,
@@ -423,19 +424,27 @@ class Runtime:
                 out.append(compress.compress(self, x["domain"], progress) | {
                     "converged": x["converged"], "drift": x["drift"]})
             return out + compress.retire(self, layers, growing, progress)
+        forms = ("prefill", "decode", "score")  # and the one-pass ones too (`form`)
+        held = getattr(self.engine, "held", set)()  # the torch reference holds none
+        loaded = {f for f in forms if {f, f"{f}_gated"} & held}
         report = growth.idle(self, seconds, domain, growth.Limits(**limits), progress,
                              reclaim, interrupt, policy)
         # the new version's serving programs, or those the slice released, now, not at the
         # next keystroke: ONNX Runtime writes their shared packed weights as it first loads
-        # them (`backends.OnnxRuntime.prepare`), which takes seconds on a larger model
-        forms = ("prefill", "decode", "score")  # and the one-pass ones too (`form`)
+        # them (`backends.OnnxRuntime.prepare`), which takes seconds on a larger model. Only
+        # the forms the process had loaded before the slice stay loaded (a process that never
+        # typed holds no keyboard session); the others' packs are written and their
+        # sessions dropped, to map them at their first run
         names = [*dict.fromkeys([*map(self.program, forms), *forms * self._one_pass_too])]
-        names = names if report["committed"] else report.get("released")
+        keep = {n for n in names if n.removesuffix("_gated") in loaded}
+        if not report["committed"]:
+            names = keep = report.get("released")
         prepare = getattr(self.engine, "prepare", None)  # the torch reference has none
         if names and prepare:
             start = time.monotonic()
-            prepare(names)
+            prepare(names, set(keep))
             report["prepare_seconds"] = time.monotonic() - start
+        report["loaded"] = sorted(getattr(self.engine, "held", set)())
         backends.give_back()  # the slice's working copy and activations, freed
         return report
 

@@ -63,6 +63,7 @@ def test_a_new_domain_spawns_a_gated_clone_that_passes_the_guard(grown):
     assert {p.name.split("-")[0] for p in pack.glob("*.onnx")} == {
         "prefill_gated", "decode_gated", "score_gated", "prefill", "decode", "score"} \
         and r["prepare_seconds"] > 0  # the one-pass forms too (`Runtime.form`)
+    assert r["loaded"] == []  # a process that had loaded none keeps none loaded
     table = {(x["layer"], x["slot"]): x for x in bundle_format.load(after).manifest["experts"]
              ["table"]}
     for s in r["plan"]:
@@ -224,9 +225,13 @@ def test_an_int4_bundle_grows_clones_of_its_frozen_experts(exports, tmp_path):
     ids = np.fromfile(path / old.manifest["calibration"]["guard"]["file"], np.int32)
     tokens = ids[None, :old.context].astype(np.int64)
     base_before = rt.run("observe", tokens)
+    rt.run("score", tokens)
     r = rt.idle(600, tokens=4096, steps=8)
     assert r["verdict"] == "spawn" and r["committed"] and r["version"] == 2, r["reason"]
-    assert r["released"] == ["observe"]  # the serving session, dropped for the slice
+    assert r["released"] == ["observe", "score"]  # the serving sessions, dropped for it
+    # the new version's form of what was loaded before stays loaded (the keyboard's were
+    # not: their packs are written, their sessions dropped)
+    assert r["loaded"] == ["score", "score_gated"] and rt.engine.held() == {"score", "score_gated"}
     assert all(s["how"] == "spawn" for s in r["plan"])
     assert r["guard"]["after"]["domain"]["nll"] < r["guard"]["before"]["domain"]["nll"]
     new = bundle_format.load(path)
