@@ -199,15 +199,17 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bo
         # (`rows`: ~0.45x the time); its quantized ones run every layer again for its VJP,
         # dequantizing again (`lean`: int4 slice peak 300 -> 248 MB; fp32 gains nothing).
         # ExecuTorch's stay dense: XNNPACK takes no linear on a data-dependent row count
+        # Their loss head runs over chunks of tokens (`chunked`: the window's [W, vocab]
+        # tensors never live at once; int4 slice peak 254 -> 239 MB)
         rows = engine == "onnxruntime"
         lean = rows and bits < 32
         program = pc.Sweep(model, model.args.max_position_embeddings, bits, lean=lean,
-                           rows=rows)
+                           rows=rows, chunked=rows)
         methods["sweep"] = (program, *program.example())
         if bits == 32 and model.spare:  # a slice that trains clones alone (the base
             # experts' weight gradients left out, as a quantized bundle's sweep always does)
             program = pc.Sweep(model, model.args.max_position_embeddings, bits, spare=True,
-                               rows=rows)
+                               rows=rows, chunked=rows)
             methods["sweep_spare"] = (program, *program.example())
         program = pc.Adam(model)
         methods["adam"] = (program, *program.example())

@@ -131,14 +131,16 @@ class Layered(nn.Module):
     `lean` (ONNX Runtime's quantized programs): the top layer runs again too, each second
     run dequantizes its layer's weights again (`_fresh` of that run's input, so no engine
     merges the two; the int4 sweep's peak in use 59 -> 46 MB for ~5% more time), and the
-    head runs over chunks of tokens (`_chunked_head`). ExecuTorch's portable kernels
-    dequantize slowly (+47% a sweep); an fp32 sweep has nothing to dequantize."""
+    head runs over chunks of tokens (`_chunked_head`; `chunked` alone: ONNX Runtime's fp32
+    programs). ExecuTorch's portable kernels dequantize slowly (+47% a sweep); an fp32
+    sweep has nothing to dequantize."""
 
     chunk = 64  # tokens per chunk of a lean sweep's loss head (`_chunked_head`)
 
-    def __init__(self, loss: Loss, targets: list[str], lean: bool = False):
+    def __init__(self, loss: Loss, targets: list[str], lean: bool = False,
+                 chunked: bool = False):
         super().__init__()
-        self.loss, self.targets, self.lean = loss, targets, lean
+        self.loss, self.targets, self.lean, self.chunked = loss, targets, lean, chunked or lean
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor):
         m, at = self.loss.model, self.loss.at
@@ -180,7 +182,7 @@ class Layered(nn.Module):
             nll = programs.losses(logits[0].float(), tokens)[0] * valid
             return nll.sum(), nll
 
-        err, nll = (self._chunked_head(x, tokens, valid) if self.lean
+        err, nll = (self._chunked_head(x, tokens, valid) if self.chunked
                     else torch.func.grad(head, has_aux=True)(x))
         grads, eps = {}, []
         for i in range(len(blocks) - 1, min(at) - 1, -1):
@@ -273,11 +275,12 @@ class Deepen(nn.Module):
         self._build(model, [layer], length, bits)
 
     def _build(self, model: layers.CausalLM, at: list[int], length: int, bits: int,
-               spare: bool = False, lean: bool = False, rows: bool = False) -> None:
+               spare: bool = False, lean: bool = False, rows: bool = False,
+               chunked: bool = False) -> None:
         targets, names, buffers = self._setup(Loss(model, at, bits), at, length, spare)
         for block in self.loss.model.model.layers:
             block.mlp.rows = rows
-        layered = Layered(self.loss, targets, lean)
+        layered = Layered(self.loss, targets, lean, chunked)
 
         def sweep(params, bufs, tokens, valid, slots):
             state = dict(zip(names, params, strict=True)) | dict(zip(buffers, bufs, strict=True))
@@ -331,14 +334,15 @@ class Sweep(Deepen):
     With `spare`, the gradients of the spare slots only (as a quantized bundle's always
     are): an fp32 bundle's `sweep_spare`, for a slice that trains clones alone, without
     the base experts' weight gradients (a quarter of an fp32 sweep's time). ONNX Runtime's
-    programs: `lean` (`Layered`'s) and `rows` (each expert on the rows of the tokens that
-    chose it, `moe.FixedRouteMoE`; traced with symbolic shapes, `_trace`)."""
+    programs: `lean` and `chunked` (`Layered`'s) and `rows` (each expert on the rows of the
+    tokens that chose it, `moe.FixedRouteMoE`; traced with symbolic shapes, `_trace`)."""
 
     def __init__(self, model: layers.CausalLM, length: int, bits: int = 32,
-                 spare: bool = False, lean: bool = False, rows: bool = False):
+                 spare: bool = False, lean: bool = False, rows: bool = False,
+                 chunked: bool = False):
         nn.Module.__init__(self)
         self._build(model, list(range(model.args.num_hidden_layers)), length, bits, spare,
-                    lean, rows)
+                    lean, rows, chunked)
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor,
                 slots: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:

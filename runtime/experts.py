@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -166,6 +167,28 @@ def write_atomic(path: Path, buf: np.ndarray, mode: int = 0o666) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _write_edited(current: Path, path: Path, edit: Callable[[np.ndarray], None]) -> None:
+    """`current`'s bytes with `edit(writable map)` applied, as `path`: copied by the kernel
+    to a temporary name, edited in place, fsynced, renamed into place. Only the pages the
+    edit changes come into this process's memory, not the whole file (the default fp32
+    weight file is 56 MB: a commit held it twice, read and mapped, docs/benchmarks.md)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        shutil.copyfile(current, tmp)
+        buf = np.memmap(tmp, np.uint8, mode="r+")
+        edit(buf)
+        buf.flush()
+        del buf
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def check(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.ndarray]],
           routers: dict[tuple[int, int], np.ndarray],
           table: np.ndarray | None = None) -> tuple[dict, dict]:
@@ -214,16 +237,19 @@ def write(bundle: bundle_format.Bundle, changes: dict, routers: dict, rows: dict
     try:
         for engine in bundle.engines():
             current = bundle.weights(engine)
-            buf = np.fromfile(current, np.uint8)
-            for (layer, slot), weights in changes.items():
-                served[layer, slot] = write_in_place(buf, bundle, engine, layer, slot, weights)
-            for (layer, slot), row in routers.items():
-                layout.router(buf, router_entry(bundle.manifest, engine, layer), dims)[slot] = row
-            if table is not None:
-                domains(bundle, engine, buf)[...] = table
+
+            def edit(buf: np.ndarray, engine: str = engine) -> None:
+                for (layer, slot), weights in changes.items():
+                    served[layer, slot] = write_in_place(buf, bundle, engine, layer, slot,
+                                                         weights)
+                for (layer, slot), row in routers.items():
+                    layout.router(buf, router_entry(bundle.manifest, engine, layer),
+                                  dims)[slot] = row
+                if table is not None:
+                    domains(bundle, engine, buf)[...] = table
             path = current.with_name(f"v{version}.{current.name.split('.', 1)[1]}")
-            write_atomic(path, buf)
             written.append(path)
+            _write_edited(current, path, edit)
             manifest["weights"]["files"][engine] = file_entry(bundle.path, path)
         manifest["weights"]["version"] = version
         for row in manifest["experts"]["table"]:

@@ -87,6 +87,7 @@ def test_the_same_slice_runs_on_executorch(grown, tmp_path):
     assert r["programs"] == et["programs"] == ["sweep_spare"]  # clones alone: `_sweep`
     assert et["plan"] == r["plan"] and et["class"] == r["class"], et["reason"]
     assert et["committed"] and et["steps"] == 8 and et["guard"]["domain_gain"] > 0.02
+    assert et["loaded"] == ["score_gated"]  # the new version's form of what was loaded
     assert et["threshold"] == pytest.approx(r["threshold"])
     np.testing.assert_allclose(et["energy"][0], r["energy"][0], rtol=1e-3)
 

@@ -52,13 +52,14 @@ def test_default_schedule_is_the_gradient_of_the_layers_experts(model, layer):
 def test_one_sweep_gives_every_layers_updates(model, lean, rows, monkeypatch):
     """`Sweep`: one forward pass and one backward give what `deepen{l}` gives for each
     layer l (the NLL's gradient is the same whichever layers it is taken for), the top
-    layer run again for its backward and the loss head over chunks of tokens (`lean`) or
-    not, each expert on all tokens or on the rows of those that chose it (`rows`)."""
+    layer run again for its backward (`lean`) or not, the loss head over chunks of tokens
+    (`lean`, or `chunked` with `rows`: ONNX Runtime's forms) or not, each expert on all
+    tokens or on the rows of those that chose it (`rows`)."""
     monkeypatch.setattr(pc.Layered, "chunk", 10)  # chunks of 10, 10 and 4 of the 24
     tokens, valid = _tokens(seed=3), torch.ones(W)
     valid[-1] = 0
     with torch.no_grad():
-        every = pc.Sweep(model, W, lean=lean, rows=rows)(tokens, valid)
+        every = pc.Sweep(model, W, lean=lean, rows=rows, chunked=rows)(tokens, valid)
         for layer in range(ARGS.num_hidden_layers):
             one = pc.Deepen(model, layer, W)(tokens, valid)
             for name, a, b in zip(pc.OUTPUTS, every, one, strict=True):
