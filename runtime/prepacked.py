@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moegrow.device_kernels.manifest import ONNX_DATA
+
 from . import experts
 
 PACK, INDEX = "pack.data", "index.json"
@@ -168,17 +170,30 @@ def _merge(model_path: Path, folder: Path, name: str) -> None:
         experts.write_atomic(path, np.frombuffer(data, np.uint8), mode=0o600)
 
 
-def _build(ort, program: Path, options, providers, folder: Path, name: str) -> None:
+def _build(ort, program: Path, weights: Path, make_options, providers, folder: Path,
+           name: str) -> None:
+    """Load `program` once with its packed weights saved beside an optimized copy of it,
+    and merge them into the pack. ONNX Runtime reads the weights from a hard link of
+    `weights` beside a copy of the program (it maps the file and packs from the map: the
+    default fp32 model's `score` builds at 98 MB peak RSS instead of 168 MB with the weights
+    copied into the session from the caller's buffer, the same files written); where the
+    link cannot be made (another file system) they are copied in."""
     work = folder / f".{name}.work"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(mode=0o700)
+    (work / "src").mkdir(mode=0o700, parents=True)
     try:
+        source, options = program, None
+        with contextlib.suppress(OSError):
+            os.link(weights, work / "src" / ONNX_DATA)  # the name the graphs' weights use
+            shutil.copyfile(program, work / "src" / program.name)
+            source, options = work / "src" / program.name, make_options("none")
+        options = options or make_options("copy")
         options.optimized_model_filepath = str(work / "model.onnx")
         for entry, value in (("optimized_model_external_initializers_file_name", "model.data"),
                              ("optimized_model_external_initializers_min_size_in_bytes", "1024"),
                              ("save_external_prepacked_constant_initializers", "1")):
             options.add_session_config_entry(f"session.{entry}", value)
-        ort.InferenceSession(str(program), options, providers=providers)  # writes the files
+        ort.InferenceSession(str(source), options, providers=providers)  # writes the files
         _merge(work / "model.onnx", folder, name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -188,7 +203,8 @@ def load(ort, program: Path, weights: Path, cache: Path, name: str, make_options
     """An InferenceSession of `program` (serving `weights`) that maps its weights, packed ones
     included, from the shared pack under `cache`, or None where that cannot be had.
     `make_options(weights)`: fresh SessionOptions as the caller would load the program with,
-    its weights copied in ("copy": once, to build the files) or none ("none")."""
+    its weights copied in ("copy": to build the files where `weights` cannot be linked) or
+    none ("none")."""
     try:
         folder = cache / key(ort.__version__, weights)
         name += "-" + hashlib.sha256(json.dumps(_stamp(program)).encode()).hexdigest()[:8]
@@ -207,7 +223,7 @@ def load(ort, program: Path, weights: Path, cache: Path, name: str, make_options
                         if old.is_dir() and old != folder:
                             shutil.rmtree(old, ignore_errors=True)
                     folder.mkdir(mode=0o700, exist_ok=True)
-                    _build(ort, program, make_options("copy"), providers, folder, name)
+                    _build(ort, program, weights, make_options, providers, folder, name)
         options = make_options("none")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         return ort.InferenceSession(str(model), options, providers=providers)

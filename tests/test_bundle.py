@@ -379,10 +379,11 @@ def test_an_exporter_failure_is_one_line_and_leaves_nothing(capsys, tiny_ckpt, t
 def test_onnx_sessions_share_their_packed_weights(exports, tmp_path, monkeypatch):
     """ONNX Runtime's packed weights are written once per weights version under the state
     folder, every distinct blob once, and mapped by every session (`runtime/prepacked.py`):
-    the outputs equal those of sessions that pack their own, nothing is built twice, a pack
-    cut short is rebuilt, a new weights version replaces the old pack, a program whose files
-    cannot be made is not tried again, and a cache that cannot be written costs only the
-    sharing."""
+    the outputs equal those of sessions that pack their own, nothing is built twice, the
+    files are the same whether ONNX Runtime read a link of the weight file or had the weights
+    copied in, a pack cut short is rebuilt, a new weights version replaces the old pack, a
+    program whose files cannot be made is not tried again, and a cache that cannot be written
+    costs only the sharing."""
     import onnx
     from moegrow.runtime import session
 
@@ -430,6 +431,18 @@ def test_onnx_sessions_share_their_packed_weights(exports, tmp_path, monkeypatch
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
     np.testing.assert_equal(again[2], plain[2])
 
+    from moegrow.runtime import prepacked
+
+    built = {p.name: p.read_bytes() for p in folder.iterdir()}  # ORT read a link of the weights
+
+    def no_link(*args):
+        raise OSError("Invalid cross-device link")
+    shutil.rmtree(cache)
+    monkeypatch.setattr(prepacked.os, "link", no_link)  # the weights copied into the session
+    np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[2], plain[2])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == built
+    monkeypatch.undo()
+
     with open(folder / "pack.data", "r+b") as f:
         f.truncate(4096)
     np.testing.assert_equal(outputs(session.Runtime(b, "onnxruntime"))[2], plain[2])
@@ -440,8 +453,6 @@ def test_onnx_sessions_share_their_packed_weights(exports, tmp_path, monkeypatch
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a new version
     session.Runtime(b, "onnxruntime").score(TEXT)
     assert [p for p in cache.iterdir() if p.is_dir()] != [folder] and not folder.exists()
-
-    from moegrow.runtime import prepacked
 
     builds = []
 
