@@ -10,7 +10,7 @@ Layout (format version 2):
                              in fp32 bundles sweep (every layer's local updates), with
                              spare slots sweep_spare (the spare slots' alone), and
                              adam (growth's optimizer step; strict0.. with
-                             --strict-steps: `pc.py`); no weights
+                             --strict-steps: `relax.py`); no weights
     programs/NAME.onnx       ONNX Runtime: one graph per program (no weights inside)
     weights/v1.ptd           ExecuTorch's weight file (every constant of every method)
     weights/v1.onnx.data     ONNX Runtime's weight file (external data of every graph)
@@ -44,7 +44,7 @@ from moegrow.device_kernels import layout, manifest
 from moegrow.device_kernels.manifest import ENGINES, ONNX_DATA
 from moegrow.runtime.session import BOS
 
-from . import calibrate, checkpoint, lower, moe, pc, programs, quantize
+from . import calibrate, checkpoint, lower, moe, pc, programs, quantize, relax
 from .codes import routed_codes
 from .models import layers
 
@@ -214,7 +214,7 @@ def _lower(engine: str, model: layers.CausalLM, tmp: Path, bits: int, deepen: bo
         program = pc.Adam(model)
         methods["adam"] = (program, *program.example())
     for layer in range(model.args.num_hidden_layers if strict_steps else 0):
-        program = pc.Strict(model, layer, model.args.max_position_embeddings, strict_steps,
+        program = relax.Strict(model, layer, model.args.max_position_embeddings, strict_steps,
                             STRICT_ETA, bits)
         methods[f"strict{layer}"] = (program, *program.example())
     steps = len(methods) + 2 * (engine == "executorch")  # + the delegate and serializing

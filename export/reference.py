@@ -3,7 +3,7 @@
 `Reference(model, bits).run(name, arrays)` runs program `name` (prefill, decode, score,
 observe, sweep, adam, deepen{l}, strict{l}) in eager torch on numpy arrays and returns numpy
 arrays, as `runtime.backends.ExecuTorch` / `OnnxRuntime` run the lowered ones: the same
-modules (`bundle.PROGRAMS`, `pc.Sweep`, `pc.Adam`, `pc.Deepen`, `pc.Strict`) before
+modules (`bundle.PROGRAMS`, `pc.Sweep`, `pc.Adam`, `pc.Deepen`, `relax.Strict`) before
 lowering. At 8 or 4 bits the model is `quantize.dequantized(model, bits)`: the weight
 values the quantized programs serve, with fp32 activations (the engines also quantize
 activations to int8, the rest of their error); the deepening programs are built as the
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import bundle, checkpoint, pc, programs, quantize
+from . import bundle, checkpoint, pc, programs, quantize, relax
 from .models import layers
 
 
@@ -54,7 +54,7 @@ class Reference:
                     self.programs[name] = pc.Deepen(self.source, int(layer), self.context,
                                                     bits)
                 elif self.strict_steps:
-                    self.programs[name] = pc.Strict(self.source, int(layer), self.context,
+                    self.programs[name] = relax.Strict(self.source, int(layer), self.context,
                                                     self.strict_steps, self.eta, bits)
             if name not in self.programs:
                 raise KeyError(f"the reference has no program {name!r}")

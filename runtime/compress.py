@@ -38,7 +38,7 @@ from .work import Work
 
 DOMAIN_RISE = 0.01  # largest relative perplexity rise on the domain's held-out replay
 FIELDS = ("parent", "domain", "bias", "threshold", "class", "replaces")  # a clone's own
-CLOSED = (0.0, 0.0, 1.0, 0.0)  # a free slot's gate state (`session.slot_state`)
+CLOSED = (0.0, 0.0, 1.0, 0.0)  # a free slot's gate state (`gate.slot_state`)
 RETIRE_TRIES = 3  # experts measured per layer before a full layer is the answer
 
 

@@ -13,6 +13,7 @@ programs' score (tests/test_programs.py holds the two equal).
 from __future__ import annotations
 
 import numpy as np
+from moegrow.device_kernels import layout
 
 SMOOTH = 1000.0  # a domain's unigram model: pseudo-tokens of the base's (a Dirichlet prior)
 GATE_LLR = float(np.log(100))  # a clone opens where its domain is >= 100x likelier
@@ -178,3 +179,28 @@ def opened(table: np.ndarray, slots: np.ndarray, ids: np.ndarray
                             | (tie[:, c] & ((value >= 0) != (closed >= 0))))
     open_ = np.where(likeliest[:, c], value, closed) >= 0
     return open_.transpose(1, 0, 2), unsure.transpose(1, 0, 2)
+
+
+def slot_state(bundle) -> np.ndarray:
+    """The programs' `slots` input [L, 4, slots] from the manifest's expert table
+    (`export.programs.slot_state`): per slot a router bias, a gate coefficient, a threshold
+    and a class of the domain gate; base experts (0, 0, 0, 0) always open, spare slots
+    (0, 0, 1, 0) never, spawned ones (bias, 1, threshold, class), and the parent a clone
+    `replaces` (0, -1, -threshold, class): closed where the clone opens. Bundles exported
+    before the domain gate (no `experts.domains` in the manifest) take [L, 3, slots]: their
+    spawned slots are (bias, 1, threshold) on the novelty of their own programs."""
+    experts_, _, _ = layout.dims(bundle.config)
+    rows = 4 if "domains" in bundle.manifest["experts"] else 3
+    state = np.zeros((bundle.config["num_hidden_layers"], rows, experts_), np.float32)
+    for row in bundle.manifest["experts"]["table"]:
+        kind = row.get("kind", "base")
+        if kind in ("spare", "pool"):  # free slots: closed
+            state[row["layer"], 2, row["slot"]] = 1.0
+        elif kind == "spawned":
+            values = (row["bias"], 1.0, row["threshold"], row.get("class", 0))
+            state[row["layer"], :, row["slot"]] = values[:rows]
+    for row in bundle.manifest["experts"]["table"]:  # clones that replace their parent
+        if row.get("replaces"):
+            state[row["layer"], :, row["parent"]] = parent_row(row["threshold"],
+                                                                    row["class"])
+    return state

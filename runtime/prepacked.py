@@ -37,7 +37,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from moegrow.device_kernels.manifest import ONNX_DATA
 
 from . import experts

@@ -71,7 +71,7 @@ class Runtime:
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         self.cache_shape = (c["num_hidden_layers"], 1, c["num_key_value_heads"],
                             bundle.context, head_dim)
-        self.slots = slot_state(bundle)
+        self.slots = gate.slot_state(bundle)
         self.typed: tuple | None = None  # the last `suggestions` context: (ids, slots,
         # outputs, whether the one-pass prefill ran it)
 
@@ -83,7 +83,7 @@ class Runtime:
                                         "cannot load a new weights version")
         self.typed = None
         if bundle is not None:
-            self.bundle, self.slots = bundle, slot_state(bundle)
+            self.bundle, self.slots = bundle, gate.slot_state(bundle)
             self.weights = bundle.weights(self.backend)
         self.engine = backends.load(self.backend, self.bundle.programs(self.backend),
                                     self.weights, self.threads,
@@ -475,31 +475,6 @@ class Runtime:
         backends.give_back()
         return {"domain": domain, "tokens": len(nll), "nll": float(nll.mean()),
                 "ppl": float(np.exp(nll.mean()))}
-
-
-def slot_state(bundle: bundle_format.Bundle) -> np.ndarray:
-    """The programs' `slots` input [L, 4, slots] from the manifest's expert table
-    (`export.programs.slot_state`): per slot a router bias, a gate coefficient, a threshold
-    and a class of the domain gate; base experts (0, 0, 0, 0) always open, spare slots
-    (0, 0, 1, 0) never, spawned ones (bias, 1, threshold, class), and the parent a clone
-    `replaces` (0, -1, -threshold, class): closed where the clone opens. Bundles exported
-    before the domain gate (no `experts.domains` in the manifest) take [L, 3, slots]: their
-    spawned slots are (bias, 1, threshold) on the novelty of their own programs."""
-    experts_, _, _ = layout.dims(bundle.config)
-    rows = 4 if "domains" in bundle.manifest["experts"] else 3
-    state = np.zeros((bundle.config["num_hidden_layers"], rows, experts_), np.float32)
-    for row in bundle.manifest["experts"]["table"]:
-        kind = row.get("kind", "base")
-        if kind in ("spare", "pool"):  # free slots: closed
-            state[row["layer"], 2, row["slot"]] = 1.0
-        elif kind == "spawned":
-            values = (row["bias"], 1.0, row["threshold"], row.get("class", 0))
-            state[row["layer"], :, row["slot"]] = values[:rows]
-    for row in bundle.manifest["experts"]["table"]:  # clones that replace their parent
-        if row.get("replaces"):
-            state[row["layer"], :, row["parent"]] = gate.parent_row(row["threshold"],
-                                                                    row["class"])
-    return state
 
 
 def open(path: str | Path, backend: str = "executorch", threads: int | None = None) -> Runtime:

@@ -31,7 +31,7 @@ import torch
 from conftest import BITS, DEEPENING, deepen_autograd, exported
 from moegrow.device_kernels import layout
 from moegrow.export import checkpoint, quantize, reference
-from moegrow.runtime import backends, session
+from moegrow.runtime import backends, gate
 from moegrow.runtime import bundle as bundle_format
 
 pytestmark = pytest.mark.slow  # waits for the exports (conftest.exports)
@@ -66,7 +66,7 @@ class Case:
         rng = np.random.default_rng(0)
         self.tokens = rng.integers(3, config["vocab_size"], (1, T + 1)).astype(np.int64)
         tokens = self.tokens[:, :T]
-        self.slots = session.slot_state(self.bundle)
+        self.slots = gate.slot_state(self.bundle)
         spare = config["spare_experts"]
         if spare:  # open the first spare slot of every layer past 8 tokens: the gate at work
             # (class 0's score is ~0 past GATE_MIN tokens of the table as exported, -1e4
@@ -153,7 +153,7 @@ def compare(got: list[np.ndarray], want: list[np.ndarray], names, bits: int,
 def eager(c: Case, name: str) -> tuple[list[np.ndarray], list[np.ndarray], tuple]:
     """(the reference's outputs, the eager model's or autograd's, their names) for `name`,
     with every spare slot closed (the eager model has none)."""
-    slots = session.slot_state(c.bundle)
+    slots = gate.slot_state(c.bundle)
     inputs = [slots if a is c.slots else a for a in c.inputs[name]]
     if name == "decode":
         _, k, v, novelty = c.ref.run("prefill", [slots if a is c.slots else a
@@ -246,7 +246,7 @@ def test_a_written_clone_serves_alike_in_prefill_and_decode(exports, tmp_path, b
     changes = {(layer, live): [w + rng.normal(0, 0.5 * w.std(), w.shape).astype(np.float32)
                                for w in experts.read(b, layer, 0)] for layer in range(layers)}
     b = versions.commit(b, changes, report={"what": "test"})
-    closed = session.slot_state(b)
+    closed = gate.slot_state(b)
     opened = closed.copy()
     opened[:, :, live] = (5.0, 1.0, -1.0, 0.0)  # open past 8 tokens (as `Case`)
     tokens = rng.integers(3, config["vocab_size"], (1, T + 1)).astype(np.int64)
@@ -290,7 +290,7 @@ def test_onnxruntime_reads_no_spare_slot_no_token_chose(exports, tmp_path, bits)
     b = versions.commit(b, {(layer, live + s): [w * 1e30 for w in experts.read(b, layer, 0)]
                             for layer in range(layers)
                             for s in range(config["spare_experts"])}, report={"what": "test"})
-    slots = session.slot_state(b)  # every spare slot closed
+    slots = gate.slot_state(b)  # every spare slot closed
     tokens = np.random.default_rng(4).integers(3, config["vocab_size"], (1, T + 1))
     head = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     cache = np.zeros((layers, 1, config["num_key_value_heads"], b.context, head), np.float32)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import deepen_autograd, exported, random_moe
-from moegrow.export import checkpoint, pc, programs
+from moegrow.export import checkpoint, pc, programs, relax
 from moegrow.export.codes import routed_codes
 from moegrow.export.models import mixtral
 
@@ -229,8 +229,8 @@ def test_strict_pc_relaxes_towards_the_gradient_and_halts_when_f_rises(model):
     valid[-1] = 0
     with torch.no_grad():
         exact = pc.Deepen(model, 1, W)(tokens, valid)
-        small = pc.Strict(model, 1, W, steps=8, eta=0.1)(tokens, valid)
-        big = pc.Strict(model, 1, W, steps=12, eta=0.3)(tokens, valid)
+        small = relax.Strict(model, 1, W, steps=8, eta=0.1)(tokens, valid)
+        big = relax.Strict(model, 1, W, steps=12, eta=0.3)(tokens, valid)
     for out in (small, big):
         free = out[-2]
         assert (free[1:] <= free[:-1]).all()  # F never rises over accepted steps
@@ -239,7 +239,7 @@ def test_strict_pc_relaxes_towards_the_gradient_and_halts_when_f_rises(model):
     used = int(big[-1].item())
     assert 0 < used < 12  # eta = 0.3 overshoots on this model: F rose, the sweep halted
     with torch.no_grad():
-        again = pc.Strict(model, 1, W, steps=used, eta=0.3)(tokens, valid)
+        again = relax.Strict(model, 1, W, steps=used, eta=0.3)(tokens, valid)
     for a, b in zip(big[:3], again[:3], strict=True):  # halting kept the last good values
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -280,7 +280,7 @@ def test_the_bundle_deepens_through_the_runtime(tiny_bundle, tiny_ckpt, backend)
 @pytest.mark.slow
 def test_strict_programs_through_the_runtime(exports, tiny_ckpt):
     """`--strict-steps 2`: the strict sweep (ONNX Runtime; conftest.exports) against
-    `pc.Strict` in torch."""
+    `relax.Strict` in torch."""
     from moegrow import runtime
 
     rt = runtime.open(exported(exports["mixtral", "strict"]), "onnxruntime")
@@ -296,10 +296,10 @@ def test_strict_programs_through_the_runtime(exports, tiny_ckpt):
     padded = torch.zeros(1, window, dtype=torch.long)
     padded[0, :n] = torch.from_numpy(ids)
     with torch.no_grad():
-        want = pc.Strict(model, 1, window, steps=2, eta=0.1)(
+        want = relax.Strict(model, 1, window, steps=2, eta=0.1)(
             padded, (torch.arange(window) < n - 1).float(), programs.slot_state(model))
     assert strict.pop("first") == 0  # an fp32 bundle's gradients cover every slot
-    for name, a, b in zip(pc.Strict.outputs, strict.values(), want, strict=True):
+    for name, a, b in zip(relax.Strict.outputs, strict.values(), want, strict=True):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                    err_msg=name)
 
@@ -308,7 +308,7 @@ def test_error_space_nodes_compose_from_their_errors(model):
     """`Energy.compose` inverts `Energy.errors`: the nodes error-space PC builds from the
     errors are the nodes that have them; at zero errors, the feed-forward values."""
     tokens, valid = _tokens(seed=5), torch.ones(W)
-    energy = pc.Energy(model, 0)
+    energy = relax.Energy(model, 0)
     slots = programs.slot_state(energy.model)
     with torch.no_grad():
         nodes, gates, base, nll, *_ = energy(tokens, valid, slots)

@@ -4,19 +4,19 @@ The default deepening schedule (fixed-prediction exact, export/pc.py) is the NLL
 gradient in one top-down sweep. Strict PC (prospective configuration, PC.md "Schedules")
 relaxes the value nodes above a layer until F settles and updates the layer's experts at
 the relaxed values; the seed claims that near equilibrium it settles in T = 5-20 steps. The
-runtime's one strict schedule (`pc.Strict`, eta 0.1, halting when F rises) was unstable
+runtime's one strict schedule (`relax.Strict`, eta 0.1, halting when F rises) was unstable
 on the benchmark domains (docs/benchmarks.md). This study relaxes in eager torch on the
 desktop (nothing here is device code; the F, the errors and the predictions are
-`pc.Energy`'s, the programs' own) on windows of real text, with four schedules:
+`relax.Energy`'s, the programs' own) on windows of real text, with four schedules:
 
-- `strict`: v <- v - 0.1 dF/dv over the nodes, halting when F rises (`pc.Strict`'s rule);
+- `strict`: v <- v - 0.1 dF/dv over the nodes, halting when F rises (`relax.Strict`'s rule);
 - `curvature`: the same with eta = 1 / lambda_max of F's Hessian in the nodes at the
   feed-forward point (power iteration on Hessian-vector products);
 - `precision`: each node's error weighted by a precision pi_v = 1 / (the node's mean
   square at the feed-forward point: the residual stream grows with depth), eta from the
   curvature of that F;
 - `error`: error-space PC (ePC, arXiv 2505.20137): the variables are the errors, the
-  nodes their composition v_i = mu_i(v_{i-1}) + e_i (`pc.Energy.compose`); eta from the
+  nodes their composition v_i = mu_i(v_{i-1}) + e_i (`relax.Energy.compose`); eta from the
   curvature.
 
 Every schedule halts when F rises (keeping the last accepted values) or is not finite.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from moegrow.export import checkpoint, pc, programs
+from moegrow.export import checkpoint, pc, programs, relax
 from moegrow.runtime.session import windows
 from moegrow.tools.adapt import encode
 from tqdm import tqdm
@@ -59,10 +59,10 @@ def _cos(a, b) -> float:
 
 
 class Study:
-    """One copy of the model (`pc.Energy`'s, routers fixed) and the windows of a text."""
+    """One copy of the model (`relax.Energy`'s, routers fixed) and the windows of a text."""
 
     def __init__(self, model, window: int):
-        self.energy = pc.Energy(model, 0)
+        self.energy = relax.Energy(model, 0)
         self.energy.requires_grad_(False)
         self.slots = programs.slot_state(self.energy.model)
         self.window = window

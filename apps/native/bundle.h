@@ -1,7 +1,7 @@
 // A bundle as a C++ host opens it: `manifest.json` read with a small JSON parser (no library),
 // the current version's ExecuTorch program and weight file, the cache shape, the serving
 // programs and the slot state, as the Python runtime derives them (`Runtime.cache_shape`,
-// `Runtime.program`, `session.slot_state`). Files are not checksummed here (the Python
+// `Runtime.program`, `gate.slot_state`). Files are not checksummed here (the Python
 // runtime verifies them on load).
 #pragma once
 
@@ -139,7 +139,7 @@ struct Bundle {
       return b.slot_state[(size_t(layer) * 4 + row) * b.slots + slot];
     };
     bool spawned = false;
-    for (const Json& r : m["experts"]["table"].array) {  // session.slot_state
+    for (const Json& r : m["experts"]["table"].array) {  // gate.slot_state
       const int layer = int(r["layer"].num()), slot = int(r["slot"].num());
       const std::string kind = r.has("kind") ? r["kind"].string : "base";
       if (kind == "spare" || kind == "pool") {
