@@ -201,6 +201,5 @@ def slot_state(bundle) -> np.ndarray:
             state[row["layer"], :, row["slot"]] = values[:rows]
     for row in bundle.manifest["experts"]["table"]:  # clones that replace their parent
         if row.get("replaces"):
-            state[row["layer"], :, row["parent"]] = parent_row(row["threshold"],
-                                                                    row["class"])
+            state[row["layer"], :, row["parent"]] = parent_row(row["threshold"], row["class"])
     return state
