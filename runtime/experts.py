@@ -12,6 +12,7 @@ table fields (spawned slots) commit the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -153,32 +154,13 @@ def _checked(bundle: bundle_format.Bundle, changes: dict) -> dict:
     return out
 
 
-def write_atomic(path: Path, buf: np.ndarray, mode: int = 0o666) -> None:
-    """`buf`'s bytes as `path`: written to a temporary name, fsynced, renamed into place;
-    `mode`: the new file's permissions (less the umask), as `os.open` takes them."""
+@contextlib.contextmanager
+def _replacing(path: Path):
+    """A temporary name beside `path` to write the new file at: when the block ends it is
+    fsynced and renamed into place; if the block raises, it is removed."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
-            buf.tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_edited(current: Path, path: Path, edit: Callable[[np.ndarray], None]) -> None:
-    """`current`'s bytes with `edit(writable map)` applied, as `path`: copied by the kernel
-    to a temporary name, edited in place, fsynced, renamed into place. Only the pages the
-    edit changes come into this process's memory, not the whole file (the default fp32
-    weight file is 56 MB: a commit held it twice, read and mapped, docs/benchmarks.md)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        shutil.copyfile(current, tmp)
-        buf = np.memmap(tmp, np.uint8, mode="r+")
-        edit(buf)
-        buf.flush()
-        del buf
+        yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -187,6 +169,27 @@ def _write_edited(current: Path, path: Path, edit: Callable[[np.ndarray], None])
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, buf: np.ndarray, mode: int = 0o666) -> None:
+    """`buf`'s bytes as `path` (`_replacing`); `mode`: the new file's permissions (less the
+    umask), as `os.open` takes them."""
+    with _replacing(path) as tmp, os.fdopen(
+            os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
+        buf.tofile(f)
+
+
+def _write_edited(current: Path, path: Path, edit: Callable[[np.ndarray], None]) -> None:
+    """`current`'s bytes with `edit(writable map)` applied, as `path` (`_replacing`): copied
+    by the kernel, then edited in place. Only the pages the edit changes come into this
+    process's memory, not the whole file (the default fp32 weight file is 56 MB: a commit
+    held it twice, read and mapped, docs/benchmarks.md)."""
+    with _replacing(path) as tmp:
+        shutil.copyfile(current, tmp)
+        buf = np.memmap(tmp, np.uint8, mode="r+")
+        edit(buf)
+        buf.flush()
+        del buf
 
 
 def check(bundle: bundle_format.Bundle, changes: dict[tuple[int, int], list[np.ndarray]],
