@@ -25,7 +25,7 @@ from moegrow.device_kernels.manifest import MANIFEST, file_entry
 
 from . import bundle as bundle_format
 
-__all__ = ["ExpertError", "check", "domains", "read", "write"]
+__all__ = ["ExpertError", "check", "domains", "read", "views", "write"]
 
 
 class ExpertError(ValueError):
@@ -91,6 +91,22 @@ def write_in_place(buf: np.ndarray, bundle: bundle_format.Bundle, engine: str, l
         for view in copies[p]:
             view[...] = w
     return [np.asarray(w, np.float32) for w in weights]
+
+
+def views(buf: np.ndarray, bundle: bundle_format.Bundle, engine: str, layer: int,
+          slot: int) -> list[np.ndarray] | None:
+    """Expert `slot` of `layer` as fp32 [gate, up, down] views of `buf` (a map of a working
+    copy of the engine's weight file: a slice's trained experts are read there, not copied;
+    `write_in_place` writes every form, these included), or None where the file holds it
+    quantized (a pool slot, a quantized base expert)."""
+    _check_slot(bundle, layer, slot)
+    if _pooled(bundle, slot):
+        return None
+    copies = layout.views(buf, _layout(bundle, engine), layer, slot, layout.dims(bundle.config))
+    if not all(copies[p] for p in layout.PROJS):
+        return None
+    return [next((v for v in copies[p] if v.flags.c_contiguous), copies[p][0])
+            for p in layout.PROJS]
 
 
 def router_entry(manifest: dict, engine: str, layer: int) -> dict:

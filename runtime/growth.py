@@ -52,9 +52,10 @@ that finds no free slot for an expert it names first has the other domains' clon
 compressed into the pool (bundles with one) and, in layers still full, spawned experts
 that stopped earning their bytes retired (`compress.py`), then is made again.
 Bounded: at most `Limits.experts` experts per layer, `tokens` x `passes` training tokens,
-`steps` steps and `seconds`; memory: the working copy plus the changed experts' learning
-state (weights, gradients, Adam moments), allocated once per slice and never more than the
-budget's "learning" bytes (`plan.learning`: experts past it wait for a later slice).
+`steps` steps and `seconds`; memory: the working copy (the changed experts are read and
+written in place there) plus their learning state (gradients, Adam moments), allocated
+once per slice and never more than the budget's "learning" bytes (`plan.learning`:
+experts past it wait for a later slice).
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
     energy, the norm of their update), "router",
     "guard" (before/after NLL and reach on held-out domain and base text), "committed",
     "version", "reason" (why nothing was committed), "bytes" (learning state: the changed
-    experts, gradients, Adam moments), "work_file_bytes" (the working copy), "seconds",
+    experts' gradients and Adam moments, an Adam step's outputs, copies of quantized ones), "work_file_bytes" (the working copy), "seconds",
     "peak_rss_mb" (the process's peak resident memory so far), "accounted_bytes" (what the
     runtime accounts for: the served weight file, the working copy and the learning
     state)}. `interrupt` (`backends.Interrupt`), set from another thread, stops the slice's
@@ -357,11 +358,19 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     if any(s["how"] == "spawn" for s in steps) and limits.router_steps:
         say("training the new router rows")
         report["router"] = _train_routers(work, steps, base[:8], limits, k)
-    params = {(s["layer"], s["slot"]): work.rt.expert(s["layer"], s["slot"]) for s in steps}
-    moments = {key: ([np.zeros_like(w) for w in ws], [np.zeros_like(w) for w in ws])
-               for key, ws in params.items()}
-    # learning state: the changed experts, their gradients and Adam's two moments
-    report["bytes"] = 4 * sum(w.nbytes for ws in params.values() for w in ws)
+    # the changed experts: views of the working copy (counted in its bytes, not copied),
+    # copies where it holds them quantized
+    params = {(s["layer"], s["slot"]): work.views(s["layer"], s["slot"]) for s in steps}
+    copied = {key for key, ws in params.items() if ws is None}
+    params |= {key: work.rt.expert(*key) for key in copied}
+    moments = {key: ([np.zeros(w.shape, np.float32) for w in ws],
+                     [np.zeros(w.shape, np.float32) for w in ws]) for key, ws in params.items()}
+    # learning state: the gradients and Adam's two moments, and an Adam step's outputs for
+    # one expert (its new weights and moments); within the budget's four copies of every
+    # changed expert (`layout.learning_bytes`), which the copied experts reach
+    size = {key: sum(w.nbytes for w in ws) for key, ws in params.items()}
+    report["bytes"] = (3 * sum(size.values()) + sum(size[key] for key in copied)
+                       + 3 * max(size.values(), default=0))
     report["work_file_bytes"] = work.rt.weights.stat().st_size
     layers = sorted({s["layer"] for s in steps})
     # every layer's updates from one sweep (one forward, one backward); strict PC: one
@@ -369,7 +378,8 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     report["programs"] = [f"strict{lay}" for lay in layers] if limits.strict else [_sweep(
         work.rt.bundle, steps)]
     live = work.live(set(report["programs"]))
-    grads = {key: [np.zeros_like(w) for w in ws] for key, ws in params.items()}  # per step
+    grads = {key: [np.zeros(w.shape, np.float32) for w in ws]  # per step
+             for key, ws in params.items()}
     order = [w for _ in range(limits.passes) for w in train]
     total = min(limits.steps, -(-len(order) // limits.batch))
     first, used = None, []
@@ -417,10 +427,12 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
                           1 / max(tokens, 1), EPS], np.float32)
         for key, ws in params.items():
             out = work.rt.adam(ws, grads[key], *moments[key], hyper)
-            params[key], moments[key] = out[:3], (out[3:6], out[6:])
-            if not all(np.isfinite(w).all() for w in params[key]):
+            moments[key] = out[3:6], out[6:]
+            if not all(np.isfinite(w).all() for w in out[:3]):
                 return f"step {t}: NaN or inf in the new weights; discarded, nothing committed"
-            work.set_expert(*key, params[key])
+            work.set_expert(*key, out[:3])
+            if key in copied:
+                params[key] = out[:3]
         if not live:
             work.reload()
         report["steps"] = t

@@ -20,6 +20,11 @@ class Work:
     def set_expert(self, layer: int, slot: int, weights: list[np.ndarray]) -> None:
         experts.write_in_place(self.buf, self.rt.bundle, self.rt.backend, layer, slot, weights)
 
+    def views(self, layer: int, slot: int) -> list[np.ndarray] | None:
+        """Expert (layer, slot)'s fp32 [gate, up, down] as views of the working copy, which
+        `set_expert` changes in place; None where the file holds it quantized."""
+        return experts.views(self.buf, self.rt.bundle, self.rt.backend, layer, slot)
+
     def router(self, layer: int) -> np.ndarray:
         return experts.router(self.rt.bundle, layer, self.rt.backend, self.buf)
 
