@@ -172,7 +172,8 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
     energy, the norm of their update), "router",
     "guard" (before/after NLL and reach on held-out domain and base text), "committed",
     "version", "reason" (why nothing was committed), "bytes" (learning state: the changed
-    experts' gradients and Adam moments, an Adam step's outputs, copies of quantized ones), "work_file_bytes" (the working copy), "seconds",
+    experts' gradients and Adam moments, an Adam step's outputs, copies of quantized ones),
+    "work_file_bytes" (the working copy), "seconds",
     "peak_rss_mb" (the process's peak resident memory so far), "accounted_bytes" (what the
     runtime accounts for: the served weight file, the working copy and the learning
     state)}. `interrupt` (`backends.Interrupt`), set from another thread, stops the slice's
