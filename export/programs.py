@@ -20,11 +20,14 @@ the dense experts and are not needed before a clone exists: every program built 
 `gated=False` skips them (the MoE blocks never route to a spare slot nor read its weights,
 `Slots`), and a bundle serves those until growth spawns (`runtime.session.Runtime.program`).
 
-KV cache: explicit inputs and outputs `k_cache, v_cache [L, 1, Hkv, S, D]` on both engines.
-ONNX has no mutable state, one signature keeps the backends interchangeable, and the runtime
-can keep, fork or drop a cache. The price is a cache copy per call (0.5 MB for the small model
-at S=256, next to ~12 MB of weights read per token); ExecuTorch mutable buffers are the way
-out if long contexts make it matter.
+KV cache: explicit inputs `k_cache, v_cache [L, 1, Hkv, S, D]` on both engines, and outputs
+of the run's own rows (`k_rows`, `v_rows`), which the runtime writes into its cache. ONNX has
+no mutable state, one signature keeps the backends interchangeable, and the runtime can
+keep, fork or drop a cache. The engines still copy each layer's slice of the cache when they
+read it (ONNX Runtime: one Split of the whole cache, 2 x 262 KB a decode step on the default
+model; one input per layer removed it without a measurable gain, docs/benchmarks.md "Where
+ONNX Runtime's decode step goes"); ExecuTorch mutable buffers are the way out if long
+contexts make it matter.
 
 The MoE blocks and norms the programs swap in are in `moe.py`, with the measurements that
 chose them.
