@@ -97,8 +97,9 @@ def views(buf: np.ndarray, bundle: bundle_format.Bundle, engine: str, layer: int
           slot: int) -> list[np.ndarray] | None:
     """Expert `slot` of `layer` as fp32 [gate, up, down] views of `buf` (a map of a working
     copy of the engine's weight file: a slice's trained experts are read there, not copied;
-    `write_in_place` writes every form, these included), or None where the file holds it
-    quantized (a pool slot, a quantized base expert)."""
+    `write_in_place` writes every form, these included), each its stacked form where the file
+    has one (contiguous), else its dense form (strided: an engine copies it for the run);
+    None where the file holds it quantized (a pool slot, a quantized base expert)."""
     _check_slot(bundle, layer, slot)
     if _pooled(bundle, slot):
         return None

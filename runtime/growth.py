@@ -172,7 +172,7 @@ def idle(rt, seconds: float, domain: str | None = None, limits: Limits | None = 
     energy, the norm of their update), "router",
     "guard" (before/after NLL and reach on held-out domain and base text), "committed",
     "version", "reason" (why nothing was committed), "bytes" (learning state: the changed
-    experts' gradients and Adam moments, an Adam step's outputs, copies of quantized ones),
+    experts' gradients and Adam moments, and copies of those the file holds quantized),
     "work_file_bytes" (the working copy), "seconds",
     "peak_rss_mb" (the process's peak resident memory so far), "accounted_bytes" (what the
     runtime accounts for: the served weight file, the working copy and the learning
@@ -366,12 +366,10 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     params |= {key: work.rt.expert(*key) for key in copied}
     moments = {key: ([np.zeros(w.shape, np.float32) for w in ws],
                      [np.zeros(w.shape, np.float32) for w in ws]) for key, ws in params.items()}
-    # learning state: the gradients and Adam's two moments, and an Adam step's outputs for
-    # one expert (its new weights and moments); within the budget's four copies of every
-    # changed expert (`layout.learning_bytes`), which the copied experts reach
-    size = {key: sum(w.nbytes for w in ws) for key, ws in params.items()}
-    report["bytes"] = (3 * sum(size.values()) + sum(size[key] for key in copied)
-                       + 3 * max(size.values(), default=0))
+    # learning state: the gradients and Adam's two moments (and the copied experts), within
+    # the budget's four copies of every changed expert (`layout.learning_bytes`)
+    report["bytes"] = sum((3 + (key in copied)) * w.nbytes for key, ws in params.items()
+                          for w in ws)
     report["work_file_bytes"] = work.rt.weights.stat().st_size
     layers = sorted({s["layer"] for s in steps})
     # every layer's updates from one sweep (one forward, one backward); strict PC: one

@@ -201,9 +201,9 @@ def test_a_quantized_bundle_reads_its_frozen_experts_as_served(exports):
 
 def test_a_slice_reads_its_trained_experts_in_place(exports, tmp_path):
     """A growth slice's trained experts are views of its working copy, not copies: a spare
-    slot's [gate, up, down] share the map's memory (contiguous: the engines take them as
-    they are), read what `experts.read` reads, and follow `write_in_place`; a quantized base
-    expert has none (the slice copies it dequantized)."""
+    slot's [gate, up, down] share the map's memory, read what `experts.read` reads, and
+    follow `write_in_place`; a quantized base expert has none (the slice copies it
+    dequantized)."""
     path = exported(exports["mixtral", 4])
     b = bundle_format.load(path)
     slots, _, _ = layout.dims(b.config)
@@ -214,7 +214,7 @@ def test_a_slice_reads_its_trained_experts_in_place(exports, tmp_path):
         assert experts.views(buf, b, engine, 1, 0) is None  # int4, frozen
         views = experts.views(buf, b, engine, 1, slots - 1)
         for v, w in zip(views, experts.read(b, 1, slots - 1, engine, copy), strict=True):
-            assert np.shares_memory(v, buf) and v.flags.c_contiguous
+            assert np.shares_memory(v, buf)
             np.testing.assert_array_equal(v, w)
         new = [np.full(v.shape, i + 0.5, np.float32) for i, v in enumerate(views)]
         experts.write_in_place(buf, b, engine, 1, slots - 1, new)

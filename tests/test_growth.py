@@ -340,11 +340,14 @@ def test_a_slice_in_place_is_guarded_on_the_other_grown_domains(grown, tmp_path,
 def test_a_slice_holds_its_learning_state_within_the_budget(grown, tmp_path):
     """The budget keeps bytes for a slice's learning state (each changed expert's fp32
     weights, gradient and two Adam moments): a slice changes no more experts than they
-    hold and defers the rest; a budget that holds none is a clear error, nothing changed."""
+    hold and defers the rest; a budget that holds none is a clear error, nothing changed.
+    The slice holds less than its bound: its fp32 experts are read in place in the working
+    copy, so it counts their gradients and moments alone (3 of the 4 copies)."""
     before, _, first = grown
     b = bundle_format.load(before)
     each = layout.learning_bytes(b.config, 1)
-    assert first["bytes"] == each * len(first["plan"]) <= b.manifest["budget"]["learning"]
+    assert first["bytes"] == 3 * each // 4 * len(first["plan"])
+    assert each * len(first["plan"]) <= b.manifest["budget"]["learning"]
     steps = [{"layer": layer, "parent": 0, "slot": 9, "how": "spawn"} for layer in range(3)]
     b.manifest["budget"]["learning"] = 2 * each + each // 2
     assert growth.learning(b, steps) == (steps[:2], steps[2:])
@@ -359,7 +362,7 @@ def test_a_slice_holds_its_learning_state_within_the_budget(grown, tmp_path):
         return path
 
     r = runtime.open(tight("one", 1), "onnxruntime").idle(600, tokens=1024, steps=2)
-    assert r["plan"] == first["plan"][:1] and r["bytes"] == each, r["reason"]
+    assert r["plan"] == first["plan"][:1] and r["bytes"] == 3 * each // 4, r["reason"]
     assert r.get("deferred", []) == [[s["layer"], s["parent"]] for s in first["plan"][1:]]
     path = tight("none", 0)
     rt = runtime.open(path, "onnxruntime")
