@@ -23,11 +23,11 @@ the dense experts and are not needed before a clone exists: every program built 
 KV cache: explicit inputs `k_cache, v_cache [L, 1, Hkv, S, D]` on both engines, and outputs
 of the run's own rows (`k_rows`, `v_rows`), which the runtime writes into its cache. ONNX has
 no mutable state, one signature keeps the backends interchangeable, and the runtime can
-keep, fork or drop a cache. The engines still copy each layer's slice of the cache when they
-read it (ONNX Runtime: one Split of the whole cache, 2 x 262 KB a decode step on the default
-model; one input per layer removed it without a measurable gain, docs/benchmarks.md "Where
-ONNX Runtime's decode step goes"); ExecuTorch mutable buffers are the way out if long
-contexts make it matter.
+keep, fork or drop a cache. ONNX Runtime still copies the cache when it reads a layer of
+it (one Split of the whole cache, 2 x 262 KB a decode step on the default model; one input
+per layer removed it without a measurable gain, docs/benchmarks.md "Where ONNX Runtime's
+decode step goes"); ExecuTorch mutable buffers are the way out if long contexts make it
+matter.
 
 The MoE blocks and norms the programs swap in are in `moe.py`, with the measurements that
 chose them.
