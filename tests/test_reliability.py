@@ -1,22 +1,26 @@
 """Reliability (issue 16): `moegrow bench crash` kills processes at every phase of observe,
-idle, rollback and compress, and its checks find what a kill could break."""
+idle, rollback and compress, and its checks find what a kill could break; a commit killed
+at any instant leaves a loadable version, an interrupted slice commits nothing."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import german
+from conftest import german, snapshot
 from conftest import run_cli as run
+from moegrow import runtime
 from moegrow.runtime import bundle as bundle_format
-from moegrow.runtime import state
+from moegrow.runtime import experts, state, versions
 from moegrow.tools import crash
 
 KINDS = ("unloadable", "lost_versions", "inconsistent_maps", "uncommitted_current")
@@ -329,3 +333,65 @@ def test_a_domain_the_gate_cannot_tell_from_the_base_spawns_nothing(tiny_bundle,
     monkeypatch.setattr(gate, "SEPARABLE", 4 * gate.GATE_LLR)
     rt.observe(german(100, seed=3), "de")  # new text: it may try again, and German passes
     assert rt.idle(600, "de", tokens=2048, steps=2)["committed"]
+
+
+COMMIT = """
+import sys, numpy as np
+from moegrow.runtime import bundle, experts, versions
+b = bundle.load(sys.argv[1])
+w = experts.read(b, 0, 0)
+print("go", flush=True)
+versions.commit(b, {(0, 0): [x * 1.01 for x in w]}, report={"what": "test"})
+print("done", flush=True)
+"""
+
+
+def test_a_kill_at_any_instant_of_a_commit_leaves_a_loadable_version(tiny_bundle, tmp_path):
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    rng = random.Random(0)
+    script = tmp_path / "commit.py"
+    script.write_text(COMMIT)
+    t = time.monotonic()
+    subprocess.run([sys.executable, str(script), str(path)], check=True, capture_output=True)
+    took = time.monotonic() - t
+    for _ in range(12):
+        start = bundle_format.load(path).manifest["weights"]["version"]
+        child = subprocess.Popen([sys.executable, str(script), str(path)],
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "go\n"
+        time.sleep(rng.uniform(0, took / 2))
+        child.kill()
+        child.wait()
+        b = bundle_format.load(path)  # verifies every file's checksum
+        now = b.manifest["weights"]["version"]
+        assert now in (start, versions.next_version(b) - 1)
+        assert now == start or now in {r["version"] for r in versions.log(b)}  # committed
+        assert experts.read(b, 0, 0)[0].shape  # the experts read back
+    # not killed, the same commit makes a new current version: the kills were what stopped it
+    subprocess.run([sys.executable, str(script), str(path)], check=True, capture_output=True)
+    b = bundle_format.load(path)
+    assert b.manifest["weights"]["version"] == versions.next_version(b) - 1 > now
+    assert b.manifest["weights"]["version"] in {r["version"] for r in versions.log(b)}
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "executorch"])
+def test_an_interrupted_slice_commits_and_records_nothing(tiny_bundle, tmp_path, engine):
+    """A keystroke's `Interrupt` (set from another thread in apps/keyboard) ends the slice
+    at its working copy's next run: `Interrupted`, the version, the error map and the
+    state folder as they were."""
+    from moegrow.runtime import backends, errormap
+
+    path = tmp_path / "b"
+    shutil.copytree(tiny_bundle, path)
+    rt = runtime.open(path, engine)
+    rt.observe(german(400), "de")
+    before = snapshot(path)
+    seen = errormap.Store(path).read()
+    stop = backends.Interrupt()
+    stop.set()
+    with pytest.raises(backends.Interrupted):
+        rt.idle(600, tokens=4096, steps=8, interrupt=stop)
+    assert snapshot(path) == before and errormap.Store(path).read() == seen
+    assert rt.bundle.manifest["weights"]["version"] == 1
+    assert rt.score(german(5))["tokens"] > 0  # the serving runtime never saw the interrupt
