@@ -78,6 +78,7 @@ from .plan import (
     learning,
     placement,
     plan,
+    schedule,
 )
 from .work import Work
 
@@ -86,7 +87,7 @@ from .work import Work
 KEYBOARD = {"prefill", "decode", "prefill_gated", "decode_gated"}
 
 __all__ = ["TAKEOVER", "GrowthError", "Limits", "NoSlotError", "choose", "compressed", "idle",
-           "learning", "placement", "plan"]
+           "learning", "placement", "plan", "schedule"]
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
 MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
@@ -251,6 +252,8 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
         return report
     report["verdict"] = growing[domain]["verdict"]
     limits, report["placement"] = place(domain)
+    limits = schedule(limits, b.manifest["bits"] != 32)  # its step size, windows a step
+    report["schedule"] = {"lr": limits.lr, "batch": limits.batch}
     try:
         steps, report["skipped"] = plan(rt, growing[domain], domain, seen, limits)
         done = compressed(b, domain)  # skipped, but wanting no slot

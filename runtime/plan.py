@@ -43,14 +43,32 @@ class Limits:
     passes: int = 1
     steps: int = 64
     seconds: float = 600.0
-    batch: int = 4  # windows per step
-    lr: float = 1e-3
+    batch: int | None = None  # windows per step; None: the placement's (`SCHEDULE`)
+    lr: float | None = None  # Adam's step size; None: the placement's (`SCHEDULE`)
     router_steps: int = 0  # hinge steps on the clones' router rows (off: it forgot more)
     router_lr: float = 0.1
     strict: bool = False  # the strict PC schedule (bundles exported with --strict-steps)
     place: str = "auto"  # "clones": cloned (idle experts in place when no slot is free);
     # "inplace": all in place; "auto": in place where the domain's gate would serve too
     # little of its text (`growth.placement`), else as "clones"
+
+
+SCHEDULE = {"clones": (1e-3, 4), "inplace": (3e-4, 1)}  # (lr, windows a step). A clone
+# (an int4 bundle's open clones too) is a fresh copy that a far domain moves a long way
+# (science, German, work lose 1.6-3.4 points with the smaller steps; int4's open clones lose
+# 0.5-1.9 in one pass); a base expert deepened in place serves all text and starts where
+# the base left it: smaller steps, a window each, gained 1.0-4.8 points on each of nine
+# held-out texts in 2 passes, as backprop's smaller step does for full weights
+# (docs/growth.md, "In place, smaller steps")
+
+
+def schedule(limits: Limits, frozen: bool) -> Limits:
+    """`limits` with the learning rate and windows a step of its placement where left None
+    (`frozen`: the base experts are quantized, in place takes open clones)."""
+    key = "inplace" if limits.place == "inplace" and not frozen else "clones"
+    lr, batch = SCHEDULE[key]
+    return replace(limits, lr=lr if limits.lr is None else limits.lr,
+                   batch=limits.batch or batch)
 
 
 def compressed(bundle, domain: str) -> set[tuple[int, int]]:

@@ -62,6 +62,7 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
     assert 1 <= min(per) and max(per) <= k, per
     assert r["committed"], r["reason"]
     assert r["guard"]["base_rise"] <= r["guard"]["bound"] and r["guard"]["others_rise"] == {}
+    assert r["schedule"] == {"lr": 3e-4, "batch": 1}  # in place: smaller steps, a window each
     table = {(x["layer"], x["slot"]): x for x in rt.bundle.manifest["experts"]["table"]}
     assert all(table[s["layer"], s["slot"]]["deepened"] == ["notes"] for s in r["plan"])
     assert sum("deepened" in x for x in table.values()) == len(r["plan"])
@@ -70,6 +71,7 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
     r = rt.idle(600, "de", tokens=2048, steps=3)
     assert r["placement"]["place"] == "clones" and r["placement"]["reach"] >= gate.REACH
     assert r["committed"] and all(s["how"] == "spawn" for s in r["plan"]), r["reason"]
+    assert r["schedule"] == {"lr": 1e-3, "batch": 4}
 
     rt.observe(synthetic_text(300, seed=12), "mail")
     r = rt.idle(600, "mail", tokens=2048, steps=3)
@@ -89,6 +91,9 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
     clones = growth.Limits(place="clones")
     assert growth.placement(rt, "todo", clones) == (clones, None)
     assert growth.placement(rt, "todo", growth.Limits())[1]["place"] == "inplace"
+    mine = growth.Limits(place="inplace", lr=0.01, batch=2)  # the caller's own are kept
+    assert growth.schedule(mine, False) == mine
+    assert growth.schedule(growth.Limits(place="inplace"), True).lr == 1e-3  # int4: clones
 
 
 def test_idle_says_where_it_placed_and_refuses_a_bad_place(capsys, tiny_bundle, tmp_path):

@@ -86,7 +86,8 @@ def compress(bundle_dir: str, domain: str | None, backend: str, as_json: bool) -
 @click.option("--steps", type=click.IntRange(min=1), default=growth.Limits.steps,
               show_default=True, help="At most this many PC update steps.")
 @click.option("--passes", type=click.IntRange(min=1), default=growth.Limits.passes,
-              show_default=True, help="Passes over the replay tokens (4 windows a step).")
+              show_default=True, help="Passes over the replay tokens (a step: 4 windows for "
+              "clones, 1 for an fp32 bundle's experts deepened in place).")
 @click.option("--strict", is_flag=True, help="The strict PC schedule (bundles exported with "
               "--strict-steps).")
 @click.option("--backend", type=click.Choice(list(backends.ENGINES)), default="onnxruntime",
