@@ -68,7 +68,7 @@ def schedule(limits: Limits, frozen: bool) -> Limits:
     key = "inplace" if limits.place == "inplace" and not frozen else "clones"
     lr, batch = SCHEDULE[key]
     return replace(limits, lr=lr if limits.lr is None else limits.lr,
-                   batch=limits.batch or batch)
+                   batch=batch if limits.batch is None else limits.batch)
 
 
 def compressed(bundle, domain: str) -> set[tuple[int, int]]:
