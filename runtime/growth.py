@@ -7,7 +7,7 @@
      now are cloned for it too (`TAKEOVER`). Under `Limits.place` "auto" a domain whose gate
      would open on too little of its newest replay is placed in place (`placement`): an
      fp32 bundle deepens the named experts themselves and every layer's busiest (other
-     domains' clones and their parents aside), an int4 bundle clones them open for all text
+     domains' clones aside), an int4 bundle clones them open for all text
      (one per layer). A named expert is cloned into a free spare
      slot of its layer (its parent is never changed; a quantized parent's clone starts from
      its dequantized weights, the fp32 copy the deepening programs hold); one that the base
@@ -44,7 +44,8 @@
      text (the second half of the bundle's calibration tokens, in `Runtime.windows` as
      `eval` scores it) the perplexity must not rise by more than `guard.GUARD_BASE`, nor,
      where an expert changed in place (it serves every domain), on any other grown
-     domain's held-out replay; else nothing is kept.
+     domain's held-out replay (trained beside the domain's: `REHEARSE`); else nothing is
+     kept.
   6. commit: a new weights version with the changed experts, router rows and expert-table
      rows (`versions.commit`, which logs it), and the runtime reloads it.
 Reclaim: with a `reclaim(domain, layers)` callback (`Runtime.idle` passes one), a plan
@@ -95,6 +96,10 @@ EXPLODE = 100.0  # energy per routed token above this many times the first step'
 # update is discarded (a window's energy is heavy-tailed: on the tiny model one batch of
 # 4 windows read 30x the one before it without any update going wrong; the strict schedule's
 # divergence reached 2,400x)
+REHEARSE = 0.1  # where experts change in place (they serve every domain), each other grown
+# domain's training replay, this share of the domain's windows, is trained beside it: their
+# text reaches those experts wherever their gates are shut (without it, base-2 in place on
+# a bundle grown on science raised science 0.74% and was refused; docs/growth.md)
 BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's (the betas as the `adam` program has them)
 
 
@@ -300,7 +305,11 @@ def _slice(rt, seconds: float, domain: str | None, limits: Limits, progress,
     if limits.place == "inplace" or any(s["how"] == "inplace" for s in steps):
         grown = {d for r in b.manifest["experts"]["table"] for d in r.get("deepened", [])
                  + ([r["domain"]] if r.get("kind") == "spawned" else [])} - {domain}
-        others = {d: guard.split(store.replay(d), b.context)[1] for d in sorted(grown)}
+        split = {d: guard.split(store.replay(d), b.context) for d in sorted(grown)}
+        others = {d: held for d, (_, held) in split.items()}
+        mine = len(train)
+        train = guard.rehearsed(train, [split[d][0] for d in split], REHEARSE)
+        report["rehearsed"] = len(train) - mine  # windows of the others' replay
     work = Work(rt, interrupt)  # the interrupt stops its runs: nothing gets committed
 
     def measure_others() -> dict:

@@ -5,6 +5,8 @@ perplexity rose by at most `GUARD_BASE`."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from . import experts, gate, state
@@ -32,6 +34,19 @@ def split(replay: list[np.ndarray], context: int) -> tuple[list[np.ndarray], lis
     cut = windows(replay, context)
     held = [(w, slice(0, len(w) - 1)) for w in cut[HOLDOUT - 1::HOLDOUT]]
     return [w for i, w in enumerate(cut) if i % HOLDOUT != HOLDOUT - 1], held
+
+
+def rehearsed(train: list[np.ndarray], others: list[list[np.ndarray]], share: float
+              ) -> list[np.ndarray]:
+    """`train` with `share` x its count of each of `others`' windows (taken evenly across
+    each, the domains in turn) spread evenly among its own."""
+    picks = [[x[j * len(x) // n] for j in range(n)] for x in others
+             if (n := min(len(x), int(len(train) * share)))]
+    extra = [w for row in itertools.zip_longest(*picks) for w in row if w is not None]
+    out, n = list(train), len(extra)
+    for j in reversed(range(n)):  # after every len(train) / n of its own
+        out.insert((j + 1) * len(train) // n, extra[j])
+    return out
 
 
 def measure(rt, windows_: list[Window], changed: set) -> dict:

@@ -92,7 +92,7 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
     """([{"layer", "parent", "slot", "how": "inplace" | "spawn" | "clone"}], skipped) for one
     domain's verdict ("clone": the domain's existing clone of that parent, deepened
     further): the experts it names, placed in place then its `experts_in_place` (every
-    layer's busiest: `verdicts.judge`) other than other domains' clones and their parents.
+    layer's busiest: `verdicts.judge`) other than other domains' clones.
     A named expert whose clone finds no free slot in its layer (other domains took them) is
     skipped, [layer, parent]; GrowthError when that leaves nothing to do."""
     cal = rt.bundle.manifest["calibration"]["layers"]
@@ -140,10 +140,10 @@ def plan(rt, verdict: dict, domain: str, seen: dict,
               if r.get("kind") in ("spare", "pool")}  # stale statistics (`compress`)
     cloned = {(layer, parent) for (layer, _), parent in under.items()}  # others' parents
     if wide:  # in place, after the verdict's: every layer's busiest, but no other domain's
-        # clone nor a parent of one (that domain's text reaches it where its gate is shut: a
-        # sequence's science rose 0.78% when base-2 deepened them all; docs/growth.md)
-        named += [x for p in verdict["experts_in_place"]
-                  if (x := tuple(p)) not in others - shared and x not in cloned]
+        # clone; the parent of one is taken too: that domain's text reaches it where its gate
+        # is shut, and is rehearsed beside the domain's (`growth.REHEARSE`; left out, a
+        # German-grown bundle's base-1 gained 0.53x LoRA's, not 0.92x: docs/growth.md)
+        named += [x for p in verdict["experts_in_place"] if (x := tuple(p)) not in others - shared]
     named = [x for x in dict.fromkeys(named) if x not in vacant]
     own = {(layer, slot): parent for (layer, parent), slot in clones.items()}
     out, per_layer, skipped, taken = [], {}, [], set()

@@ -39,6 +39,19 @@ def test_reach_is_what_a_class_of_the_older_replay_opens_on_the_newest():
     assert gate.reach(table, "base-and-argmax", {1, 2}, kept, base) == (1.0, 0)  # no class free
 
 
+def test_other_domains_replay_is_rehearsed_evenly_among_the_domains_own():
+    own, extra = [np.full(4, i) for i in range(20)], [np.full(4, 100 + i) for i in range(7)]
+    assert [w[0] for w in guard.rehearsed(own, [extra], 0.1)] == [*range(10), 100,
+                                                                    *range(10, 20), 103]
+    more = [np.full(4, 200 + i) for i in range(40)]  # each domain its share, in turn
+    assert [w[0] for w in guard.rehearsed(own, [extra, more], 0.1)] == [
+        *range(5), 100, *range(5, 10), 200, *range(10, 15), 103, *range(15, 20), 220]
+    assert [w[0] for w in guard.rehearsed(own, [extra], 1.0)][:4] == [0, 1, 100, 2]
+    out = [w[0] for w in guard.rehearsed(own, [extra, more], 0.5)]  # one has fewer: all
+    assert len(out) == 20 + 7 + 10 and set(out) >= {*range(100, 107), 200, 236}
+    assert guard.rehearsed(own, [], 0.1) == own and guard.rehearsed(own, [extra], 0) == own
+
+
 def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bundle,
                                                                          tmp_path):
     """Under `auto` on the tiny fp32 bundle: notes in its own register (its pretraining
@@ -78,14 +91,16 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
     assert r["placement"]["place"] == "inplace" and r["guard"], r["reason"]
     assert set(r["guard"]["others_rise"]) == {"notes", "de"}
 
-    # in place, beyond the verdict's own: no other domain's clone nor a parent of one
-    de = {(x["layer"], x["parent"]) for x in rt.bundle.manifest["experts"]["table"]
-          if x.get("domain") == "de"}
+    assert r["rehearsed"] > 0  # their training replay, trained beside mail's
+
+    # in place, beyond the verdict's own: no other domain's clone, but the parent of one
+    rows = [x for x in rt.bundle.manifest["experts"]["table"] if x.get("domain") == "de"]
     verdict = {"verdict": "deepen", "experts": [], "experts_in_place": [
-        [layer, e] for layer in range(layers) for e in range(4)]}
+        [x["layer"], x[k]] for k in ("slot", "parent") for x in rows]}
     steps, _ = growth.plan(rt, verdict, "mail", errormap.Store(path).read(),
                            growth.Limits(place="inplace", experts=4))
-    assert steps and de and not {(s["layer"], s["parent"]) for s in steps} & de
+    assert rows and {(s["layer"], s["parent"]) for s in steps} == {
+        (x["layer"], x["parent"]) for x in rows}
 
     rt.observe(synthetic_text(300, seed=13), "todo")  # judged only under auto
     clones = growth.Limits(place="clones")
