@@ -101,6 +101,7 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
                            growth.Limits(place="inplace", experts=4))
     assert rows and {(s["layer"], s["parent"]) for s in steps} == {
         (x["layer"], x["parent"]) for x in rows}
+    assert all(s["how"] == "inplace" and s["slot"] == s["parent"] for s in steps)
 
     rt.observe(synthetic_text(300, seed=13), "todo")  # judged only under auto
     clones = growth.Limits(place="clones")

@@ -109,8 +109,10 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
     experts into spare slots behind the domain's gate (an expert the base never chose
     deepens in place once its layer has no free slot; text a gate cannot tell from the
     base's deepens the named experts in place: --place), run bounded PC steps
-    on the domain's replay text, and commit a new weights version only if the guard passes
-    (held-out domain text improves, base text does not worsen by more than 0.5%)."""
+    on the domain's replay text (in place, with some of every other grown domain's), and
+    commit a new weights version only if the guard passes (held-out domain text improves,
+    base text, and in place every other grown domain's, does not worsen by more than
+    0.5%)."""
     rt = runtime.open(bundle_dir, backend)
     with console.Bars() as bars:  # the plan, then the PC steps as a bar on a terminal
         r = rt.idle(seconds, domain, progress=bars, tokens=tokens, steps=steps, passes=passes,
@@ -123,6 +125,8 @@ def idle(bundle_dir: str, seconds: float, domain: str | None, tokens: int, steps
     text = (f"{r['domain']}: {r['verdict'] or 'nothing'}; {what or 'no change planned'}"
             + (f" (its gate would open on {placed['reach']:.0%} of its newest replay)"
                if placed else "") + f"; {r['steps']} steps on {r['tokens']} tokens"
+            + (f" ({r['rehearsed']} windows of other grown domains' replay among them)"
+               if r.get("rehearsed") else "")
             + (f"; domain ppl {-guard['domain_gain']:+.2%}, base ppl "
                f"{guard['base_rise']:+.2%}" if guard else "")
             + (f"; committed version {r['version']}" if r["committed"] else
