@@ -56,8 +56,9 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
                                                                          tmp_path):
     """Under `auto` on the tiny fp32 bundle: notes in its own register (its pretraining
     text's kind) deepen the named experts in place, the rows record who did; German, which
-    its gate tells apart, spawns clones; a second in-place domain's guard then scores the
-    held-out replay of both (others_rise). `--place clones` keeps the old rule."""
+    its gate tells apart, spawns clones; a second in-place domain trains beside some of
+    both's replay and its guard scores their held-out replay (others_rise). `--place
+    clones` keeps the old rule."""
     path = tmp_path / "b"
     shutil.copytree(tiny_bundle, path)
     rt = runtime.open(path, "onnxruntime")
