@@ -30,7 +30,7 @@
      (`export/programs.py`, inside every program).
   3. optionally (`Limits.router_steps`, off by default: it forgot more, docs/growth.md) hinge
      updates of the new router rows that push them below the k-th logit on replayed base
-     positions that open the gate;
+     positions that open the gate (`routers.py`);
   4. PC deepening: the bundle's `sweep` program (every layer's updates from one forward
      and one backward; `sweep_spare` for clones alone where the bundle has it, `_sweep`;
      `strict{l}` per layer for strict PC) on batches of domain replay
@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backends, errormap, experts, gate, guard, verdicts, versions
+from . import backends, errormap, experts, gate, guard, routers, verdicts, versions
 from .plan import (
     TAKEOVER,
     GrowthError,
@@ -91,7 +91,6 @@ __all__ = ["TAKEOVER", "GrowthError", "Limits", "NoSlotError", "choose", "compre
            "learning", "placement", "plan", "schedule"]
 
 BIAS = 0.01  # a clone's router bias over its parent's row at spawn
-MARGIN = 1.0  # router-row training: logit margin against the k-th other slot
 EXPLODE = 100.0  # energy per routed token above this many times the first step's: the
 # update is discarded (a window's energy is heavy-tailed: on the tiny model one batch of
 # 4 windows read 30x the one before it without any update going wrong; the strict schedule's
@@ -101,49 +100,6 @@ REHEARSE = 0.1  # where experts change in place (they serve every domain), each 
 # text reaches those experts wherever their gates are shut (without it, base-2 in place on
 # a bundle grown on science raised science 0.74% and was refused; docs/growth.md)
 BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's (the betas as the `adam` program has them)
-
-
-def _train_routers(work: Work, steps: list[dict], base: list[np.ndarray], limits: Limits,
-                   k: int) -> dict:
-    """Hinge updates of the clones' router rows and biases on replayed base text: where a
-    base position opens the gate and the clone ranks within MARGIN of the k-th other slot,
-    its logit is pushed down (the domain keeps reaching the clone wherever it reached the
-    parent: the clone wins that tie by BIAS)."""
-    out = {}
-    gated = [s for s in steps if s["how"] == "spawn" and not s.get("open")]
-    for layer in sorted({s["layer"] for s in gated}):
-        clones = [s["slot"] for s in gated if s["layer"] == layer]
-        sets = []
-        for w in base:
-            d = work.rt.deepen(layer, w, False)
-            sets.append((d["x"][:len(w) - 1].astype(np.float64), d["novelty"][:len(w) - 1]))
-        rows = work.router(layer)
-        for clone in clones:
-            w_row, bias = rows[clone].astype(np.float64), float(work.rt.slots[layer, 0, clone])
-            total = bad = 0
-            for _ in range(limits.router_steps):
-                gw, gb, total, bad = np.zeros_like(w_row), 0.0, 0, 0
-                for x, nov in sets:
-                    st = work.rt.slots[layer]  # bias, gated, threshold, class per slot
-                    open_ = nov[:, st[3].astype(int)] * st[1] >= st[2]
-                    logits = x @ rows.T.astype(np.float64) + st[0]
-                    logits[:, clone] = x @ w_row + bias
-                    logits = np.where(open_, logits, -np.inf)
-                    kth = -np.sort(-np.delete(logits, clone, axis=1), axis=1)[:, k - 1]
-                    viol = open_[:, clone] & (logits[:, clone] > kth - MARGIN)
-                    gw += x[viol].sum(0)
-                    gb += viol.sum()
-                    total += int(open_[:, clone].sum())
-                    bad += int(viol.sum())
-                if not bad:
-                    break
-                w_row -= limits.router_lr * gw / max(total, 1)
-                bias -= limits.router_lr * gb / max(total, 1)
-            rows[clone] = w_row.astype(np.float32)
-            work.rt.slots[layer, 0, clone] = bias
-            out[f"{layer}/{clone}"] = {"base_open": total, "base_reaching": bad}
-    work.reload()
-    return out
 
 
 def _domain_class(work: Work, domain: str, train: list[np.ndarray],
@@ -370,7 +326,7 @@ def _grow(work: Work, steps: list[dict], train: list[np.ndarray], base: list[np.
     work.reload()
     if any(s["how"] == "spawn" for s in steps) and limits.router_steps:
         say("training the new router rows")
-        report["router"] = _train_routers(work, steps, base[:8], limits, k)
+        report["router"] = routers.train(work, steps, base[:8], limits, k)
     # the changed experts: views of the working copy (counted in its bytes, not copied),
     # copies where it holds them quantized
     params = {(s["layer"], s["slot"]): work.views(s["layer"], s["slot"]) for s in steps}
@@ -480,7 +436,7 @@ def _updates(rt, window: np.ndarray, layers: list[int], programs: list[str]):
 def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> None:
     b = rt.bundle
     changes = {(s["layer"], s["slot"]): work.rt.expert(s["layer"], s["slot"]) for s in steps}
-    routers, rows = {}, {}
+    router_rows, rows = {}, {}
     table_rows = {(r["layer"], r["slot"]): r for r in b.manifest["experts"]["table"]}
     for s in steps:
         if s["how"] == "inplace":  # who changed a base expert: guarded as a grown domain
@@ -489,7 +445,7 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
                                             | {domain})}
         if s["how"] == "spawn":
             key = (s["layer"], s["slot"])
-            routers[key] = np.array(work.router(s["layer"])[s["slot"]])
+            router_rows[key] = np.array(work.router(s["layer"])[s["slot"]])
             bias, _, threshold, cls = work.rt.slots[s["layer"], :, s["slot"]]
             rows[key] = {"kind": "spawned", "parent": s["parent"], "domain": domain,
                          "bias": float(bias), "threshold": float(threshold),
@@ -499,6 +455,6 @@ def _commit(rt, work: Work, steps: list[dict], domain: str, report: dict) -> Non
                 "guard": {k: report["guard"][k] for k in ("domain_gain", "base_rise")}}
     table = (experts.domains(b, work.rt.backend, work.buf)
              if any(s["how"] == "spawn" for s in steps) else None)
-    new = versions.commit(b, changes, routers, rows, summary, table)
+    new = versions.commit(b, changes, router_rows, rows, summary, table)
     rt.reload(new)
     report["committed"], report["version"] = True, new.manifest["weights"]["version"]
