@@ -37,6 +37,10 @@ def test_reach_is_what_a_class_of_the_older_replay_opens_on_the_newest():
     assert share < 0.05 and n == 4 * (64 - gate.GATE_MIN)
     assert np.array_equal(table, before)
     assert gate.reach(table, "base-and-argmax", {1, 2}, kept, base) == (1.0, 0)  # no class free
+    near = np.full_like(table, np.log(1e-6))  # another domain's class of the same words,
+    near[2:8, 2] = np.log(1 / 6)  # likelier than the new one everywhere: judged against
+    share, _ = gate.reach(near, "base-and-argmax", {2}, kept, base)  # the base alone
+    assert share > 0.95
 
 
 def test_other_domains_replay_is_rehearsed_evenly_among_the_domains_own():
@@ -85,7 +89,7 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
     r = rt.idle(600, "de", tokens=2048, steps=3)
     assert r["placement"]["place"] == "clones" and r["placement"]["reach"] >= gate.REACH
     assert r["committed"] and all(s["how"] == "spawn" for s in r["plan"]), r["reason"]
-    assert r["schedule"] == {"lr": 1e-3, "batch": 4}
+    assert r["schedule"] == {"lr": 5e-4, "batch": 1}  # clones: a window a step, larger
 
     rt.observe(synthetic_text(300, seed=12), "mail")
     r = rt.idle(600, "mail", tokens=2048, steps=3)
@@ -110,7 +114,7 @@ def test_text_in_the_base_register_deepens_in_place_and_is_guarded_after(tiny_bu
     assert growth.placement(rt, "todo", growth.Limits())[1]["place"] == "inplace"
     mine = growth.Limits(place="inplace", lr=0.01, batch=2)  # the caller's own are kept
     assert growth.schedule(mine, False) == mine
-    assert growth.schedule(growth.Limits(place="inplace"), True).lr == 1e-3  # int4: clones
+    assert growth.schedule(growth.Limits(place="inplace"), True).lr == 5e-4  # int4: clones
 
 
 def test_idle_says_where_it_placed_and_refuses_a_bad_place(capsys, tiny_bundle, tmp_path):
