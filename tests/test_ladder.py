@@ -106,7 +106,7 @@ def test_the_int2_rung_serves_what_its_reference_says(exports, tmp_path):
     assert r["pools"]["pool2"]["slots"] == r["pools"]["pool4"]["slots"] == layers
     assert r["pools"]["pool2"]["bytes"] == layers * layout.expert_bytes(rt.bundle.config, 2)
     rt.observe(german(400), "de")
-    g = rt.idle(600, tokens=4096, steps=8)
+    g = rt.idle(600, tokens=4096, steps=8, batch=4, lr=1e-3)  # as test_compress's `grown`
     assert g["committed"], g["reason"]
     clones = [(s["layer"], s["slot"]) for s in g["plan"]]
     held = guard.split(errormap.Store(path).replay("de"), rt.bundle.context)[1]
