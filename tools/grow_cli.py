@@ -9,7 +9,7 @@ import json
 
 import click
 from moegrow import runtime
-from moegrow.runtime import backends, growth, versions
+from moegrow.runtime import backends, growth, plan, versions
 from moegrow.runtime import bundle as bundle_format
 from moegrow.runtime import compress as compress_lib
 
@@ -87,7 +87,8 @@ def compress(bundle_dir: str, domain: str | None, backend: str, as_json: bool) -
               show_default=True, help="At most this many PC update steps (a window each).")
 @click.option("--passes", type=click.IntRange(min=1), default=growth.Limits.passes,
               show_default=True, help="Passes over the replay tokens (a step: one window, "
-              "Adam's lr 5e-4 for clones, 3e-4 for an fp32 bundle's experts deepened in "
+              f"Adam's lr {plan.SCHEDULE['clones'][0]:g} for clones, "
+              f"{plan.SCHEDULE['inplace'][0]:g} for an fp32 bundle's experts deepened in "
               "place).")
 @click.option("--strict", is_flag=True, help="The strict PC schedule (bundles exported with "
               "--strict-steps).")
@@ -170,8 +171,8 @@ def _describe(report: dict) -> str:
         return f"{report.get('domain')}: retire L{report['layer']} e{report['slot']}"
     if "plan" not in report:  # a change made through the library (`Runtime.set_experts`)
         return report.get("what") or json.dumps(report)[:80]
-    plan = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}" for s in report["plan"])
-    return f"{report.get('domain')}: {plan}"
+    steps = ", ".join(f"{s['how']} L{s['layer']} e{s['parent']}" for s in report["plan"])
+    return f"{report.get('domain')}: {steps}"
 
 
 @click.command()
